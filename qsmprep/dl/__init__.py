@@ -1,0 +1,1 @@
+"""Deep-learning QSM methods (PyTorch): networks, inference, weights registry."""

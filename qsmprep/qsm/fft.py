@@ -1,0 +1,56 @@
+"""One FFT helper for the whole package: scipy.fft with worker threads.
+
+All k-space work in :mod:`qsmprep.qsm` goes through :func:`fftn` /
+:func:`ifftn` so that the number of threads and the padding policy are set in
+one place. Iterative solvers that should also run on CUDA use torch instead
+(see :mod:`qsmprep.qsm.torch_ops`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import scipy.fft as sfft
+
+_WORKERS = None
+
+
+def set_workers(n):
+    """Set the number of threads used by FFTs (None: all cores)."""
+    global _WORKERS
+    _WORKERS = None if n is None else max(1, int(n))
+
+
+def workers():
+    """Number of FFT worker threads in use."""
+    return _WORKERS if _WORKERS is not None else (os.cpu_count() or 1)
+
+
+def fftn(x, axes=(0, 1, 2)):
+    """Complex FFT over the spatial axes (complex64 in, complex64 out)."""
+    return sfft.fftn(x, axes=axes, workers=workers())
+
+
+def ifftn(x, axes=(0, 1, 2)):
+    """Inverse complex FFT over the spatial axes."""
+    return sfft.ifftn(x, axes=axes, workers=workers())
+
+
+def fast_shape(shape, *, factor=1.0, margin=0):
+    """Padded shape: each axis at least ``factor * n + margin``, rounded up to
+    a size scipy.fft handles fast (products of small primes)."""
+    return tuple(sfft.next_fast_len(int(np.ceil(n * factor)) + int(margin)) for n in shape)
+
+
+def pad(x, shape):
+    """Zero-pad ``x`` (spatial axes first) to ``shape``, data centred.
+
+    Returns the padded array and the slices that crop it back.
+    """
+    x = np.asarray(x)
+    before = [(s - n) // 2 for n, s in zip(x.shape[:3], shape)]
+    widths = [(b, s - n - b) for b, n, s in zip(before, x.shape[:3], shape)]
+    widths += [(0, 0)] * (x.ndim - 3)
+    slices = tuple(slice(b, b + n) for b, n in zip(before, x.shape[:3]))
+    return np.pad(x, widths), slices

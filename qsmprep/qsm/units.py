@@ -1,0 +1,88 @@
+"""Physical constants and unit conversions.
+
+Conventions used across qsmprep (see docs/methods.md):
+
+* phase in rad, echo times in s, field strength in T;
+* B0 maps in Hz, total and local fields in ppm, susceptibility chi in ppm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Gyromagnetic ratio of 1H divided by 2*pi, in MHz/T.
+GAMMA_BAR_MHZ_PER_T = 42.57747892
+
+
+def hz_to_ppm(field_hz, field_strength_t):
+    """Convert a frequency offset (Hz) into a relative field (ppm).
+
+    ``f_ppm = f_Hz / (gamma_bar * B0)`` with gamma_bar in MHz/T, so that the
+    MHz in the denominator gives the factor 1e6 of ppm.
+    """
+    return np.asarray(field_hz) / (GAMMA_BAR_MHZ_PER_T * float(field_strength_t))
+
+
+def ppm_to_hz(field_ppm, field_strength_t):
+    """Convert a relative field (ppm) into a frequency offset (Hz)."""
+    return np.asarray(field_ppm) * (GAMMA_BAR_MHZ_PER_T * float(field_strength_t))
+
+
+def phase_to_ppm(phase_rad, echo_time_s, field_strength_t):
+    """Field (ppm) from unwrapped phase (rad) at one echo time (s).
+
+    ``f = phase / (2 pi TE gamma_bar B0) * 1e6``.
+    """
+    hz = np.asarray(phase_rad) / (2 * np.pi * float(echo_time_s))
+    return hz_to_ppm(hz, field_strength_t)
+
+
+def field_strength_from_frequency(imaging_frequency_mhz):
+    """Field strength (T) from the proton imaging frequency (MHz)."""
+    return float(imaging_frequency_mhz) / GAMMA_BAR_MHZ_PER_T
+
+
+def rescale_phase(phase, *, lo=None, hi=None):
+    """Rescale phase stored in arbitrary units (scanner integers) to [-pi, pi).
+
+    The range ``lo..hi`` (default: the data's finite min..max) maps linearly
+    onto ``-pi..pi``. Non-finite values are left as they are.
+    """
+    phase = np.asarray(phase, dtype=np.float64)
+    finite = np.isfinite(phase)
+    if lo is None:
+        lo = float(phase[finite].min()) if finite.any() else 0.0
+    if hi is None:
+        hi = float(phase[finite].max()) if finite.any() else 0.0
+    if hi <= lo:
+        raise ValueError(
+            f"Cannot rescale phase: its range [{lo}, {hi}] is empty. "
+            "Check that the phase image is not constant."
+        )
+    return ((phase - lo) / (hi - lo) * 2 * np.pi - np.pi).astype(np.float32)
+
+
+def b0_direction_from_affine(affine):
+    """Unit B0 direction in voxel axes from a NIfTI affine (head-first supine).
+
+    In scanner (RAS+) coordinates B0 points along z. Its component along
+    voxel axis ``i`` is ``R[2, i] / ||R[:, i]||`` with ``R`` the affine's 3x3
+    block, so a slab acquired obliquely gives ``b != (0, 0, 1)``.
+    """
+    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
+    cols = rot / np.linalg.norm(rot, axis=0, keepdims=True)
+    b = cols[2, :].copy()
+    return b / np.linalg.norm(b)
+
+
+def voxel_size_from_affine(affine):
+    """Voxel size (mm) along each voxel axis from a NIfTI affine."""
+    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return tuple(float(v) for v in np.linalg.norm(rot, axis=0))
+
+
+def b0_angle_deg(b0_dir):
+    """Angle (degrees) between B0 and the third voxel axis (the slab normal)."""
+    b = np.asarray(b0_dir, dtype=np.float64)
+    b = b / np.linalg.norm(b)
+    return float(np.degrees(np.arccos(np.clip(abs(b[2]), 0.0, 1.0))))

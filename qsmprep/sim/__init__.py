@@ -1,0 +1,1 @@
+"""Simulation: head phantoms, forward model, multi-echo signal, hybrid training data."""
