@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Accuracy benchmark of every registered QSM method on simulated heads.
+
+For a fixed, seeded set of phantoms from :mod:`qsmprep.sim` (the Challenge 2.0
+head at 3 T, the same with B0 tilted by 20°, an MNI head at 7 T), every method
+registered in :mod:`qsmprep.qsm.registry` is run per stage:
+
+* background field removal, from the true total field, scored against the true
+  local field;
+* dipole inversion, from the true local field, scored against the true χ;
+* the whole pipeline from multi-echo phase and magnitude (unwrapping → B0 →
+  masking → background removal → inversion → referencing), scored against the
+  true χ.
+
+The stage runs get the true brain mask; the pipeline builds its own mask.
+All scores are taken in the true brain mask with :mod:`qsmprep.qsm.metrics`
+(QSM-CI conventions). Writes the ``accuracy`` section of docs/benchmarks.md and
+benchmarks/results/accuracy.json. A method that raises is reported as failed
+with its error.
+
+Usage: ``python benchmarks/accuracy.py [--quick]`` (``--quick``: 2 mm phantoms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    DOCS, RESULTS, fmt, hardware, hardware_note, markdown_table, replace_section, timed,
+    write_json,
+)
+
+SECTION = "accuracy"
+SEED = 20240611
+
+STAGES = {
+    "bf_removal": "Background field removal: true total field → local field",
+    "inversion": "Dipole inversion: true local field → χ",
+    "pipeline": "Whole pipeline: multi-echo phase → χ",
+}
+
+# QSM-CI leaderboard, Challenge 2.0 "Sim" head (see /work/shared/QSM_NOTES.md),
+# best NRMSE (%) per method, keyed by the method's registry name with '-' and
+# '_' removed.
+LEADERBOARD = {
+    "bf_removal": {"ismv": "28.1", "resharp": "33.0", "sharp": "36.3", "lbv": "42.4",
+                   "vsharp": "42.6", "pdf": "44.5"},
+    "inversion": {"tv": "26.5", "tvadmm": "26.5", "tkd": "36.3", "ilsqr": "53.3",
+                  "medi": "53–62", "qsmnet+": "52.8", "modl": "73.8"},
+    "pipeline": {},
+}
+LEADERBOARD_NOTE = (
+    "QSM-CI column: best NRMSE (%) of the same method on the QSM-CI leaderboard "
+    "(Challenge 2.0 \"Sim\" head, 0.64 mm; QSM_NOTES.md), for context only: a different "
+    "phantom, resolution and parameter tuning. Leaderboard bests per stage: background removal "
+    "iSMV 28.1; dipole inversion TV-ADMM 26.5 (XSIM 0.85); total field → χ iSMV+HD-QSM 39.1, "
+    "NeXtQSM 70.3; whole pipeline from raw phase 68.3 (XSIM 0.38), iQSM 74.6."
+)
+
+# Preferred method per stage for the pipeline's fixed stages (first one registered wins).
+PIPELINE_DEFAULTS = {
+    "unwrapping": ("romeo", "laplacian"),
+    "masking": ("robust", "magnitude"),
+    "bf_removal": ("vsharp", "pdf", "lbv"),
+    "inversion": ("tv", "tkd"),
+    "referencing": ("mean", "none"),
+}
+
+
+@dataclasses.dataclass
+class Case:
+    """One phantom with its ground truth and simulated acquisition."""
+
+    name: str
+    description: str
+    voxel_size_mm: tuple
+    b0_dir: tuple
+    field_strength_t: float
+    echo_times_s: tuple
+    mask: np.ndarray          # true brain mask (bool)
+    labels: np.ndarray | None  # Challenge 2.0 labels, or None
+    chi: np.ndarray           # true χ (ppm) in the brain, 0 outside
+    total_field: np.ndarray   # ppm, from all sources (brain + background)
+    local_field: np.ndarray   # ppm, from the brain's own sources, in the mask
+    magnitude: np.ndarray     # (X, Y, Z, E)
+    phase: np.ndarray         # (X, Y, Z, E) rad, wrapped
+
+
+def oblique(deg):
+    """Unit B0 direction tilted by ``deg`` degrees from z towards x."""
+    t = np.deg2rad(deg)
+    return (float(np.sin(t)), 0.0, float(np.cos(t)))
+
+
+def case_specs(quick):
+    """The fixed phantom set: (name, description, builder, kwargs)."""
+    vox = 2.0 if quick else 1.0
+    te3 = (0.004, 0.012, 0.020, 0.028)
+    te7 = (0.004, 0.008, 0.012, 0.016)
+    return [
+        ("challenge-3T", f"Challenge 2.0 head, {vox:g} mm, 3 T, 4 echoes, B0 along z",
+         "challenge_head", dict(voxel_size_mm=vox, field_strength_t=3.0, echo_times_s=te3,
+                                b0_dir=(0.0, 0.0, 1.0))),
+        ("challenge-3T-oblique20", f"Challenge 2.0 head, {vox:g} mm, 3 T, 4 echoes, B0 tilted 20°",
+         "challenge_head", dict(voxel_size_mm=vox, field_strength_t=3.0, echo_times_s=te3,
+                                b0_dir=oblique(20.0))),
+        ("mni-7T", f"MNI head, {vox:g} mm, 7 T, 4 echoes, B0 along z",
+         "mni_head", dict(voxel_size_mm=vox, field_strength_t=7.0, echo_times_s=te7,
+                          b0_dir=(0.0, 0.0, 1.0))),
+    ]
+
+
+def build_case(name, description, builder, voxel_size_mm, field_strength_t, echo_times_s,
+               b0_dir):
+    """Simulate one phantom with :mod:`qsmprep.sim`."""
+    from qsmprep import sim
+    from qsmprep.qsm.kernels import dipole_convolve
+
+    head = getattr(sim, builder)(voxel_size_mm=voxel_size_mm)
+    vox = (float(voxel_size_mm),) * 3
+    mask = np.asarray(head.mask, dtype=bool)
+    chi_all = np.asarray(head.chi, dtype=np.float32)
+    chi = np.where(mask, chi_all, 0.0).astype(np.float32)
+    total = dipole_convolve(chi_all, vox, b0_dir)
+    local = np.where(mask, dipole_convolve(chi, vox, b0_dir), 0.0).astype(np.float32)
+    magnitude, phase = sim.multi_echo_signal(
+        head, total, echo_times_s=echo_times_s, field_strength_t=field_strength_t,
+        rng=np.random.default_rng(SEED))
+    return Case(name, description, vox, tuple(b0_dir), field_strength_t, tuple(echo_times_s),
+                mask, getattr(head, "labels", None), chi, np.where(mask, total, 0.0), local,
+                magnitude, phase)
+
+
+def call(stage, name, *args, **extra):
+    """Run a registered method; ``extra`` keywords are passed only to methods
+    whose function accepts them (e.g. a voxel size for Laplacian unwrapping)."""
+    from qsmprep.qsm import registry
+
+    params = inspect.signature(registry.get(stage, name).func).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in extra.items() if accepts_any or k in params}
+    return registry.run(stage, name, *args, **kwargs)
+
+
+def pick(stage, preferred):
+    from qsmprep.qsm import registry
+
+    available = registry.names(stage)
+    if not available:
+        raise RuntimeError(f"No {stage} method is registered")
+    return next((p for p in preferred if p in available), available[0])
+
+
+def pipeline(case, methods):
+    """χ (ppm) from the case's phase and magnitude with the given method per stage."""
+    from qsmprep.qsm.echo import romeo_b0
+    from qsmprep.qsm.units import hz_to_ppm
+
+    unwrapped, quality = call("unwrapping", methods["unwrapping"], case.phase,
+                              magnitude=case.magnitude, echo_times_s=case.echo_times_s,
+                              voxel_size_mm=case.voxel_size_mm)
+    b0_hz = romeo_b0(unwrapped, case.magnitude, case.echo_times_s)
+    total = hz_to_ppm(b0_hz, case.field_strength_t)
+    mask = call("masking", methods["masking"], case.magnitude, quality=quality,
+                voxel_size_mm=case.voxel_size_mm)
+    local, mask = call("bf_removal", methods["bf_removal"], total, mask, case.voxel_size_mm,
+                       b0_dir=case.b0_dir)
+    chi = call("inversion", methods["inversion"], local, mask, case.voxel_size_mm,
+               b0_dir=case.b0_dir)
+    return call("referencing", methods["referencing"], chi, mask)
+
+
+def pipeline_variants():
+    """The default pipeline, then one variant per other unwrapping and masking
+    method (the stage tables cover background removal and inversion)."""
+    from qsmprep.qsm import registry
+
+    default = {stage: pick(stage, prefs) for stage, prefs in PIPELINE_DEFAULTS.items()}
+    variants = {"default (" + " → ".join(default[s] for s in PIPELINE_DEFAULTS) + ")": default}
+    for stage in ("unwrapping", "masking"):
+        for name in registry.names(stage):
+            if name != default[stage]:
+                variants[f"{stage}={name}"] = {**default, stage: name}
+    return variants
+
+
+def score_row(stage, method, case, func, truth, labels=None):
+    """Run ``func`` timed and score it; a failure becomes a row with the error."""
+    from qsmprep.qsm import metrics
+
+    row = {"stage": stage, "method": method, "phantom": case.name}
+    try:
+        out, seconds = timed(func)
+        recon = out[0] if isinstance(out, tuple) else out
+        row.update(status="ok", runtime_s=seconds,
+                   metrics=metrics.score(recon, truth, case.mask, labels))
+    except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:300],
+                   traceback=traceback.format_exc(limit=3))
+    print(f"[accuracy] {stage:10s} {method:40s} {case.name:24s} {row['status']}"
+          + (f" NRMSE {row['metrics']['nrmse']:.1f} % in {row['runtime_s']:.1f} s"
+             if row["status"] == "ok" else f" {row['error']}"), flush=True)
+    return row
+
+
+def run_case(case, stages):
+    """All rows of one phantom."""
+    from qsmprep.qsm import registry
+
+    rows = []
+    if "bf_removal" in stages:
+        for name in registry.names("bf_removal"):
+            rows.append(score_row("bf_removal", name, case, lambda n=name: call(
+                "bf_removal", n, case.total_field, case.mask, case.voxel_size_mm,
+                b0_dir=case.b0_dir), case.local_field))
+    if "inversion" in stages:
+        for name in registry.names("inversion"):
+            rows.append(score_row("inversion", name, case, lambda n=name: call(
+                "inversion", n, case.local_field, case.mask, case.voxel_size_mm,
+                b0_dir=case.b0_dir), case.chi, case.labels))
+    if "pipeline" in stages:
+        for label, methods in pipeline_variants().items():
+            rows.append(score_row("pipeline", label, case, lambda m=methods: pipeline(case, m),
+                                  case.chi, case.labels))
+    return rows
+
+
+def _key(name):
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def render(results):
+    """The Markdown of the accuracy section from a results dict (see main)."""
+    parts = [
+        "## Accuracy on simulated heads\n",
+        "Generated by `python benchmarks/accuracy.py"
+        + (" --quick`" if results["quick"] else "`")
+        + " (raw numbers: `benchmarks/results/accuracy.json`). Metrics follow the QSM-CI "
+        "scoring conventions (`qsmprep.qsm.metrics`): both maps zeroed outside the true brain "
+        "mask, every mask voxel counts, a dropped voxel scores 0. NRMSE, detrended NRMSE "
+        "(dNRMSE) and HFEN in %, lower is better; XSIM and the correlation (CC) as fractions, "
+        "higher is better; coverage = fraction of the mask with a value.\n",
+        "Phantoms (seeded, fixed):\n",
+        "\n".join(f"- `{p['name']}`: {p['description']}, grid {' × '.join(map(str, p['shape']))}"
+                  for p in results["phantoms"]) + "\n",
+    ]
+    headers = ["Method", "Phantom", "NRMSE", "dNRMSE", "HFEN", "XSIM", "CC", "Coverage",
+               "Time (s)", "QSM-CI NRMSE"]
+    for stage, title in STAGES.items():
+        rows = [r for r in results["rows"] if r["stage"] == stage]
+        if not rows:
+            continue
+        table = []
+        for r in rows:
+            board = LEADERBOARD[stage].get(_key(r["method"]), "–")
+            if r["status"] != "ok":
+                table.append([f"{r['method']} (failed: {r['error']})", r["phantom"]]
+                             + ["–"] * 7 + [board])
+                continue
+            m = r["metrics"]
+            table.append([r["method"], r["phantom"], fmt(m["nrmse"]), fmt(m["nrmse_detrend"]),
+                          fmt(m["hfen"]), fmt(m["xsim"], 3), fmt(m["correlation"], 3),
+                          fmt(m["coverage"], 3), fmt(r["runtime_s"], 1), board])
+        parts += [f"### {title}\n", markdown_table(headers, table)]
+    region_rows = [r for r in results["rows"]
+                   if r["status"] == "ok" and "nrmse_dgm" in r["metrics"]]
+    if region_rows:
+        parts += [
+            "### Challenge 2.0 region metrics (χ)\n",
+            "Detrended NRMSE (%) in the tissue (labels 7–9), deep grey matter (1–6) and "
+            "blood (11, dilated); DGM linearity |1 − slope| of region means; calcification "
+            "moment deviation (ppm·voxel) and streaking.\n",
+            markdown_table(
+                ["Stage", "Method", "Phantom", "Tissue", "DGM", "Blood", "DGM lin.",
+                 "Calc. moment dev.", "Calc. streak"],
+                [[r["stage"], r["method"], r["phantom"]]
+                 + [fmt(r["metrics"][k], d) for k, d in (
+                     ("nrmse_tissue", 1), ("nrmse_dgm", 1), ("nrmse_blood", 1),
+                     ("dgm_linearity", 3), ("calc_moment_dev", 2), ("calc_streak", 3))]
+                 for r in region_rows]),
+        ]
+    parts += [LEADERBOARD_NOTE + "\n", hardware_note(results["hardware"]) + "\n"]
+    return "\n".join(parts)
+
+
+def write_outputs(results, docs=DOCS, json_path=RESULTS / "accuracy.json"):
+    """Write the JSON results and replace the accuracy section of ``docs``."""
+    write_json(json_path, results)
+    replace_section(docs, SECTION, render(results))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 mm phantoms (a few minutes)")
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
+    parser.add_argument("--phantoms", nargs="+", help="only these phantom names")
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
+    args = parser.parse_args(argv)
+
+    results = {"quick": args.quick, "hardware": hardware(), "seed": SEED,
+               "phantoms": [], "rows": []}
+    for name, description, builder, kwargs in case_specs(args.quick):
+        if args.phantoms and name not in args.phantoms:
+            continue
+        case, seconds = timed(build_case, name, description, builder, **kwargs)
+        print(f"[accuracy] built {name} {case.mask.shape} in {seconds:.1f} s", flush=True)
+        results["phantoms"].append({
+            "name": name, "description": description, "shape": list(case.mask.shape),
+            "voxel_size_mm": list(case.voxel_size_mm), "b0_dir": list(case.b0_dir),
+            "field_strength_t": case.field_strength_t, "echo_times_s": list(case.echo_times_s)})
+        results["rows"] += run_case(case, args.stages)
+        write_outputs(results, args.docs, args.json)  # partial results survive a crash
+    print(f"[accuracy] wrote {args.docs} and {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The accuracy benchmark's scoring and Markdown/JSON writing on a tiny case."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _common  # noqa: E402
+import accuracy  # noqa: E402
+
+
+@pytest.fixture
+def tiny_results():
+    shape = (12, 12, 12)
+    rng = np.random.default_rng(0)
+    mask = np.zeros(shape, bool)
+    mask[2:10, 2:10, 2:10] = True
+    chi = np.where(mask, rng.normal(0, 0.05, shape), 0).astype(np.float32)
+    zeros4 = np.zeros(shape + (2,), np.float32)
+    case = accuracy.Case("tiny", "a tiny cube", (1.0,) * 3, (0.0, 0.0, 1.0), 3.0, (0.004, 0.008),
+                         mask, None, chi, chi, chi, zeros4, zeros4)
+
+    def broken():
+        raise RuntimeError("did not converge")
+
+    rows = [
+        accuracy.score_row("inversion", "tkd", case, lambda: 0.5 * chi, chi),
+        accuracy.score_row("inversion", "broken", case, broken, chi),
+        accuracy.score_row("bf_removal", "vsharp", case, lambda: (chi, mask), chi),
+    ]
+    return {"quick": True, "hardware": _common.hardware(), "seed": 0, "rows": rows,
+            "phantoms": [{"name": "tiny", "description": "a tiny cube", "shape": list(shape)}]}
+
+
+def test_rows_are_scored_and_failures_kept(tiny_results):
+    ok, failed, bfr = tiny_results["rows"]
+    assert ok["status"] == "ok" and ok["metrics"]["nrmse"] == pytest.approx(50.0, rel=1e-5)
+    assert ok["runtime_s"] >= 0
+    assert failed["status"] == "failed" and "did not converge" in failed["error"]
+    assert bfr["metrics"]["nrmse"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_section_replaced_and_others_kept(tmp_path, tiny_results):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nintro\n\n<!-- unwrap:start -->\nUNWRAP TABLE\n"
+                    "<!-- unwrap:end -->\n\n<!-- accuracy:start -->\nOLD\n<!-- accuracy:end -->\n"
+                    "\ntrailer\n")
+    json_path = tmp_path / "accuracy.json"
+    for _ in range(2):  # rewriting must not duplicate the section
+        accuracy.write_outputs(tiny_results, docs, json_path)
+    text = docs.read_text()
+    assert "UNWRAP TABLE" in text and "intro" in text and "trailer" in text
+    assert "OLD" not in text
+    assert text.count("<!-- accuracy:start -->") == 1 == text.count("<!-- accuracy:end -->")
+    section = text.split("<!-- accuracy:start -->")[1].split("<!-- accuracy:end -->")[0]
+    assert "| tkd | tiny | 50.0 |" in section
+    assert "broken (failed: RuntimeError: did not converge)" in section
+    assert "36.3" in section  # the QSM-CI leaderboard value for TKD sits beside it
+    saved = json.loads(json_path.read_text())
+    assert [r["status"] for r in saved["rows"]] == ["ok", "failed", "ok"]
+
+
+def test_section_created_when_absent(tmp_path, tiny_results):
+    docs = tmp_path / "new.md"
+    accuracy.write_outputs(tiny_results, docs, tmp_path / "a.json")
+    assert docs.read_text().startswith("# Benchmarks")
+    _common.replace_section(docs, "other", "x")
+    assert "<!-- accuracy:start -->" in docs.read_text()
+    docs.write_text("<!-- accuracy:start -->\nunterminated\n")
+    with pytest.raises(ValueError, match="only one of the markers"):
+        _common.replace_section(docs, "accuracy", "y")
+
+
+def test_json_has_no_nan(tmp_path):
+    path = tmp_path / "x.json"
+    _common.write_json(path, {"a": float("nan"), "b": [np.float32(1.5), np.inf]})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None]}
