@@ -1,0 +1,71 @@
+"""Torch versions of the k-space operators, so iterative solvers run on CPU or CUDA.
+
+All volumes are real float32 tensors (X, Y, Z); k-space arrays are the
+half spectra of :func:`torch.fft.rfftn` (last axis ``Z // 2 + 1``). Finite
+differences are periodic forward differences in voxel units, so their
+k-space symbol is ``exp(2 pi i k_j / N_j) - 1``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .kernels import dipole_kernel, smv_kernel
+
+
+def as_tensor(x, device="cpu", dtype=torch.float32):
+    """A contiguous tensor on ``device`` from a numpy array (or tensor)."""
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=torch.device(device))
+
+
+def to_numpy(x):
+    """A float32 numpy array from a tensor on any device."""
+    return x.detach().to("cpu", torch.float32).numpy()
+
+
+def rfft3(x):
+    """Half-spectrum FFT over the three spatial axes."""
+    return torch.fft.rfftn(x, dim=(0, 1, 2))
+
+
+def irfft3(xk, shape):
+    """Inverse of :func:`rfft3` for a real volume of ``shape``."""
+    return torch.fft.irfftn(xk, s=tuple(shape), dim=(0, 1, 2))
+
+
+def half(kspace):
+    """The half spectrum (last axis ``Z // 2 + 1``) of a full real-symmetric k-space array."""
+    return kspace[:, :, : kspace.shape[2] // 2 + 1]
+
+
+def dipole_kernel_t(shape, voxel_size_mm, b0_dir, device="cpu"):
+    """Dipole kernel (:func:`qsmprep.qsm.kernels.dipole_kernel`) as a half-spectrum tensor."""
+    return as_tensor(half(dipole_kernel(shape, voxel_size_mm, b0_dir)), device)
+
+
+def smv_kernel_t(shape, voxel_size_mm, radius_mm, device="cpu"):
+    """SMV kernel (:func:`qsmprep.qsm.kernels.smv_kernel`) as a half-spectrum tensor."""
+    return as_tensor(half(smv_kernel(shape, voxel_size_mm, radius_mm)), device)
+
+
+def grad_norm2_t(shape, device="cpu"):
+    """``sum_j |exp(2 pi i k_j / N_j) - 1|^2``: the symbol of ``grad^T grad`` (= -Laplacian)."""
+    terms = [4 * np.sin(np.pi * np.fft.fftfreq(n)) ** 2 for n in shape]
+    e2 = terms[0][:, None, None] + terms[1][None, :, None] + terms[2][None, None, :]
+    return as_tensor(half(e2), device)
+
+
+def grad(x):
+    """Periodic forward differences of a (X, Y, Z) tensor -> (3, X, Y, Z)."""
+    return torch.stack([torch.roll(x, -1, dims=d) - x for d in range(3)])
+
+
+def grad_adj(g):
+    """Adjoint of :func:`grad` (= minus the backward-difference divergence)."""
+    return sum(torch.roll(g[d], 1, dims=d) - g[d] for d in range(3))
+
+
+def soft_threshold(x, t):
+    """Element-wise soft thresholding ``sign(x) max(|x| - t, 0)``."""
+    return torch.sign(x) * torch.clamp(torch.abs(x) - t, min=0.0)

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from qsmprep.qsm import registry
+from qsmprep.qsm.mask import bbox_slices, erode, magnitude_threshold, robust_magnitude_mask
+
+from _qsm_phantom import ellipsoid
+
+
+def dice(a, b):
+    return 2 * np.sum(a & b) / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def head():
+    """Multi-echo magnitude of a head: bright brain, darker scalp ring, dark ventricle hole, noise."""
+    brain = ellipsoid((0, 0, 0), (24, 20, 18))
+    scalp = ellipsoid((0, 0, 0), (28, 24, 22)) & ~ellipsoid((0, 0, 0), (26, 22, 20))
+    ventricle = ellipsoid((0, 2, 0), (6, 3, 4))
+    rng = np.random.default_rng(0)
+    echoes = []
+    for decay in (1.0, 0.7, 0.5):
+        clean = decay * (1.0 * brain + 0.4 * scalp) * (1 - 0.9 * ventricle)
+        noise = rng.normal(0, 0.05, clean.shape) + 1j * rng.normal(0, 0.05, clean.shape)
+        echoes.append(np.abs(clean + noise))
+    return np.stack(echoes, axis=-1).astype(np.float32), brain, scalp
+
+
+def test_magnitude_mask_finds_the_head(head):
+    mag, brain, scalp = head
+    mask = registry.run("masking", "magnitude", mag)
+    truth = brain | scalp | ellipsoid((0, 0, 0), (26, 22, 20))
+    assert mask.dtype == bool and mask.shape == brain.shape
+    assert dice(mask, truth) > 0.95
+    assert mask[brain].all()  # the dark ventricle is filled, no noise holes
+    assert not mask[ellipsoid((0, 0, 0), (31, 29, 29)) == 0].any()  # no noise outside
+
+
+def test_threshold_from_histogram_separates_noise_from_tissue(head):
+    mag, brain, _ = head
+    thr = magnitude_threshold(mag[..., 0])
+    background = mag[..., 0][~ellipsoid((0, 0, 0), (30, 26, 24))]
+    assert np.mean(background > thr) < 0.03  # the rest goes with the largest component
+    assert np.mean(mag[..., 0][brain & ~ellipsoid((0, 2, 0), (7, 4, 5))] > thr) > 0.999
+
+
+def test_explicit_threshold_and_erosion(head):
+    mag, brain, _ = head
+    mask = robust_magnitude_mask(mag[..., 0], threshold=0.7, erode_mm=3.0)
+    assert dice(mask, erode(brain, 3.0)) > 0.9
+    assert not (mask & ~brain).any()
+
+
+def test_erode_and_bbox():
+    ball = ellipsoid((0, 0, 0), (10, 10, 10), n=32)
+    assert np.array_equal(erode(ball, 0), ball)
+    # same as erosion by the voxelised ball of radius 4 (all voxels within 4 mm kept inside)
+    structure = ellipsoid((0, 0, 0), (4, 4, 4), n=9)
+    assert np.array_equal(erode(ball, 4.0), ndimage.binary_erosion(ball, structure))
+    assert erode(np.ones((5, 5, 5), bool), 1.0).sum() == 27  # array border counts as outside
+    box = bbox_slices(ball, margin=2)
+    assert ball[box].shape == (24, 24, 24)  # 20 voxels across (centre at 15.5) + 2 + 2
+    with pytest.raises(ValueError, match="empty"):
+        bbox_slices(np.zeros((4, 4, 4), bool))
