@@ -101,9 +101,21 @@ def as_rng(rng):
 
 
 def smooth_noise(shape, voxel_size_mm, fwhm_mm, rng):
-    """Gaussian random field of unit standard deviation, smoothed to ``fwhm_mm``."""
-    sigma = [fwhm_mm / 2.355 / v for v in voxel_size_mm]
-    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
+    """Gaussian random field of unit standard deviation, smoothed to ``fwhm_mm``.
+
+    Smooth fields are drawn on a grid ~4x finer than the FWHM and
+    interpolated, so a 60 mm field on a whole head costs milliseconds.
+    """
+    step = np.maximum(np.floor(fwhm_mm / 4.0 / np.asarray(voxel_size_mm, float)), 1)
+    coarse = tuple(int(np.ceil(n / q)) + 2 for n, q in zip(shape, step))
+    sigma = [fwhm_mm / 2.355 / (v * q) for v, q in zip(voxel_size_mm, step)]
+    field = ndimage.gaussian_filter(rng.standard_normal(coarse, dtype=np.float32), sigma)
+    if np.any(step > 1):
+        coords = np.meshgrid(*[np.arange(n) / q for n, q in zip(shape, step)],
+                             indexing="ij", sparse=False)
+        field = ndimage.map_coordinates(field, coords, order=1)
+    else:
+        field = field[tuple(slice(0, n) for n in shape)]
     return field / max(float(field.std()), 1e-12)
 
 

@@ -1,0 +1,82 @@
+"""Forward field model: total, local and background fields from chi.
+
+The field (ppm, relative to B0) of a susceptibility map chi (ppm) is the
+dipole convolution ``f = F^-1{D(k) F{chi}}`` with
+``D(k) = 1/3 - (k.b)^2/|k|^2`` for the B0 direction ``b`` in voxel axes
+(Salomir 2003; Marques & Bowtell 2005), computed with 2x zero padding by
+:func:`qsmprep.qsm.kernels.dipole_convolve`.
+
+Conventions (as in the QSM Challenge 2.0, Marques et al. MRM 2021):
+
+* **total field**: the field of the whole head, with the space around the
+  field of view filled with air. Because the padding of the FFT is zero, the
+  map convolved is ``chi - chi_ambient``: a constant added to chi everywhere
+  produces no field, so this is the field of the head embedded in air.
+* **local field**: the field of ``chi * brain_mask`` only.
+* **background field**: total minus local, i.e. the field of everything
+  outside the brain (air, bone, ...), harmonic inside the brain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..qsm.kernels import dipole_convolve
+
+
+def total_field(chi_ppm, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, chi_ambient_ppm=0.0,
+                pad_factor=2.0):
+    """Field (ppm) of a whole head whose surroundings have ``chi_ambient_ppm``.
+
+    Parameters
+    ----------
+    chi_ppm : (X, Y, Z) array, susceptibility (ppm).
+    voxel_size_mm : 3 floats.
+    b0_dir : 3 floats, B0 direction in voxel axes (normalised here; oblique
+        directions are exact, no resampling).
+    chi_ambient_ppm : float, chi outside the field of view (air: 9.2 ppm
+        relative to water in the Challenge model).
+    pad_factor : float, FFT zero padding factor (2: no wrap-around).
+    """
+    chi = np.asarray(chi_ppm, np.float32) - np.float32(chi_ambient_ppm)
+    return dipole_convolve(chi, voxel_size_mm, b0_dir, pad_factor=pad_factor)
+
+
+def local_field(chi_ppm, brain_mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, pad_factor=2.0):
+    """Field (ppm) of the susceptibility inside ``brain_mask`` only."""
+    chi = np.where(brain_mask, np.asarray(chi_ppm, np.float32), np.float32(0))
+    return dipole_convolve(chi, voxel_size_mm, b0_dir, pad_factor=pad_factor)
+
+
+def polynomial_basis(shape, voxel_size_mm, order):
+    """Monomials ``x^i y^j z^k`` with ``0 < i+j+k <= order`` on the grid
+    (coordinates in units of 100 mm from the grid centre), (n_terms, X, Y, Z)."""
+    axes = [((np.arange(n) - (n - 1) / 2) * v / 100.0).astype(np.float32)
+            for n, v in zip(shape, voxel_size_mm)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    terms = [x**i * y**j * z**k
+             for i in range(order + 1) for j in range(order + 1 - i)
+             for k in range(order + 1 - i - j) if 0 < i + j + k]
+    return np.stack([np.broadcast_to(t, shape) for t in terms])
+
+
+def shim(field_ppm, mask, voxel_size_mm, order=2):
+    """Remove the least-squares polynomial of degree ``order`` (and the mean)
+    fitted inside ``mask``, as a scanner's shim would: returns the residual
+    field (ppm) on the whole grid."""
+    basis = polynomial_basis(field_ppm.shape, voxel_size_mm, order)
+    design = np.concatenate([np.ones((1, int(mask.sum())), np.float32), basis[:, mask]])
+    coef, *_ = np.linalg.lstsq(design.T.astype(np.float64), field_ppm[mask].astype(np.float64),
+                               rcond=None)
+    fit = coef[0] + np.tensordot(coef[1:], basis, axes=1)
+    return (field_ppm - fit).astype(np.float32)
+
+
+def random_polynomial_field(shape, voxel_size_mm, rng, *, order=2, amplitude_ppm=0.5):
+    """Random smooth background (ppm): a polynomial of degree ``order`` with
+    Gaussian coefficients whose sum of squares is ``amplitude_ppm`` squared,
+    in coordinates of 100 mm (so it varies by ~``amplitude_ppm`` across a head)."""
+    basis = polynomial_basis(shape, voxel_size_mm, order)
+    coef = rng.standard_normal(len(basis))
+    coef *= amplitude_ppm / np.linalg.norm(coef)
+    return np.tensordot(coef.astype(np.float32), basis, axes=1).astype(np.float32)
