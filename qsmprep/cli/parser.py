@@ -1,0 +1,168 @@
+"""Command-line interface of qsmprep (BIDS App conventions, as fMRIPrep)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..__about__ import __version__
+from ..config import DEFAULT_METHODS, Config
+from ..qsm.registry import STAGES
+
+def _label(value):
+    """A participant or session label, with or without its ``sub-``/``ses-`` prefix."""
+    for prefix in ("sub-", "ses-"):
+        if value.startswith(prefix):
+            value = value[len(prefix):]
+    if not value or not value.isalnum():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a BIDS label (letters and digits only, e.g. 01 or sub-01)"
+        )
+    return value
+
+
+def _existing_file(value):
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"File not found: {value}")
+    return path.absolute()
+
+
+def _positive_int(value):
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
+
+
+def build_parser():
+    """The argparse parser; option defaults are None so that a ``--config-file``
+    can supply them (see :func:`parse_args`)."""
+    from ..qsm import registry
+
+    p = argparse.ArgumentParser(
+        prog="qsmprep",
+        description="qsmprep: quantitative susceptibility mapping from multi-echo GRE "
+        "MRI in BIDS, written as BIDS derivatives.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="root folder of the input BIDS dataset")
+    p.add_argument("output_dir", type=Path, help="folder for the BIDS derivatives")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="participant: one QSM per run; group: a table of all runs "
+                   "already processed in output_dir")
+    p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
+
+    g = p.add_argument_group("Selecting the input")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", type=_label,
+                   metavar="LABEL", help="subjects to process (with or without 'sub-'); "
+                   "default: all")
+    g.add_argument("--session-label", nargs="+", type=_label, metavar="LABEL",
+                   help="sessions to process (with or without 'ses-'); default: all")
+    g.add_argument("--bids-filter-file", type=_existing_file, metavar="FILE",
+                   help="JSON file of pybids entity filters applied to the MEGRE/T2starw "
+                   'query, e.g. {"acquisition": "highres"}')
+    g.add_argument("--skip-bids-validation", action="store_true", default=None,
+                   help="index the dataset without checking file names against BIDS "
+                   "(qsmprep's own checks of echoes and metadata always run)")
+
+    g = p.add_argument_group("Methods (choices come from the method registry)")
+    for stage in STAGES:
+        g.add_argument(f"--{stage.replace('_', '-')}", dest=stage,
+                       choices=registry.names(stage),
+                       help=f"{stage.replace('_', ' ')} method "
+                       f"(default: {DEFAULT_METHODS[stage]})")
+
+    g = p.add_argument_group("Outputs")
+    g.add_argument("--output-intermediates", action="store_true", default=None,
+                   help="also write the unwrapped phase (rad) of every echo")
+    g.add_argument("--boilerplate-only", action="store_true", default=None,
+                   help="write logs/CITATION.md and stop")
+
+    g = p.add_argument_group("Performance and execution")
+    g.add_argument("-w", "--work-dir", type=Path,
+                   help="Nipype work folder (cache; re-running resumes from it); "
+                   "default: ./work")
+    g.add_argument("--nprocs", "--nthreads", type=_positive_int,
+                   help="processes run at the same time (default: all cores)")
+    g.add_argument("--omp-nthreads", type=_positive_int,
+                   help="threads per process (default: min(8, nprocs))")
+    g.add_argument("--mem", "--mem-gb", dest="mem_gb", type=float, metavar="GB",
+                   help="memory limit for the scheduler, in GB")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="torch device of deep-learning methods (default: auto)")
+    g.add_argument("--use-plugin", type=_existing_file, metavar="FILE",
+                   help="YAML file with a Nipype 'plugin' and its 'plugin_args'")
+    g.add_argument("--stop-on-first-crash", action="store_true", default=None,
+                   help="stop at the first node that fails")
+    g.add_argument("--config-file", type=_existing_file, metavar="FILE",
+                   help="TOML settings (as written in the work folder); command-line "
+                   "options override it")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="count",
+                   help="more log output (-vv for debug)")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse the command line into a :class:`~qsmprep.config.Config`.
+
+    Precedence: command line > ``--config-file`` > built-in defaults.
+    """
+    opts = build_parser().parse_args(argv)
+    config = Config.from_toml(opts.config_file) if opts.config_file else Config()
+
+    ex = config.execution
+    ex.bids_dir = str(opts.bids_dir.expanduser().absolute())
+    ex.output_dir = str(opts.output_dir.expanduser().absolute())
+    ex.analysis_level = opts.analysis_level
+    if opts.work_dir is not None:
+        ex.work_dir = str(opts.work_dir.expanduser().absolute())
+    if not ex.work_dir:
+        ex.work_dir = str(Path("work").absolute())
+    for name in ("participant_label", "session_label", "skip_bids_validation",
+                 "stop_on_first_crash", "output_intermediates", "boilerplate_only",
+                 "device", "verbosity"):
+        value = getattr(opts, name)
+        if value is not None:
+            setattr(ex, name, value)
+    if opts.bids_filter_file is not None:
+        ex.bids_filters = _read_filters(opts.bids_filter_file)
+
+    for stage in STAGES:
+        if getattr(opts, stage) is not None:
+            setattr(config.workflow, stage, getattr(opts, stage))
+
+    ny = config.nipype
+    for name, dest in (("nprocs", "nprocs"), ("omp_nthreads", "omp_nthreads"),
+                       ("mem_gb", "mem_gb")):
+        if getattr(opts, name) is not None:
+            setattr(ny, dest, getattr(opts, name))
+    if opts.use_plugin is not None:
+        ny.plugin, ny.plugin_args = _read_plugin(opts.use_plugin)
+    return config
+
+
+def _read_filters(path):
+    try:
+        filters = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"qsmprep: error: {path} is not valid JSON ({err})") from None
+    if not isinstance(filters, dict):
+        raise SystemExit(
+            f"qsmprep: error: {path} must hold a JSON object of BIDS entities, "
+            'e.g. {"acquisition": "highres"}'
+        )
+    return filters
+
+
+def _read_plugin(path):
+    import yaml
+
+    settings = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(settings, dict) or "plugin" not in settings:
+        raise SystemExit(
+            f"qsmprep: error: {path} must be YAML with a 'plugin' key "
+            "(and optionally 'plugin_args'), e.g. 'plugin: Linear'"
+        )
+    return str(settings["plugin"]), dict(settings.get("plugin_args") or {})

@@ -1,0 +1,139 @@
+"""``qsmprep`` command: parse, check the input, build and run the workflow."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+LOGGER = logging.getLogger("qsmprep")
+
+
+def main(argv=None):
+    """Entry point of the ``qsmprep`` console script; returns the exit code
+    (0 success, 1 input error or failed processing)."""
+    from ..utils.bids import QSMPrepInputError
+    from .parser import parse_args
+
+    config = parse_args(argv)
+    _setup_logging(config.execution.verbosity)
+    try:
+        if config.execution.analysis_level == "group":
+            return _run_group(config)
+        return _run_participant(config)
+    except QSMPrepInputError as err:
+        print(f"qsmprep: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run_participant(config):
+    from ..utils.bids import check_output_dir, collect_data
+    from ..workflows.outputs import write_derivatives_description
+    from .workflow import build_workflow, write_boilerplate
+
+    ex = config.execution
+    check_output_dir(ex.bids_dir, ex.output_dir)
+    if Path(ex.work_dir).resolve().is_relative_to(Path(ex.bids_dir).resolve()):
+        from ..utils.bids import QSMPrepInputError
+
+        raise QSMPrepInputError(
+            f"The work folder {ex.work_dir} is inside the input dataset; qsmprep never "
+            "writes into it: give -w a folder outside the dataset"
+        )
+    data = collect_data(
+        ex.bids_dir,
+        participant_label=ex.participant_label,
+        session_label=ex.session_label,
+        bids_filters=ex.bids_filters,
+        validate=not ex.skip_bids_validation,
+    )
+    ex.device = resolve_device(ex.device)
+
+    Path(ex.work_dir).mkdir(parents=True, exist_ok=True)
+    config.to_toml(Path(ex.work_dir) / f"config-{ex.run_uuid}.toml")
+    for subject in data:
+        config.to_toml(ex.log_dir(subject) / "qsmprep.toml")
+
+    _configure_nipype(config)
+    workflow = build_workflow(config, data)
+    write_derivatives_description(ex.bids_dir, ex.output_dir)
+    write_boilerplate(workflow, ex.output_dir)
+    if ex.boilerplate_only:
+        return 0
+
+    settings = config.nipype.plugin_settings()
+    LOGGER.info("Running with the %s plugin %s; work folder %s", settings["plugin"],
+                settings["plugin_args"], ex.work_dir)
+    try:
+        workflow.run(**settings)
+    except Exception as err:  # Nipype raises RuntimeError, plugins may raise others
+        logs = ", ".join(str(ex.log_dir(s)) for s in data)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"qsmprep: error: processing failed ({reason}); crash files are in {logs}",
+              file=sys.stderr)
+        return 1
+    LOGGER.info("qsmprep finished; outputs in %s", ex.output_dir)
+    return 0
+
+
+def _run_group(config):
+    from ..workflows.group import write_group_table
+
+    try:
+        tsv = write_group_table(config.execution.output_dir)
+    except FileNotFoundError as err:
+        print(f"qsmprep: error: {err}", file=sys.stderr)
+        return 1
+    LOGGER.info("Group table of all processed runs written to %s", tsv)
+    return 0
+
+
+def resolve_device(choice):
+    """The torch device name for ``--device``: "auto" becomes "cuda" when a
+    GPU is visible, else "cpu"; "cuda" without a GPU is an input error."""
+    from ..utils.bids import QSMPrepInputError
+
+    if choice == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if choice == "cuda":
+        raise QSMPrepInputError(
+            "--device cuda was requested but torch finds no CUDA GPU; use --device cpu or auto"
+        )
+    return "cpu"
+
+
+def _configure_nipype(config):
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    level = {0: "WARNING", 1: "INFO"}.get(config.execution.verbosity, "DEBUG")
+    ncfg.update_config({
+        "logging": {"workflow_level": level, "interface_level": level,
+                    "utils_level": level},
+        "execution": {
+            "crashfile_format": config.nipype.crashfile_format,
+            "stop_on_first_crash": config.execution.stop_on_first_crash,
+            "check_version": False,
+            "remove_node_directories": False,
+        },
+        "monitoring": {"enabled": False},
+    })
+    nlogging.update_logging(ncfg)
+
+
+def _setup_logging(verbosity):
+    level = logging.INFO if verbosity < 2 else logging.DEBUG
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(name)s | %(levelname)s | %(message)s",
+                                           "%H:%M:%S"))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(level)
+    LOGGER.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

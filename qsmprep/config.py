@@ -1,0 +1,184 @@
+"""Settings of one qsmprep run, in four sections (as in fMRIPrep).
+
+``environment``
+    facts about the software and machine (versions, cores), recorded only;
+``execution``
+    what to run on and where to write (paths, labels, filters, device);
+``workflow``
+    the method chosen for each stage and its parameters;
+``nipype``
+    how Nipype runs the graph (plugin, processes, threads, memory).
+
+The whole object is written as TOML into the work directory and into
+``<output_dir>/sub-<label>/log/<run-uuid>/qsmprep.toml``, and a TOML file
+written this way can be given back with ``--config-file``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from uuid import uuid4
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .__about__ import __version__
+
+#: Default method of each stage (names in :mod:`qsmprep.qsm.registry`).
+DEFAULT_METHODS = {
+    "unwrapping": "romeo",
+    "masking": "magnitude",
+    "bf_removal": "vsharp",
+    "inversion": "tv",
+    "referencing": "mean",
+}
+
+
+def new_run_uuid():
+    """A sortable unique run identifier: ``YYYYmmdd-HHMMSS_<uuid4>``."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}_{uuid4()}"
+
+
+@dataclass
+class Environment:
+    version: str = __version__
+    python: str = sys.version.split()[0]
+    cpu_count: int = os.cpu_count() or 1
+
+
+@dataclass
+class Execution:
+    bids_dir: str = ""
+    output_dir: str = ""
+    analysis_level: str = "participant"
+    work_dir: str = ""
+    participant_label: list = field(default_factory=list)
+    session_label: list = field(default_factory=list)
+    bids_filters: dict = field(default_factory=dict)
+    skip_bids_validation: bool = False
+    stop_on_first_crash: bool = False
+    output_intermediates: bool = False
+    boilerplate_only: bool = False
+    device: str = "auto"
+    verbosity: int = 0
+    run_uuid: str = field(default_factory=new_run_uuid)
+
+    def log_dir(self, subject):
+        """Folder for this run's crash files and settings of one subject."""
+        return Path(self.output_dir) / f"sub-{subject}" / "log" / self.run_uuid
+
+
+@dataclass
+class Workflow:
+    unwrapping: str = DEFAULT_METHODS["unwrapping"]
+    masking: str = DEFAULT_METHODS["masking"]
+    bf_removal: str = DEFAULT_METHODS["bf_removal"]
+    inversion: str = DEFAULT_METHODS["inversion"]
+    referencing: str = DEFAULT_METHODS["referencing"]
+    #: stage -> {parameter: value}, overriding the registry defaults
+    params: dict = field(default_factory=dict)
+
+    def method(self, stage):
+        """Name of the method chosen for ``stage``."""
+        return getattr(self, stage)
+
+    def stage_params(self, stage):
+        """User parameters of ``stage`` (a copy; empty when none)."""
+        return dict(self.params.get(stage, {}))
+
+
+@dataclass
+class Nipype:
+    plugin: str = "MultiProc"
+    plugin_args: dict = field(default_factory=dict)
+    nprocs: int = 0  # 0: all cores
+    omp_nthreads: int = 0  # 0: min(8, nprocs)
+    mem_gb: float = 0.0  # 0: no limit given
+    crashfile_format: str = "txt"
+
+    def resolved(self):
+        """(nprocs, omp_nthreads) with the 0 = automatic values filled in."""
+        nprocs = self.nprocs or (os.cpu_count() or 1)
+        omp = self.omp_nthreads or min(8, nprocs)
+        return nprocs, min(omp, nprocs)
+
+    def plugin_settings(self):
+        """``plugin`` and ``plugin_args`` for :meth:`nipype.Workflow.run`."""
+        args = dict(self.plugin_args)
+        if self.plugin in ("MultiProc", "LegacyMultiProc"):
+            args.setdefault("n_procs", self.resolved()[0])
+            if self.mem_gb:
+                args.setdefault("memory_gb", self.mem_gb)
+            args.setdefault("raise_insufficient", False)
+        return {"plugin": self.plugin, "plugin_args": args}
+
+
+_SECTIONS = {"environment": Environment, "execution": Execution,
+             "workflow": Workflow, "nipype": Nipype}
+
+
+@dataclass
+class Config:
+    """All settings of a run; see the module docstring."""
+
+    environment: Environment = field(default_factory=Environment)
+    execution: Execution = field(default_factory=Execution)
+    workflow: Workflow = field(default_factory=Workflow)
+    nipype: Nipype = field(default_factory=Nipype)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def to_toml(self, path):
+        """Write the settings as TOML to ``path`` (folders are created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(tomli_w.dumps(_drop_none(self.to_dict())).encode())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data):
+        """Build from nested dicts; unknown sections or keys are an error."""
+        unknown = set(data) - set(_SECTIONS)
+        if unknown:
+            raise ValueError(
+                f"Unknown configuration section(s) {sorted(unknown)}; "
+                f"expected {sorted(_SECTIONS)}"
+            )
+        kwargs = {}
+        for name, section in _SECTIONS.items():
+            values = dict(data.get(name, {}))
+            known = {f.name for f in fields(section)}
+            bad = set(values) - known
+            if bad:
+                raise ValueError(
+                    f"Unknown key(s) {sorted(bad)} in configuration section [{name}]; "
+                    f"expected some of {sorted(known)}"
+                )
+            kwargs[name] = section(**values)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path):
+        """Read settings written by :meth:`to_toml` (or by hand)."""
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+
+def _drop_none(value):
+    """TOML has no null: leave out keys whose value is None."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value]
+    return value

@@ -1,0 +1,60 @@
+"""Writing BIDS derivatives with qsmprep's own file-name patterns."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from uuid import uuid4
+
+from niworkflows.interfaces.bids import DerivativesDataSink as _NiworkflowsSink
+
+#: BIDS path patterns of qsmprep outputs (Chimap, fieldmap, mask, MEGRE, figures)
+PATH_PATTERNS = tuple(
+    json.loads((resources.files("qsmprep") / "data" / "bids_patterns.json").read_text())[
+        "default_path_patterns"
+    ]
+)
+
+#: hidden folder of the output directory where files are staged before renaming
+STAGING = ".qsmprep-staging"
+
+
+class DerivativesDataSink(_NiworkflowsSink):
+    """niworkflows' sink with qsmprep's patterns, writing into ``base_directory``
+    itself (no ``qsmprep/`` sub-folder) and atomically: every file is first
+    written in a staging folder on the same file system, then renamed into
+    place, so a file under its final name is always complete."""
+
+    out_path_base = ""
+    _file_patterns = PATH_PATTERNS
+
+    def _run_interface(self, runtime):
+        final = Path(self.inputs.base_directory).absolute()
+        staging = final / STAGING / uuid4().hex
+        self.inputs.base_directory = str(staging)
+        try:
+            runtime = super()._run_interface(runtime)
+            for key in ("out_file", "out_meta"):
+                if key not in self._results:
+                    continue
+                staged = self._results[key]
+                moved = [_move(p, staging, final) for p in _listify(staged)]
+                self._results[key] = moved if isinstance(staged, list) else moved[0]
+        finally:
+            self.inputs.base_directory = str(final)
+            shutil.rmtree(staging, ignore_errors=True)
+        return runtime
+
+
+def _listify(value):
+    return value if isinstance(value, list) else [value]
+
+
+def _move(path, staging, final):
+    target = final / Path(path).relative_to(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return str(target)

@@ -1,0 +1,318 @@
+"""Thin Nipype interfaces over the pure QSM functions.
+
+Each interface reads its NIfTI inputs, makes one call into
+:mod:`qsmprep.qsm` (a registry method or one named function) and writes the
+result with the geometry of its input. Nothing else happens here, so the
+physics stays testable without Nipype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from contextlib import contextmanager
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..utils.images import load_stack, phase_in_rad, save_like, zero_nonfinite
+
+
+class _MethodInputSpec(BaseInterfaceInputSpec):
+    method = traits.Str(mandatory=True, desc="method name in the registry")
+    params = traits.Dict(traits.Str, traits.Any, value={}, usedefault=True,
+                         desc="parameters overriding the method's defaults")
+    num_threads = traits.Int(1, usedefault=True, desc="threads for this step")
+    device = traits.Str("cpu", usedefault=True, desc="torch device for methods that take one")
+
+
+def _run_method(stage, name, *args, params, context, **stage_kwargs):
+    """``registry.run(stage, name, *args, **stage_kwargs, **params)`` plus the
+    context values (voxel size, device...) that the method's signature accepts
+    and the user did not set."""
+    from ..qsm import registry
+
+    method = registry.get(stage, name)
+    accepted = inspect.signature(method.func).parameters
+    extra = {k: v for k, v in context.items() if k in accepted and k not in params}
+    return registry.run(stage, name, *args, **stage_kwargs, **extra, **params)
+
+
+@contextmanager
+def _threads(n):
+    """Limit BLAS/OpenMP, scipy.fft, numba and torch to ``n`` threads."""
+    from threadpoolctl import threadpool_limits
+
+    from ..qsm import fft
+
+    old_workers = fft._WORKERS
+    fft.set_workers(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    if "numba" in sys.modules:
+        numba = sys.modules["numba"]
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        fft.set_workers(old_workers)
+
+
+def _out(name, runtime):
+    return os.path.join(runtime.cwd, name)
+
+
+def _load(path, dtype=np.float32):
+    img = nb.load(path)
+    return np.asanyarray(img.dataobj, dtype=dtype), img
+
+
+def _voxel_size(img):
+    from ..qsm.units import voxel_size_from_affine
+
+    return voxel_size_from_affine(img.affine)
+
+
+class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
+    magnitude = traits.List(File(exists=True), mandatory=True)
+    magnitude_echo_times = traits.List(traits.Float, mandatory=True, desc="s, file order")
+    phase = traits.List(File(exists=True), mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True, desc="s, file order")
+    phase_units = traits.Enum(None, "rad", "arbitrary", usedefault=True)
+
+
+class _LoadEchoesOutputSpec(TraitedSpec):
+    magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, echoes by echo time")
+    phase = File(exists=True, desc="(X, Y, Z, E) phase in rad, echoes by echo time")
+    valid = File(exists=True, desc="voxels finite in every input")
+    echo_times = traits.List(traits.Float, desc="s, sorted")
+    phase_units = traits.Str(desc="units applied to the stored phase")
+
+
+class LoadEchoes(SimpleInterface):
+    """Stack echoes by echo time, phase to rad, NaN/Inf to 0."""
+
+    input_spec = _LoadEchoesInputSpec
+    output_spec = _LoadEchoesOutputSpec
+
+    def _run_interface(self, runtime):
+        mag, _, _ = load_stack(self.inputs.magnitude, self.inputs.magnitude_echo_times)
+        raw, tes, ref = load_stack(self.inputs.phase, self.inputs.echo_times)
+        valid = zero_nonfinite([raw, mag], [self.inputs.phase[0], self.inputs.magnitude[0]])
+        phase, units = phase_in_rad(raw, self.inputs.phase_units, self.inputs.phase[0])
+        self._results.update(
+            magnitude=save_like(mag, ref, _out("magnitude.nii.gz", runtime)),
+            phase=save_like(phase, ref, _out("phase.nii.gz", runtime)),
+            valid=save_like(valid, ref, _out("valid.nii.gz", runtime), dtype=np.uint8),
+            echo_times=tes,
+            phase_units=units,
+        )
+        return runtime
+
+
+class _UnwrapInputSpec(_MethodInputSpec):
+    phase = File(exists=True, mandatory=True, desc="(X, Y, Z, E) phase, rad")
+    magnitude = File(exists=True, mandatory=True)
+    valid = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True, desc="s")
+
+
+class _UnwrapOutputSpec(TraitedSpec):
+    unwrapped = File(exists=True, desc="(X, Y, Z, E) unwrapped phase, rad")
+    quality = File(desc="voxel quality map (0..1), when the method gives one")
+
+
+class Unwrap(SimpleInterface):
+    """Phase unwrapping with registry stage ``unwrapping``."""
+
+    input_spec = _UnwrapInputSpec
+    output_spec = _UnwrapOutputSpec
+
+    def _run_interface(self, runtime):
+        phase, ref = _load(self.inputs.phase)
+        mag, _ = _load(self.inputs.magnitude)
+        valid, _ = _load(self.inputs.valid, bool)
+        with _threads(self.inputs.num_threads):
+            unwrapped, quality = _run_method(
+                "unwrapping", self.inputs.method, phase, magnitude=mag,
+                echo_times_s=list(self.inputs.echo_times), mask=valid,
+                params=self.inputs.params,
+                context={"voxel_size_mm": _voxel_size(ref), "device": self.inputs.device},
+            )
+        self._results["unwrapped"] = save_like(unwrapped, ref, _out("unwrapped.nii.gz", runtime))
+        if quality is not None:
+            self._results["quality"] = save_like(quality, ref, _out("quality.nii.gz", runtime))
+        return runtime
+
+
+class _B0InputSpec(BaseInterfaceInputSpec):
+    unwrapped = File(exists=True, mandatory=True, desc="(X, Y, Z, E) rad")
+    magnitude = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True, desc="s")
+
+
+class _B0OutputSpec(TraitedSpec):
+    fieldmap = File(exists=True, desc="B0 map, Hz")
+
+
+class EchoCombine(SimpleInterface):
+    """B0 map (Hz) from the unwrapped echoes: :func:`qsmprep.qsm.echo.romeo_b0`."""
+
+    input_spec = _B0InputSpec
+    output_spec = _B0OutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.echo import romeo_b0
+
+        unwrapped, ref = _load(self.inputs.unwrapped)
+        mag, _ = _load(self.inputs.magnitude)
+        b0_hz = romeo_b0(unwrapped, mag, list(self.inputs.echo_times))
+        self._results["fieldmap"] = save_like(b0_hz, ref, _out("fieldmap_hz.nii.gz", runtime))
+        return runtime
+
+
+class _TotalFieldInputSpec(BaseInterfaceInputSpec):
+    fieldmap = File(exists=True, mandatory=True, desc="B0 map, Hz")
+    field_strength = traits.Float(mandatory=True, desc="T")
+
+
+class _TotalFieldOutputSpec(TraitedSpec):
+    total_field = File(exists=True, desc="total field, ppm")
+
+
+class TotalField(SimpleInterface):
+    """Total field (ppm) from the B0 map (Hz): :func:`qsmprep.qsm.units.hz_to_ppm`."""
+
+    input_spec = _TotalFieldInputSpec
+    output_spec = _TotalFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.units import hz_to_ppm
+
+        hz, ref = _load(self.inputs.fieldmap)
+        ppm = hz_to_ppm(hz, self.inputs.field_strength)
+        self._results["total_field"] = save_like(ppm, ref, _out("total_field_ppm.nii.gz", runtime))
+        return runtime
+
+
+class _MaskInputSpec(_MethodInputSpec):
+    magnitude = File(exists=True, mandatory=True, desc="(X, Y, Z, E) magnitude")
+    quality = File(exists=True, desc="phase quality (0..1) from unwrapping")
+    valid = File(exists=True, mandatory=True, desc="voxels with finite input")
+
+
+class _MaskOutputSpec(TraitedSpec):
+    mask = File(exists=True)
+
+
+class Mask(SimpleInterface):
+    """Brain mask with registry stage ``masking`` from the root-sum-of-squares
+    magnitude (and the unwrapping quality when there is one); voxels with
+    non-finite input are always left out."""
+
+    input_spec = _MaskInputSpec
+    output_spec = _MaskOutputSpec
+
+    def _run_interface(self, runtime):
+        mag, ref = _load(self.inputs.magnitude)
+        rss = np.sqrt(np.sum(mag.reshape(mag.shape[:3] + (-1,)) ** 2, axis=3))
+        quality = _load(self.inputs.quality)[0] if isdefined(self.inputs.quality) else None
+        mask = _run_method("masking", self.inputs.method, rss, quality=quality,
+                           params=self.inputs.params,
+                           context={"voxel_size_mm": _voxel_size(ref)})
+        mask = np.asarray(mask, dtype=bool) & _load(self.inputs.valid, bool)[0]
+        self._results["mask"] = save_like(mask, ref, _out("mask.nii.gz", runtime), np.uint8)
+        return runtime
+
+
+class _BFRInputSpec(_MethodInputSpec):
+    total_field = File(exists=True, mandatory=True, desc="ppm")
+    mask = File(exists=True, mandatory=True)
+    b0_dir = traits.List(traits.Float, mandatory=True)
+
+
+class _BFROutputSpec(TraitedSpec):
+    local_field = File(exists=True, desc="ppm")
+    mask = File(exists=True, desc="mask where the local field is valid")
+
+
+class BackgroundRemoval(SimpleInterface):
+    """Background field removal with registry stage ``bf_removal``."""
+
+    input_spec = _BFRInputSpec
+    output_spec = _BFROutputSpec
+
+    def _run_interface(self, runtime):
+        field, ref = _load(self.inputs.total_field)
+        mask, _ = _load(self.inputs.mask, bool)
+        with _threads(self.inputs.num_threads):
+            local, mask_out = _run_method(
+                "bf_removal", self.inputs.method, field, mask, _voxel_size(ref),
+                b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
+                context={"device": self.inputs.device},
+            )
+        self._results.update(
+            local_field=save_like(local, ref, _out("local_field_ppm.nii.gz", runtime)),
+            mask=save_like(mask_out, ref, _out("mask_local.nii.gz", runtime), np.uint8),
+        )
+        return runtime
+
+
+class _InversionInputSpec(_MethodInputSpec):
+    local_field = File(exists=True, mandatory=True, desc="ppm")
+    mask = File(exists=True, mandatory=True)
+    b0_dir = traits.List(traits.Float, mandatory=True)
+
+
+class _ChiOutputSpec(TraitedSpec):
+    chi = File(exists=True, desc="susceptibility, ppm")
+
+
+class Inversion(SimpleInterface):
+    """Dipole inversion with registry stage ``inversion``."""
+
+    input_spec = _InversionInputSpec
+    output_spec = _ChiOutputSpec
+
+    def _run_interface(self, runtime):
+        local, ref = _load(self.inputs.local_field)
+        mask, _ = _load(self.inputs.mask, bool)
+        with _threads(self.inputs.num_threads):
+            chi = _run_method(
+                "inversion", self.inputs.method, local, mask, _voxel_size(ref),
+                b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
+                context={"device": self.inputs.device},
+            )
+        self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii.gz", runtime))
+        return runtime
+
+
+class _ReferenceInputSpec(_MethodInputSpec):
+    chi = File(exists=True, mandatory=True, desc="ppm")
+    mask = File(exists=True, mandatory=True)
+
+
+class Reference(SimpleInterface):
+    """Susceptibility referencing with registry stage ``referencing``."""
+
+    input_spec = _ReferenceInputSpec
+    output_spec = _ChiOutputSpec
+
+    def _run_interface(self, runtime):
+        chi, ref = _load(self.inputs.chi)
+        mask, _ = _load(self.inputs.mask, bool)
+        out = _run_method("referencing", self.inputs.method, chi, mask,
+                          params=self.inputs.params, context={})
+        out = np.where(mask, out, 0)
+        self._results["chi"] = save_like(out, ref, _out("chi_ref_ppm.nii.gz", runtime))
+        return runtime

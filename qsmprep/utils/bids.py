@@ -1,0 +1,407 @@
+"""Finding and checking the multi-echo GRE runs of a BIDS dataset.
+
+Everything here runs before any processing starts, so that a problem with
+the input stops qsmprep at once with a message naming the file and the fix
+(:class:`QSMPrepInputError`) instead of a crash deep in the Nipype graph.
+Only NIfTI headers and JSON sidecars are read here; the voxel data are read
+by :func:`qsmprep.utils.images.load_echoes` inside the workflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+from ..qsm.units import b0_direction_from_affine, field_strength_from_frequency
+
+LOGGER = logging.getLogger("qsmprep")
+
+#: BIDS suffixes of multi-echo gradient-echo images
+GRE_SUFFIXES = ("MEGRE", "T2starw")
+#: entities that tell runs of one subject apart
+RUN_ENTITIES = ("session", "acquisition", "reconstruction", "run")
+_NIFTI = (".nii", ".nii.gz")
+
+
+class QSMPrepInputError(ValueError):
+    """The input dataset cannot be processed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class QSMRun:
+    """One multi-echo acquisition: magnitude and phase files and their metadata.
+
+    ``magnitude`` and ``phase`` list the files in the order their volumes are
+    stacked (one 3-D file per echo sorted by echo time, or one 4-D file);
+    ``echo_times`` and ``magnitude_echo_times`` (s) follow that same stacking
+    order; :attr:`sorted_echo_times` is the order used for processing.
+    """
+
+    subject: str
+    entities: tuple  # ((name, value), ...) of RUN_ENTITIES present, plus suffix
+    magnitude: tuple
+    phase: tuple
+    echo_times: tuple
+    magnitude_echo_times: tuple
+    field_strength: float  # T
+    phase_units: str | None  # "rad", "arbitrary" or None (infer from the range)
+    b0_dir: tuple | None  # from the sidecar's B0_dir, else None (use the affine)
+
+    @property
+    def entity_dict(self):
+        return dict(self.entities)
+
+    @property
+    def suffix(self):
+        return self.entity_dict["suffix"]
+
+    @property
+    def name(self):
+        """Short identifier, e.g. ``ses-1_acq-fast_run-2`` (``MEGRE`` if no entity)."""
+        short = {"session": "ses", "acquisition": "acq", "reconstruction": "rec", "run": "run"}
+        parts = [f"{short[k]}-{v}" for k, v in self.entities if k in short]
+        return "_".join(parts) or self.suffix
+
+    @property
+    def b0_direction(self):
+        """Unit B0 direction in voxel axes: the sidecar's ``B0_dir`` if given,
+        else from the affine of the first phase image."""
+        if self.b0_dir is not None:
+            return self.b0_dir
+        affine = nb.load(self.phase[0]).affine
+        return tuple(float(v) for v in b0_direction_from_affine(affine))
+
+    @property
+    def sorted_echo_times(self):
+        return tuple(sorted(self.echo_times))
+
+    @property
+    def sources(self):
+        return tuple(self.magnitude) + tuple(self.phase)
+
+
+def check_output_dir(bids_dir, output_dir):
+    """Refuse an output folder that would write into the input dataset.
+
+    Allowed: anywhere outside ``bids_dir``, or under ``bids_dir/derivatives/``.
+    """
+    bids_dir = Path(bids_dir).resolve()
+    output_dir = Path(output_dir).resolve()
+    if output_dir == bids_dir or bids_dir.is_relative_to(output_dir):
+        raise QSMPrepInputError(
+            f"The output folder {output_dir} contains the input dataset {bids_dir}; "
+            f"choose a folder outside it, e.g. {bids_dir}/derivatives/qsmprep"
+        )
+    if output_dir.is_relative_to(bids_dir):
+        rel = output_dir.relative_to(bids_dir)
+        if rel.parts[0] != "derivatives" or len(rel.parts) < 2:
+            raise QSMPrepInputError(
+                f"The output folder {output_dir} is inside the input dataset; qsmprep "
+                f"never writes into it. Use {bids_dir}/derivatives/qsmprep or a "
+                "folder outside the dataset."
+            )
+
+
+def collect_data(bids_dir, *, participant_label=(), session_label=(), bids_filters=None,
+                 validate=True):
+    """All GRE runs to process, as ``{subject: [QSMRun, ...]}``.
+
+    Raises :class:`QSMPrepInputError` when a requested subject does not exist,
+    when nothing can be processed, or when a run fails :func:`check_run`.
+    """
+    from bids import BIDSLayout
+
+    bids_dir = Path(bids_dir)
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise QSMPrepInputError(
+            f"{bids_dir} is not a BIDS dataset: it has no dataset_description.json"
+        )
+    try:
+        layout = BIDSLayout(str(bids_dir), validate=validate)
+    except Exception as err:  # pybids raises several types for a broken dataset
+        raise QSMPrepInputError(f"pybids could not index {bids_dir}: {err}") from err
+
+    available = layout.get_subjects()
+    if participant_label:
+        missing = sorted(set(participant_label) - set(available))
+        if missing:
+            raise QSMPrepInputError(
+                f"No subject matches --participant-label {' '.join(missing)} in {bids_dir}; "
+                f"subjects found: {', '.join(sorted(available)) or 'none'}"
+            )
+        subjects = list(participant_label)
+    else:
+        subjects = sorted(available)
+
+    data = {}
+    for subject in subjects:
+        runs = collect_runs(layout, subject, session_label=session_label,
+                            bids_filters=bids_filters)
+        if runs:
+            data[subject] = runs
+        elif participant_label:
+            raise QSMPrepInputError(_no_data_message(bids_dir, subject, session_label))
+        else:
+            LOGGER.warning("sub-%s has no multi-echo GRE (MEGRE/T2starw) images; skipped",
+                           subject)
+    if not data:
+        raise QSMPrepInputError(
+            f"No multi-echo GRE images (anat/*_MEGRE or *_T2starw with part-phase) in "
+            f"{bids_dir} for the subjects and filters given"
+        )
+    return data
+
+
+def _no_data_message(bids_dir, subject, session_label):
+    where = f" in session(s) {', '.join(session_label)}" if session_label else ""
+    return (
+        f"sub-{subject} has no MEGRE or T2starw images{where} in {bids_dir}; "
+        "expected e.g. sub-{0}/anat/sub-{0}_echo-1_part-phase_MEGRE.nii.gz".format(subject)
+    )
+
+
+def collect_runs(layout, subject, *, session_label=(), bids_filters=None):
+    """The checked :class:`QSMRun` of one subject, grouped by ses/acq/rec/run."""
+    query = {"subject": subject, "datatype": "anat", "suffix": list(GRE_SUFFIXES),
+             "extension": list(_NIFTI), **(bids_filters or {})}
+    if session_label:
+        query["session"] = list(session_label)
+    groups = {}
+    for f in layout.get(**query):
+        ents = f.get_entities()
+        key = tuple((k, str(ents[k])) for k in RUN_ENTITIES if k in ents)
+        key += (("suffix", ents["suffix"]),)
+        groups.setdefault(key, []).append((f.path, ents, f.get_metadata()))
+    runs = []
+    for key, files in sorted(groups.items()):
+        run = _make_run(subject, key, files)
+        check_run(run)
+        runs.append(run)
+    return runs
+
+
+def _make_run(subject, key, files):
+    phase = [f for f in files if f[1].get("part") == "phase"]
+    mag = [f for f in files if f[1].get("part", "mag") == "mag"]
+    label = f"sub-{subject} " + (" ".join(f"{k}={v}" for k, v in key))
+    if not phase:
+        raise QSMPrepInputError(
+            f"No phase images for {label} (found only {Path(files[0][0]).name}); QSM needs "
+            "the phase: add the part-phase files, e.g. *_echo-1_part-phase_MEGRE.nii.gz"
+        )
+    if not mag:
+        raise QSMPrepInputError(
+            f"No magnitude images for {label} ({Path(phase[0][0]).name} has no part-mag "
+            "partner); add the part-mag files of the same echoes"
+        )
+    phase_files, echo_times = _order_echoes(phase, "phase")
+    mag_files, mag_times = _order_echoes(mag, "magnitude")
+    if len(mag_times) != len(echo_times) or not np.allclose(
+        sorted(mag_times), sorted(echo_times), rtol=1e-4, atol=1e-7
+    ):
+        raise QSMPrepInputError(
+            f"The magnitude echo times {_fmt(mag_times)} s ({Path(mag_files[0]).name}) do "
+            f"not match the phase echo times {_fmt(echo_times)} s "
+            f"({Path(phase_files[0]).name}); each echo needs both parts"
+        )
+    meta = phase[0][2]
+    return QSMRun(
+        subject=subject,
+        entities=key,
+        magnitude=tuple(mag_files),
+        phase=tuple(phase_files),
+        echo_times=tuple(echo_times),
+        magnitude_echo_times=tuple(mag_times),
+        field_strength=field_strength(meta, phase[0][0]),
+        phase_units=phase_units({p: m for p, _, m in phase}),
+        b0_dir=b0_dir_from_sidecar(meta, phase[0][0]),
+    )
+
+
+def _order_echoes(files, part):
+    """Files in stacking order and their echo times (s).
+
+    One 3-D file per echo: sorted by ``EchoTime`` (never by name). One file
+    without an ``echo`` entity: a 4-D (or single-echo 3-D) image whose sidecar
+    lists the echo times in volume order.
+    """
+    with_echo = [f for f in files if "echo" in f[1]]
+    if with_echo and len(with_echo) != len(files):
+        names = ", ".join(Path(p).name for p, e, _ in files if "echo" not in e)
+        raise QSMPrepInputError(
+            f"{names} has no echo- entity but other {part} files of the same run do; "
+            "use either one file per echo (echo-1, echo-2, ...) or one 4-D file"
+        )
+    if not with_echo:
+        if len(files) != 1:
+            raise QSMPrepInputError(
+                f"Several {part} files without an echo- entity for one run: "
+                f"{', '.join(Path(p).name for p, _, _ in files)}; add echo-<n> entities "
+                "or use acq-/run- to tell the runs apart"
+            )
+        path, _, meta = files[0]
+        times = echo_times(meta, path)
+        img = nb.load(path)
+        n_vols = img.shape[3] if len(img.shape) > 3 else 1
+        if len(img.shape) > 4 or n_vols != len(times):
+            raise QSMPrepInputError(
+                f"{path} holds {n_vols} echo volume(s) (shape {img.shape}) but its "
+                f"sidecar lists {len(times)} EchoTime value(s) {_fmt(times)}; give one "
+                "EchoTime per volume, in volume order"
+            )
+        return [path], times
+    timed = []
+    for path, ents, meta in files:
+        times = echo_times(meta, path)
+        if len(times) != 1:
+            raise QSMPrepInputError(
+                f"{path} (echo-{ents['echo']}) lists {len(times)} EchoTime values; a "
+                "one-echo file needs a single EchoTime in seconds"
+            )
+        timed.append((times[0], path))
+    timed.sort()
+    for (t1, p1), (t2, p2) in zip(timed, timed[1:]):
+        if math.isclose(t1, t2, rel_tol=1e-6):
+            raise QSMPrepInputError(
+                f"{p1} and {p2} have the same EchoTime {t1} s; each echo of a run "
+                "needs its own echo time (or tell the runs apart with run-/acq-)"
+            )
+    return [p for _, p in timed], [t for t, _ in timed]
+
+
+def _number(value, key, path):
+    """A float from a sidecar value, accepting numbers written as strings."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise QSMPrepInputError(
+            f"{key} in the sidecar of {path} is {value!r}, not a number"
+        ) from None
+
+
+def echo_times(meta, path):
+    """Echo time(s) in seconds from a sidecar (``EchoTime``: number, string or list)."""
+    if "EchoTime" not in meta:
+        raise QSMPrepInputError(
+            f"{path} has no EchoTime in its JSON sidecar; add \"EchoTime\": <seconds> "
+            "(a list, one per volume, for a 4-D file)"
+        )
+    value = meta["EchoTime"]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    times = [_number(v, "EchoTime", path) for v in values]
+    for t in times:
+        if not 0 < t < 1:
+            raise QSMPrepInputError(
+                f"EchoTime {t} in the sidecar of {path} is not in seconds (expected "
+                "0 < TE < 1 s, e.g. 0.004 for 4 ms)"
+            )
+    return times
+
+
+def field_strength(meta, path):
+    """Main field in tesla: ``MagneticFieldStrength``, else ``ImagingFrequency`` (MHz)/γ̄."""
+    if meta.get("MagneticFieldStrength") is not None:
+        value = _number(meta["MagneticFieldStrength"], "MagneticFieldStrength", path)
+    elif meta.get("ImagingFrequency") is not None:
+        value = field_strength_from_frequency(
+            _number(meta["ImagingFrequency"], "ImagingFrequency", path)
+        )
+    else:
+        raise QSMPrepInputError(
+            f"{path} has neither MagneticFieldStrength (T) nor ImagingFrequency (MHz) in "
+            "its sidecar; add one, e.g. \"MagneticFieldStrength\": 3"
+        )
+    if not 0 < value < 30:
+        raise QSMPrepInputError(
+            f"The field strength from the sidecar of {path} is {value} T; expected "
+            "MagneticFieldStrength in tesla (e.g. 3 or 7)"
+        )
+    return value
+
+
+def phase_units(metas):
+    """``Units`` of the phase files: "rad", "arbitrary" or None (not given).
+
+    ``metas`` maps each phase file to its sidecar; all must agree.
+    """
+    found = {}
+    for path, meta in metas.items():
+        unit = meta.get("Units")
+        unit = None if unit is None else str(unit).strip().lower()
+        if unit in ("radian", "radians"):
+            unit = "rad"
+        if unit not in (None, "rad", "arbitrary"):
+            raise QSMPrepInputError(
+                f"Phase Units {meta['Units']!r} in the sidecar of {path} is not supported; "
+                "use \"rad\" or \"arbitrary\" (rescaled to -pi..pi)"
+            )
+        found.setdefault(unit, path)
+    if len(found) > 1:
+        raise QSMPrepInputError(
+            "The phase files of one run disagree on Units: "
+            + "; ".join(f"{Path(p).name}: {u}" for u, p in found.items())
+        )
+    return next(iter(found))
+
+
+def b0_dir_from_sidecar(meta, path):
+    """``B0_dir`` (unit vector in voxel axes) from a sidecar, or None."""
+    if meta.get("B0_dir") is None:
+        return None
+    try:
+        b = np.asarray(meta["B0_dir"], dtype=float).reshape(3)
+    except (TypeError, ValueError):
+        raise QSMPrepInputError(
+            f"B0_dir in the sidecar of {path} is {meta['B0_dir']!r}; expected three numbers"
+        ) from None
+    norm = np.linalg.norm(b)
+    if not norm > 0:
+        raise QSMPrepInputError(f"B0_dir in the sidecar of {path} is the zero vector")
+    return tuple(float(v) for v in b / norm)
+
+
+def check_run(run):
+    """Check the voxel grids of a run from the NIfTI headers.
+
+    All echoes, magnitude and phase, must share shape and affine.
+    """
+    ref_path = run.phase[0]
+    ref = nb.load(ref_path)
+    for part, files in (("phase", run.phase), ("magnitude", run.magnitude)):
+        for path in files:
+            img = nb.load(path)
+            what = "magnitude and phase" if part == "magnitude" else "phase echoes"
+            if img.shape[:3] != ref.shape[:3]:
+                raise QSMPrepInputError(
+                    f"{path} has shape {img.shape[:3]} but {ref_path} has "
+                    f"{ref.shape[:3]}: the {what} of a run must share one voxel grid"
+                    f"{_grid_fix(part)}"
+                )
+            if not np.allclose(img.affine, ref.affine, atol=1e-4):
+                raise QSMPrepInputError(
+                    f"{path} and {ref_path} have different affines (voxel-to-world "
+                    f"matrices): the {what} of a run must share one voxel grid"
+                    f"{_grid_fix(part)}"
+                )
+    if len(run.magnitude) == 1:
+        n_mag = nb.load(run.magnitude[0]).shape[3:4] or (1,)
+        if n_mag[0] != len(run.echo_times):
+            raise QSMPrepInputError(
+                f"{run.magnitude[0]} holds {n_mag[0]} echoes but the phase has "
+                f"{len(run.echo_times)}; magnitude and phase need the same echoes"
+            )
+
+
+def _grid_fix(part):
+    if part == "magnitude":
+        return "; export magnitude and phase from the same reconstruction"
+    return "; re-export the echoes of this run together (same matrix and orientation)"
+
+
+def _fmt(values):
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"

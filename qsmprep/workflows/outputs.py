@@ -1,0 +1,170 @@
+"""BIDS derivatives of qsmprep: per-run files, dataset description, citations.
+
+Per run (see docs/outputs.md)::
+
+    sub-<s>[_ses-<s>][_acq-<a>][_rec-<r>][_run-<n>]_Chimap.nii.gz          chi, ppm
+    ..._desc-brain_mask.nii.gz                                           mask of the Chimap
+    ..._fieldmap.nii.gz                                                  B0, Hz
+    ..._desc-local_fieldmap.nii.gz                                       local field, ppm
+    ..._part-phase_desc-unwrapped_MEGRE.nii.gz  (--output-intermediates) rad
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from ..__about__ import __url__, __version__
+from ..interfaces.bids import STAGING, DerivativesDataSink
+
+#: files and folders of the output directory that are not BIDS
+BIDSIGNORE = ("logs/", "group/", "*.html", "sub-*/log/", "sub-*/figures/", f"{STAGING}/")
+
+
+def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
+    """Write the results of one run into the output folder.
+
+    ``methods`` maps each stage to :func:`qsmprep.workflows.qsm.method_record`.
+    Inputs (``inputnode``): ``chi`` (ppm), ``mask``, ``fieldmap`` (Hz),
+    ``local_field`` (ppm) and, when connected, ``unwrapped`` (rad).
+    """
+    wf = Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(["chi", "mask", "fieldmap", "local_field", "unwrapped"]),
+        name="inputnode",
+    )
+    bids_dir = Path(config.execution.bids_dir)
+    common = {
+        "Sources": [bids_uri(p, bids_dir) for p in run.sources],
+        "MagneticFieldStrength": run.field_strength,
+        "EchoTime": list(run.sorted_echo_times),
+        "B0Direction": list(run.b0_direction),
+    }
+    chi_meta = {
+        **common,
+        "Units": "ppm",
+        "Description": "Magnetic susceptibility relative to the mean of the reference "
+        "region, in ppm",
+        "QSMMethods": methods,
+        "SoftwareName": "qsmprep",
+        "SoftwareVersion": __version__,
+    }
+    outputs = {
+        # name: (input field, entities, sidecar)
+        "chimap": ("chi", {"suffix": "Chimap"}, chi_meta),
+        "mask": ("mask", {"suffix": "mask", "desc": "brain"},
+                 {"Type": "Brain", "Description": "Voxels where the local field and the "
+                  "Chimap are defined", "Sources": common["Sources"]}),
+        "fieldmap": ("fieldmap", {"suffix": "fieldmap"},
+                     {**common, "Units": "Hz", "Description": "B0 field map (echo "
+                      "combination of the unwrapped phase)"}),
+        "local_field": ("local_field", {"suffix": "fieldmap", "desc": "local"},
+                        {**common, "Units": "ppm", "Description": "Local field after "
+                         "background field removal",
+                         "BackgroundFieldRemoval": methods["bf_removal"]}),
+    }
+    if config.execution.output_intermediates:
+        outputs["unwrapped"] = (
+            "unwrapped", {"suffix": run.suffix, "part": "phase", "desc": "unwrapped"},
+            {**common, "Units": "rad", "Description": "Unwrapped phase of every echo, "
+             "echoes in order of EchoTime", "PhaseUnwrapping": methods["unwrapping"]},
+        )
+    for key, (field, entities, meta) in outputs.items():
+        dismiss = ["echo"] + ([] if "part" in entities else ["part"])
+        sink = pe.Node(
+            DerivativesDataSink(
+                base_directory=config.execution.output_dir,
+                source_file=run.phase[0],
+                dismiss_entities=dismiss,
+                compress=True,
+                check_hdr=False,
+                meta_dict=meta,
+                **entities,
+            ),
+            name=f"ds_{key}",
+            run_without_submitting=True,
+        )
+        wf.connect(inputnode, field, sink, "in_file")
+    return wf
+
+
+def bids_uri(path, bids_dir):
+    """``bids:raw:<relative path>`` for a file of the input dataset."""
+    return f"bids:raw:{Path(path).absolute().relative_to(Path(bids_dir).absolute()).as_posix()}"
+
+
+def write_derivatives_description(bids_dir, output_dir):
+    """``dataset_description.json`` and ``.bidsignore`` of the output folder."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    source = {}
+    src_desc = Path(bids_dir) / "dataset_description.json"
+    if src_desc.is_file():
+        source = json.loads(src_desc.read_text())
+    source_dataset = {"URL": Path(bids_dir).absolute().as_uri()}
+    if source.get("DatasetDOI"):
+        source_dataset["DOI"] = source["DatasetDOI"]
+    desc = {
+        "Name": "qsmprep outputs",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "qsmprep", "Version": __version__, "CodeURL": __url__}],
+        "SourceDatasets": [source_dataset],
+        "DatasetLinks": {"raw": Path(bids_dir).absolute().as_uri()},
+        "HowToAcknowledge": "Please cite the methods listed in logs/CITATION.md.",
+    }
+    _write_text(output_dir / "dataset_description.json", json.dumps(desc, indent=2) + "\n")
+    _write_text(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+
+
+def write_citations(boilerplate, output_dir):
+    """``logs/CITATION.md`` (methods text + references) and ``logs/CITATION.bib``.
+
+    ``boilerplate`` is markdown citing works as ``[@key]``; the references are
+    taken from the package's ``data/boilerplate.bib``.
+    """
+    logs = Path(output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    entries = parse_bib((resources.files("qsmprep") / "data" / "boilerplate.bib").read_text())
+    keys = list(dict.fromkeys(re.findall(r"@([A-Za-z0-9_:-]+)", boilerplate)))
+    refs = [f"- {_format_reference(entries[k])}" if k in entries else f"- {k}" for k in keys]
+    text = boilerplate.strip() + "\n\n### References\n\n" + "\n".join(refs) + "\n"
+    _write_text(logs / "CITATION.md", text)
+    _write_text(logs / "CITATION.bib", "\n\n".join(entries[k]["raw"] for k in keys
+                                                   if k in entries) + "\n")
+    return logs / "CITATION.md"
+
+
+def parse_bib(text):
+    """``{key: {field: value, ..., "raw": entry}}`` of a simple BibTeX file."""
+    entries = {}
+    for match in re.finditer(r"@\w+\{([^,]+),(.*?)\n\}", text, flags=re.S):
+        key, body = match.group(1).strip(), match.group(2)
+        fields = {
+            f.lower(): re.sub(r"[{}]", "", v).strip()
+            for f, v in re.findall(r"(\w+)\s*=\s*\{((?:[^{}]|\{[^{}]*\})*)\}", body)
+        }
+        fields["raw"] = match.group(0)
+        entries[key] = fields
+    return entries
+
+
+def _format_reference(e):
+    authors = e.get("author", "").split(" and ")
+    first = authors[0].split(",")[0] if authors and authors[0] else "Anonymous"
+    who = first + (" et al." if len(authors) > 1 else "")
+    doi = f" doi:{e['doi']}" if e.get("doi") else ""
+    return f"{who} ({e.get('year', 'n.d.')}). {e.get('title', '')}. *{e.get('journal', '')}*.{doi}"
+
+
+def _write_text(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,141 @@
+"""The QSM workflow of one multi-echo GRE run.
+
+load → unwrap → echo combination (B0, Hz) → total field (ppm) → mask →
+background removal → dipole inversion → referencing → BIDS derivatives.
+"""
+
+from __future__ import annotations
+
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from ..interfaces.qsm import (
+    BackgroundRemoval,
+    EchoCombine,
+    Inversion,
+    LoadEchoes,
+    Mask,
+    Reference,
+    TotalField,
+    Unwrap,
+)
+from ..qsm import registry
+from .outputs import init_qsm_derivatives_wf
+
+#: processing order of the registry stages
+PIPELINE_STAGES = ("unwrapping", "masking", "bf_removal", "inversion", "referencing")
+
+
+def method_record(stage, name, params=None):
+    """The method of a stage and every parameter it runs with (defaults
+    updated by ``params``), for sidecars and the methods text."""
+    method = registry.get(stage, name)
+    return {"Name": name, "Parameters": {**method.defaults, **(params or {})}}
+
+
+def method_description(stage, name, params=None):
+    """The method's sentence for the boilerplate, parameters filled in and
+    citations appended as ``[@key]``."""
+    method = registry.get(stage, name)
+    used = method_record(stage, name, params)["Parameters"]
+    text = method.description or f"{stage.replace('_', ' ').capitalize()}: {method.summary}."
+    try:
+        text = text.format(**used)
+    except (KeyError, IndexError, ValueError):
+        pass  # a placeholder without a parameter: keep the sentence as written
+    if method.citations:
+        text = text.rstrip(".") + " [" + "; ".join(f"@{c}" for c in method.citations) + "]."
+    return text
+
+
+def init_qsm_wf(config, run, *, name=None):
+    """Workflow computing the susceptibility map of one :class:`~qsmprep.utils.bids.QSMRun`.
+
+    Parameters
+    ----------
+    config : :class:`qsmprep.config.Config`
+        the run's settings (methods, parameters, threads, device, outputs)
+    run : :class:`qsmprep.utils.bids.QSMRun`
+        the checked input files and metadata
+    """
+    wf = Workflow(name=name or f"qsm_{_safe(run.name)}_wf")
+    methods = {s: config.workflow.method(s) for s in PIPELINE_STAGES}
+    params = {s: config.workflow.stage_params(s) for s in PIPELINE_STAGES}
+    wf.__desc__ = _describe(methods, params)
+    _, omp = config.nipype.resolved()
+    device = config.execution.device
+    b0_dir = list(run.b0_direction)
+
+    def stage_node(interface, stage, node_name, heavy=True):
+        node = pe.Node(
+            interface(method=methods[stage], params=params[stage],
+                      num_threads=omp if heavy else 1, device=device),
+            name=node_name, n_procs=omp if heavy else 1,
+        )
+        return node
+
+    load = pe.Node(
+        LoadEchoes(
+            magnitude=list(run.magnitude), magnitude_echo_times=list(run.magnitude_echo_times),
+            phase=list(run.phase), echo_times=list(run.echo_times),
+            phase_units=run.phase_units,
+        ),
+        name="load",
+    )
+    unwrap = stage_node(Unwrap, "unwrapping", "unwrap")
+    combine = pe.Node(EchoCombine(), name="echo_combine")
+    total = pe.Node(TotalField(field_strength=run.field_strength), name="total_field")
+    mask = stage_node(Mask, "masking", "mask", heavy=False)
+    bfr = stage_node(BackgroundRemoval, "bf_removal", "bf_removal")
+    bfr.inputs.b0_dir = b0_dir
+    invert = stage_node(Inversion, "inversion", "inversion")
+    invert.inputs.b0_dir = b0_dir
+    reference = stage_node(Reference, "referencing", "referencing", heavy=False)
+
+    outputs = init_qsm_derivatives_wf(
+        config, run, methods={s: method_record(s, methods[s], params[s]) for s in methods},
+    )
+
+    wf.connect([
+        (load, unwrap, [("phase", "phase"), ("magnitude", "magnitude"), ("valid", "valid"),
+                        ("echo_times", "echo_times")]),
+        (load, combine, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
+        (unwrap, combine, [("unwrapped", "unwrapped")]),
+        (combine, total, [("fieldmap", "fieldmap")]),
+        (load, mask, [("magnitude", "magnitude"), ("valid", "valid")]),
+        (unwrap, mask, [("quality", "quality")]),
+        (total, bfr, [("total_field", "total_field")]),
+        (mask, bfr, [("mask", "mask")]),
+        (bfr, invert, [("local_field", "local_field"), ("mask", "mask")]),
+        (invert, reference, [("chi", "chi")]),
+        (bfr, reference, [("mask", "mask")]),
+        (reference, outputs, [("chi", "inputnode.chi")]),
+        (bfr, outputs, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
+        (combine, outputs, [("fieldmap", "inputnode.fieldmap")]),
+    ])  # fmt: skip
+    if config.execution.output_intermediates:
+        wf.connect(unwrap, "unwrapped", outputs, "inputnode.unwrapped")
+    return wf
+
+
+def _describe(methods, params):
+    text = {s: method_description(s, methods[s], params[s]) for s in PIPELINE_STAGES}
+    rest = " ".join(text[s] for s in PIPELINE_STAGES[1:])
+    return f"""
+#### Susceptibility mapping
+
+For each multi-echo gradient-echo run, magnitude and phase echoes were
+stacked in order of echo time and the phase was expressed in radians
+(images stored in arbitrary units were rescaled to the range −π to π).
+The direction of the main magnetic field relative to the voxel axes was
+taken from the image orientation (or from the `B0_dir` sidecar field when
+present), so that oblique acquisitions were modelled without resampling.
+{text["unwrapping"]} The unwrapped echoes were combined into a B0 field map
+(Hz) by a magnitude- and echo-time-weighted average of the per-echo phase
+evolution rates [@dymerska2021romeo], and converted to a total field in ppm
+of the main field. {rest}
+"""
+
+
+def _safe(text):
+    return "".join(c if c.isalnum() else "_" for c in text)
