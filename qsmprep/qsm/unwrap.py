@@ -22,10 +22,11 @@ applications. Opt Lett 2003;28:1194-1196.
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft as sfft
 from numba import njit, prange
 from scipy import ndimage
 
-from .fft import fast_shape, fftn, ifftn, pad
+from .fft import workers
 from .registry import register
 
 TWO_PI = 2 * np.pi
@@ -438,10 +439,12 @@ def quality_mask(quality, threshold=0.2):
 def laplacian_unwrap(phase, voxel_size_mm=(1.0, 1.0, 1.0), *, mask=None):
     """Laplacian phase unwrapping (Schofield & Zhu, Opt Lett 2003;28:1194).
 
-    ``phi = lap^-1 [cos(p) lap sin(p) - sin(p) lap cos(p)]`` with the discrete
-    Laplacian inverted in k-space on a zero-padded grid. The smooth estimate is
-    then made congruent with the data: ``p + 2 pi round((phi - p) / 2 pi)``
-    after aligning its free constant to the wrapped phase within ``mask``.
+    ``phi = lap^-1 [cos(p) lap sin(p) - sin(p) lap cos(p)]``, with the
+    discrete Laplacian diagonalised by the DCT-II (mirror boundaries, the
+    eigenvalues ``sum_d (2 cos(pi k_d / N_d) - 2) / v_d^2``). The smooth
+    estimate is then made congruent with the data, ``p + 2 pi round((phi - p)
+    / 2 pi)``, after aligning its free constant to the wrapped phase within
+    ``mask``.
 
     Parameters
     ----------
@@ -463,20 +466,21 @@ def laplacian_unwrap(phase, voxel_size_mm=(1.0, 1.0, 1.0), *, mask=None):
         )
     if phase.ndim != 3:
         raise ValueError(f"phase must be 3-D or 4-D, got shape {phase.shape}")
-    shape = fast_shape(phase.shape, factor=1.5)
-    lap = np.zeros(shape, dtype=np.float32)
-    for d, (n, v) in enumerate(zip(shape, voxel_size_mm)):
-        k = (2 * np.cos(TWO_PI * np.arange(n) / n) - 2) / float(v) ** 2
-        lap = lap + k.astype(np.float32).reshape([-1 if a == d else 1 for a in range(3)])
+    eig = np.zeros(phase.shape, dtype=np.float32)
+    for d, (n, v) in enumerate(zip(phase.shape, voxel_size_mm)):
+        k = (2 * np.cos(np.pi * np.arange(n) / n) - 2) / float(v) ** 2
+        eig = eig + k.astype(np.float32).reshape([-1 if a == d else 1 for a in range(3)])
 
-    def laplacian(x):
-        return ifftn(fftn(x) * lap).real
+    def dct(x):
+        return sfft.dctn(x, type=2, workers=workers())
 
-    s, sl = pad(np.sin(phase), shape)
-    c, _ = pad(np.cos(phase), shape)
-    rhs = c * laplacian(s) - s * laplacian(c)
-    inv = np.divide(1.0, lap, out=np.zeros_like(lap), where=lap != 0)
-    smooth = ifftn(fftn(rhs) * inv).real[sl].astype(np.float32)
+    def idct(x):
+        return sfft.idctn(x, type=2, workers=workers())
+
+    sin, cos = np.sin(phase), np.cos(phase)
+    rhs = cos * idct(dct(sin) * eig) - sin * idct(dct(cos) * eig)
+    inv = np.divide(1.0, eig, out=np.zeros_like(eig), where=eig != 0)
+    smooth = idct(dct(rhs) * inv).astype(np.float32)
     sel = slice(None) if mask is None else np.asarray(mask, dtype=bool)
     offset = np.angle(np.mean(np.exp(1j * (phase[sel] - smooth[sel]))))
     smooth += np.float32(offset)

@@ -1,0 +1,177 @@
+"""ROMEO, Laplacian unwrapping and MCPC-3D-S on real and simulated phase."""
+
+import numpy as np
+import pytest
+from _data import shared_data_dir, simulate_multi_echo, smooth_field_hz
+
+from qsmprep.qsm import registry
+from qsmprep.qsm.units import rescale_phase
+from qsmprep.qsm.unwrap import laplacian_unwrap, mcpc3ds, quality_mask, romeo_unwrap
+
+TWO_PI = 2 * np.pi
+TE = (0.004, 0.008, 0.012)
+
+
+def wrap(x):
+    return (np.asarray(x) + np.pi) % TWO_PI - np.pi
+
+
+def wrong_voxels(unwrapped, truth, mask):
+    """Voxels whose 2*pi multiple differs from the most common one in the mask."""
+    k = np.rint((unwrapped - truth) / TWO_PI)[mask]
+    values, counts = np.unique(k, return_counts=True)
+    return int(k.size - counts.max())
+
+
+def jumps(phase, region):
+    """Neighbour pairs inside ``region`` whose phase differs by more than pi."""
+    total = 0
+    for ax in range(3):
+        n = phase.shape[ax]
+        both = np.take(region, range(n - 1), axis=ax) & np.take(region, range(1, n), axis=ax)
+        total += int((np.abs(np.diff(phase, axis=ax)) > np.pi)[both].sum())
+    return total
+
+
+@pytest.fixture(scope="module")
+def invivo():
+    import nibabel as nib
+
+    d = shared_data_dir() / "romeo-invivo"
+    mag = nib.load(d / "Mag.nii").get_fdata(dtype=np.float32)
+    phase = rescale_phase(nib.load(d / "Phase.nii").get_fdata(dtype=np.float32))
+    brain = mag[..., 0] > np.percentile(mag[..., 0], 30)
+    return phase, mag, brain
+
+
+@pytest.mark.parametrize("mode", ["template", "individual"])
+def test_invivo_unwraps_by_multiples_of_2pi_without_jumps(invivo, mode):
+    phase, mag, brain = invivo
+    assert jumps(phase[..., 2], brain) > 100  # the data really is wrapped
+    unwrapped, quality = romeo_unwrap(phase, magnitude=mag, echo_times=TE, mode=mode)
+    k = (unwrapped - phase) / TWO_PI
+    np.testing.assert_allclose(k, np.rint(k), atol=1e-4)
+    for e in range(3):
+        assert jumps(unwrapped[..., e], brain) == 0
+    # temporal consistency: echo n = n * echo 1 up to the (small) phase offset
+    for n in (2, 3):
+        residual = unwrapped[..., n - 1] - n * unwrapped[..., 0]
+        assert np.abs(residual[brain] - np.median(residual[brain])).max() < np.pi
+    assert quality.shape == brain.shape
+    assert quality[brain].mean() > quality[~brain].mean()
+
+
+def test_mcpc3ds_removes_invivo_offset(invivo):
+    phase, mag, brain = invivo
+    corrected, offset = mcpc3ds(phase, mag, TE, voxel_size_mm=(0.47, 0.47, 1.0))
+    unwrapped, _ = romeo_unwrap(corrected, magnitude=mag, echo_times=TE)
+    residual = unwrapped[..., 1] - 2 * unwrapped[..., 0]
+    raw, _ = romeo_unwrap(phase, magnitude=mag, echo_times=TE)
+    raw_residual = raw[..., 1] - 2 * raw[..., 0]
+    # the offset-free echoes scale with TE: the echo-2 residual is centred on 0
+    assert abs(np.median(residual[brain])) < 0.3 * abs(np.median(raw_residual[brain]))
+    assert offset.shape == brain.shape
+
+
+def test_nan_voxels_are_invalid():
+    import nibabel as nib
+
+    phase = nib.load(shared_data_dir() / "romeo-invivo" / "phase_with_nan.nii").get_fdata(
+        dtype=np.float32)
+    bad = ~np.isfinite(phase).all(axis=-1)
+    assert bad.any()
+    unwrapped, quality = romeo_unwrap(phase, echo_times=(0.005, 0.010))
+    assert np.isfinite(unwrapped).all() and np.isfinite(quality).all()
+    assert (unwrapped[bad] == 0).all() and (quality[bad] == 0).all()
+    k = (unwrapped[~bad] - phase[~bad]) / TWO_PI
+    np.testing.assert_allclose(k, np.rint(k), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["template", "individual"])
+def test_simulated_multi_echo_has_no_wrong_voxels(mode):
+    te = (0.005, 0.010, 0.015, 0.020)
+    phase, mag, field, mask = simulate_multi_echo(echo_times_s=te, amplitude_hz=300.0, snr=40.0)
+    truth = TWO_PI * field[..., None] * np.asarray(te, dtype=np.float32)
+    assert np.abs(truth[mask]).max() > 4 * np.pi  # several wraps per echo
+    unwrapped, quality = romeo_unwrap(phase, magnitude=mag, echo_times=te, mode=mode)
+    for e in range(len(te)):
+        assert wrong_voxels(unwrapped[..., e], truth[..., e], mask) == 0
+    # the field has median 0, so the global 2*pi correction recovers it exactly
+    np.testing.assert_array_equal(np.rint((unwrapped - truth) / TWO_PI)[mask], 0)
+    # the quality map separates the object from pure-noise background
+    qmask = quality_mask(quality, threshold=0.2)
+    assert 2 * (qmask & mask).sum() / (qmask.sum() + mask.sum()) > 0.98
+
+
+def test_islands_unwrap_independently():
+    shape = (48, 48, 32)
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    blob_a = (x - 12) ** 2 + (y - 24) ** 2 + (z - 16) ** 2 < 9**2
+    blob_b = (x - 36) ** 2 + (y - 24) ** 2 + (z - 16) ** 2 < 9**2
+    # steep ramps (0.8 rad/voxel), each with median 0 inside its own blob
+    truth = np.where(blob_a, 0.8 * (y - 24), 0) + np.where(blob_b, -0.8 * (z - 16), 0)
+    magnitude = (blob_a | blob_b).astype(np.float32)
+    unwrapped, quality = romeo_unwrap(wrap(truth), magnitude=magnitude, mask=magnitude > 0)
+    np.testing.assert_allclose(unwrapped[blob_a], truth[blob_a], atol=1e-4)
+    np.testing.assert_allclose(unwrapped[blob_b], truth[blob_b], atol=1e-4)
+    assert (quality[magnitude == 0] == 0).all()
+
+
+def test_single_echo_with_zeros_outside_the_head():
+    phase, mag, field, mask = simulate_multi_echo(echo_times_s=(0.02,), snr=80.0)
+    phase, mag = np.where(mask[..., None], phase, 0)[..., 0], np.where(mask[..., None], mag, 0)[..., 0]
+    unwrapped, quality = romeo_unwrap(phase, magnitude=mag)
+    assert unwrapped.shape == phase.shape
+    assert wrong_voxels(unwrapped, TWO_PI * field * 0.02, mask) == 0
+
+
+def test_mcpc3ds_recovers_smooth_offset():
+    te = np.array([0.004, 0.008, 0.012], dtype=np.float32)
+    phase, mag, field, mask = simulate_multi_echo((48, 48, 48), echo_times_s=te, snr=100.0)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, 48, dtype=np.float32)] * 3, indexing="ij")
+    offset_true = 1.5 * x - 1.0 * y * z + 0.8  # up to ~3 rad: itself wrapped
+    _, offset = mcpc3ds(wrap(phase + offset_true[..., None]), mag, te, voxel_size_mm=(1, 1, 1),
+                        sigma_mm=3.0)
+    inner = mask & (x**2 + y**2 + z**2 < 0.7**2)
+    assert np.abs(wrap(offset - offset_true))[inner].max() < 0.15
+
+
+def test_mcpc3ds_bipolar_removes_readout_phase():
+    te = np.array([0.004, 0.008, 0.012, 0.016], dtype=np.float32)
+    phase, mag, field, mask = simulate_multi_echo((40, 40, 40), echo_times_s=te, snr=100.0)
+    x = np.linspace(-1, 1, 40, dtype=np.float32)[:, None, None]
+    offset_true = np.float32(0.7) + 0 * x
+    bipolar = 1.2 * x  # extra phase of the even echoes (a readout gradient ramp)
+    shifted = phase + offset_true[..., None] + np.array([0, 1, 0, 1], np.float32) * bipolar[..., None]
+    corrected, _ = mcpc3ds(wrap(shifted), mag, te, voxel_size_mm=(1, 1, 1), sigma_mm=3.0,
+                           bipolar=True)
+    inner = mask & (np.linalg.norm(np.indices(mask.shape) - 19.5, axis=0) < 12)
+    expected = TWO_PI * field[..., None] * te
+    for e in range(4):
+        assert np.abs(wrap(corrected[..., e] - expected[..., e]))[inner].max() < 0.2
+
+
+def test_laplacian_unwrap_removes_wraps_of_smooth_field():
+    field = smooth_field_hz((48, 48, 40), amplitude_hz=150.0)
+    truth = TWO_PI * field * 0.02
+    assert np.abs(truth).max() > 4 * np.pi
+    unwrapped = laplacian_unwrap(wrap(truth), (1.0, 1.0, 1.2))
+    k = np.rint((unwrapped - truth) / TWO_PI)
+    assert (k == np.median(k)).all()  # equal to the truth up to one 2*pi multiple
+
+
+def test_registry_methods_return_4d():
+    phase, mag, field, mask = simulate_multi_echo((24, 24, 24), echo_times_s=(0.005, 0.01))
+    for name in ("romeo", "laplacian"):
+        unwrapped, quality = registry.run("unwrapping", name, phase[..., 0], magnitude=mag[..., 0],
+                                          echo_times_s=(0.005,), mask=mask)
+        assert unwrapped.shape == mask.shape + (1,)
+        assert wrong_voxels(unwrapped[..., 0], TWO_PI * field * 0.005, mask) == 0
+    assert registry.get("unwrapping", "romeo").citations
+
+
+def test_rejects_unknown_weights_and_missing_echo_times():
+    with pytest.raises(ValueError, match="weights"):
+        romeo_unwrap(np.zeros((4, 4, 4)), weights=("nope",))
+    with pytest.raises(ValueError, match="echo_times"):
+        romeo_unwrap(np.zeros((4, 4, 4, 2)))
