@@ -104,7 +104,8 @@ def test_citations_numbered_in_order_of_use(tmp_path):
     md = ("# Methods\n\nPhase was unwrapped with ROMEO [@dymerska2021romeo] and the\n"
           "background removed with V-SHARP [@wu2012vsharp; @dymerska2021romeo].\n\n"
           "- inversion: TKD @shmueli2009tkd\n- unknown: [@nobody1999]\n")
-    (tmp_path / "CITATION.md").write_text(md)
+    (tmp_path / "CITATION.md").write_text(
+        md + "\n### References\n\n- an old list [@gorgolewski2011nipype]\n")
     assert core.cited_keys(md) == ["dymerska2021romeo", "wu2012vsharp", "nobody1999",
                                    "shmueli2009tkd"]
     written = core.write_citation_files(tmp_path)
@@ -115,7 +116,10 @@ def test_citations_numbered_in_order_of_use(tmp_path):
     refs = re.findall(r'<li id="ref-(\w+)">', body)
     assert refs == ["dymerska2021romeo", "wu2012vsharp", "shmueli2009tkd"]
     assert "doi.org/10.1002/mrm.28563" in body  # ROMEO's DOI
+    assert "gorgolewski2011nipype" not in body  # the old reference list is replaced
     assert sorted(core.parse_bib(written[1].read_text())) == sorted(refs)
+    (tmp_path / "CITATION.bib").write_text("% written by the workflow\n")
+    assert core.write_citation_files(tmp_path) == [tmp_path / "CITATION.html"]
 
 
 def test_bib_has_every_registry_citation():
@@ -157,3 +161,128 @@ def test_errors_html_renders_nipype_crash_files(tmp_path, fmt):
     assert "1 processing step(s) failed" in out
     assert "ValueError: bad &lt;input&gt; 3" in out and "failing" in out
     assert "No errors" in core.errors_html(tmp_path / "nothing-here")
+
+
+# --------------------------------------------------------------------------- full report
+
+CITATION_MD = """## Methods
+
+Results included in this manuscript come from preprocessing performed with qsmprep,
+built on Nipype [@gorgolewski2011nipype]. Phase was unwrapped with ROMEO
+[@dymerska2021romeo], the background field removed with V-SHARP [@wu2012vsharp] and
+the susceptibility computed with TKD [@shmueli2009tkd].
+"""
+
+
+def _output_tree(tmp_path, run_uuid):
+    """A qsmprep output folder with two runs, as the workflow leaves it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dataset_description.json").write_text(json.dumps(
+        {"Name": "qsmprep outputs", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}))
+    (out / "logs").mkdir()
+    (out / "logs" / "CITATION.md").write_text(CITATION_MD)
+    figures = out / "sub-01" / "figures"
+    work = tmp_path / "work"
+    for run in (1, 2):
+        head = _head(seed=run)
+        ents = {"sub": "01", "ses": "1", "run": str(run)}
+        anat = out / "sub-01" / "ses-1" / "anat"
+        stem = f"sub-01_ses-1_run-{run}"
+        _save(head["chi"], anat / f"{stem}_Chimap.nii.gz")
+        _save(head["mask"], anat / f"{stem}_desc-brain_mask.nii.gz")
+        _save(head["b0"], anat / f"{stem}_fieldmap.nii.gz")
+        _save(head["local"], anat / f"{stem}_desc-local_fieldmap.nii.gz")
+        # the figures made inside the workflow from intermediate files
+        mag = _save(head["mag"], work / f"{stem}_mag.nii.gz")
+        mask = anat / f"{stem}_desc-brain_mask.nii.gz"
+        core.render_reportlet("magnitude", figures / core.figure_name(ents, "magnitude"), mag,
+                              mask_file=mask)
+        core.render_reportlet("phase", figures / core.figure_name(ents, "phase"),
+                              _save(head["unwrapped"], work / f"{stem}_unwrapped.nii.gz"),
+                              wrapped_file=_save(head["wrapped"], work / f"{stem}_wrapped.nii.gz"),
+                              mask_file=mask, echo_index=1)
+        core.render_reportlet("quality", figures / core.figure_name(ents, "quality"),
+                              _save(head["quality"], work / f"{stem}_quality.nii.gz"),
+                              mask_file=mask)
+        core.write_summary_json(
+            {"subject": "01", "session": "1", "run": run, "echo_times_s": list(ECHO_TIMES),
+             "field_strength_t": 3.0, "voxel_size_mm": VOX, "matrix": SHAPE,
+             "b0_angle_deg": 0.0, "methods": {"unwrapping": "romeo", "inversion": "tkd"},
+             "device": "cpu", "timings_s": {"unwrapping": 1.0, "inversion": 0.5},
+             "warnings": ["Phase Units missing: inferred rad from the range"] * (run == 2)},
+            figures / core.figure_name(ents, "summary", ".json"))
+    log = out / "sub-01" / "log" / run_uuid
+    log.mkdir(parents=True)
+    for crash in _crash(tmp_path, "txt").glob("crash*"):
+        shutil.copy(crash, log / crash.name)
+    return out
+
+
+def test_reports_only_builds_the_report_from_outputs(tmp_path):
+    run_uuid = "20240101-000000_" + uuid.uuid4().hex[:8]
+    out = _output_tree(tmp_path, run_uuid)
+    assert core.latest_run_uuid(out, "sub-01") == run_uuid
+    assert core.reports_only(out, ["sub-01"]) == 0
+    report = (out / "sub-01.html").read_text()
+    figures = sorted(p.name for p in (out / "sub-01" / "figures").glob("*.svg"))
+    assert len(figures) == 2 * 6
+    for name in figures:  # every figure is in the report exactly once
+        assert report.count(f'src="./sub-01/figures/{name}"') == 1, name
+    assert report.count("4, 8, 12 ms") == 2
+    assert "Phase Units missing" in report and "1 processing step(s) failed" in report
+    assert 'href="#ref-dymerska2021romeo"' in report  # the methods text with citations
+    assert (out / "logs" / "CITATION.bib").exists()
+    assert "http://" not in report.split("<body>")[0] and "https://" not in report.split(
+        "<body>")[0]  # nothing fetched from the network
+    assert core.reports_only(tmp_path / "missing", ["02"]) == 1
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("Chromium not found: install it with "
+                "`apt-get install -y chromium chromium-driver` to run the browser check")
+
+
+def _browse(page, tmp_path, *args):
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
+           *args, page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    run_uuid = uuid.uuid4().hex
+    out = _output_tree(tmp_path, run_uuid)
+    core.render_figures_from_derivatives(out, "01")
+    page = core.generate_report(out, "01", run_uuid)
+
+    dom = _browse(page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [ln for ln in dom.stderr.splitlines() if ":CONSOLE" in ln]
+    assert not console, console
+    total = int(re.search(r'data-figures-total="(\d+)"', dom.stdout).group(1))
+    loaded = int(re.search(r'data-figures-loaded="(\d+)"', dom.stdout).group(1))
+    assert total == loaded == 12
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout))
+    assert text.count("Echo times 4, 8, 12 ms") == 2  # both runs
+
+    shot = tmp_path / "report.png"
+    res = _browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1280,4000",
+                  "--hide-scrollbars")
+    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 20  # text and dark figures on white, not a blank page
+    assert (pixels < 50).mean() > 0.05  # the black mosaics are on screen
+
+    # The self-check must catch a figure that does not load.
+    next((out / "sub-01" / "figures").glob("*_desc-chi_*.svg")).unlink()
+    broken = _browse(page, tmp_path, "--dump-dom")
+    assert 'data-figures-loaded="11"' in broken.stdout
+    assert "1 figure(s) could not be displayed" in broken.stdout

@@ -375,31 +375,34 @@ def citation_html(markdown_text, bib):
 
 
 def write_citation_files(logs_dir, bib_file=BIB_FILE):
-    """From ``logs/CITATION.md`` write ``CITATION.html`` and ``CITATION.bib``.
+    """From ``logs/CITATION.md`` write ``CITATION.html`` (and ``CITATION.bib`` if missing).
 
-    ``CITATION.bib`` holds the entries of ``bib_file`` that the text cites.
-    Returns the paths written, or an empty list when there is no CITATION.md.
+    A trailing ``References`` section of the markdown is replaced by the
+    numbered reference list; ``CITATION.bib`` holds the entries of
+    ``bib_file`` that the text cites. Returns the paths written (empty when
+    there is no CITATION.md).
     """
     logs_dir = Path(logs_dir)
     md_file = logs_dir / "CITATION.md"
     if not md_file.exists():
         return []
-    text = md_file.read_text()
+    text = re.split(r"^#+\s*References\s*$", md_file.read_text(), flags=re.M)[0]
     bib_text = Path(bib_file).read_text()
-    bib = parse_bib(bib_text)
-    body = citation_html(text, bib)
     html_file = logs_dir / "CITATION.html"
     html_file.write_text(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<title>qsmprep citation boilerplate</title></head>\n"
-        f"<body>\n{body}\n</body></html>\n")
-    chunks = re.split(r"\n(?=@)", bib_text)
-    keys = set(cited_keys(text))
+        f"<body>\n{citation_html(text, parse_bib(bib_text))}\n</body></html>\n")
+    written = [html_file]
     bib_out = logs_dir / "CITATION.bib"
-    bib_out.write_text("\n".join(c.strip() + "\n" for c in chunks
-                                 if (m := re.match(r"@\w+\s*\{\s*([^,\s]+)", c.strip()))
-                                 and m.group(1) in keys))
-    return [html_file, bib_out]
+    if not bib_out.exists():
+        keys = set(cited_keys(text))
+        chunks = re.split(r"\n(?=@)", bib_text)
+        bib_out.write_text("\n".join(c.strip() + "\n" for c in chunks
+                                     if (m := re.match(r"@\w+\s*\{\s*([^,\s]+)", c.strip()))
+                                     and m.group(1) in keys))
+        written.append(bib_out)
+    return written
 
 
 # --------------------------------------------------------------------------- errors
@@ -452,8 +455,10 @@ def generate_report(output_dir, subject_label, run_uuid, *, spec_file=SPEC_FILE)
 
     output_dir = Path(output_dir).absolute()
     subject_label = subject_label.removeprefix("sub-")
+    if not (output_dir / f"sub-{subject_label}").is_dir():
+        raise FileNotFoundError(f"No outputs of sub-{subject_label} in {output_dir}")
     figures = output_dir / f"sub-{subject_label}" / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(exist_ok=True)
     runs = _render_summaries(figures)
     (figures / f"sub-{subject_label}_desc-overview_qsm.html").write_text(
         _overview_html(subject_label, runs, run_uuid))
