@@ -17,6 +17,7 @@ from . import torch_ops as T
 from .fft import fftn, ifftn
 from .kernels import dipole_kernel
 from .mask import MaskBox
+from .bgremove import _data_weights
 from .registry import register
 
 
@@ -68,6 +69,29 @@ def tkd(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), thresho
     return grid.unpad(chi)
 
 
+def _admm_tv(a_k, b_k, shape, lam, rho, max_iter, tol):
+    """ADMM for ``min 1/2 <x, A x> - <b, x> + lam ||grad x||_1`` with ``A`` diagonal in k-space.
+
+    ``a_k`` is A's (half-spectrum) symbol and ``b_k`` the spectrum of b; the x
+    update is ``(b_k + rho E^H F{z - u}) / (a_k + rho |E|^2)``, z a soft
+    threshold of ``grad x + u`` at ``lam / rho`` (Bilgic et al. 2014).
+    """
+    denom = a_k + rho * T.grad_norm2_t(shape, a_k.device)
+    denom[denom == 0] = 1.0  # k = 0: the mean of x is not determined; keep it 0
+    x = T.irfft3(b_k / denom, shape)
+    z = T.grad(x)
+    u = torch.zeros_like(z)
+    for _ in range(int(max_iter)):
+        x_old = x
+        x = T.irfft3((b_k + rho * T.rfft3(T.grad_adj(z - u))) / denom, shape)
+        gx = T.grad(x)
+        z = T.soft_threshold(gx + u, lam / rho)
+        u += gx - z
+        if torch.linalg.vector_norm(x - x_old) <= tol * torch.linalg.vector_norm(x):
+            break
+    return x
+
+
 @register(
     "inversion",
     "tv",
@@ -105,21 +129,192 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
     field = _check_field(local_field_ppm, mask)
     rho = 100.0 * lam if rho is None else float(rho)
     grid = MaskBox(mask, pad_factor=pad_factor)
-    shape = grid.shape
     f_k = T.rfft3(T.as_tensor(grid.pad(field), device))
-    d = T.dipole_kernel_t(shape, voxel_size_mm, b0_dir, device)
-    denom = d**2 + rho * T.grad_norm2_t(shape, device)
-    denom[denom == 0] = 1.0  # k = 0: chi's mean is not determined; keep it 0
-    d_f = d * f_k
-    x = T.irfft3(d_f / denom, shape)
-    z = T.grad(x)
-    u = torch.zeros_like(z)
-    for _ in range(int(max_iter)):
-        x_old = x
-        x = T.irfft3((d_f + rho * T.rfft3(T.grad_adj(z - u))) / denom, shape)
-        gx = T.grad(x)
-        z = T.soft_threshold(gx + u, lam / rho)
-        u += gx - z
-        if torch.linalg.vector_norm(x - x_old) <= tol * torch.linalg.vector_norm(x):
-            break
+    d = T.dipole_kernel_t(grid.shape, voxel_size_mm, b0_dir, device)
+    x = _admm_tv(d**2, d * f_k, grid.shape, lam, rho, max_iter, tol)
     return grid.unpad(T.to_numpy(x))
+
+
+@register(
+    "inversion",
+    "tikhonov",
+    summary="Closed-form Tikhonov-regularised k-space inversion",
+    citations=("bilgic2014tv", "kressler2010"),
+    defaults={"lam": 1e-2, "regularizer": "gradient", "pad_factor": 1.5},
+    description=(
+        "The dipole inversion used closed-form Tikhonov regularisation "
+        "({regularizer} penalty, lambda {lam})."
+    ),
+)
+def tikhonov(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam=1e-2,
+             regularizer="gradient", pad_factor=1.5):
+    """Tikhonov inversion ``X = D F{f} / (D^2 + lam |G|^2)`` in one step.
+
+    ``regularizer`` "identity" (``G = 1``) or "gradient" (``G = E``, forward
+    differences: penalises ``||grad chi||^2``; Bilgic et al. 2014).
+    """
+    if regularizer not in ("identity", "gradient"):
+        raise ValueError(f"regularizer must be 'identity' or 'gradient', got {regularizer!r}")
+    field = _check_field(local_field_ppm, mask)
+    grid = MaskBox(mask, pad_factor=pad_factor)
+    d = dipole_kernel(grid.shape, voxel_size_mm, b0_dir)
+    if regularizer == "identity":
+        penalty = np.float32(1.0)
+    else:
+        penalty = sum(
+            (4 * np.sin(np.pi * np.fft.fftfreq(n)) ** 2).reshape([-1 if i == j else 1 for j in range(3)])
+            for i, n in enumerate(grid.shape)
+        )
+    denom = d**2 + lam * penalty
+    denom[denom == 0] = 1.0
+    chi = ifftn(fftn(grid.pad(field)) * (d / denom).astype(np.float32))
+    return grid.unpad(chi)
+
+
+def _masked_lsq(f, w2, d, shape, max_iter, tol):
+    """CG on the normal equations of ``min ||W (D chi - f)||^2`` (CGLS; the same
+    iterates as LSQR in exact arithmetic). Early stopping regularises."""
+
+    def dconv(x):
+        return T.irfft3(d * T.rfft3(x), shape)
+
+    chi, _ = T.cg(lambda x: dconv(w2 * dconv(x)), dconv(w2 * f), max_iter=max_iter, tol=tol)
+    return chi
+
+
+@register(
+    "inversion",
+    "lsqr",
+    summary="Weighted least squares by CG with early stopping (LSQR-type)",
+    citations=("li2011ilsqr",),
+    defaults={"max_iter": 10, "tol": 1e-2, "pad_factor": 1.2, "device": "cpu"},
+    description=(
+        "The dipole inversion solved the masked, noise-weighted least-squares problem by "
+        "conjugate gradients with early stopping (tolerance {tol}, at most {max_iter} "
+        "iterations)."
+    ),
+)
+def lsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise_std=None,
+         max_iter=10, tol=1e-2, pad_factor=1.2, device="cpu"):
+    """``min ||W M (D chi - f)||^2`` by CG on the normal equations, stopped early
+    (the LSQR step of Li et al. 2011/2015; without their streaking removal).
+    ``W = 1/noise_std`` (mean 1) or uniform."""
+    field = _check_field(local_field_ppm, mask)
+    grid = MaskBox(mask, pad_factor=pad_factor)
+    f = T.as_tensor(grid.pad(field), device)
+    w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std)), device) ** 2
+    d = T.dipole_kernel_t(grid.shape, voxel_size_mm, b0_dir, device)
+    return grid.unpad(T.to_numpy(_masked_lsq(f, w2, d, grid.shape, max_iter, tol)))
+
+
+@register(
+    "inversion",
+    "rts",
+    summary="Rapid two-step: LSQR on the well-conditioned cone, TV for the rest",
+    citations=("kames2018rts",),
+    defaults={"delta": 0.15, "lam": 5e-3, "rho": None, "lsqr_iter": 20, "max_iter": 20,
+              "tol": 1e-3, "pad_factor": 1.2, "device": "cpu"},
+    description=(
+        "The dipole inversion used the rapid two-step method (RTS; well-conditioned "
+        "threshold {delta}, TV weight {lam})."
+    ),
+)
+def rts(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), delta=0.15, lam=5e-3,
+        rho=None, lsqr_iter=20, max_iter=20, tol=1e-3, pad_factor=1.2, device="cpu"):
+    """Rapid two-step dipole inversion (Kames et al. 2018).
+
+    Step 1: masked least squares (CGLS, ``lsqr_iter`` iterations) gives chi1;
+    its k-space is trusted where ``|D| > delta``. Step 2: ``min 1/2 ||M_wc (F chi -
+    F chi1)||^2 + lam ||grad chi||_1`` (ADMM, closed-form k-space update) fills
+    the ill-conditioned cone with a TV prior.
+    """
+    field = _check_field(local_field_ppm, mask)
+    rho = 100.0 * lam if rho is None else float(rho)
+    grid = MaskBox(mask, pad_factor=pad_factor)
+    f = T.as_tensor(grid.pad(field), device)
+    m = T.as_tensor(grid.pad(mask), device)
+    d = T.dipole_kernel_t(grid.shape, voxel_size_mm, b0_dir, device)
+    chi1 = _masked_lsq(f, m, d, grid.shape, lsqr_iter, 1e-6)
+    wc = (torch.abs(d) > delta).to(f.dtype)
+    x = _admm_tv(wc, wc * T.rfft3(chi1), grid.shape, lam, rho, max_iter, tol)
+    return grid.unpad(T.to_numpy(x))
+
+
+def gradient_mask(magnitude, mask, fraction=0.9):
+    """MEDI's edge mask: per direction, 1 where the magnitude gradient is below
+    the level that keeps ``fraction`` of the mask's gradients (edges are 0, so
+    they are not smoothed). Returns (3, X, Y, Z) float32."""
+    mag = np.asarray(magnitude, dtype=np.float32)
+    if mag.ndim == 4:
+        mag = np.sqrt(np.sum(mag**2, axis=-1))
+    mask = np.asarray(mask, dtype=bool)
+    if mag.shape != mask.shape:
+        raise ValueError(f"Expected a magnitude of shape {mask.shape}, got {mag.shape}")
+    mag = np.where(mask, mag, 0.0) / max(float(mag[mask].max()), 1e-12)
+    g = np.abs(np.stack([np.roll(mag, -1, axis=a) - mag for a in range(3)]))
+    level = np.quantile(g[:, mask], fraction)
+    return (g <= level).astype(np.float32)
+
+
+@register(
+    "inversion",
+    "medi",
+    summary="Morphology-enabled dipole inversion (weighted L1 of edges off the magnitude)",
+    citations=("liu2012medi", "liu2011medi"),
+    defaults={"lam": 2000.0, "edge_fraction": 0.9, "max_outer": 10, "cg_iter": 50,
+              "tol": 1e-2, "pad_factor": 1.2, "device": "cpu"},
+    description=(
+        "The dipole inversion used MEDI (morphology-enabled dipole inversion; lambda {lam}, "
+        "gradient mask from the magnitude keeping {edge_fraction} of the voxels smooth, "
+        "noise-weighted data term), solved by {max_outer} Gauss-Newton (lagged "
+        "diffusivity) steps of at most {cg_iter} CG iterations."
+    ),
+)
+def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), magnitude=None,
+         noise_std=None, lam=2000.0, edge_fraction=0.9, max_outer=10, cg_iter=50, tol=1e-2,
+         pad_factor=1.2, device="cpu"):
+    """MEDI (Liu et al. 2011, 2012) with a linear data term in ppm:
+
+    ``min_chi lam/2 ||W (D chi - f)||^2 + ||M_G grad chi||_1``
+
+    ``W = 1/noise_std`` (mean 1) in the mask, ``M_G`` = :func:`gradient_mask` of
+    the magnitude (all ones without magnitude: plain TV). The L1 term is
+    handled by lagged diffusivity: each outer step solves
+    ``(lam D W^2 D + grad^T M_G V M_G grad) chi = lam D W^2 f`` by CG with
+    ``V = 1 / sqrt(|M_G grad chi|^2 + eps)``.
+
+    ``lam`` is for fields in ppm (MEDI's 1000 is for phase in rad at one echo
+    spacing, which differs by the squared rad/ppm factor).
+    """
+    field = _check_field(local_field_ppm, mask)
+    grid = MaskBox(mask, pad_factor=pad_factor)
+    shape = grid.shape
+    f = T.as_tensor(grid.pad(field), device)
+    w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std)), device) ** 2
+    d = T.dipole_kernel_t(shape, voxel_size_mm, b0_dir, device)
+    if magnitude is None:
+        m_g = torch.ones((3, *shape), dtype=f.dtype, device=f.device)
+    else:
+        edges = gradient_mask(magnitude, mask, edge_fraction)
+        m_g = T.as_tensor(np.stack([grid.pad(e) for e in edges]), device)
+        m_g += T.as_tensor(1.0 - grid.pad(mask), device)  # smooth outside the mask too
+
+    def dconv(x):
+        return T.irfft3(d * T.rfft3(x), shape)
+
+    rhs = lam * dconv(w2 * f)
+    chi = torch.zeros_like(f)
+    eps = 1e-6
+    for _ in range(int(max_outer)):
+        g = m_g * T.grad(chi)
+        v = 1.0 / torch.sqrt(torch.sum(g * g, dim=0, keepdim=True) + eps)
+
+        def a(x, v=v):
+            return lam * dconv(w2 * dconv(x)) + T.grad_adj(m_g * v * m_g * T.grad(x))
+
+        new, _ = T.cg(a, rhs, chi, max_iter=cg_iter, tol=1e-3)
+        change = torch.linalg.vector_norm(new - chi) / torch.linalg.vector_norm(new).clamp_min(1e-12)
+        chi = new
+        if change < tol:
+            break
+    return grid.unpad(T.to_numpy(chi))

@@ -153,7 +153,11 @@ def robust_magnitude_mask(magnitude, *, quality=None, threshold=None, fill_holes
     del quality
     mag = _as_3d_magnitude(magnitude)
     thr = magnitude_threshold(mag) if threshold is None else float(threshold)
-    mask = mag > thr
+    return _clean(mag > thr, fill_holes, erode_mm, voxel_size_mm)
+
+
+def _clean(mask, fill_holes, erode_mm, voxel_size_mm):
+    """Close gaps of ~2 voxels, keep the largest component, fill holes, erode."""
     # close small gaps (a 5-voxel box average above 0.4), keep the brain, fill
     mask = ndimage.uniform_filter(mask.astype(np.float32), size=5) > 0.4
     mask = largest_component(mask)
@@ -163,3 +167,65 @@ def robust_magnitude_mask(magnitude, *, quality=None, threshold=None, fill_holes
     smooth = ndimage.uniform_filter(mask.astype(np.float32), size=3)
     mask = ndimage.uniform_filter(smooth, size=3) > 0.6
     return erode(mask, erode_mm, voxel_size_mm)
+
+
+def _check_quality(quality, shape):
+    if quality is None:
+        raise ValueError(
+            "This mask needs a phase-quality map (e.g. ROMEO's voxel quality); got none. "
+            "Use the 'magnitude' mask or an unwrapper that returns a quality map."
+        )
+    quality = np.asarray(quality, dtype=np.float32)
+    if quality.shape != tuple(shape):
+        raise ValueError(f"Expected a quality map of shape {tuple(shape)}, got {quality.shape}")
+    return np.where(np.isfinite(quality), quality, 0.0)
+
+
+@register(
+    "masking",
+    "quality",
+    summary="Phase-quality mask: ROMEO voxel quality above a threshold, cleaned",
+    citations=("dymerska2021romeo",),
+    defaults={"quality_threshold": 0.2, "fill_holes": True, "erode_mm": 0.0},
+    description=(
+        "A brain mask was obtained by thresholding ROMEO's phase quality map at "
+        "{quality_threshold}, keeping the largest connected component and filling holes."
+    ),
+)
+def quality_mask(magnitude, *, quality=None, quality_threshold=0.2, fill_holes=True,
+                 erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """Brain mask from a phase-quality map (0 bad .. 1 good), e.g. ROMEO's.
+
+    ``magnitude`` only fixes the expected shape (the masking stage signature).
+    Quality thresholds of 0.1-0.3 are typical (Dymerska et al. 2021).
+    """
+    shape = np.shape(magnitude)[:3]
+    quality = _check_quality(quality, shape)
+    return _clean(quality > float(quality_threshold), fill_holes, erode_mm, voxel_size_mm)
+
+
+@register(
+    "masking",
+    "magnitude+quality",
+    summary="Magnitude mask intersected with the phase-quality mask",
+    citations=("dymerska2021romeo",),
+    defaults={"threshold": None, "quality_threshold": 0.2, "fill_holes": True,
+              "erode_mm": 0.0},
+    description=(
+        "A brain mask was obtained from the magnitude (histogram-based noise threshold) "
+        "intersected with ROMEO's phase quality above {quality_threshold}, keeping the "
+        "largest connected component and filling holes."
+    ),
+)
+def magnitude_quality_mask(magnitude, *, quality=None, threshold=None, quality_threshold=0.2,
+                           fill_holes=True, erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """Intersection of :func:`robust_magnitude_mask` and :func:`quality_mask`, cleaned.
+
+    The magnitude removes noise that happens to have smooth phase; the phase
+    quality removes bright tissue with unreliable phase (scalp, sinuses).
+    """
+    mag = _as_3d_magnitude(magnitude)
+    quality = _check_quality(quality, mag.shape)
+    thr = magnitude_threshold(mag) if threshold is None else float(threshold)
+    both = (mag > thr) & (quality > float(quality_threshold))
+    return _clean(both, fill_holes, erode_mm, voxel_size_mm)

@@ -69,3 +69,36 @@ def grad_adj(g):
 def soft_threshold(x, t):
     """Element-wise soft thresholding ``sign(x) max(|x| - t, 0)``."""
     return torch.sign(x) * torch.clamp(torch.abs(x) - t, min=0.0)
+
+
+def laplacian(x, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """7-point Laplacian (periodic) of a (X, Y, Z) tensor, in units of x / mm^2."""
+    return sum(
+        (torch.roll(x, 1, dims=d) + torch.roll(x, -1, dims=d) - 2 * x) / float(h) ** 2
+        for d, h in enumerate(voxel_size_mm)
+    )
+
+
+def cg(apply_a, b, x0=None, *, max_iter=100, tol=1e-6):
+    """Conjugate gradients for ``A x = b`` with a symmetric positive (semi-)definite ``A``.
+
+    Stops after ``max_iter`` iterations or when ``||r|| <= tol ||b||``.
+    Returns ``(x, iterations)``.
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - apply_a(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rr = torch.sum(r * r)
+    stop = (tol * torch.linalg.vector_norm(b)) ** 2
+    it = 0
+    for it in range(1, int(max_iter) + 1):
+        if rr <= stop:
+            return x, it - 1
+        ap = apply_a(p)
+        alpha = rr / torch.sum(p * ap)
+        x += alpha * p
+        r -= alpha * ap
+        rr_new = torch.sum(r * r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x, it
