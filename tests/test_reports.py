@@ -3,7 +3,6 @@
 import json
 import re
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from qsmprep.reports import core, reportlets
+from qsmprep.reports import browser, core, reportlets
 
 SHAPE = (40, 44, 16)
 VOX = (1.0, 1.0, 2.5)  # anisotropic on purpose
@@ -238,51 +237,51 @@ def test_reports_only_builds_the_report_from_outputs(tmp_path):
     assert core.reports_only(tmp_path / "missing", ["02"]) == 1
 
 
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("Chromium not found: install it with "
-                "`apt-get install -y chromium chromium-driver` to run the browser check")
-
-
-def _browse(page, tmp_path, *args):
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
-           *args, page.as_uri()]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
 def test_report_renders_in_headless_chromium(tmp_path):
     from PIL import Image
 
+    if browser.find_chromium() is None:
+        pytest.skip("Chromium not found: install it with "
+                    "`apt-get install -y chromium chromium-driver` to run the browser check")
     run_uuid = uuid.uuid4().hex
     out = _output_tree(tmp_path, run_uuid)
     core.render_figures_from_derivatives(out, "01")
     page = core.generate_report(out, "01", run_uuid)
 
-    dom = _browse(page, tmp_path, "--dump-dom")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    console = [ln for ln in dom.stderr.splitlines() if ":CONSOLE" in ln]
-    assert not console, console
-    total = int(re.search(r'data-figures-total="(\d+)"', dom.stdout).group(1))
-    loaded = int(re.search(r'data-figures-loaded="(\d+)"', dom.stdout).group(1))
-    assert total == loaded == 12
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout))
-    assert text.count("Echo times 4, 8, 12 ms") == 2  # both runs
+    seen = browser.check_report(page)
+    assert not seen["console"], seen["console"]
+    assert seen["figures_total"] == seen["figures_loaded"] == 12
+    assert seen["text"].count("Echo times 4, 8, 12 ms") == 2  # both runs
+    assert "could not be displayed" not in seen["text"]
 
-    shot = tmp_path / "report.png"
-    res = _browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1280,4000",
-                  "--hide-scrollbars")
-    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
+    shot = browser.screenshot(page, tmp_path / "report.png", width=1280, height=4000)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (4000, 1280)
     assert pixels.std() > 20  # text and dark figures on white, not a blank page
     assert (pixels < 50).mean() > 0.05  # the black mosaics are on screen
 
     # The self-check must catch a figure that does not load.
     next((out / "sub-01" / "figures").glob("*_desc-chi_*.svg")).unlink()
-    broken = _browse(page, tmp_path, "--dump-dom")
-    assert 'data-figures-loaded="11"' in broken.stdout
-    assert "1 figure(s) could not be displayed" in broken.stdout
+    broken = browser.check_report(page)
+    assert (broken["figures_total"], broken["figures_loaded"]) == (12, 11)
+    assert "1 figure(s) could not be displayed" in broken["text"]
+
+
+def test_reportlet_interfaces_in_a_nipype_node(tmp_path):
+    from nipype import Node
+
+    from qsmprep.interfaces.reports import QSMReportlet, RunSummary
+
+    head = _head()
+    chi = _save(head["chi"], tmp_path / "chi.nii.gz")
+    mask = _save(head["mask"], tmp_path / "mask.nii.gz")
+    node = Node(QSMReportlet(kind="chi", in_file=str(chi), mask_file=str(mask)),
+                name="chi_rpt", base_dir=str(tmp_path / "work"))
+    svg = Path(node.run().outputs.out_report)
+    assert svg.suffix == ".svg" and len(_displayed_ratios(svg.read_text())) == 2 * 3 * 6
+    with pytest.raises(Exception, match="wrapped_file"):
+        Node(QSMReportlet(kind="phase", in_file=str(chi)), name="bad",
+             base_dir=str(tmp_path / "work")).run()
+    info = {"subject": "01", "echo_times_s": list(ECHO_TIMES)}
+    summary = Node(RunSummary(info=info), name="summary", base_dir=str(tmp_path / "work"))
+    assert json.loads(Path(summary.run().outputs.out_report).read_text()) == info

@@ -84,7 +84,7 @@ def _panels(volume, axis, positions, box, step):
     """2D slices ``(u, v)`` of ``volume`` at ``positions`` along ``axis``, cropped to ``box``."""
     u_ax, v_ax = [a for a in range(3) if a != axis]
     crop = (slice(box[u_ax][0], box[u_ax][1] + 1, step), slice(box[v_ax][0], box[v_ax][1] + 1, step))
-    return [np.take(volume, k, axis=axis)[crop] for k in positions]
+    return [volume[(slice(None),) * axis + (k,)][crop] for k in positions]
 
 
 def mosaic_svg(blocks, voxel_size_mm, *, mask=None, n_slices=6, title=None):
