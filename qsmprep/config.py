@@ -78,6 +78,9 @@ class Execution:
 
 @dataclass
 class Workflow:
+    #: "mcpc3ds": remove the echo-independent phase offset before unwrapping
+    #: (multi-echo only); "none": keep the phase as acquired
+    phase_offset: str = "mcpc3ds"
     unwrapping: str = DEFAULT_METHODS["unwrapping"]
     masking: str = DEFAULT_METHODS["masking"]
     bf_removal: str = DEFAULT_METHODS["bf_removal"]

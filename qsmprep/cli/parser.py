@@ -74,6 +74,10 @@ def build_parser():
                        help=f"{stage.replace('_', ' ')} method "
                        f"(default: {DEFAULT_METHODS[stage]})")
 
+    g.add_argument("--phase-offset", choices=["mcpc3ds", "none"],
+                   help="removal of the echo-independent phase offset before unwrapping "
+                   "(MCPC-3D-S; skipped for single-echo data) (default: mcpc3ds)")
+
     g = p.add_argument_group("Outputs")
     g.add_argument("--output-intermediates", action="store_true", default=None,
                    help="also write the unwrapped phase (rad) of every echo")
@@ -129,9 +133,9 @@ def parse_args(argv=None):
     if opts.bids_filter_file is not None:
         ex.bids_filters = _read_filters(opts.bids_filter_file)
 
-    for stage in STAGES:
-        if getattr(opts, stage) is not None:
-            setattr(config.workflow, stage, getattr(opts, stage))
+    for name in STAGES + ("phase_offset",):
+        if getattr(opts, name) is not None:
+            setattr(config.workflow, name, getattr(opts, name))
 
     ny = config.nipype
     for name, dest in (("nprocs", "nprocs"), ("omp_nthreads", "omp_nthreads"),

@@ -119,6 +119,7 @@ def _configure_nipype(config):
             "stop_on_first_crash": config.execution.stop_on_first_crash,
             "check_version": False,
             "remove_node_directories": False,
+            "poll_sleep_duration": 0.2,
         },
         "monitoring": {"enabled": False},
     })

@@ -120,6 +120,40 @@ class LoadEchoes(SimpleInterface):
         return runtime
 
 
+class _PhaseOffsetInputSpec(BaseInterfaceInputSpec):
+    phase = File(exists=True, mandatory=True, desc="(X, Y, Z, E) phase, rad")
+    magnitude = File(exists=True, mandatory=True)
+    echo_times = traits.List(traits.Float, mandatory=True, desc="s")
+    params = traits.Dict(traits.Str, traits.Any, value={}, usedefault=True,
+                         desc="keyword arguments of mcpc3ds, e.g. sigma_mm")
+
+
+class _PhaseOffsetOutputSpec(TraitedSpec):
+    phase = File(exists=True, desc="(X, Y, Z, E) phase without the echo-independent offset")
+    offset = File(exists=True, desc="the removed phase offset, rad")
+
+
+class PhaseOffset(SimpleInterface):
+    """Echo-independent phase offset removal: :func:`qsmprep.qsm.unwrap.mcpc3ds`
+    (needs two echoes or more)."""
+
+    input_spec = _PhaseOffsetInputSpec
+    output_spec = _PhaseOffsetOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.unwrap import mcpc3ds
+
+        phase, ref = _load(self.inputs.phase)
+        mag, _ = _load(self.inputs.magnitude)
+        corrected, offset = mcpc3ds(phase, mag, list(self.inputs.echo_times),
+                                    voxel_size_mm=_voxel_size(ref), **self.inputs.params)
+        self._results.update(
+            phase=save_like(corrected, ref, _out("phase_mcpc3ds.nii.gz", runtime)),
+            offset=save_like(offset, ref, _out("phase_offset.nii.gz", runtime)),
+        )
+        return runtime
+
+
 class _UnwrapInputSpec(_MethodInputSpec):
     phase = File(exists=True, mandatory=True, desc="(X, Y, Z, E) phase, rad")
     magnitude = File(exists=True, mandatory=True)

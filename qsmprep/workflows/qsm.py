@@ -6,6 +6,8 @@ background removal → dipole inversion → referencing → BIDS derivatives.
 
 from __future__ import annotations
 
+import inspect
+
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
@@ -15,6 +17,7 @@ from ..interfaces.qsm import (
     Inversion,
     LoadEchoes,
     Mask,
+    PhaseOffset,
     Reference,
     TotalField,
     Unwrap,
@@ -31,6 +34,17 @@ def method_record(stage, name, params=None):
     updated by ``params``), for sidecars and the methods text."""
     method = registry.get(stage, name)
     return {"Name": name, "Parameters": {**method.defaults, **(params or {})}}
+
+
+def phase_offset_record(params=None):
+    """Like :func:`method_record` for the MCPC-3D-S phase-offset step."""
+    from ..qsm.unwrap import mcpc3ds
+
+    defaults = {
+        k: p.default for k, p in inspect.signature(mcpc3ds).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and p.default is not p.empty
+    }
+    return {"Name": "mcpc3ds", "Parameters": {**defaults, **(params or {})}}
 
 
 def method_description(stage, name, params=None):
@@ -61,7 +75,7 @@ def init_qsm_wf(config, run, *, name=None):
     wf = Workflow(name=name or f"qsm_{_safe(run.name)}_wf")
     methods = {s: config.workflow.method(s) for s in PIPELINE_STAGES}
     params = {s: config.workflow.stage_params(s) for s in PIPELINE_STAGES}
-    wf.__desc__ = _describe(methods, params)
+    wf.__desc__ = _describe(methods, params, config.workflow.phase_offset == "mcpc3ds")
     _, omp = config.nipype.resolved()
     device = config.execution.device
     b0_dir = list(run.b0_direction)
@@ -92,12 +106,24 @@ def init_qsm_wf(config, run, *, name=None):
     invert.inputs.b0_dir = b0_dir
     reference = stage_node(Reference, "referencing", "referencing", heavy=False)
 
-    outputs = init_qsm_derivatives_wf(
-        config, run, methods={s: method_record(s, methods[s], params[s]) for s in methods},
-    )
+    records = {s: method_record(s, methods[s], params[s]) for s in methods}
+    correct_offset = config.workflow.phase_offset == "mcpc3ds" and len(run.echo_times) > 1
+    if correct_offset:
+        offset_params = config.workflow.stage_params("phase_offset")
+        records["phase_offset"] = phase_offset_record(offset_params)
+    outputs = init_qsm_derivatives_wf(config, run, methods=records)
 
+    if correct_offset:
+        offset = pe.Node(PhaseOffset(params=offset_params), name="phase_offset")
+        wf.connect([
+            (load, offset, [("phase", "phase"), ("magnitude", "magnitude"),
+                            ("echo_times", "echo_times")]),
+            (offset, unwrap, [("phase", "phase")]),
+        ])  # fmt: skip
+    else:
+        wf.connect(load, "phase", unwrap, "phase")
     wf.connect([
-        (load, unwrap, [("phase", "phase"), ("magnitude", "magnitude"), ("valid", "valid"),
+        (load, unwrap, [("magnitude", "magnitude"), ("valid", "valid"),
                         ("echo_times", "echo_times")]),
         (load, combine, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
         (unwrap, combine, [("unwrapped", "unwrapped")]),
@@ -118,9 +144,14 @@ def init_qsm_wf(config, run, *, name=None):
     return wf
 
 
-def _describe(methods, params):
+def _describe(methods, params, correct_offset):
     text = {s: method_description(s, methods[s], params[s]) for s in PIPELINE_STAGES}
     rest = " ".join(text[s] for s in PIPELINE_STAGES[1:])
+    offset = (
+        "For multi-echo data, the echo-independent phase offset was estimated with\n"
+        "MCPC-3D-S and removed from every echo [@eckstein2018mcpc3ds]. "
+        if correct_offset else ""
+    )
     return f"""
 #### Susceptibility mapping
 
@@ -130,7 +161,7 @@ stacked in order of echo time and the phase was expressed in radians
 The direction of the main magnetic field relative to the voxel axes was
 taken from the image orientation (or from the `B0_dir` sidecar field when
 present), so that oblique acquisitions were modelled without resampling.
-{text["unwrapping"]} The unwrapped echoes were combined into a B0 field map
+{offset}{text["unwrapping"]} The unwrapped echoes were combined into a B0 field map
 (Hz) by a magnitude- and echo-time-weighted average of the per-echo phase
 evolution rates [@dymerska2021romeo], and converted to a total field in ppm
 of the main field. {rest}

@@ -1,0 +1,133 @@
+"""Command line and settings: parsing, registry choices, TOML round trip, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qsmprep.cli.parser import build_parser, parse_args
+from qsmprep.cli.run import main
+from qsmprep.config import DEFAULT_METHODS, Config
+from qsmprep.qsm import registry
+
+
+def _args(tmp_path, *extra):
+    return [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", *extra]
+
+
+@pytest.mark.parametrize("label", ["01", "sub-01"])
+def test_participant_label_with_or_without_prefix(tmp_path, label):
+    config = parse_args(_args(tmp_path, "--participant-label", label, "02",
+                              "--session-label", "ses-pre"))
+    assert config.execution.participant_label == ["01", "02"]
+    assert config.execution.session_label == ["pre"]
+
+
+def test_bad_label_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(_args(tmp_path, "--participant-label", "sub-0_1"))
+    assert "not a BIDS label" in capsys.readouterr().err
+
+
+def test_method_choices_come_from_the_registry(tmp_path):
+    parser = build_parser()
+    for stage in registry.STAGES:
+        action = next(a for a in parser._actions if a.dest == stage)
+        assert sorted(action.choices) == registry.names(stage)
+        assert DEFAULT_METHODS[stage] in action.choices
+    config = parse_args(_args(tmp_path, "--inversion", "tkd", "--bf-removal", "vsharp"))
+    assert config.workflow.inversion == "tkd" and config.workflow.unwrapping == "romeo"
+    with pytest.raises(SystemExit):
+        parse_args(_args(tmp_path, "--inversion", "no-such-method"))
+
+
+def test_defaults_and_paths_are_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = parse_args(["bids", "out", "group"])
+    ex = config.execution
+    assert ex.bids_dir == str(tmp_path / "bids") and ex.output_dir == str(tmp_path / "out")
+    assert ex.work_dir == str(tmp_path / "work") and ex.analysis_level == "group"
+    assert (ex.device, ex.skip_bids_validation, ex.output_intermediates) == ("auto", False, False)
+    assert config.nipype.plugin == "MultiProc"
+
+
+def test_config_toml_round_trip(tmp_path):
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"acquisition": "fast"}))
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: LegacyMultiProc\nplugin_args:\n  n_procs: 3\n")
+    config = parse_args(_args(
+        tmp_path, "--participant-label", "01", "--bids-filter-file", str(filters),
+        "--use-plugin", str(plugin), "--nprocs", "4", "--omp-nthreads", "2", "--mem", "6.5",
+        "--device", "cpu", "--inversion", "tkd", "--output-intermediates", "-vv",
+        "--stop-on-first-crash", "-w", str(tmp_path / "w"),
+    ))
+    config.workflow.params = {"inversion": {"threshold": 0.2}}
+    path = config.to_toml(tmp_path / "cfg" / "qsmprep.toml")
+    again = Config.from_toml(path)
+    assert again == config
+    assert again.execution.bids_filters == {"acquisition": "fast"}
+    assert again.nipype.plugin_settings() == {
+        "plugin": "LegacyMultiProc",
+        "plugin_args": {"n_procs": 3, "memory_gb": 6.5, "raise_insufficient": False},
+    }
+    assert again.nipype.resolved() == (4, 2)
+
+
+def test_config_file_supplies_defaults_and_command_line_wins(tmp_path):
+    base = parse_args(_args(tmp_path, "--inversion", "tkd", "--nprocs", "3",
+                            "--participant-label", "07"))
+    base.workflow.params = {"bf_removal": {"max_radius_mm": 6.0}}
+    toml = base.to_toml(tmp_path / "base.toml")
+    config = parse_args(_args(tmp_path, "--config-file", str(toml), "--nprocs", "5"))
+    assert config.workflow.inversion == "tkd"
+    assert config.workflow.params == {"bf_removal": {"max_radius_mm": 6.0}}
+    assert config.execution.participant_label == ["07"]
+    assert config.nipype.nprocs == 5
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[workflow]\ninvertion = 'tkd'\n")
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['invertion'\]"):
+        Config.from_toml(bad)
+
+
+def test_input_error_exits_nonzero_with_one_line(tmp_path, capsys, synthetic_bids):
+    code = main(_args(tmp_path, "--participant-label", "42", "-w", str(tmp_path / "w")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("qsmprep: error: No subject matches --participant-label 42")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_dataset_refused_before_any_write(tmp_path, capsys, synthetic_bids):
+    code = main([str(synthetic_bids), str(synthetic_bids / "qsm"), "participant",
+                 "-w", str(tmp_path / "w")])
+    assert code == 1 and "inside the input dataset" in capsys.readouterr().err
+    assert not (synthetic_bids / "qsm").exists()
+
+
+def test_boilerplate_only_writes_citations_and_settings(tmp_path, synthetic_bids):
+    out = tmp_path / "out"
+    code = main([str(synthetic_bids), str(out), "participant", "-w", str(tmp_path / "w"),
+                 "--boilerplate-only", "--device", "cpu", "--inversion", "tkd"])
+    assert code == 0
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "thresholded k-space division" in citation.lower()
+    assert "@shmueli2009tkd" in citation and "Shmueli et al. (2009)" in citation
+    assert "@article{shmueli2009tkd," in (out / "logs" / "CITATION.bib").read_text()
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "qsmprep"
+    (toml,) = (out / "sub-01" / "log").glob("*/qsmprep.toml")
+    saved = Config.from_toml(toml)
+    assert saved.workflow.inversion == "tkd" and saved.execution.device == "cpu"
+    assert list((tmp_path / "w").glob("config-*.toml"))
+    assert not (out / "sub-01" / "anat").exists()
+
+
+def test_group_level_without_outputs_fails_clearly(tmp_path, capsys):
+    (tmp_path / "bids").mkdir()
+    assert main(_args(tmp_path)[:2] + ["group"]) == 1
+    assert "run the participant level first" in capsys.readouterr().err
