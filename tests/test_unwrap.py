@@ -103,6 +103,25 @@ def test_simulated_multi_echo_has_no_wrong_voxels(mode):
     assert 2 * (qmask & mask).sum() / (qmask.sum() + mask.sum()) > 0.98
 
 
+@pytest.mark.parametrize("mode", ["template", "individual"])
+def test_global_correction_brings_median_wrap_to_zero(mode):
+    # A noise-free plateau at +2 pi (low x: the first voxels of the best score,
+    # so it holds the seed) and a noisy bulk near 0: growing from the seed
+    # offsets everything by -2 pi, which the global correction must undo.
+    te = np.array([0.005, 0.010, 0.015], dtype=np.float32)
+    x = np.linspace(-1, 1, 40, dtype=np.float32)[:, None, None] * np.ones((40, 40, 40), np.float32)
+    truth1 = TWO_PI / (1 + np.exp((x + 0.5) / 0.08))
+    rng = np.random.default_rng(0)
+    noise = np.where(x > -0.3, rng.normal(0, 0.05, x.shape), 0).astype(np.float32)
+    truth = truth1[..., None] * (te / te[0])
+    phase = wrap(truth + noise[..., None])
+    echo_ratio = np.round(te / te[0])
+    for correct, expected in ((False, -echo_ratio), (True, 0 * echo_ratio)):
+        unwrapped, _ = romeo_unwrap(phase, echo_times=te, mode=mode, correct_global=correct)
+        k = np.rint((unwrapped - truth) / TWO_PI).reshape(-1, 3)
+        np.testing.assert_array_equal(k, np.broadcast_to(expected, k.shape))
+
+
 def test_islands_unwrap_independently():
     shape = (48, 48, 32)
     x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")

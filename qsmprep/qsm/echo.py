@@ -26,8 +26,10 @@ def _as_echoes(unwrapped, magnitude, echo_times_s):
         raise ValueError(f"Echo times must be positive (s), got {te.tolist()}")
     mag = None
     if magnitude is not None:
-        mag = np.nan_to_num(np.asarray(magnitude, dtype=np.float32)).reshape(phase.shape)
-    return np.nan_to_num(phase), mag, te
+        mag = np.asarray(magnitude, dtype=np.float32).reshape(phase.shape)
+    if not np.isfinite(phase).all() or (mag is not None and not np.isfinite(mag).all()):
+        raise ValueError("unwrapped phase and magnitude must be finite (romeo_unwrap output is)")
+    return phase, mag, te
 
 
 def romeo_b0(unwrapped, magnitude, echo_times_s):
@@ -48,11 +50,14 @@ def romeo_b0(unwrapped, magnitude, echo_times_s):
     float32 (X, Y, Z): B0 in Hz (0 where all weights vanish).
     """
     phase, mag, te = _as_echoes(unwrapped, magnitude, echo_times_s)
-    w = te if mag is None else mag * te
-    num = np.sum(phase / te * w, axis=-1)
-    den = np.broadcast_to(np.sum(w, axis=-1), num.shape)
+    num = np.zeros(phase.shape[:3], dtype=np.float32)
+    den = np.zeros_like(num)
+    for e, t in enumerate(te):
+        w = t if mag is None else mag[..., e] * t
+        num += phase[..., e] * (w / t)
+        den += w
     b0 = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-    return (b0 / (2 * np.pi)).astype(np.float32)
+    return b0 / np.float32(2 * np.pi)
 
 
 def weighted_echo_fit(unwrapped, magnitude, echo_times_s):

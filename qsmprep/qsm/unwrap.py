@@ -278,17 +278,16 @@ def _spatial_unwrap(phase, phase2, mag, valid, te_ratio, maxmag, use):
         np.array(use, dtype=np.bool_),
     )
     score = _voxel_score(bins, shape)
-    out = phase.ravel().copy()
-    region = _grow(out, bins, _seed_order(score), shape)
-    return out.reshape(phase.shape), region, score
+    flat = phase.ravel()  # a private contiguous copy: unwrapped in place
+    region = _grow(flat, bins, _seed_order(score), shape)
+    return phase, region, score
 
 
 def _correct_regions(phase, reference, region, nreg):
-    """Subtract 2*pi*median(round((phase - reference) / 2*pi)) in each region."""
-    flat = phase.reshape(-1)
-    k = np.rint((flat - reference.reshape(-1)) / TWO_PI).astype(np.int64)
+    """``phase - 2 pi median(round((phase - reference) / 2 pi))`` in each region."""
+    k = np.rint((phase - reference) / TWO_PI).astype(np.int64).reshape(-1)
     med = _region_medians(k, region, nreg).astype(np.float32)
-    flat -= np.float32(TWO_PI) * med[region]
+    return phase - np.float32(TWO_PI) * med[region].reshape(phase.shape)
 
 
 def _temporal_unwrap(out, echo_times, template):
@@ -358,12 +357,9 @@ def romeo_unwrap(
     if mode not in ("template", "individual"):
         raise ValueError(f"mode must be 'template' or 'individual', got {mode!r}")
     single = phase.ndim == 3
-    ph = np.array(phase[..., None] if single else phase, dtype=np.float32)
-    n_echo = ph.shape[-1]
-    if magnitude is not None:
-        mag = np.asarray(magnitude, dtype=np.float32).reshape(ph.shape)
-    else:
-        mag = None
+    out = np.array(phase[..., None] if single else phase, dtype=np.float32)  # wrapped, then unwrapped
+    n_echo = out.shape[-1]
+    mag = None if magnitude is None else np.asarray(magnitude, dtype=np.float32).reshape(out.shape)
     if echo_times is None:
         if n_echo > 1:
             raise ValueError("echo_times (s) are required to unwrap more than one echo")
@@ -374,20 +370,19 @@ def romeo_unwrap(
     if not 0 <= template_echo < n_echo:
         raise ValueError(f"template_echo={template_echo} out of range for {n_echo} echoes")
 
-    valid = np.isfinite(ph).all(axis=-1)
+    valid = np.isfinite(out).all(axis=-1)
     if mag is not None:
         valid &= np.isfinite(mag).all(axis=-1)
     if mask is not None:
         valid &= np.asarray(mask, dtype=bool).reshape(valid.shape)
-    ph[~valid] = 0
-    if mag is not None:
-        mag[~valid] = 0
-        maxmag = float(np.percentile(mag[..., template_echo][valid], 95)) if valid.any() else 1.0
-        maxmag = maxmag if maxmag > 0 else 1.0
-    else:
-        maxmag = 1.0
+    out[~valid] = 0
+    maxmag = 1.0
+    if mag is not None and valid.any():
+        maxmag = float(np.percentile(mag[..., template_echo][valid], 95)) or 1.0
 
     def unwrap_echo(e):
+        # wrap(differences) are the same before and after unwrapping, so the
+        # second echo may already be unwrapped in ``out``
         other = e + 1 if e + 1 < n_echo else e - 1
         use = (
             "phase_coherence" in weights,
@@ -396,8 +391,8 @@ def romeo_unwrap(
             "magnitude_weight" in weights and mag is not None,
         )
         return _spatial_unwrap(
-            np.ascontiguousarray(ph[..., e]),
-            np.ascontiguousarray(ph[..., other]) if use[1] else None,
+            np.ascontiguousarray(out[..., e]),
+            np.ascontiguousarray(out[..., other]) if use[1] else None,
             np.ascontiguousarray(mag[..., e]) if mag is not None else None,
             valid,
             te[e] / te[other] if use[1] else 1.0,
@@ -406,11 +401,10 @@ def romeo_unwrap(
         )
 
     t = template_echo
-    out = ph.copy()
     out[..., t], region, score = unwrap_echo(t)
     nreg = int(region.max())
     if correct_global:
-        _correct_regions(out[..., t], np.zeros(1, np.float32), region, nreg)
+        out[..., t] = _correct_regions(out[..., t], np.float32(0), region, nreg)
     if mode == "template":
         _temporal_unwrap(out, te, t)
     else:
@@ -418,8 +412,7 @@ def romeo_unwrap(
             if e != t:
                 out[..., e] = unwrap_echo(e)[0]
                 predicted = out[..., t] * np.float32(te[e] / te[t])
-                _correct_regions(out[..., e], predicted, region, nreg)
-    out[~valid] = 0
+                out[..., e] = _correct_regions(out[..., e], predicted, region, nreg)
     quality = (score / np.float32(6 * 255)).astype(np.float32).reshape(valid.shape)
     return (out[..., 0] if single else out), quality
 
