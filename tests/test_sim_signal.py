@@ -42,6 +42,7 @@ def test_noise_level_follows_snr():
         multi_echo_signal(m0, m0, 0.0, [4.0, -1.0], 3.0)
 
 
+@pytest.mark.slow  # ~12 s idle: four whole-head phantoms
 def test_phantoms_are_reproducible_and_consistent():
     a = challenge_head(4.0, rng=3)
     b = challenge_head(4.0, rng=3)
