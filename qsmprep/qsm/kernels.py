@@ -40,6 +40,13 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
     Returns
     -------
     ndarray, float32, ``shape``; ``D(0) = 0``.
+
+    Notes
+    -----
+    On an even-sized axis the Nyquist plane holds only ``-N/2``, so for an
+    oblique ``b`` the kernel is not Hermitian-even there. Take the real part
+    of the inverse FFT (as :func:`dipole_convolve` does), or use the even part
+    ``(D(k) + D(-k)) / 2`` when packing two real maps into one complex FFT.
     """
     b = np.asarray(b0_dir, dtype=np.float64)
     b = b / np.linalg.norm(b)
