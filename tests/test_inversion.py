@@ -54,3 +54,40 @@ def test_tv_beats_tkd_on_piecewise_constant_phantom(noisy_phantom):
     for value in (0.1, 0.2):
         region = np.isclose(chi, value) & brain
         assert abs(np.median(out_tv[region]) - np.median(out_tv[brain & (chi == 0)]) - value) < 0.25 * value
+
+
+def test_every_inversion_is_registered():
+    assert {"tkd", "tv", "tikhonov", "lsqr", "rts", "medi"} <= set(registry.names("inversion"))
+
+
+# percent NRMSE bounds on the noisy piecewise-constant phantom; the order follows the
+# Challenge 2.0 ranking (QSM_NOTES.md): TV/MEDI/RTS < TKD/Tikhonov < LSQR
+@pytest.mark.parametrize(
+    "name, bound", [("tikhonov", 45.0), ("lsqr", 65.0), ("rts", 25.0), ("medi", 15.0)]
+)
+def test_inversion_recovers_phantom(noisy_phantom, name, bound):
+    chi, brain, field, b0 = noisy_phantom
+    out = registry.run("inversion", name, field, brain, VOX, b0_dir=b0)
+    assert out.shape == chi.shape and out.dtype == np.float32
+    assert np.all(out[~brain] == 0)
+    assert nrmse(out, chi, brain) < bound
+
+
+def test_medi_uses_magnitude_edges_and_noise_weights(noisy_phantom):
+    chi, brain, field, b0 = noisy_phantom
+    rng = np.random.default_rng(1)
+    magnitude = (1.0 - 2.0 * chi) * brain + rng.normal(0, 0.02, chi.shape)
+    plain = nrmse(registry.run("inversion", "medi", field, brain, VOX, b0_dir=b0), chi, brain)
+    edges = nrmse(registry.run("inversion", "medi", field, brain, VOX, b0_dir=b0,
+                               magnitude=magnitude), chi, brain)
+    assert edges < 0.7 * plain  # the edges of the sources are not smoothed away
+    # a slab of very noisy field is discounted when its noise level is given
+    noisy = field.copy()
+    slab = brain & (np.arange(chi.shape[0])[:, None, None] < 28)
+    noisy[slab] += rng.normal(0, 0.05, slab.sum())
+    std = np.where(slab, 0.05, 0.002)
+    unweighted = nrmse(registry.run("inversion", "medi", noisy, brain, VOX, b0_dir=b0,
+                                    max_outer=4), chi, brain)
+    weighted = nrmse(registry.run("inversion", "medi", noisy, brain, VOX, b0_dir=b0,
+                                  noise_std=std, max_outer=4), chi, brain)
+    assert weighted < 0.8 * unweighted

@@ -63,3 +63,20 @@ def test_erode_and_bbox():
     assert ball[box].shape == (24, 24, 24)  # 20 voxels across (centre at 15.5) + 2 + 2
     with pytest.raises(ValueError, match="empty"):
         bbox_slices(np.zeros((4, 4, 4), bool))
+
+
+def test_quality_masks(head):
+    mag, brain, scalp = head
+    rng = np.random.default_rng(2)
+    # ROMEO-like quality: high in the brain, low in the scalp (fat/phase errors) and in noise
+    quality = np.clip(0.9 * brain + 0.05 + rng.normal(0, 0.05, brain.shape), 0, 1)
+    q_mask = registry.run("masking", "quality", mag, quality=quality)
+    assert dice(q_mask, brain) > 0.95
+    both = registry.run("masking", "magnitude+quality", mag, quality=quality)
+    assert dice(both, brain) > 0.95 and not (both & scalp).any()
+    # quality alone cannot tell noise with smooth phase from tissue; the magnitude can
+    quality_bad_noise = np.where(ellipsoid((0, 0, 0), (31, 31, 31)), quality, 0.9)
+    assert dice(registry.run("masking", "magnitude+quality", mag,
+                             quality=quality_bad_noise), brain) > 0.95
+    with pytest.raises(ValueError, match="quality map"):
+        registry.run("masking", "quality", mag)

@@ -25,3 +25,24 @@ def test_none_reference_keeps_values():
 def test_empty_mask_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         registry.run("referencing", "mean", np.ones((3, 3, 3)), np.zeros((3, 3, 3), bool))
+
+
+def test_csf_reference_finds_bright_central_csf():
+    from qsmprep.qsm.reference import csf_mask
+
+    from _qsm_phantom import ellipsoid
+
+    brain = ellipsoid((0, 0, 0), (24, 20, 18))
+    ventricles = ellipsoid((0, 3, 0), (8, 3, 4)) | ellipsoid((0, -3, 0), (8, 2, 4))
+    sulci = brain & ~ellipsoid((0, 0, 0), (22, 18, 16))  # bright but superficial CSF
+    rng = np.random.default_rng(0)
+    last_echo = 0.5 * brain + 0.5 * ventricles + 0.5 * sulci + rng.normal(0, 0.03, brain.shape)
+    magnitude = np.stack([brain + 0.0 * last_echo, last_echo], axis=-1)
+    found = csf_mask(magnitude, brain)
+    assert found.sum() > 0 and np.mean(ventricles[found]) > 0.95
+    chi = np.where(ventricles, 0.05, 0.0) + np.where(brain & ~ventricles, -0.02, 0.0) + 0.3
+    out = registry.run("referencing", "csf", chi.astype(np.float32), brain, magnitude=magnitude)
+    assert np.median(out[ventricles]) == pytest.approx(0.0, abs=1e-6)
+    assert np.median(out[brain & ~ventricles]) == pytest.approx(-0.07, abs=1e-6)
+    with pytest.raises(ValueError, match="magnitude"):
+        registry.run("referencing", "csf", chi, brain)

@@ -312,7 +312,7 @@ def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), magnit
         def a(x, v=v):
             return lam * dconv(w2 * dconv(x)) + T.grad_adj(m_g * v * m_g * T.grad(x))
 
-        new, _ = T.cg(a, rhs, chi, max_iter=cg_iter, tol=1e-3)
+        new, _ = T.cg(a, rhs, chi, max_iter=cg_iter, tol=1e-2)
         change = torch.linalg.vector_norm(new - chi) / torch.linalg.vector_norm(new).clamp_min(1e-12)
         chi = new
         if change < tol:
