@@ -52,6 +52,7 @@ def hardware():
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
+        "load_average": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
     }
     try:
         import torch
@@ -68,8 +69,11 @@ def hardware_note(info):
     """One Markdown paragraph from :func:`hardware`'s dict."""
     gpu = f", GPU {info['cuda']}" if info.get("cuda") else ", no GPU"
     sw = ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "scipy", "torch") if k in info)
-    return (f"Run on {info['date']}: {info['cpu']}, {info['cores']} cores{gpu}; {sw}. "
-            "The CPU may have been shared with other jobs, so timings are approximate.")
+    load = (f" The load average was {info['load_average']} when the run started: the CPU was "
+            "shared with other jobs, so wall times are approximate (CPU times count this "
+            "process's threads only)." if info.get("load_average") else
+            " Timings are approximate.")
+    return f"Run on {info['date']}: {info['cpu']}, {info['cores']} cores{gpu}; {sw}.{load}"
 
 
 def fmt(value, digits=1):

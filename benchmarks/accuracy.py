@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import inspect
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from _common import (  # noqa: E402
 )
 
 SECTION = "accuracy"
+TRUE_MASK = "true brain mask"
 SEED = 20240611
 
 STAGES = {
@@ -65,16 +67,6 @@ LEADERBOARD_NOTE = (
     "NeXtQSM 70.3; whole pipeline from raw phase 68.3 (XSIM 0.38), iQSM 74.6."
 )
 
-# Preferred method per stage for the pipeline's fixed stages (first one registered wins).
-PIPELINE_DEFAULTS = {
-    "unwrapping": ("romeo", "laplacian"),
-    "masking": ("robust", "magnitude"),
-    "bf_removal": ("vsharp", "pdf", "lbv"),
-    "inversion": ("tv", "tkd"),
-    "referencing": ("mean", "none"),
-}
-
-
 @dataclasses.dataclass
 class Case:
     """One phantom with its ground truth and simulated acquisition."""
@@ -86,18 +78,12 @@ class Case:
     field_strength_t: float
     echo_times_s: tuple
     mask: np.ndarray          # true brain mask (bool)
-    labels: np.ndarray | None  # Challenge 2.0 labels, or None
+    labels: np.ndarray | None  # Challenge 2.0-style labels, or None
     chi: np.ndarray           # true χ (ppm) in the brain, 0 outside
     total_field: np.ndarray   # ppm, from all sources (brain + background)
     local_field: np.ndarray   # ppm, from the brain's own sources, in the mask
     magnitude: np.ndarray     # (X, Y, Z, E)
     phase: np.ndarray         # (X, Y, Z, E) rad, wrapped
-
-
-def oblique(deg):
-    """Unit B0 direction tilted by ``deg`` degrees from z towards x."""
-    t = np.deg2rad(deg)
-    return (float(np.sin(t)), 0.0, float(np.cos(t)))
 
 
 def case_specs(quick):
@@ -108,35 +94,45 @@ def case_specs(quick):
     return [
         ("challenge-3T", f"Challenge 2.0 head, {vox:g} mm, 3 T, 4 echoes, B0 along z",
          "challenge_head", dict(voxel_size_mm=vox, field_strength_t=3.0, echo_times_s=te3,
-                                b0_dir=(0.0, 0.0, 1.0))),
+                                b0_tilt_deg=0.0)),
         ("challenge-3T-oblique20", f"Challenge 2.0 head, {vox:g} mm, 3 T, 4 echoes, B0 tilted 20°",
          "challenge_head", dict(voxel_size_mm=vox, field_strength_t=3.0, echo_times_s=te3,
-                                b0_dir=oblique(20.0))),
+                                b0_tilt_deg=20.0)),
         ("mni-7T", f"MNI head, {vox:g} mm, 7 T, 4 echoes, B0 along z",
          "mni_head", dict(voxel_size_mm=vox, field_strength_t=7.0, echo_times_s=te7,
-                          b0_dir=(0.0, 0.0, 1.0))),
+                          b0_tilt_deg=0.0)),
     ]
 
 
 def build_case(name, description, builder, voxel_size_mm, field_strength_t, echo_times_s,
-               b0_dir):
-    """Simulate one phantom with :mod:`qsmprep.sim`."""
-    from qsmprep import sim
-    from qsmprep.qsm.kernels import dipole_convolve
+               b0_tilt_deg, snr=100.0, margin_mm=12.0):
+    """Simulate one phantom with :mod:`qsmprep.sim` (whole head, seeded), then
+    crop every map to the brain's bounding box plus ``margin_mm``.
 
-    head = getattr(sim, builder)(voxel_size_mm=voxel_size_mm)
-    vox = (float(voxel_size_mm),) * 3
-    mask = np.asarray(head.mask, dtype=bool)
-    chi_all = np.asarray(head.chi, dtype=np.float32)
-    chi = np.where(mask, chi_all, 0.0).astype(np.float32)
-    total = dipole_convolve(chi_all, vox, b0_dir)
-    local = np.where(mask, dipole_convolve(chi, vox, b0_dir), 0.0).astype(np.float32)
-    magnitude, phase = sim.multi_echo_signal(
-        head, total, echo_times_s=echo_times_s, field_strength_t=field_strength_t,
-        rng=np.random.default_rng(SEED))
-    return Case(name, description, vox, tuple(b0_dir), field_strength_t, tuple(echo_times_s),
-                mask, getattr(head, "labels", None), chi, np.where(mask, total, 0.0), local,
-                magnitude, phase)
+    The background-removal input is the unshimmed total field (its truth, the
+    local field, is then exact); the phase carries the shimmed field, a smooth
+    phase offset, R2* decay and noise (``simulate_acquisition``).
+    """
+    from qsmprep.qsm.mask import bbox_slices
+    from qsmprep.sim import acquisition, forward, phantoms
+
+    head = getattr(phantoms, builder)(voxel_size_mm, rng=SEED)
+    b0_dir = acquisition.tilted_b0(b0_tilt_deg)
+    acq = acquisition.simulate_acquisition(head, echo_times_s, field_strength_t, b0_dir=b0_dir,
+                                           snr=snr, rng=SEED + 1)
+    total = forward.total_field(head.chi_ppm, head.voxel_size_mm, b0_dir,
+                                chi_ambient_ppm=head.chi_ambient_ppm)
+    mask = np.asarray(head.brain_mask, bool)
+    box = bbox_slices(mask, margin=int(np.ceil(margin_mm / min(head.voxel_size_mm))))
+    mask = mask[box]
+
+    def brain(a):
+        return np.where(mask, np.asarray(a, np.float32)[box], np.float32(0))
+
+    return Case(name, description, tuple(head.voxel_size_mm), tuple(float(b) for b in b0_dir),
+                float(field_strength_t), tuple(echo_times_s), mask,
+                np.asarray(head.labels)[box], brain(head.chi_ppm), brain(total),
+                brain(acq.local_field_ppm), acq.magnitude[box], acq.phase[box])
 
 
 def call(stage, name, *args, **extra):
@@ -150,42 +146,44 @@ def call(stage, name, *args, **extra):
     return registry.run(stage, name, *args, **kwargs)
 
 
-def pick(stage, preferred):
-    from qsmprep.qsm import registry
-
-    available = registry.names(stage)
-    if not available:
-        raise RuntimeError(f"No {stage} method is registered")
-    return next((p for p in preferred if p in available), available[0])
-
-
 def pipeline(case, methods):
-    """χ (ppm) from the case's phase and magnitude with the given method per stage."""
+    """χ (ppm) from the case's phase and magnitude, as the app computes it:
+    MCPC-3D-S phase-offset removal → unwrapping → phase-SNR weighted B0 →
+    total field → mask (root-sum-of-squares magnitude and unwrapping quality)
+    → background removal → inversion → referencing, with ``methods[stage]``."""
     from qsmprep.qsm.echo import romeo_b0
     from qsmprep.qsm.units import hz_to_ppm
+    from qsmprep.qsm.unwrap import mcpc3ds
 
-    unwrapped, quality = call("unwrapping", methods["unwrapping"], case.phase,
-                              magnitude=case.magnitude, echo_times_s=case.echo_times_s,
-                              voxel_size_mm=case.voxel_size_mm)
-    b0_hz = romeo_b0(unwrapped, case.magnitude, case.echo_times_s)
-    total = hz_to_ppm(b0_hz, case.field_strength_t)
-    mask = call("masking", methods["masking"], case.magnitude, quality=quality,
-                voxel_size_mm=case.voxel_size_mm)
-    local, mask = call("bf_removal", methods["bf_removal"], total, mask, case.voxel_size_mm,
+    vox, te = case.voxel_size_mm, case.echo_times_s
+    phase, _ = mcpc3ds(case.phase, case.magnitude, te, voxel_size_mm=vox)
+    unwrapped, quality = call("unwrapping", methods["unwrapping"], phase,
+                              magnitude=case.magnitude, echo_times_s=te, voxel_size_mm=vox)
+    total = hz_to_ppm(romeo_b0(unwrapped, case.magnitude, te), case.field_strength_t)
+    if methods["masking"] == TRUE_MASK:
+        mask = case.mask
+    else:
+        rss = np.sqrt(np.sum(case.magnitude**2, axis=-1))
+        mask = call("masking", methods["masking"], rss, quality=quality, voxel_size_mm=vox)
+    local, mask = call("bf_removal", methods["bf_removal"], total, np.asarray(mask, bool), vox,
                        b0_dir=case.b0_dir)
-    chi = call("inversion", methods["inversion"], local, mask, case.voxel_size_mm,
-               b0_dir=case.b0_dir)
+    chi = call("inversion", methods["inversion"], local, mask, vox, b0_dir=case.b0_dir)
     return call("referencing", methods["referencing"], chi, mask)
 
 
-def pipeline_variants():
-    """The default pipeline, then one variant per other unwrapping and masking
-    method (the stage tables cover background removal and inversion)."""
+def pipeline_variants(quick):
+    """The app's default pipeline (``qsmprep.config.DEFAULT_METHODS``), the
+    same with the true brain mask (separates masking errors from the rest)
+    and, unless ``quick``, one variant per other unwrapping and masking method
+    (the stage tables cover background removal and inversion)."""
+    from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm import registry
 
-    default = {stage: pick(stage, prefs) for stage, prefs in PIPELINE_DEFAULTS.items()}
-    variants = {"default (" + " → ".join(default[s] for s in PIPELINE_DEFAULTS) + ")": default}
-    for stage in ("unwrapping", "masking"):
+    default = {stage: DEFAULT_METHODS[stage] for stage in
+               ("unwrapping", "masking", "bf_removal", "inversion", "referencing")}
+    variants = {"default: " + " → ".join(default.values()): default,
+                f"default with the {TRUE_MASK}": {**default, "masking": TRUE_MASK}}
+    for stage in () if quick else ("unwrapping", "masking"):
         for name in registry.names(stage):
             if name != default[stage]:
                 variants[f"{stage}={name}"] = {**default, stage: name}
@@ -198,9 +196,11 @@ def score_row(stage, method, case, func, truth, labels=None):
 
     row = {"stage": stage, "method": method, "phantom": case.name}
     try:
+        cpu = time.process_time()
         out, seconds = timed(func)
+        cpu = time.process_time() - cpu
         recon = out[0] if isinstance(out, tuple) else out
-        row.update(status="ok", runtime_s=seconds,
+        row.update(status="ok", runtime_s=seconds, cpu_s=cpu,
                    metrics=metrics.score(recon, truth, case.mask, labels))
     except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:300],
@@ -211,23 +211,23 @@ def score_row(stage, method, case, func, truth, labels=None):
     return row
 
 
-def run_case(case, stages):
-    """All rows of one phantom."""
+def run_case(case, stages, quick=False, keep=lambda name: True):
+    """All rows of one phantom; ``keep(name)`` selects the methods to run."""
     from qsmprep.qsm import registry
 
     rows = []
     if "bf_removal" in stages:
-        for name in registry.names("bf_removal"):
+        for name in filter(keep, registry.names("bf_removal")):
             rows.append(score_row("bf_removal", name, case, lambda n=name: call(
                 "bf_removal", n, case.total_field, case.mask, case.voxel_size_mm,
                 b0_dir=case.b0_dir), case.local_field))
     if "inversion" in stages:
-        for name in registry.names("inversion"):
+        for name in filter(keep, registry.names("inversion")):
             rows.append(score_row("inversion", name, case, lambda n=name: call(
                 "inversion", n, case.local_field, case.mask, case.voxel_size_mm,
                 b0_dir=case.b0_dir), case.chi, case.labels))
     if "pipeline" in stages:
-        for label, methods in pipeline_variants().items():
+        for label, methods in pipeline_variants(quick).items():
             rows.append(score_row("pipeline", label, case, lambda m=methods: pipeline(case, m),
                                   case.chi, case.labels))
     return rows
@@ -253,7 +253,7 @@ def render(results):
                   for p in results["phantoms"]) + "\n",
     ]
     headers = ["Method", "Phantom", "NRMSE", "dNRMSE", "HFEN", "XSIM", "CC", "Coverage",
-               "Time (s)", "QSM-CI NRMSE"]
+               "Wall (s)", "CPU (s)", "QSM-CI NRMSE"]
     for stage, title in STAGES.items():
         rows = [r for r in results["rows"] if r["stage"] == stage]
         if not rows:
@@ -263,12 +263,13 @@ def render(results):
             board = LEADERBOARD[stage].get(_key(r["method"]), "–")
             if r["status"] != "ok":
                 table.append([f"{r['method']} (failed: {r['error']})", r["phantom"]]
-                             + ["–"] * 7 + [board])
+                             + ["–"] * 8 + [board])
                 continue
             m = r["metrics"]
             table.append([r["method"], r["phantom"], fmt(m["nrmse"]), fmt(m["nrmse_detrend"]),
                           fmt(m["hfen"]), fmt(m["xsim"], 3), fmt(m["correlation"], 3),
-                          fmt(m["coverage"], 3), fmt(r["runtime_s"], 1), board])
+                          fmt(m["coverage"], 3), fmt(r["runtime_s"], 1),
+                          fmt(r.get("cpu_s"), 1), board])
         parts += [f"### {title}\n", markdown_table(headers, table)]
     region_rows = [r for r in results["rows"]
                    if r["status"] == "ok" and "nrmse_dgm" in r["metrics"]]
@@ -302,6 +303,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 mm phantoms (a few minutes)")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     parser.add_argument("--phantoms", nargs="+", help="only these phantom names")
+    parser.add_argument("--methods", nargs="+", help="only these stage methods")
+    parser.add_argument("--skip", nargs="+", default=[], help="leave out these stage methods")
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
     args = parser.parse_args(argv)
@@ -317,7 +320,9 @@ def main(argv=None):
             "name": name, "description": description, "shape": list(case.mask.shape),
             "voxel_size_mm": list(case.voxel_size_mm), "b0_dir": list(case.b0_dir),
             "field_strength_t": case.field_strength_t, "echo_times_s": list(case.echo_times_s)})
-        results["rows"] += run_case(case, args.stages)
+        results["rows"] += run_case(
+            case, args.stages, args.quick,
+            keep=lambda n: n not in args.skip and (not args.methods or n in args.methods))
         write_outputs(results, args.docs, args.json)  # partial results survive a crash
     print(f"[accuracy] wrote {args.docs} and {args.json}")
 
