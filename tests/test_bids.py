@@ -165,6 +165,13 @@ def test_selected_subject_without_gre_data(tmp_path):
     assert "sub-02 has no MEGRE or T2starw" in _error(tmp_path, participant_label=["02"])
 
 
+def test_validation_hint_for_files_pybids_left_out(tmp_path):
+    write_gre(tmp_path, four_d=True)  # MEGRE without echo- entity is not valid BIDS
+    with pytest.raises(QSMPrepInputError, match="add --skip-bids-validation"):
+        collect_data(tmp_path, participant_label=["01"], validate=True)
+    assert _runs(tmp_path, participant_label=["01"])
+
+
 def test_unsupported_phase_units(tmp_path):
     write_gre(tmp_path, phase_meta={"Units": "degrees"})
     assert "'degrees'" in _error(tmp_path)

@@ -145,7 +145,8 @@ def collect_data(bids_dir, *, participant_label=(), session_label=(), bids_filte
         if runs:
             data[subject] = runs
         elif participant_label:
-            raise QSMPrepInputError(_no_data_message(bids_dir, subject, session_label))
+            raise QSMPrepInputError(_no_data_message(bids_dir, subject, session_label,
+                                                     validate))
         else:
             LOGGER.warning("sub-%s has no multi-echo GRE (MEGRE/T2starw) images; skipped",
                            subject)
@@ -157,12 +158,20 @@ def collect_data(bids_dir, *, participant_label=(), session_label=(), bids_filte
     return data
 
 
-def _no_data_message(bids_dir, subject, session_label):
+def _no_data_message(bids_dir, subject, session_label, validate):
     where = f" in session(s) {', '.join(session_label)}" if session_label else ""
-    return (
+    msg = (
         f"sub-{subject} has no MEGRE or T2starw images{where} in {bids_dir}; "
         "expected e.g. sub-{0}/anat/sub-{0}_echo-1_part-phase_MEGRE.nii.gz".format(subject)
     )
+    ignored = sorted(Path(bids_dir, f"sub-{subject}").glob("**/anat/*_part-phase_*.nii*"))
+    if validate and ignored:
+        msg += (
+            f". BIDS validation left out {ignored[0].name}"
+            f"{f' and {len(ignored) - 1} more' if len(ignored) > 1 else ''} (e.g. a 4-D "
+            "MEGRE file without echo- entity); rename it or add --skip-bids-validation"
+        )
+    return msg
 
 
 def collect_runs(layout, subject, *, session_label=(), bids_filters=None):

@@ -1,0 +1,131 @@
+"""The Nipype graph, the derivatives sink and the group table (no heavy compute)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nb
+import numpy as np
+from conftest import write_gre
+
+from qsmprep.config import Config
+from qsmprep.interfaces.bids import STAGING, DerivativesDataSink
+from qsmprep.utils.bids import collect_data
+from qsmprep.workflows.base import init_qsmprep_wf
+from qsmprep.workflows.group import write_group_table
+from qsmprep.workflows.qsm import method_description, method_record
+
+
+def _config(tmp_path, bids, **workflow):
+    config = Config()
+    config.execution.bids_dir = str(bids)
+    config.execution.output_dir = str(tmp_path / "out")
+    config.execution.work_dir = str(tmp_path / "work")
+    config.execution.device = "cpu"
+    for key, value in workflow.items():
+        setattr(config.workflow, key, value)
+    return config
+
+
+def _node_names(wf):
+    return {f"qsmprep_wf.{name}" for name in wf.list_node_names()}
+
+
+def test_one_subject_workflow_per_subject_and_one_qsm_workflow_per_run(tmp_path):
+    bids = tmp_path / "bids"
+    write_gre(bids, "01", entities="_run-1")
+    write_gre(bids, "01", entities="_run-2")
+    write_gre(bids, "02", echo_times=(0.005,))
+    config = _config(tmp_path, bids)
+    wf = init_qsmprep_wf(config, collect_data(bids, validate=False))
+    names = _node_names(wf)
+    for run in ("sub_01_wf.qsm_run_1_wf", "sub_01_wf.qsm_run_2_wf", "sub_02_wf.qsm_MEGRE_wf"):
+        for node in ("load", "unwrap", "echo_combine", "total_field", "mask", "bf_removal",
+                     "inversion", "referencing", "ds_qsm_wf.ds_chimap", "ds_qsm_wf.ds_mask",
+                     "ds_qsm_wf.ds_fieldmap", "ds_qsm_wf.ds_local_field"):
+            assert f"qsmprep_wf.{run}.{node}" in names
+    # the phase offset needs two echoes; sub-02 has one
+    assert "qsmprep_wf.sub_01_wf.qsm_run_1_wf.phase_offset" in names
+    assert "qsmprep_wf.sub_02_wf.qsm_MEGRE_wf.phase_offset" not in names
+    assert not any("ds_unwrapped" in n for n in names)
+    # crash files of each subject go to its own log folder of this run
+    for sub in ("01", "02"):
+        node = wf.get_node(f"sub_{sub}_wf").get_node("qsm_MEGRE_wf" if sub == "02"
+                                                    else "qsm_run_1_wf").get_node("unwrap")
+        assert node.config["execution"]["crashdump_dir"] == str(
+            tmp_path / "out" / f"sub-{sub}" / "log" / config.execution.run_uuid)
+
+
+def test_options_change_the_graph(tmp_path, synthetic_bids):
+    config = _config(tmp_path, synthetic_bids, phase_offset="none", inversion="tkd")
+    config.execution.output_intermediates = True
+    config.workflow.params = {"inversion": {"threshold": 0.2}}
+    wf = init_qsmprep_wf(config, collect_data(synthetic_bids, validate=False))
+    names = _node_names(wf)
+    assert not any(n.endswith("phase_offset") for n in names)
+    assert any(n.endswith("ds_qsm_wf.ds_unwrapped") for n in names)
+    inversion = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf").get_node("inversion")
+    assert inversion.inputs.method == "tkd" and inversion.inputs.params == {"threshold": 0.2}
+    assert "threshold 0.2" in wf.visit_desc()
+
+
+def test_method_description_and_record_use_parameters_actually_run():
+    record = method_record("inversion", "tkd", {"threshold": 0.25})
+    assert record["Name"] == "tkd" and record["Parameters"]["threshold"] == 0.25
+    assert set(record["Parameters"]) >= {"threshold"}
+    text = method_description("inversion", "tkd", {"threshold": 0.25})
+    assert "0.25" in text and text.endswith("[@shmueli2009tkd; @wharton2010tkd].")
+    assert "{" not in text
+
+
+def test_sink_writes_bids_names_and_sidecar_atomically(tmp_path, synthetic_bids):
+    source = sorted(synthetic_bids.rglob("*_echo-1_part-phase_MEGRE.nii.gz"))[0]
+    data = tmp_path / "chi.nii.gz"
+    nb.Nifti1Image(np.ones((12, 10, 8), np.float32), nb.load(source).affine).to_filename(data)
+    out = tmp_path / "out"
+    cases = {
+        "sub-01_Chimap.nii.gz": {"suffix": "Chimap"},
+        "sub-01_desc-brain_mask.nii.gz": {"suffix": "mask", "desc": "brain"},
+        "sub-01_desc-local_fieldmap.nii.gz": {"suffix": "fieldmap", "desc": "local"},
+        "sub-01_part-phase_desc-unwrapped_MEGRE.nii.gz": {"suffix": "MEGRE", "part": "phase",
+                                                          "desc": "unwrapped"},
+    }
+    for expected, entities in cases.items():
+        dismiss = ["echo"] + ([] if "part" in entities else ["part"])
+        sink = DerivativesDataSink(base_directory=str(out), source_file=str(source),
+                                   in_file=str(data), dismiss_entities=dismiss, compress=True,
+                                   check_hdr=False, meta_dict={"Units": "ppm"}, **entities)
+        result = sink.run()
+        assert result.outputs.out_file == str(out / "sub-01" / "anat" / expected)
+        meta = json.loads((out / "sub-01" / "anat" / expected.replace(".nii.gz", ".json"))
+                          .read_text())
+        assert meta["Units"] == "ppm"
+        written = nb.load(result.outputs.out_file)
+        np.testing.assert_array_equal(written.affine, nb.load(source).affine)
+    assert not any((out / STAGING).iterdir())
+
+
+def test_group_table_lists_every_run(tmp_path):
+    out = tmp_path / "out"
+    for sub, ses, value in (("01", "a", 0.1), ("01", "b", 0.2), ("02", None, -0.05)):
+        stem = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+        anat = out / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+        anat.mkdir(parents=True, exist_ok=True)
+        chi = np.full((4, 4, 4), value, np.float32)
+        mask = np.zeros((4, 4, 4), np.uint8)
+        mask[1:3, 1:3, 1:3] = 1
+        chi[~mask.astype(bool)] = 5.0  # outside the mask: must not count
+        nb.Nifti1Image(chi, np.eye(4)).to_filename(anat / f"{stem}_Chimap.nii.gz")
+        nb.Nifti1Image(mask, np.eye(4)).to_filename(anat / f"{stem}_desc-brain_mask.nii.gz")
+        (anat / f"{stem}_Chimap.json").write_text(json.dumps({
+            "MagneticFieldStrength": 3, "EchoTime": [0.004, 0.008],
+            "QSMMethods": {"inversion": {"Name": "tv", "Parameters": {}}}}))
+    tsv = write_group_table(out)
+    with open(tsv) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [(r["subject"], r["session"]) for r in rows] == [("01", "a"), ("01", "b"),
+                                                            ("02", "n/a")]
+    assert [float(r["chi_mean_ppm"]) for r in rows] == [0.1, 0.2, -0.05]
+    assert rows[0]["mask_voxels"] == "8" and rows[0]["n_echoes"] == "2"
+    assert rows[2]["inversion"] == "tv" and rows[2]["chimap"] == "sub-02/anat/sub-02_Chimap.nii.gz"
