@@ -172,6 +172,10 @@ def test_validation_hint_for_files_pybids_left_out(tmp_path):
     assert _runs(tmp_path, participant_label=["01"])
 
 
+def test_unknown_filter_entity(synthetic_bids):
+    assert "cannot be used" in _error(synthetic_bids, bids_filters={"acquisitoin": "x"})
+
+
 def test_unsupported_phase_units(tmp_path):
     write_gre(tmp_path, phase_meta={"Units": "degrees"})
     assert "'degrees'" in _error(tmp_path)

@@ -10,6 +10,11 @@ from ..__about__ import __version__
 from ..config import DEFAULT_METHODS, Config
 from ..qsm.registry import STAGES
 
+_STAGE_TITLES = {"unwrapping": "phase unwrapping", "bf_removal": "background field removal",
+                 "inversion": "dipole inversion", "masking": "brain masking",
+                 "referencing": "susceptibility referencing"}
+
+
 def _label(value):
     """A participant or session label, with or without its ``sub-``/``ses-`` prefix."""
     for prefix in ("sub-", "ses-"):
@@ -45,7 +50,7 @@ def build_parser():
         prog="qsmprep",
         description="qsmprep: quantitative susceptibility mapping from multi-echo GRE "
         "MRI in BIDS, written as BIDS derivatives.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="root folder of the input BIDS dataset")
     p.add_argument("output_dir", type=Path, help="folder for the BIDS derivatives")
@@ -71,8 +76,7 @@ def build_parser():
     for stage in STAGES:
         g.add_argument(f"--{stage.replace('_', '-')}", dest=stage,
                        choices=registry.names(stage),
-                       help=f"{stage.replace('_', ' ')} method "
-                       f"(default: {DEFAULT_METHODS[stage]})")
+                       help=f"{_STAGE_TITLES[stage]} method (default: {DEFAULT_METHODS[stage]})")
 
     g.add_argument("--phase-offset", choices=["mcpc3ds", "none"],
                    help="removal of the echo-independent phase offset before unwrapping "

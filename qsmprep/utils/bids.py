@@ -180,8 +180,15 @@ def collect_runs(layout, subject, *, session_label=(), bids_filters=None):
              "extension": list(_NIFTI), **(bids_filters or {})}
     if session_label:
         query["session"] = list(session_label)
+    try:
+        found = layout.get(**query)
+    except ValueError as err:  # an entity pybids does not know, from --bids-filter-file
+        raise QSMPrepInputError(
+            f"The BIDS filters {bids_filters} cannot be used: {err}. Use pybids entity "
+            "names, e.g. {\"acquisition\": \"highres\"}"
+        ) from None
     groups = {}
-    for f in layout.get(**query):
+    for f in found:
         ents = f.get_entities()
         key = tuple((k, str(ents[k])) for k in RUN_ENTITIES if k in ents)
         key += (("suffix", ents["suffix"]),)
