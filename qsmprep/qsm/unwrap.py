@@ -39,6 +39,7 @@ WEIGHTS = (
 )
 
 _NBINS = 256
+_RELIABLE_QUALITY = 0.3  # voxels above this quality vote in the global 2 pi correction
 
 
 # --------------------------------------------------------------------------
@@ -230,14 +231,21 @@ def _grow(phase, state, order, shape):
 
 
 @njit(cache=True)
-def _region_medians(k, region, nreg):
-    """Lower median of the integers ``k`` within each region label 1..nreg."""
+def _region_medians(k, region, reliable, nreg):
+    """Lower median of the integers ``k`` within each region label 1..nreg.
+
+    Only ``reliable`` voxels count, except in regions that have none.
+    """
+    n_reliable = np.zeros(nreg + 1, dtype=np.int64)
+    for i in range(k.size):
+        if reliable[i]:
+            n_reliable[region[i]] += 1
     lo = np.full(nreg + 1, np.iinfo(np.int32).max, dtype=np.int64)
     hi = np.full(nreg + 1, np.iinfo(np.int32).min, dtype=np.int64)
     cnt = np.zeros(nreg + 1, dtype=np.int64)
     for i in range(k.size):
         r = region[i]
-        if r:
+        if r and (reliable[i] or n_reliable[r] == 0):
             lo[r] = min(lo[r], k[i])
             hi[r] = max(hi[r], k[i])
             cnt[r] += 1
@@ -247,7 +255,7 @@ def _region_medians(k, region, nreg):
     hist = np.zeros(offs[nreg + 1], dtype=np.int64)
     for i in range(k.size):
         r = region[i]
-        if r:
+        if r and (reliable[i] or n_reliable[r] == 0):
             hist[offs[r] + k[i] - lo[r]] += 1
     med = np.zeros(nreg + 1, dtype=np.int64)
     for r in range(1, nreg + 1):
@@ -283,10 +291,11 @@ def _spatial_unwrap(phase, phase2, mag, valid, te_ratio, maxmag, use):
     return phase, region, score
 
 
-def _correct_regions(phase, reference, region, nreg):
-    """``phase - 2 pi median(round((phase - reference) / 2 pi))`` in each region."""
+def _correct_regions(phase, reference, region, reliable, nreg):
+    """``phase - 2 pi median(round((phase - reference) / 2 pi))`` in each region,
+    the median taken over its ``reliable`` voxels."""
     k = np.rint((phase - reference) / TWO_PI).astype(np.int64).reshape(-1)
-    med = _region_medians(k, region, nreg).astype(np.float32)
+    med = _region_medians(k, region, reliable, nreg).astype(np.float32)
     return phase - np.float32(TWO_PI) * med[region].reshape(phase.shape)
 
 
@@ -337,7 +346,10 @@ def romeo_unwrap(
         need missing data (second echo, magnitude) are skipped.
     correct_global : bool
         Subtract ``2 pi median(round(phi / 2 pi))`` within each connected
-        region, so that the unwrapped phase lies near the wrapped range.
+        region, so that the unwrapped phase lies near the wrapped range. The
+        median is over the region's voxels of quality > 0.3 (all of them if
+        none), so that unwrapped background noise does not bias it; where
+        noise fills most of the volume, pass a ``mask``.
 
     Returns
     -------
@@ -403,8 +415,11 @@ def romeo_unwrap(
     t = template_echo
     out[..., t], region, score = unwrap_echo(t)
     nreg = int(region.max())
+    quality = (score / np.float32(6 * 255)).astype(np.float32)
+    # background noise drifts freely: only good voxels vote on 2 pi offsets
+    reliable = quality > _RELIABLE_QUALITY
     if correct_global:
-        out[..., t] = _correct_regions(out[..., t], np.float32(0), region, nreg)
+        out[..., t] = _correct_regions(out[..., t], np.float32(0), region, reliable, nreg)
     if mode == "template":
         _temporal_unwrap(out, te, t)
     else:
@@ -412,9 +427,8 @@ def romeo_unwrap(
             if e != t:
                 out[..., e] = unwrap_echo(e)[0]
                 predicted = out[..., t] * np.float32(te[e] / te[t])
-                out[..., e] = _correct_regions(out[..., e], predicted, region, nreg)
-    quality = (score / np.float32(6 * 255)).astype(np.float32).reshape(valid.shape)
-    return (out[..., 0] if single else out), quality
+                out[..., e] = _correct_regions(out[..., e], predicted, region, reliable, nreg)
+    return (out[..., 0] if single else out), quality.reshape(valid.shape)
 
 
 def quality_mask(quality, threshold=0.2):
@@ -483,12 +497,21 @@ def laplacian_unwrap(phase, voxel_size_mm=(1.0, 1.0, 1.0), *, mask=None):
 # --------------------------------------------------------------------------
 # MCPC-3D-S
 # --------------------------------------------------------------------------
-def _smooth_phase(phase, weight, sigma_vox):
-    """Magnitude-weighted Gaussian smoothing of a phase map on the unit circle."""
-    z = weight * np.exp(1j * phase).astype(np.complex64)
-    re = ndimage.gaussian_filter(z.real, sigma_vox, truncate=3.0)
-    im = ndimage.gaussian_filter(z.imag, sigma_vox, truncate=3.0)
-    return np.arctan2(im, re).astype(np.float32)
+def _smooth_phase(phase, weight, sigma_vox, passes=3):
+    """Magnitude-weighted smoothing of a phase map on the unit circle.
+
+    The Gaussian of width ``sigma_vox`` is approximated by ``passes`` box
+    filters of the odd width nearest ``sqrt(12 sigma^2 / passes + 1)``, whose
+    cost does not grow with sigma.
+    """
+    size = [2 * int(round((np.sqrt(12 * s * s / passes + 1) - 1) / 2)) + 1 for s in sigma_vox]
+    parts = []
+    for part in (np.cos(phase), np.sin(phase)):
+        part = (weight * part).astype(np.float32)
+        for _ in range(passes):
+            part = ndimage.uniform_filter(part, size, mode="constant")
+        parts.append(part)
+    return np.arctan2(parts[1], parts[0]).astype(np.float32)
 
 
 def mcpc3ds(phase, magnitude, echo_times_s, *, voxel_size_mm, sigma_mm=7.0, bipolar=False):
