@@ -7,6 +7,7 @@ import json
 
 import nibabel as nb
 import numpy as np
+import pytest
 from conftest import write_gre
 
 from qsmprep.config import Config
@@ -129,3 +130,30 @@ def test_group_table_lists_every_run(tmp_path):
     assert [float(r["chi_mean_ppm"]) for r in rows] == [0.1, 0.2, -0.05]
     assert rows[0]["mask_voxels"] == "8" and rows[0]["n_echoes"] == "2"
     assert rows[2]["inversion"] == "tv" and rows[2]["chimap"] == "sub-02/anat/sub-02_Chimap.nii.gz"
+
+
+def test_load_echoes_sorts_rescales_and_masks_nonfinite(tmp_path, monkeypatch, caplog):
+    from qsmprep.interfaces.qsm import LoadEchoes
+
+    files = write_gre(tmp_path / "bids", echo_times=(0.012, 0.004, 0.008))
+    img = nb.load(files["phase"][2])
+    arbitrary = img.get_fdata(dtype=np.float32) * 1000  # scanner-like integers
+    arbitrary[3, 3, 3] = np.nan
+    nb.Nifti1Image(arbitrary, img.affine).to_filename(files["phase"][2])
+    monkeypatch.chdir(tmp_path)
+    result = LoadEchoes(
+        magnitude=[str(f) for f in files["mag"]], magnitude_echo_times=[0.012, 0.004, 0.008],
+        phase=[str(f) for f in files["phase"]], echo_times=[0.012, 0.004, 0.008],
+        phase_units="arbitrary",
+    ).run()
+    assert result.outputs.echo_times == [0.004, 0.008, 0.012]
+    phase = nb.load(result.outputs.phase).get_fdata()
+    valid = nb.load(result.outputs.valid).get_fdata() > 0
+    assert phase.shape == (12, 10, 8, 3) and np.isfinite(phase).all()
+    assert phase.min() == pytest.approx(-np.pi, abs=1e-5) and phase.max() <= np.pi + 1e-5
+    assert not valid[3, 3, 3] and valid.sum() == valid.size - 1
+    assert "NaN/Inf" in caplog.text
+    # echo of 4 ms (stored second) comes first: the magnitude decays with TE
+    mag = nb.load(result.outputs.magnitude).get_fdata()
+    inside = mag[..., 0] > 0.5
+    assert (mag[inside][:, 0] > mag[inside][:, 1]).all() and (mag[inside][:, 1] > mag[inside][:, 2]).all()

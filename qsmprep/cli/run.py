@@ -133,7 +133,6 @@ def _setup_logging(verbosity):
                                            "%H:%M:%S"))
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(level)
-    LOGGER.propagate = False
 
 
 if __name__ == "__main__":

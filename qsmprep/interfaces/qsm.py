@@ -77,6 +77,11 @@ def _load(path, dtype=np.float32):
     return np.asanyarray(img.dataobj, dtype=dtype), img
 
 
+def _describe_files(files):
+    """The file, or the first file and how many echo files there are, for messages."""
+    return files[0] if len(files) == 1 else f"{files[0]} (and the other {len(files) - 1} echoes)"
+
+
 def _voxel_size(img):
     from ..qsm.units import voxel_size_from_affine
 
@@ -108,8 +113,9 @@ class LoadEchoes(SimpleInterface):
     def _run_interface(self, runtime):
         mag, _, _ = load_stack(self.inputs.magnitude, self.inputs.magnitude_echo_times)
         raw, tes, ref = load_stack(self.inputs.phase, self.inputs.echo_times)
-        valid = zero_nonfinite([raw, mag], [self.inputs.phase[0], self.inputs.magnitude[0]])
-        phase, units = phase_in_rad(raw, self.inputs.phase_units, self.inputs.phase[0])
+        sources = [_describe_files(self.inputs.phase), _describe_files(self.inputs.magnitude)]
+        valid = zero_nonfinite([raw, mag], sources)
+        phase, units = phase_in_rad(raw, self.inputs.phase_units, sources[0])
         self._results.update(
             magnitude=save_like(mag, ref, _out("magnitude.nii.gz", runtime)),
             phase=save_like(phase, ref, _out("phase.nii.gz", runtime)),
