@@ -54,8 +54,7 @@ def _threads(n):
 
     from ..qsm import fft
 
-    old_workers = fft._WORKERS
-    fft.set_workers(n)
+    old_workers = fft.set_workers(n)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
     if "numba" in sys.modules:

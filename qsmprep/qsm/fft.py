@@ -17,9 +17,14 @@ _WORKERS = None
 
 
 def set_workers(n):
-    """Set the number of threads used by FFTs (None: all cores)."""
+    """Set the number of threads used by FFTs (None: all cores).
+
+    Returns the previous setting, so that a caller can restore it.
+    """
     global _WORKERS
+    previous = _WORKERS
     _WORKERS = None if n is None else max(1, int(n))
+    return previous
 
 
 def workers():
