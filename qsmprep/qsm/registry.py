@@ -36,23 +36,28 @@ class Method:
     citations: tuple = ()
     defaults: dict = field(default_factory=dict)
     description: str = ""
+    provides: tuple = ()
 
 
 _REGISTRY: dict[str, dict[str, Method]] = {s: {} for s in STAGES}
 
 
-def register(stage, name, *, summary, citations=(), defaults=None, description=""):
+def register(stage, name, *, summary, citations=(), defaults=None, description="",
+             provides=()):
     """Decorator registering ``func`` as method ``name`` of ``stage``.
 
     ``description`` is a sentence for the report's methods text; it may use
     ``{param}`` placeholders filled from the parameters actually used.
+    ``provides`` names optional outputs the method always gives (e.g.
+    ``("quality",)`` for an unwrapper returning a quality map).
     """
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}")
 
     def deco(func):
         _REGISTRY[stage][name] = Method(
-            stage, name, func, summary, tuple(citations), dict(defaults or {}), description
+            stage, name, func, summary, tuple(citations), dict(defaults or {}), description,
+            tuple(provides),
         )
         return func
 
