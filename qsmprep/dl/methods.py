@@ -1,0 +1,155 @@
+"""Deep-learning methods in the algorithm registry (shipped weights).
+
+``bf_removal``: ``nextqsm``. ``inversion``: ``nextqsm``, ``ir2qsm``, ``unet``.
+Each takes the registry's stage signature plus ``device="auto"`` and
+``max_voxels`` (tile above this many voxels; None: the default cap on the CPU,
+none on CUDA) and runs float32 on volumes of any size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..qsm.registry import register
+from .dipole import DipoleOperator
+from .inference import run_network, select_device, to_numpy, to_tensor
+from .ir2qsm import IR2QSM
+from .nextqsm import NeXtQSM
+from .unet import UNetQSM, field_inputs
+from .weights import load_weights
+
+MODELS = {"nextqsm": NeXtQSM, "ir2qsm": IR2QSM, "unet": UNetQSM}
+
+
+def load_model(name, device="cpu", models_dir=None):
+    """Model ``name`` with its shipped (sha256-checked) weights, in eval mode."""
+    blob = load_weights(name, models_dir)
+    model = MODELS[name](blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+_CACHE = {}
+
+
+def _model(name, device):
+    key = (name, str(device))
+    if key not in _CACHE:
+        _CACHE[key] = load_model(name, device)
+    return _CACHE[key]
+
+
+def _check(field, mask):
+    field = np.asarray(field, dtype=np.float32)
+    mask = np.asarray(mask) > 0
+    if field.ndim != 3 or field.shape != mask.shape:
+        raise ValueError(f"Expected a 3-D field and a mask of the same shape; got "
+                         f"{field.shape} and {mask.shape}")
+    return np.where(mask & np.isfinite(field), field, 0.0).astype(np.float32), mask
+
+
+def nextqsm_remove_background(total, mask, device="auto", max_voxels=None):
+    """Local field (ppm) from the total field (ppm) with NeXtQSM's U-Net."""
+    dev = select_device(device)
+    total, mask = _check(total, mask)
+    model = _model("nextqsm", dev)
+    x = torch.cat([to_tensor(total, dev), to_tensor(mask, dev)], dim=1)
+    with torch.no_grad():
+        out = run_network(lambda xp, apply: model.remove_background(xp[:, :1], xp[:, 1:], apply),
+                          x, multiple=model.multiple, max_voxels=max_voxels)
+    return to_numpy(out)
+
+
+def nextqsm_invert(local, mask, voxel_size_mm, b0_dir, device="auto", max_voxels=None):
+    """Chi (ppm) from the local field (ppm) with NeXtQSM's variational network."""
+    dev = select_device(device)
+    local, mask = _check(local, mask)
+    model = _model("nextqsm", dev)
+    x = torch.cat([to_tensor(local, dev), to_tensor(mask, dev)], dim=1)
+
+    def fn(xp, apply):
+        dipole = DipoleOperator(xp.shape[-3:], voxel_size_mm, b0_dir, device=dev)
+        return model.invert(xp[:, :1], xp[:, 1:], dipole, apply)
+
+    with torch.no_grad():
+        out = run_network(fn, x, multiple=model.multiple, max_voxels=max_voxels)
+    return to_numpy(out)
+
+
+def _feedforward(name, local, mask, b0_dir, device, max_voxels):
+    dev = select_device(device)
+    local, mask = _check(local, mask)
+    model = _model(name, dev)
+    x = field_inputs(to_tensor(local, dev), to_tensor(mask, dev), b0_dir)
+    with torch.no_grad():
+        out = run_network(lambda xp, apply: apply(model, xp), x, multiple=model.multiple,
+                          max_voxels=max_voxels)
+    return to_numpy(out)
+
+
+@register(
+    "bf_removal",
+    "nextqsm",
+    summary="NeXtQSM learned background removal (3-D U-Net, shipped weights)",
+    citations=("cognolato2023nextqsm", "ronneberger2015unet"),
+    defaults={"device": "auto", "max_voxels": None},
+    description=(
+        "The background field was removed with the NeXtQSM background-removal U-Net, "
+        "trained on hybrid simulated data (device: {device})."
+    ),
+)
+def bfr_nextqsm(total_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
+                max_voxels=None):
+    local = nextqsm_remove_background(total_field_ppm, mask, device, max_voxels)
+    return local, np.asarray(mask) > 0
+
+
+@register(
+    "inversion",
+    "nextqsm",
+    summary="NeXtQSM variational network (unrolled data-consistent steps, U-Net regulariser)",
+    citations=("cognolato2023nextqsm",),
+    defaults={"device": "auto", "max_voxels": None},
+    description=(
+        "The dipole inversion used the NeXtQSM variational network (unrolled gradient steps "
+        "on a dipole data term with a learned U-Net regulariser), trained on hybrid "
+        "simulated data (device: {device})."
+    ),
+)
+def inversion_nextqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
+                      max_voxels=None):
+    return nextqsm_invert(local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels)
+
+
+@register(
+    "inversion",
+    "ir2qsm",
+    summary="IR2QSM (iterative U-Nets with reverse concatenations and a recurrent bottleneck)",
+    citations=("li2025ir2qsm",),
+    defaults={"device": "auto", "max_voxels": None},
+    description=(
+        "The dipole inversion used IR2QSM (four U-Net iterations with reverse "
+        "concatenations and a recurrent bottleneck), trained on hybrid simulated data "
+        "(device: {device})."
+    ),
+)
+def inversion_ir2qsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
+                     max_voxels=None):
+    return _feedforward("ir2qsm", local_field_ppm, mask, b0_dir, device, max_voxels)
+
+
+@register(
+    "inversion",
+    "unet",
+    summary="Plain 3-D U-Net dipole inversion (baseline, shipped weights)",
+    citations=("ronneberger2015unet", "cicek2016unet3d"),
+    defaults={"device": "auto", "max_voxels": None},
+    description=(
+        "The dipole inversion used a 3-D U-Net trained on hybrid simulated data "
+        "(device: {device})."
+    ),
+)
+def inversion_unet(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
+                   max_voxels=None):
+    return _feedforward("unet", local_field_ppm, mask, b0_dir, device, max_voxels)

@@ -1,0 +1,129 @@
+"""3-D U-Net: conv-BN-ReLU x2 blocks, max-pool down, transposed-conv up.
+
+References
+----------
+Ronneberger O, Fischer P, Brox T. U-Net: convolutional networks for
+biomedical image segmentation. MICCAI 2015. Cicek O et al. 3D U-Net: learning
+dense volumetric segmentation from sparse annotation. MICCAI 2016.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_block(cin, cout):
+    """Two 3x3x3 conv-BN-ReLU layers."""
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+        nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """A 3-D U-Net with ``levels`` resolution levels.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    base : int
+        Channels at full resolution; doubled at each level down.
+    levels : int
+        Resolution levels (the input size must be a multiple of
+        ``2**(levels - 1)``, see :attr:`multiple`).
+    extra_channels : sequence of int, optional
+        Channels concatenated to the input of each encoder level but the
+        bottleneck (IR2QSM's reverse concatenation); ``None``: none.
+    """
+
+    def __init__(self, in_channels=1, out_channels=1, base=16, levels=4, extra_channels=None):
+        super().__init__()
+        self.levels = levels
+        self.channels = [base * 2**i for i in range(levels)]
+        extra = list(extra_channels or [0] * (levels - 1))
+        if len(extra) != levels - 1:
+            raise ValueError(f"extra_channels needs {levels - 1} entries, got {len(extra)}")
+        self.extra_channels = extra + [0]
+        cin = [in_channels] + self.channels[:-1]
+        self.down = nn.ModuleList(
+            conv_block(c + e, c_out) for c, e, c_out in zip(cin, self.extra_channels, self.channels)
+        )
+        self.pool = nn.MaxPool3d(2)
+        self.up = nn.ModuleList(
+            nn.ConvTranspose3d(self.channels[i + 1], self.channels[i], 2, stride=2)
+            for i in range(levels - 1)
+        )
+        self.dec = nn.ModuleList(
+            conv_block(2 * self.channels[i], self.channels[i]) for i in range(levels - 1)
+        )
+        self.head = nn.Conv3d(base, out_channels, 1)
+
+    @property
+    def multiple(self):
+        """Spatial sizes must be multiples of this."""
+        return 2 ** (self.levels - 1)
+
+    def encode(self, x, extra=None):
+        """Encoder: the skip features of each level and the bottleneck features.
+
+        ``extra[i]`` (or None) is concatenated to the input of level ``i``.
+        """
+        skips = []
+        for i, block in enumerate(self.down):
+            if i > 0:
+                x = self.pool(x)
+            if extra is not None and extra[i] is not None:
+                x = torch.cat([x, extra[i]], dim=1)
+            x = block(x)
+            skips.append(x)
+        return skips[:-1], skips[-1]
+
+    def decode(self, bottom, skips):
+        """Decoder: (output, decoder features of each level, full resolution first)."""
+        x = bottom
+        feats = [None] * (self.levels - 1)
+        for i in reversed(range(self.levels - 1)):
+            x = self.dec[i](torch.cat([self.up[i](x), skips[i]], dim=1))
+            feats[i] = x
+        return self.head(x), feats
+
+    def forward(self, x):
+        skips, bottom = self.encode(x)
+        return self.decode(bottom, skips)[0]
+
+
+def field_inputs(local, mask, b0_dirs):
+    """Network input ``[B, 5, X, Y, Z]``: local field (ppm), mask and the B0
+    direction (voxel axes) as three channels constant inside the mask.
+
+    ``local`` and ``mask`` are ``[B, 1, X, Y, Z]``; ``b0_dirs`` is ``(3,)`` or
+    ``(B, 3)`` (normalised here).
+    """
+    b = torch.as_tensor(b0_dirs, dtype=local.dtype, device=local.device).reshape(-1, 3)
+    b = b / b.norm(dim=1, keepdim=True)
+    b = b.expand(local.shape[0], 3)[:, :, None, None, None] * mask
+    return torch.cat([local * mask, mask, b], dim=1)
+
+
+class UNetQSM(nn.Module):
+    """Plain U-Net dipole inversion: :func:`field_inputs` -> chi (ppm).
+
+    The baseline of the IR2QSM paper, trained on the same data. ``forward``
+    takes the 5-channel input of :func:`field_inputs` and returns chi masked.
+    """
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = {"base": 16, "levels": 4, "local_scale_ppm": 0.05, "chi_scale_ppm": 0.1,
+                       **(config or {})}
+        self.net = UNet(5, 1, base=self.config["base"], levels=self.config["levels"])
+
+    @property
+    def multiple(self):
+        return self.net.multiple
+
+    def forward(self, x):
+        mask = x[:, 1:2]
+        x = torch.cat([x[:, :1] / self.config["local_scale_ppm"], x[:, 1:]], dim=1)
+        return self.net(x) * self.config["chi_scale_ppm"] * mask

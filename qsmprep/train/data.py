@@ -1,0 +1,51 @@
+"""Training and validation data: the simulator's hybrid samples.
+
+Every sample comes from :func:`qsmprep.sim.hybrid.hybrid_sample`, a pure
+function of ``(seed, index)`` built on the deformed Challenge 2.0 head and
+synthetic shapes (the MNI head is never used for training). The training
+stream of a run with seed ``s`` uses indices ``0, 1, 2, ...``; the fixed
+validation set uses the held-out indices from :data:`VALIDATION_START` on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sim.hybrid import HybridDataset, hybrid_sample
+
+#: First index of the held-out validation samples of a seed.
+VALIDATION_START = 10**9
+
+#: Sample options per model. NeXtQSM knows the voxel size (its dipole data
+#: term), so it trains on mildly anisotropic voxels; the feed-forward
+#: networks see no voxel size and train on 1 mm isotropic data.
+DATA = {
+    "nextqsm": {"patch_size": 48, "voxel_size_range_mm": (0.85, 1.25)},
+    "nextqsm-bfr": {"patch_size": 48, "voxel_size_range_mm": (0.85, 1.25)},
+    "ir2qsm": {"patch_size": 48},
+    "unet": {"patch_size": 48},
+}
+
+
+def training_stream(seed, options, *, workers=1):
+    """``start -> iterator`` over the hybrid samples ``start, start + 1, ...``,
+    simulated by ``workers`` background processes (0: in this process).
+
+    With one worker the order is exactly the index order, so a resumed run
+    sees the same samples; with more, a batch may mix neighbouring indices.
+    """
+    def stream(start):
+        data = HybridDataset(seed=seed, start=start, **options)
+        if workers == 0:
+            return iter(data)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
+                                             prefetch_factor=2, persistent_workers=False)
+        return iter(loader)
+
+    return stream
+
+
+def validation_set(seed, options, n=8):
+    """The fixed validation samples (held-out indices of ``seed``)."""
+    return [hybrid_sample(VALIDATION_START + i, seed=seed, **options) for i in range(n)]
+

@@ -1,0 +1,108 @@
+"""Export a training run as shipped weights with a model card.
+
+Writes ``qsmprep/data/models/<name>.pt`` (float16, sha256 in the manifest),
+``<name>.md`` (the card) and, once, ``check_case.npz``: a small fixed hybrid
+sample on which the card's check NRMSE is measured with the shipped weights,
+so the test suite can verify that the installed weights reproduce it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..dl.weights import MODELS_DIR, load_weights, save_file, save_weights, verify
+from ..sim.hybrid import hybrid_sample
+from .data import DATA, VALIDATION_START, validation_set
+from .loop import to_batch
+from .tasks import TASKS, validation_metrics
+
+CHECK_CASE = "check_case.npz"
+#: The check case: held-out sample of this seed, 1 mm, 48^3.
+CHECK_SEED = 20251
+
+
+def check_case(models_dir=None):
+    """The shipped check case (dict of arrays), written on first use."""
+    models_dir = Path(models_dir or MODELS_DIR)
+    if not (models_dir / CHECK_CASE).exists():
+        sample = hybrid_sample(VALIDATION_START, seed=CHECK_SEED, patch_size=48)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **sample)
+        save_file(CHECK_CASE, buf.getvalue(), models_dir)
+    with np.load(verify(CHECK_CASE, models_dir)) as data:
+        return dict(data)
+
+
+def check_nrmse(task_name, model, models_dir=None):
+    """NRMSE (%) of each output of ``model`` on the check case."""
+    batch = to_batch([check_case(models_dir)], next(model.parameters()).device)
+    return validation_metrics(TASKS[task_name], model, [batch])
+
+
+def _card(name, task, run, ckpt, n_params, size, val, check):
+    cfg = json.loads((Path(run) / "config.json").read_text())
+    rows = "\n".join(f"| {k.replace('val_nrmse_', '')} | {v:.2f} | {check.get(k, float('nan')):.2f} |"
+                     for k, v in sorted(val.items()))
+    data = DATA[task.name]
+    return f"""# Model card: `{name}`
+
+{task.description}, trained with `qsmprep-train {task.name}`.
+
+| | |
+|---|---|
+| architecture | `{json.dumps(ckpt['config'])}` |
+| parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
+| training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(data)}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
+| steps | {ckpt['step']} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over {cfg['steps']} steps) |
+| wall time | {ckpt['wall_s'] / 3600:.2f} h |
+| hardware | {ckpt.get('hardware', 'unknown')} |
+| exported | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |
+
+Validation NRMSE (%, QSM-CI convention, in the mask) of the shipped float16 weights:
+
+| output | validation set (8 held-out samples) | check case (`check_case.npz`) |
+|---|---|---|
+{rows}
+
+Retrain: `qsmprep-train {task.name} --out runs/{task.name} --steps {cfg['steps']} --seed {cfg['seed']} --export`
+(add `--device cuda` and a larger `--config` on a GPU).
+"""
+
+
+def export(task_name, run_dir, models_dir=None, device="cpu"):
+    """Ship the best checkpoint of ``run_dir`` (else its latest) and its card.
+
+    Returns the validation and check-case metrics of the shipped weights.
+    """
+    task = TASKS[task_name]
+    if task.export_name is None:
+        raise ValueError(f"{task_name!r} is a pre-training stage and is not shipped; pass its "
+                         f"checkpoint to `qsmprep-train nextqsm --init`")
+    run = Path(run_dir)
+    path = run / "best.pt" if (run / "best.pt").exists() else run / "checkpoint.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = task.build(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    name = task.export_name
+    seed = json.loads((run / "config.json").read_text())["seed"]
+    meta = {"step": ckpt["step"], "wall_s": ckpt["wall_s"], "hardware": ckpt.get("hardware")}
+    save_weights(name, model, meta, models_dir)
+    # measure with the shipped (float16-rounded) weights, as a user gets them
+    shipped = task.build(ckpt["config"])
+    shipped.load_state_dict(load_weights(name, models_dir)["state_dict"])
+    shipped.to(device)
+    val_batches = [to_batch([s], device) for s in validation_set(seed, DATA[task_name])]
+    val = validation_metrics(task, shipped, val_batches)
+    check = check_nrmse(task_name, shipped, models_dir)
+    meta.update(validation_nrmse=val, check_case_nrmse=check)
+    path = save_weights(name, shipped, meta, models_dir)
+    n_params = sum(p.numel() for p in shipped.parameters())
+    card = _card(name, task, run, ckpt, n_params, path.stat().st_size, val, check)
+    save_file(f"{name}.md", card.encode(), models_dir)
+    return val, check

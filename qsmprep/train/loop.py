@@ -1,0 +1,175 @@
+"""One training loop for every model: checkpoints, resume, CSV log, export.
+
+A run lives in one output folder: ``checkpoint.pt`` (latest: model,
+optimiser, RNG states, step, wall time), ``best.pt`` (lowest validation
+NRMSE), ``metrics.csv`` (one row per logged step) and ``config.json``.
+``--resume`` continues at the exact step with the same data stream.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .tasks import TASKS, validation_metrics
+
+
+#: batch key -> key of a :func:`qsmprep.sim.hybrid.hybrid_sample` dict
+SAMPLE_KEYS = {"total": "total_field", "local": "local_field", "chi": "chi", "mask": "mask"}
+
+
+def to_batch(samples, device):
+    """Stack hybrid sample dicts (:func:`qsmprep.sim.hybrid.hybrid_sample`)
+    into a batch of tensors (see :mod:`qsmprep.train.tasks`)."""
+    def stack(key):
+        return torch.from_numpy(np.stack([np.asarray(s[key], np.float32) for s in samples]))
+
+    batch = {key: stack(src)[:, None].to(device) for key, src in SAMPLE_KEYS.items()}
+    batch["b0"] = stack("b0_dir")
+    batch["voxel_size"] = stack("voxel_size_mm").numpy()
+    return batch
+
+
+def learning_rate(step, total_steps, lr):
+    """Cosine decay from ``lr`` to ``lr / 20`` over ``total_steps``."""
+    frac = min(step / max(total_steps, 1), 1.0)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _save(path, state):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def hardware():
+    """A line describing where training ran."""
+    if torch.cuda.is_available():
+        return f"CUDA {torch.cuda.get_device_name(0)}"
+    return (f"CPU {platform.machine()} ({os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads), torch {torch.__version__}")
+
+
+def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, device="cpu",
+          seed=0, config=None, lr=1e-3, resume=None, init=None, checkpoint_every_s=300.0,
+          validate_every=250, log_every=10, stop_at=None, time_limit_s=None, progress=True):
+    """Train model ``task_name`` (a key of :data:`~qsmprep.train.tasks.TASKS`).
+
+    Parameters
+    ----------
+    out_dir : path
+        Run folder (created).
+    stream : callable ``start -> iterator of sample dicts``
+        The training samples from stream position ``start`` on (sample ``i``
+        a pure function of ``i``, so a resumed run sees the same data).
+    val_samples : list of sample dicts
+        The fixed validation set.
+    steps : int
+        Total optimiser steps (a resumed run continues up to it).
+    resume : path, optional
+        Checkpoint to continue from (model, optimiser, RNG states, step).
+    init : path, optional
+        Checkpoint whose matching weights initialise the model (e.g. a
+        ``nextqsm-bfr`` pre-training run for ``nextqsm``).
+    checkpoint_every_s : float
+        Seconds of wall time between checkpoints (also written at the end).
+    stop_at, time_limit_s : int, float, optional
+        Stop (with a checkpoint) at this step or after this many seconds of
+        this call, without changing the schedule of ``steps``; resume later.
+
+    Returns
+    -------
+    (model, dict of the last validation metrics)
+    """
+    task = TASKS[task_name]
+    device = torch.device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)  # the loss's own draws (teacher forcing)
+    model = task.build(config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    step, wall, best = 0, 0.0, math.inf
+    if resume:
+        state = torch.load(resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, wall, best = state["step"], state["wall_s"], state["best"]
+    elif init:
+        src = torch.load(init, map_location=device, weights_only=False)["model"]
+        own = model.state_dict()
+        own.update({k: v for k, v in src.items() if k in own and own[k].shape == v.shape})
+        model.load_state_dict(own)
+    (out / "config.json").write_text(json.dumps(
+        {"task": task_name, "config": model.config, "steps": steps, "batch_size": batch_size,
+         "seed": seed, "lr": lr}, indent=2))
+    val_batches = [to_batch([s], device) for s in val_samples]
+    samples = stream(step * batch_size)
+    log_path = out / "metrics.csv"
+    fields = ["step", "wall_s", "lr", "loss"]
+    new_log = not log_path.exists() or not resume
+
+    def checkpoint(path):
+        _save(path, {"task": task_name, "config": model.config, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "numpy_rng": rng.bit_generator.state,
+                     "torch_rng": torch.get_rng_state(), "step": step, "wall_s": wall,
+                     "best": best, "hardware": hardware()})
+
+    metrics = {}
+    model.train()
+    last_ckpt = started = time.monotonic()
+    stop_at = steps if stop_at is None else min(stop_at, steps)
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc=task_name)
+    with open(log_path, "w" if new_log else "a", newline="") as fh:
+        writer = None
+        while step < stop_at:
+            t0 = time.monotonic()
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, steps, lr)
+            batch = to_batch([next(samples) for _ in range(batch_size)], device)
+            loss, terms = task.loss(model, batch, step, steps, rng)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            loss = float(loss.detach())
+            opt.step()
+            step += 1
+            wall += time.monotonic() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            row = {}
+            if step % validate_every == 0 or step == steps:
+                metrics = validation_metrics(task, model, val_batches)
+                row.update(metrics)
+                score = sum(metrics.values())
+                if score < best:
+                    best = score
+                    checkpoint(out / "best.pt")
+            if row or step % log_every == 0:
+                row.update(step=step, wall_s=round(wall, 1), lr=learning_rate(step - 1, steps, lr),
+                           loss=loss, **terms)
+                if writer is None:
+                    keys = fields + sorted(k for k in row if k not in fields)
+                    keys += [f"val_nrmse_{k}" for k in ("local", "chi") if f"val_nrmse_{k}"
+                             not in keys]
+                    writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+                    if new_log:
+                        writer.writeheader()
+                writer.writerow(row)
+                fh.flush()
+            if time.monotonic() - last_ckpt > checkpoint_every_s or step == steps:
+                checkpoint(out / "checkpoint.pt")
+                last_ckpt = started = time.monotonic()
+    stop_at = steps if stop_at is None else min(stop_at, steps)
+    bar.close()
+    return model, metrics

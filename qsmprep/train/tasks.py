@@ -1,0 +1,127 @@
+"""What each trainable model computes: build, loss, validation prediction.
+
+A batch is a dict of float32 tensors ``[B, 1, X, Y, Z]`` (``total``,
+``local``, ``chi`` in ppm, ``mask`` 0/1), ``b0`` ``[B, 3]`` (B0 direction in
+voxel axes) and ``voxel_size`` (3 floats, shared by the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..dl.dipole import DipoleOperator
+from ..dl.ir2qsm import IR2QSM, ir2qsm_loss
+from ..dl.nextqsm import NeXtQSM
+from ..dl.unet import UNetQSM, field_inputs
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _dipole(batch, device):
+    return DipoleOperator(batch["chi"].shape[-3:], batch["voxel_size"],
+                          batch["b0"].cpu().numpy(), device=device)
+
+
+def _teacher_probability(step, total_steps):
+    """Probability of feeding the VN the true local field during joint
+    training: 1 at the start, decaying linearly to 0 at half of the run."""
+    return max(0.0, 1.0 - 2.0 * step / max(total_steps, 1))
+
+
+def nextqsm_loss(model, batch, step, total_steps, rng):
+    """MAE of the local field and of chi (each in units of its scale), the
+    VN fed the true local field with a probability decaying over training."""
+    c, m = model.config, batch["mask"]
+    local = model.remove_background(batch["total"], m)
+    vn_input = batch["local"] if rng.random() < _teacher_probability(step, total_steps) else local
+    chi = model.invert(vn_input, m, _dipole(batch, m.device))
+    l_local = masked_mean((local - batch["local"]).abs(), m) / c["local_scale_ppm"]
+    l_chi = masked_mean((chi - batch["chi"]).abs(), m) / c["chi_scale_ppm"]
+    return l_local + l_chi, {"loss_local": float(l_local.detach()),
+                             "loss_chi": float(l_chi.detach())}
+
+
+def nextqsm_bfr_loss(model, batch, step, total_steps, rng):
+    """MAE of the local field only (pre-training of the background removal)."""
+    m = batch["mask"]
+    local = model.remove_background(batch["total"], m)
+    loss = masked_mean((local - batch["local"]).abs(), m) / model.config["local_scale_ppm"]
+    return loss, {"loss_local": float(loss.detach())}
+
+
+def nextqsm_predict(model, batch):
+    """Validation: local field and chi from the total field (joint)."""
+    local = model.remove_background(batch["total"], batch["mask"])
+    return {"local": local, "chi": model.invert(local, batch["mask"], _dipole(batch, local.device))}
+
+
+def nextqsm_bfr_predict(model, batch):
+    return {"local": model.remove_background(batch["total"], batch["mask"])}
+
+
+def _inputs(batch):
+    return field_inputs(batch["local"], batch["mask"], batch["b0"])
+
+
+def ir2qsm_task_loss(model, batch, step, total_steps, rng):
+    loss = ir2qsm_loss(model, _inputs(batch), batch["chi"])
+    return loss, {}
+
+
+def unet_loss(model, batch, step, total_steps, rng):
+    chi = model(_inputs(batch))
+    s = model.config["chi_scale_ppm"]
+    return masked_mean(((chi - batch["chi"]) / s) ** 2, batch["mask"]), {}
+
+
+def chi_predict(model, batch):
+    return {"chi": model(_inputs(batch))}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A trainable model: how to build it, its loss and its validation output."""
+
+    name: str
+    build: Callable
+    loss: Callable
+    predict: Callable
+    export_name: str | None
+    description: str
+
+
+TASKS = {
+    "nextqsm": Task("nextqsm", NeXtQSM, nextqsm_loss, nextqsm_predict, "nextqsm",
+                    "NeXtQSM joint background removal + variational network, end to end"),
+    "nextqsm-bfr": Task("nextqsm-bfr", NeXtQSM, nextqsm_bfr_loss, nextqsm_bfr_predict, None,
+                        "NeXtQSM background-removal U-Net alone (pre-training; pass the "
+                        "checkpoint to `qsmprep-train nextqsm --init`)"),
+    "ir2qsm": Task("ir2qsm", IR2QSM, ir2qsm_task_loss, chi_predict, "ir2qsm",
+                   "IR2QSM dipole inversion"),
+    "unet": Task("unet", UNetQSM, unet_loss, chi_predict, "unet",
+                 "plain 3-D U-Net dipole inversion (IR2QSM's baseline)"),
+}
+
+
+def validation_metrics(task, model, batches):
+    """Mean NRMSE (%) of every predicted map over the validation batches."""
+    from ..qsm.metrics import nrmse
+
+    scores = {}
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            pred = task.predict(model, batch)
+            for key, value in pred.items():
+                for i in range(value.shape[0]):
+                    mask = batch["mask"][i, 0].cpu().numpy() > 0
+                    scores.setdefault(f"val_nrmse_{key}", []).append(
+                        nrmse(value[i, 0].cpu().numpy(), batch[key][i, 0].cpu().numpy(), mask))
+    model.train()
+    return {k: float(np.mean(v)) for k, v in scores.items()}
