@@ -67,6 +67,7 @@ class Execution:
     stop_on_first_crash: bool = False
     output_intermediates: bool = False
     boilerplate_only: bool = False
+    reports_only: bool = False
     device: str = "auto"
     verbosity: int = 0
     run_uuid: str = field(default_factory=new_run_uuid)

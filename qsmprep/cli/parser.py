@@ -87,6 +87,9 @@ def build_parser():
                    help="also write the unwrapped phase (rad) of every echo")
     g.add_argument("--boilerplate-only", action="store_true", default=None,
                    help="write logs/CITATION.md and stop")
+    g.add_argument("--reports-only", action="store_true", default=None,
+                   help="only rebuild the HTML reports (sub-<label>.html) from existing "
+                   "outputs; nothing is recomputed")
 
     g = p.add_argument_group("Performance and execution")
     g.add_argument("-w", "--work-dir", type=Path,
@@ -130,6 +133,7 @@ def parse_args(argv=None):
         ex.work_dir = str(Path("work").absolute())
     for name in ("participant_label", "session_label", "skip_bids_validation",
                  "stop_on_first_crash", "output_intermediates", "boilerplate_only",
+                 "reports_only",
                  "device", "verbosity"):
         value = getattr(opts, name)
         if value is not None:

@@ -47,6 +47,14 @@ def _run_participant(config):
         bids_filters=ex.bids_filters,
         validate=not ex.skip_bids_validation,
     )
+    if ex.reports_only:
+        from ..reports.core import reports_only
+
+        failed = reports_only(ex.output_dir, list(data))
+        if failed:
+            print(f"qsmprep: error: {failed} report(s) could not be built; see the log above",
+                  file=sys.stderr)
+        return 1 if failed else 0
     ex.device = resolve_device(ex.device)
 
     Path(ex.work_dir).mkdir(parents=True, exist_ok=True)
@@ -67,13 +75,28 @@ def _run_participant(config):
     try:
         workflow.run(**settings)
     except Exception as err:  # Nipype raises RuntimeError, plugins may raise others
+        _write_reports(config, data)
         logs = ", ".join(str(ex.log_dir(s)) for s in data)
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         print(f"qsmprep: error: processing failed ({reason}); crash files are in {logs}",
               file=sys.stderr)
         return 1
+    _write_reports(config, data)
     LOGGER.info("qsmprep finished; outputs in %s", ex.output_dir)
     return 0
+
+
+def _write_reports(config, data):
+    """One HTML report per subject (also after a failure: it lists the crashes)."""
+    from ..reports.core import generate_report
+
+    for subject in data:
+        try:
+            path = generate_report(config.execution.output_dir, subject,
+                                   config.execution.run_uuid)
+            LOGGER.info("Report of sub-%s: %s", subject, path)
+        except Exception:  # a broken report must not hide the processing result
+            LOGGER.exception("Could not build the report of sub-%s", subject)
 
 
 def _run_group(config):

@@ -24,6 +24,7 @@ from ..interfaces.qsm import (
 )
 from ..qsm import registry
 from .outputs import init_qsm_derivatives_wf
+from .reports import init_qsm_reports_wf
 
 #: processing order of the registry stages
 PIPELINE_STAGES = ("unwrapping", "masking", "bf_removal", "inversion", "referencing")
@@ -64,6 +65,16 @@ def method_description(stage, name, params=None):
 
 def init_qsm_wf(config, run, *, name=None):
     """Workflow computing the susceptibility map of one :class:`~qsmprep.utils.bids.QSMRun`.
+
+    ::
+
+        load ─► [phase_offset (MCPC-3D-S)] ─► unwrap ─► echo_combine (B0, Hz) ─► total_field (ppm)
+          │                                     └─ quality ─┐                        │
+          └─ magnitude, valid ─────────────────────────────► mask ─► bf_removal ◄────┘
+                                                                      │ local field (ppm), mask
+                                                                      ▼
+                                              ds_qsm_wf ◄─ referencing ◄─ inversion (chi, ppm)
+                                       qsm_reports_wf ◄─ every map above (SVG reportlets)
 
     Parameters
     ----------
@@ -141,6 +152,16 @@ def init_qsm_wf(config, run, *, name=None):
     ])  # fmt: skip
     if config.execution.output_intermediates:
         wf.connect(unwrap, "unwrapped", outputs, "inputnode.unwrapped")
+
+    reports = init_qsm_reports_wf(config, run, methods=methods)
+    wf.connect([
+        (load, reports, [("magnitude", "inputnode.magnitude"), ("phase", "inputnode.phase")]),
+        (unwrap, reports, [("unwrapped", "inputnode.unwrapped"),
+                           ("quality", "inputnode.quality")]),
+        (combine, reports, [("fieldmap", "inputnode.fieldmap")]),
+        (bfr, reports, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
+        (reference, reports, [("chi", "inputnode.chi")]),
+    ])  # fmt: skip
     return wf
 
 
