@@ -465,7 +465,7 @@ def laplacian_unwrap(phase, voxel_size_mm=(1.0, 1.0, 1.0), *, mask=None):
     -------
     float32 array like ``phase``: unwrapped phase (rad); NaNs become 0.
     """
-    phase = np.nan_to_num(np.asarray(phase, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    phase = _finite(phase)
     if phase.ndim == 4:
         return np.stack(
             [laplacian_unwrap(phase[..., e], voxel_size_mm, mask=mask) for e in range(phase.shape[-1])],
@@ -519,8 +519,9 @@ def mcpc3ds(phase, magnitude, echo_times_s, *, voxel_size_mm, sigma_mm=7.0, bipo
 
     The Hermitian inner product of echoes 1 and 2, ``angle(S2 conj(S1)) =
     omega (TE2 - TE1)``, is unwrapped with ROMEO and gives the echo-independent
-    offset ``phi0 = phi1 - omega TE1``; it is smoothed (Gaussian, ``sigma_mm``)
-    on the unit circle and removed from every echo.
+    offset ``phi0 = phi1 - omega TE1``; it is smoothed on the unit circle
+    (magnitude-weighted, approximately Gaussian of width ``sigma_mm``) and
+    removed from every echo.
 
     With ``bipolar=True`` (alternating readouts, >= 3 echoes) the extra phase
     ``b`` of the even echoes is estimated first from echoes 1-3,
@@ -539,12 +540,12 @@ def mcpc3ds(phase, magnitude, echo_times_s, *, voxel_size_mm, sigma_mm=7.0, bipo
     Returns
     -------
     corrected : float32 (X, Y, Z, E)
-        Phase with the offset removed, wrapped to [-pi, pi).
+        Phase with the offset removed, wrapped to [-pi, pi].
     offset : float32 (X, Y, Z)
         The smoothed phase offset ``phi0`` (rad).
     """
-    phase = np.nan_to_num(np.asarray(phase, dtype=np.float32))
-    mag = np.nan_to_num(np.asarray(magnitude, dtype=np.float32))
+    phase = _finite(phase)
+    mag = _finite(magnitude)
     te = np.asarray(echo_times_s, dtype=np.float64)
     if phase.ndim != 4 or phase.shape[-1] < 2 or mag.shape != phase.shape:
         raise ValueError(
@@ -555,7 +556,6 @@ def mcpc3ds(phase, magnitude, echo_times_s, *, voxel_size_mm, sigma_mm=7.0, bipo
         raise ValueError("bipolar MCPC-3D-S needs at least 3 echoes")
     sigma_vox = [sigma_mm / float(v) for v in voxel_size_mm]
     weight = mag[..., 0]
-    phase = phase.copy()
 
     def hip_unwrapped(a, b):
         """Unwrapped phase of S_b conj(S_a), i.e. omega (TE_b - TE_a)."""
@@ -577,8 +577,15 @@ def mcpc3ds(phase, magnitude, echo_times_s, *, voxel_size_mm, sigma_mm=7.0, bipo
 
 
 def _wrap_np(x):
-    """Wrap to [-pi, pi)."""
-    return (np.mod(x + np.pi, TWO_PI) - np.pi).astype(np.float32)
+    """Wrap to [-pi, pi] (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x - np.float32(TWO_PI) * np.rint(x / np.float32(TWO_PI))
+
+
+def _finite(x):
+    """float32 copy of ``x`` with non-finite values set to 0."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.where(np.isfinite(x), x, np.float32(0))
 
 
 # --------------------------------------------------------------------------
@@ -590,6 +597,7 @@ def _wrap_np(x):
     summary="ROMEO region-growing unwrapping with a phase-quality map (default)",
     citations=("dymerska2021romeo",),
     defaults={"mode": "template", "template_echo": 0, "weights": WEIGHTS},
+    provides=("quality",),
     description=(
         "The phase was unwrapped with ROMEO (Dymerska et al. 2021) in {mode} mode "
         "(template echo {template_echo}), and its voxel quality map was kept for masking."
