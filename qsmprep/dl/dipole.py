@@ -19,6 +19,18 @@ from ..qsm.fft import fast_shape
 from ..qsm.kernels import dipole_kernel
 
 
+def _half_spectrum(d):
+    """The rfft half of ``(D(k) + D(-k)) / 2``.
+
+    ``D`` is even in k, but on an even-sized FFT grid the Nyquist bins of an
+    oblique kernel are not (``+N/2`` and ``-N/2`` are one bin); symmetrising
+    gives exactly the real part of the full complex product, as in
+    :func:`qsmprep.qsm.kernels.dipole_convolve`.
+    """
+    mirrored = np.roll(np.flip(d, axis=(0, 1, 2)), 1, axis=(0, 1, 2))
+    return (0.5 * (d + mirrored))[:, :, : d.shape[2] // 2 + 1]
+
+
 class DipoleOperator:
     """Dipole convolution of ``[B, C, X, Y, Z]`` tensors (ppm -> ppm).
 
@@ -42,8 +54,7 @@ class DipoleOperator:
         dirs = np.atleast_2d(np.asarray(b0_dirs, dtype=np.float64))
         voxels = np.atleast_2d(np.asarray(voxel_size_mm, dtype=np.float64))
         dirs, voxels = np.broadcast_arrays(dirs, voxels)
-        nz = self.padded[2] // 2 + 1  # rfft half-spectrum of D (real and even)
-        kernels = [dipole_kernel(self.padded, v, b)[:, :, :nz] for b, v in zip(dirs, voxels)]
+        kernels = [_half_spectrum(dipole_kernel(self.padded, v, b)) for b, v in zip(dirs, voxels)]
         self.kernel = torch.from_numpy(np.stack(kernels)[:, None]).to(device)
         self.before = [(p - n) // 2 for n, p in zip(self.shape, self.padded)]
 

@@ -167,9 +167,12 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
                         writer.writeheader()
                 writer.writerow(row)
                 fh.flush()
-            if time.monotonic() - last_ckpt > checkpoint_every_s or step == steps:
+            timed_out = time_limit_s is not None and time.monotonic() - started > time_limit_s
+            if (time.monotonic() - last_ckpt > checkpoint_every_s or step == stop_at
+                    or timed_out):
                 checkpoint(out / "checkpoint.pt")
-                last_ckpt = started = time.monotonic()
-    stop_at = steps if stop_at is None else min(stop_at, steps)
+                last_ckpt = time.monotonic()
+            if timed_out:
+                break
     bar.close()
     return model, metrics

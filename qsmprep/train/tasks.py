@@ -114,6 +114,7 @@ def validation_metrics(task, model, batches):
     from ..qsm.metrics import nrmse
 
     scores = {}
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
@@ -123,5 +124,5 @@ def validation_metrics(task, model, batches):
                     mask = batch["mask"][i, 0].cpu().numpy() > 0
                     scores.setdefault(f"val_nrmse_{key}", []).append(
                         nrmse(value[i, 0].cpu().numpy(), batch[key][i, 0].cpu().numpy(), mask))
-    model.train()
+    model.train(was_training)
     return {k: float(np.mean(v)) for k, v in scores.items()}

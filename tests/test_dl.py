@@ -1,0 +1,194 @@
+"""Deep-learning infrastructure and networks: padding, tiling, dipole operator,
+determinism, weights registry, shipped weights."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from qsmprep.dl.dipole import DipoleOperator
+from qsmprep.dl.inference import pad_to_multiple, predict_tiled, run_network, select_device
+from qsmprep.dl.ir2qsm import IR2QSM, ir2qsm_loss
+from qsmprep.dl.nextqsm import NeXtQSM
+from qsmprep.dl.unet import UNet, UNetQSM, field_inputs
+from qsmprep.dl.weights import MODELS_DIR, WeightsError, load_weights, read_manifest, save_weights
+from qsmprep.qsm.kernels import dipole_convolve
+
+SMALL = {"base": 4, "levels": 3}
+
+
+def _field(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 0.05 * torch.randn((1, 1) + tuple(shape), generator=g)
+
+
+def test_select_device_cpu_and_errors():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="auto"):
+        select_device("tpu")
+
+
+@pytest.mark.parametrize("shape", [(17, 20, 9), (16, 16, 16), (1, 33, 8)])
+def test_pad_to_multiple_roundtrip(shape):
+    x = _field(shape)
+    xp, sl = pad_to_multiple(x, 8)
+    assert all(n % 8 == 0 and n >= m for n, m in zip(xp.shape[-3:], shape))
+    assert torch.equal(xp[sl], x)
+    assert float(xp.abs().sum()) == pytest.approx(float(x.abs().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(19, 22, 13), (24, 24, 24)])
+def test_unet_runs_on_any_size(shape):
+    net = UNet(1, 2, **SMALL).eval()
+    with torch.no_grad():
+        y = run_network(lambda xp, apply: apply(net, xp), _field(shape), multiple=net.multiple)
+    assert y.shape == (1, 2) + shape
+
+
+def test_predict_tiled_is_exact_for_pointwise_maps():
+    x = _field((37, 30, 21))
+    y = predict_tiled(lambda t: 3 * t - 1, x, tile=16, overlap=6)
+    assert torch.allclose(y, 3 * x - 1, atol=1e-6)
+
+
+def test_tiled_network_matches_whole_volume():
+    torch.manual_seed(0)
+    net = UNet(1, 1, base=4, levels=2).eval()  # receptive field ~ 18 voxels
+    x = _field((48, 40, 32))
+    with torch.no_grad():
+        whole = run_network(lambda xp, apply: apply(net, xp), x, multiple=2)
+        tiled = run_network(lambda xp, apply: apply(net, xp), x, multiple=2, max_voxels=1000,
+                            tile=24, overlap=12)
+    err = float((tiled - whole).norm() / whole.norm())
+    assert err < 0.02
+    # and the tiles really were used: tiles without overlap leave seams
+    with torch.no_grad():
+        seams = predict_tiled(net, x, tile=16, overlap=0)
+    assert float((seams - whole).norm() / whole.norm()) > err
+
+
+def test_dipole_operator_matches_numpy_forward_model():
+    rng = np.random.default_rng(0)
+    chi = rng.standard_normal((20, 17, 14)).astype(np.float32)
+    vox, b0 = (1.0, 0.8, 1.3), (0.2, -0.3, 0.93)
+    ref = dipole_convolve(chi, vox, b0, pad_factor=2.0)
+    op = DipoleOperator(chi.shape, vox, b0, pad_factor=2.0)
+    out = op(torch.from_numpy(chi)[None, None])[0, 0].numpy()
+    assert np.allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_dipole_operator_is_self_adjoint_and_per_item():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 1, 12, 14, 10, generator=g), torch.randn(2, 1, 12, 14, 10, generator=g)
+    dirs = [(0, 0, 1), (0.6, 0, 0.8)]
+    op = DipoleOperator(x.shape[-3:], (1, 1, 1), dirs)
+    assert float((op(x) * y).sum()) == pytest.approx(float((x * op(y)).sum()), rel=1e-4)
+    single = DipoleOperator(x.shape[-3:], (1, 1, 1), dirs[1])
+    assert torch.allclose(op(x)[1:], single(x[1:]), atol=1e-6)
+    assert not torch.allclose(op(x)[:1], single(x[:1]), atol=1e-3)
+
+
+def test_data_term_gradient_matches_autograd():
+    g = torch.Generator().manual_seed(2)
+    shape = (14, 12, 10)
+    x = torch.randn((1, 1) + shape, generator=g, dtype=torch.float64, requires_grad=True)
+    f = torch.randn((1, 1) + shape, generator=g, dtype=torch.float64)
+    mask = (torch.rand((1, 1) + shape, generator=g) > 0.4).double()
+    op = DipoleOperator(shape, (1.0, 1.2, 0.9), (0.1, 0.2, 0.97))
+    op.kernel = op.kernel.double()
+    lam = 0.7
+    energy = 0.5 * lam * (mask * (op(x) - f)).pow(2).sum()
+    (auto,) = torch.autograd.grad(energy, x)
+    assert torch.allclose(lam * op.data_gradient(x.detach(), f, mask), auto, rtol=1e-9, atol=1e-12)
+
+
+def test_nextqsm_shapes_and_data_consistency_steps():
+    torch.manual_seed(0)
+    model = NeXtQSM({"bfr": SMALL, "vn": {**SMALL, "steps": 2}}).eval()
+    shape = (20, 24, 16)
+    total, mask = _field(shape), torch.ones((1, 1) + shape)
+    mask[..., :3] = 0
+    op = DipoleOperator(shape, (1, 1, 1), (0, 0, 1))
+    with torch.no_grad():
+        local, chi = model(total, mask, op)
+        chi2, steps = model.invert(local, mask, op, return_steps=True)
+    assert local.shape == chi.shape == (1, 1) + shape
+    assert len(steps) == 2 and torch.equal(steps[-1], chi2) and torch.equal(chi, chi2)
+    assert float(chi[mask == 0].abs().max()) == 0.0
+
+
+def test_ir2qsm_deterministic_in_eval_and_loss_weights():
+    torch.manual_seed(0)
+    model = IR2QSM({"base": 4, "levels": 3}).eval()
+    shape = (16, 20, 12)
+    x = field_inputs(_field(shape), torch.ones((1, 1) + shape), (0.0, 0.3, 1.0))
+    assert x.shape == (1, 5) + shape
+    assert torch.allclose(x[0, 2:].norm(dim=0), torch.ones(shape))  # unit B0 channels
+    with torch.no_grad():
+        a, outs = model(x, return_iterations=True)
+        b = model(x)
+        chi = torch.zeros_like(a)
+        loss = ir2qsm_loss(model, x, chi)
+    assert torch.equal(a, b) and len(outs) == 4
+    s = model.config["chi_scale_ppm"]
+    expected = (a / s).pow(2).mean() + sum(
+        w * (o / s).pow(2).mean() for w, o in zip(model.config["aux_weights"], outs))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_weights_registry_checks_sha256(tmp_path):
+    model = UNetQSM(SMALL)
+    save_weights("unet", model, {"note": "test"}, tmp_path)
+    blob = load_weights("unet", tmp_path)
+    assert blob["config"] == model.config and blob["meta"] == {"note": "test"}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(blob["state_dict"][k], v, atol=1e-3 * max(1, v.abs().max()))
+    data = bytearray((tmp_path / "unet.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "unet.pt").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256"):
+        load_weights("unet", tmp_path)
+    with pytest.raises(WeightsError, match="qsmprep-train ir2qsm"):
+        load_weights("ir2qsm", tmp_path)
+
+
+SHIPPED = sorted(n[:-3] for n in read_manifest() if n.endswith(".pt"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_reproduce_their_card(name, tmp_path):
+    from qsmprep.dl.methods import load_model
+    from qsmprep.train.export import check_nrmse
+
+    blob = load_weights(name)
+    expected = blob["meta"]["check_case_nrmse"]
+    model = load_model(name)
+    got = check_nrmse(name, model)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=0.5), key
+        assert f"{value:.2f}" in (MODELS_DIR / f"{name}.md").read_text()
+    # a corrupted copy is refused with a clear error
+    for f in (f"{name}.pt", "manifest.json"):
+        shutil.copy(MODELS_DIR / f, tmp_path / f)
+    raw = bytearray((tmp_path / f"{name}.pt").read_bytes())
+    raw[-100] ^= 0x01
+    (tmp_path / f"{name}.pt").write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match="corrupted"):
+        load_model(name, models_dir=tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())[f"{name}.pt"]["bytes"] < 8e6
+
+
+def test_registry_lists_dl_methods_with_device_param():
+    from qsmprep.qsm import registry
+
+    for stage, name, cite in [("bf_removal", "nextqsm", "cognolato2023nextqsm"),
+                              ("inversion", "nextqsm", "cognolato2023nextqsm"),
+                              ("inversion", "ir2qsm", "li2025ir2qsm"),
+                              ("inversion", "unet", "ronneberger2015unet")]:
+        method = registry.get(stage, name)
+        assert method.defaults["device"] == "auto" and cite in method.citations
