@@ -143,12 +143,11 @@ class Config:
 
     def to_toml(self, path):
         """Write the settings as TOML to ``path`` (folders are created)."""
+        from .utils.files import write_text
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(tomli_w.dumps(_drop_none(self.to_dict())).encode())
-        os.replace(tmp, path)
-        return path
+        return write_text(path, tomli_w.dumps(_drop_none(self.to_dict())))
 
     @classmethod
     def from_dict(cls, data):

@@ -3,31 +3,55 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
 LOGGER = logging.getLogger("qsmprep")
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived (raised from the signal handler)."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv=None):
     """Entry point of the ``qsmprep`` console script; returns the exit code
-    (0 success, 1 input error or failed processing)."""
+    (0 success, 1 input error, no space or failed processing, 128 + signal
+    number when interrupted by SIGTERM/SIGINT)."""
+    import multiprocessing
+
     from ..utils.bids import QSMPrepInputError
+    from ..utils.files import OutputSpaceError
     from .parser import parse_args
 
     config = parse_args(argv)
     _setup_logging(config.execution.verbosity)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if config.execution.analysis_level == "group":
             return _run_group(config)
         return _run_participant(config)
-    except QSMPrepInputError as err:
+    except (QSMPrepInputError, OutputSpaceError) as err:
         print(f"qsmprep: error: {err}", file=sys.stderr)
         return 1
+    except (Interrupted, KeyboardInterrupt) as err:
+        signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
+        for child in multiprocessing.active_children():  # the workers of this run
+            child.terminate()
+        print(f"qsmprep: error: interrupted by {signal.Signals(signum).name}; finished steps "
+              f"are kept in {config.execution.work_dir}: run the same command again to "
+              "resume", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_participant(config):
-    from ..utils.bids import check_output_dir, collect_data
+    from ..utils.bids import check_methods, check_output_dir, collect_data
     from ..workflows.outputs import write_derivatives_description
     from .workflow import build_workflow, write_boilerplate
 
@@ -47,6 +71,7 @@ def _run_participant(config):
         bids_filters=ex.bids_filters,
         validate=not ex.skip_bids_validation,
     )
+    check_methods(data, config.workflow)
     if ex.reports_only:
         from ..reports.core import reports_only
 
@@ -76,14 +101,39 @@ def _run_participant(config):
         workflow.run(**settings)
     except Exception as err:  # Nipype raises RuntimeError, plugins may raise others
         _write_reports(config, data)
-        logs = ", ".join(str(ex.log_dir(s)) for s in data)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"qsmprep: error: processing failed ({reason}); crash files are in {logs}",
-              file=sys.stderr)
+        print(failure_summary(config, data, err), file=sys.stderr)
         return 1
     _write_reports(config, data)
     LOGGER.info("qsmprep finished; outputs in %s", ex.output_dir)
     return 0
+
+
+def failure_summary(config, data, err):
+    """What to print when processing failed: one line giving the failed subjects
+    and the first reason, then one line per crash file."""
+    ex = config.execution
+    crashes = {s: sorted(ex.log_dir(s).glob("crash-*")) for s in data}
+    failed = [s for s in data if crashes[s]]
+    if not failed:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        logs = ", ".join(str(ex.log_dir(s)) for s in data)
+        return f"qsmprep: error: processing failed ({reason}); crash files are in {logs}"
+    lines = [
+        f"qsmprep: error: {len(failed)} of {len(data)} subject(s) failed "
+        f"({', '.join(f'sub-{s}' for s in failed)}): {_crash_reason(crashes[failed[0]][0])}"
+    ]
+    lines += [f"  sub-{s}: {path}" for s in failed for path in crashes[s]]
+    return "\n".join(lines)
+
+
+def _crash_reason(path):
+    """The exception line of a Nipype crash file (its last non-empty line)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return f"see {path}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else f"see {path}"
 
 
 def _write_reports(config, data):

@@ -9,6 +9,7 @@ physics stays testable without Nipype.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -26,6 +27,13 @@ from nipype.interfaces.base import (
 
 from ..utils.images import load_stack, phase_in_rad, save_like, zero_nonfinite
 
+LOGGER = logging.getLogger("qsmprep")
+
+#: memory budgeted per voxel of a deep-learning network's input (bytes): its
+#: activations (tens of float32 channels at full resolution plus the coarser
+#: levels); ``--mem`` divided by this caps the voxels of one inference pass
+DL_BYTES_PER_VOXEL = 1024
+
 
 class _MethodInputSpec(BaseInterfaceInputSpec):
     method = traits.Str(mandatory=True, desc="method name in the registry")
@@ -33,18 +41,46 @@ class _MethodInputSpec(BaseInterfaceInputSpec):
                          desc="parameters overriding the method's defaults")
     num_threads = traits.Int(1, usedefault=True, desc="threads for this step")
     device = traits.Str("cpu", usedefault=True, desc="torch device for methods that take one")
+    mem_gb = traits.Float(0.0, usedefault=True,
+                          desc="memory for this step (GB, --mem); 0: no limit given")
+
+
+def max_voxels_for(mem_gb):
+    """Largest network input (voxels) for ``mem_gb`` GB, or None without a limit."""
+    return int(mem_gb * 2**30 / DL_BYTES_PER_VOXEL) if mem_gb > 0 else None
 
 
 def _run_method(stage, name, *args, params, context, **stage_kwargs):
     """``registry.run(stage, name, *args, **stage_kwargs, **params)`` plus the
-    context values (voxel size, device...) that the method's signature accepts
-    and the user did not set."""
+    context values (voxel size, device, max_voxels...) that the method's
+    signature accepts and the user did not set.
+
+    A method on a CUDA device that runs out of GPU memory even when tiled is
+    run again on the CPU, with a warning.
+    """
     from ..qsm import registry
 
     method = registry.get(stage, name)
     accepted = inspect.signature(method.func).parameters
-    extra = {k: v for k, v in context.items() if k in accepted and k not in params}
+    extra = {k: v for k, v in context.items()
+             if k in accepted and k not in params and v is not None}
+    try:
+        return registry.run(stage, name, *args, **stage_kwargs, **extra, **params)
+    except Exception as err:
+        if not (_is_cuda_oom(err) and str(extra.get("device", "")).startswith("cuda")):
+            raise
+    import torch
+
+    torch.cuda.empty_cache()
+    LOGGER.warning("%s '%s' ran out of GPU memory even in tiles; running it on the CPU "
+                   "(slower). Free the GPU or lower --mem to tile more finely.", stage, name)
+    extra["device"] = "cpu"
     return registry.run(stage, name, *args, **stage_kwargs, **extra, **params)
+
+
+def _is_cuda_oom(err):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
 
 
 @contextmanager
@@ -93,6 +129,8 @@ class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
     phase = traits.List(File(exists=True), mandatory=True)
     echo_times = traits.List(traits.Float, mandatory=True, desc="s, file order")
     phase_units = traits.Enum(None, "rad", "arbitrary", usedefault=True)
+    complex_parts = traits.Bool(False, usedefault=True,
+                                desc="magnitude/phase are the part-real/part-imag files")
 
 
 class _LoadEchoesOutputSpec(TraitedSpec):
@@ -104,17 +142,31 @@ class _LoadEchoesOutputSpec(TraitedSpec):
 
 
 class LoadEchoes(SimpleInterface):
-    """Stack echoes by echo time, phase to rad, NaN/Inf to 0."""
+    """Stack echoes by echo time, phase to rad, NaN/Inf to 0.
+
+    Real and imaginary parts (``complex_parts``) become magnitude and phase;
+    without magnitude files (phase-only) the magnitude is 1 everywhere.
+    """
 
     input_spec = _LoadEchoesInputSpec
     output_spec = _LoadEchoesOutputSpec
 
     def _run_interface(self, runtime):
-        mag, _, _ = load_stack(self.inputs.magnitude, self.inputs.magnitude_echo_times)
         raw, tes, ref = load_stack(self.inputs.phase, self.inputs.echo_times)
-        sources = [_describe_files(self.inputs.phase), _describe_files(self.inputs.magnitude)]
-        valid = zero_nonfinite([raw, mag], sources)
-        phase, units = phase_in_rad(raw, self.inputs.phase_units, sources[0])
+        if self.inputs.magnitude:
+            mag, _, _ = load_stack(self.inputs.magnitude, self.inputs.magnitude_echo_times)
+            sources = [_describe_files(self.inputs.phase),
+                       _describe_files(self.inputs.magnitude)]
+            valid = zero_nonfinite([raw, mag], sources)
+        else:
+            sources = [_describe_files(self.inputs.phase)]
+            valid = zero_nonfinite([raw], sources)
+            mag = np.ones_like(raw)
+        if self.inputs.complex_parts:  # mag holds the real part, raw the imaginary part
+            signal = mag + 1j * raw
+            phase, mag, units = np.angle(signal), np.abs(signal).astype(np.float32), "rad"
+        else:
+            phase, units = phase_in_rad(raw, self.inputs.phase_units, sources[0])
         self._results.update(
             magnitude=save_like(mag, ref, _out("magnitude.nii.gz", runtime)),
             phase=save_like(phase, ref, _out("phase.nii.gz", runtime)),
@@ -270,6 +322,12 @@ class Mask(SimpleInterface):
                            params=self.inputs.params,
                            context={"voxel_size_mm": _voxel_size(ref)})
         mask = np.asarray(mask, dtype=bool) & _load(self.inputs.valid, bool)[0]
+        if not mask.any():
+            raise ValueError(
+                f"The '{self.inputs.method}' brain mask is empty (from {self.inputs.magnitude}"
+                "): check that the magnitude shows the head and is not all zero/NaN, or try "
+                "another --masking method"
+            )
         self._results["mask"] = save_like(mask, ref, _out("mask.nii.gz", runtime), np.uint8)
         return runtime
 
@@ -298,7 +356,8 @@ class BackgroundRemoval(SimpleInterface):
             local, mask_out = _run_method(
                 "bf_removal", self.inputs.method, field, mask, _voxel_size(ref),
                 b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
-                context={"device": self.inputs.device},
+                context={"device": self.inputs.device,
+                         "max_voxels": max_voxels_for(self.inputs.mem_gb)},
             )
         self._results.update(
             local_field=save_like(local, ref, _out("local_field_ppm.nii.gz", runtime)),
@@ -330,7 +389,8 @@ class Inversion(SimpleInterface):
             chi = _run_method(
                 "inversion", self.inputs.method, local, mask, _voxel_size(ref),
                 b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
-                context={"device": self.inputs.device},
+                context={"device": self.inputs.device,
+                         "max_voxels": max_voxels_for(self.inputs.mem_gb)},
             )
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii.gz", runtime))
         return runtime

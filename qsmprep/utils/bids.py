@@ -40,6 +40,9 @@ class QSMRun:
     stacked (one 3-D file per echo sorted by echo time, or one 4-D file);
     ``echo_times`` and ``magnitude_echo_times`` (s) follow that same stacking
     order; :attr:`sorted_echo_times` is the order used for processing.
+    ``magnitude`` is empty for a phase-only run. With ``complex_parts``,
+    ``magnitude`` and ``phase`` list the ``part-real`` and ``part-imag`` files
+    (magnitude and phase are computed from them when loading).
     """
 
     subject: str
@@ -51,6 +54,7 @@ class QSMRun:
     field_strength: float  # T
     phase_units: str | None  # "rad", "arbitrary" or None (infer from the range)
     b0_dir: tuple | None  # from the sidecar's B0_dir, else None (use the affine)
+    complex_parts: bool = False  # magnitude/phase hold the part-real/part-imag files
 
     @property
     def entity_dict(self):
@@ -119,7 +123,9 @@ def collect_data(bids_dir, *, participant_label=(), session_label=(), bids_filte
     bids_dir = Path(bids_dir)
     if not (bids_dir / "dataset_description.json").is_file():
         raise QSMPrepInputError(
-            f"{bids_dir} is not a BIDS dataset: it has no dataset_description.json"
+            f"{bids_dir} is not a BIDS dataset: it has no dataset_description.json; "
+            f"check the path, or create {bids_dir}/dataset_description.json with at least "
+            '{"Name": "<dataset name>", "BIDSVersion": "1.9.0"}'
         )
     try:
         layout = BIDSLayout(str(bids_dir), validate=validate)
@@ -202,30 +208,48 @@ def collect_runs(layout, subject, *, session_label=(), bids_filters=None):
 
 
 def _make_run(subject, key, files):
-    phase = [f for f in files if f[1].get("part") == "phase"]
-    mag = [f for f in files if f[1].get("part", "mag") == "mag"]
+    _check_duplicates(files)
+    by_part = {}
+    for f in files:
+        by_part.setdefault(f[1].get("part", "mag"), []).append(f)
     label = f"sub-{subject} " + (" ".join(f"{k}={v}" for k, v in key))
-    if not phase:
-        raise QSMPrepInputError(
-            f"No phase images for {label} (found only {Path(files[0][0]).name}); QSM needs "
-            "the phase: add the part-phase files, e.g. *_echo-1_part-phase_MEGRE.nii.gz"
-        )
-    if not mag:
-        raise QSMPrepInputError(
-            f"No magnitude images for {label} ({Path(phase[0][0]).name} has no part-mag "
-            "partner); add the part-mag files of the same echoes"
-        )
-    phase_files, echo_times = _order_echoes(phase, "phase")
-    mag_files, mag_times = _order_echoes(mag, "magnitude")
-    if len(mag_times) != len(echo_times) or not np.allclose(
+    complex_parts = "phase" not in by_part and ("real" in by_part or "imag" in by_part)
+    if complex_parts:
+        first, second = by_part.get("real", []), by_part.get("imag", [])
+        if not first or not second:
+            have, need = ("real", "imag") if first else ("imag", "real")
+            raise QSMPrepInputError(
+                f"{Path((first or second)[0][0]).name} (part-{have}) has no part-{need} "
+                f"partner for {label}; add the part-{need} files of the same echoes, or "
+                "give magnitude and phase (part-mag, part-phase) instead"
+            )
+        names = ("real", "imaginary")
+    else:
+        first, second = by_part.get("mag", []), by_part.get("phase", [])
+        names = ("magnitude", "phase")
+        if not second:
+            raise QSMPrepInputError(
+                f"No phase images for {label} (found only {Path(files[0][0]).name}); QSM "
+                "needs the phase: add the part-phase files, e.g. "
+                "*_echo-1_part-phase_MEGRE.nii.gz (or part-real and part-imag files)"
+            )
+        if not first:
+            LOGGER.warning(
+                "%s: %s has no part-mag partner; processing this run from the phase "
+                "only (no magnitude weighting; needs --masking quality)",
+                label, Path(second[0][0]).name,
+            )
+    phase_files, echo_times = _order_echoes(second, names[1])
+    mag_files, mag_times = _order_echoes(first, names[0]) if first else ([], [])
+    if first and (len(mag_times) != len(echo_times) or not np.allclose(
         sorted(mag_times), sorted(echo_times), rtol=1e-4, atol=1e-7
-    ):
+    )):
         raise QSMPrepInputError(
-            f"The magnitude echo times {_fmt(mag_times)} s ({Path(mag_files[0]).name}) do "
-            f"not match the phase echo times {_fmt(echo_times)} s "
+            f"The {names[0]} echo times {_fmt(mag_times)} s ({Path(mag_files[0]).name}) do "
+            f"not match the {names[1]} echo times {_fmt(echo_times)} s "
             f"({Path(phase_files[0]).name}); each echo needs both parts"
         )
-    meta = phase[0][2]
+    meta = second[0][2]
     return QSMRun(
         subject=subject,
         entities=key,
@@ -233,10 +257,24 @@ def _make_run(subject, key, files):
         phase=tuple(phase_files),
         echo_times=tuple(echo_times),
         magnitude_echo_times=tuple(mag_times),
-        field_strength=field_strength(meta, phase[0][0]),
-        phase_units=phase_units({p: m for p, _, m in phase}),
-        b0_dir=b0_dir_from_sidecar(meta, phase[0][0]),
+        field_strength=field_strength(meta, second[0][0]),
+        phase_units="rad" if complex_parts else phase_units({p: m for p, _, m in second}),
+        b0_dir=b0_dir_from_sidecar(meta, second[0][0]),
+        complex_parts=complex_parts,
     )
+
+
+def _check_duplicates(files):
+    """Refuse one image stored twice (``.nii`` and ``.nii.gz`` of the same name)."""
+    seen = {}
+    for path, _, _ in files:
+        stem = Path(path).name.split(".nii")[0]
+        if stem in seen:
+            raise QSMPrepInputError(
+                f"{path} and {seen[stem]} are the same image stored twice (.nii and "
+                ".nii.gz); delete one of them"
+            )
+        seen[stem] = path
 
 
 def _order_echoes(files, part):
@@ -311,10 +349,15 @@ def echo_times(meta, path):
     values = value if isinstance(value, (list, tuple)) else [value]
     times = [_number(v, "EchoTime", path) for v in values]
     for t in times:
-        if not 0 < t < 1:
+        if t >= 1:
             raise QSMPrepInputError(
-                f"EchoTime {t} in the sidecar of {path} is not in seconds (expected "
-                "0 < TE < 1 s, e.g. 0.004 for 4 ms)"
+                f"EchoTime {t:g} in the sidecar of {path} is not in seconds: it looks like "
+                f"milliseconds: write {t / 1000:g} (divide every EchoTime by 1000)"
+            )
+        if not t > 0:
+            raise QSMPrepInputError(
+                f"EchoTime {t:g} in the sidecar of {path} is not a positive time; give "
+                "the echo time in seconds, e.g. 0.004 for 4 ms"
             )
     return times
 
@@ -382,15 +425,18 @@ def b0_dir_from_sidecar(meta, path):
 
 
 def check_run(run):
-    """Check the voxel grids of a run from the NIfTI headers.
+    """Check the files of a run from their NIfTI headers.
 
-    All echoes, magnitude and phase, must share shape and affine.
+    Every file must be a complete NIfTI image (not empty, not truncated) and
+    all echoes, magnitude and phase, must share shape and affine. A header
+    whose qform and sform disagree gets a warning (the sform is used).
     """
     ref_path = run.phase[0]
-    ref = nb.load(ref_path)
+    ref = read_header(ref_path)
+    check_orientation(ref, ref_path)
     for part, files in (("phase", run.phase), ("magnitude", run.magnitude)):
         for path in files:
-            img = nb.load(path)
+            img = read_header(path)
             what = "magnitude and phase" if part == "magnitude" else "phase echoes"
             if img.shape[:3] != ref.shape[:3]:
                 raise QSMPrepInputError(
@@ -411,6 +457,95 @@ def check_run(run):
                 f"{run.magnitude[0]} holds {n_mag[0]} echoes but the phase has "
                 f"{len(run.echo_times)}; magnitude and phase need the same echoes"
             )
+
+
+def read_header(path):
+    """The NIfTI image at ``path`` (header only), checked to be complete.
+
+    Raises :class:`QSMPrepInputError` naming the file for an empty, unreadable
+    or truncated file. Truncation is detected from the file size (``.nii``) or
+    the gzip trailer's uncompressed size (``.nii.gz``), confirmed by reading
+    the stream to its end, so a complete file is never read whole here.
+    """
+    fix = "re-export it from the scanner/converter or copy it again"
+    try:
+        img = nb.load(path)
+    except Exception as err:  # nibabel raises several types for a broken file
+        size = Path(path).stat().st_size
+        what = "is empty (0 bytes)" if size == 0 else f"is not a readable NIfTI file ({err})"
+        raise QSMPrepInputError(f"{path} {what}; {fix}") from None
+    header = img.header
+    expected = int(header.get_data_offset()) + int(
+        np.prod(img.shape, dtype=np.int64) * header.get_data_dtype().itemsize)
+    if not str(path).endswith(".gz"):
+        if Path(path).stat().st_size < expected:
+            raise QSMPrepInputError(
+                f"{path} is truncated: {Path(path).stat().st_size} bytes for an image of "
+                f"{expected} bytes (shape {img.shape}); {fix}")
+        return img
+    with open(path, "rb") as f:
+        f.seek(-4, 2)
+        isize = int.from_bytes(f.read(4), "little")
+    if isize != expected % 2**32 and not _gzip_complete(path):
+        raise QSMPrepInputError(
+            f"{path} is truncated or corrupt (its compressed stream ends early, before "
+            f"the {expected} bytes of an image of shape {img.shape}); {fix}")
+    return img
+
+
+def _gzip_complete(path):
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error):
+        return False
+    return True
+
+
+def check_orientation(img, path):
+    """Warn when the qform and sform of ``img`` disagree or neither is set."""
+    header = img.header
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if qform is None and sform is None:
+        LOGGER.warning(
+            "%s has neither qform nor sform set: its orientation is unknown and B0 is "
+            "assumed along the third voxel axis. Fix the header (e.g. re-convert with "
+            "dcm2niix) or give \"B0_dir\" in the sidecar", path)
+    elif qform is not None and sform is not None and not np.allclose(qform, sform, atol=1e-3):
+        LOGGER.warning(
+            "%s: the qform and sform of the header disagree; the sform is used (as by "
+            "nibabel and FSL) for the voxel size and the B0 direction. If the qform is "
+            "the right one, copy it to the sform (e.g. fslorient -copyqform2sform)", path)
+
+
+def check_methods(data, workflow):
+    """Refuse method settings that some runs of ``data`` cannot use.
+
+    Phase-only runs (no magnitude) need the phase-quality mask, which ROMEO's
+    quality map provides; bipolar phase-offset correction needs >= 3 echoes.
+    """
+    for runs in data.values():
+        for run in runs:
+            label = f"sub-{run.subject} {run.name} ({Path(run.phase[0]).name})"
+            if not run.magnitude and (workflow.masking != "quality"
+                                      or workflow.unwrapping != "romeo"):
+                raise QSMPrepInputError(
+                    f"{label} has no magnitude images: process it with --masking quality "
+                    "--unwrapping romeo (a phase-quality mask), or add the part-mag files"
+                )
+            bipolar = workflow.stage_params("phase_offset").get("bipolar", False)
+            if (bipolar and workflow.phase_offset == "mcpc3ds"
+                    and len(run.echo_times) < 3):
+                raise QSMPrepInputError(
+                    f"{label} has {len(run.echo_times)} echo(es) but the bipolar phase-offset "
+                    "correction needs 3 or more; set bipolar = false under "
+                    "[workflow.params.phase_offset] or use --phase-offset none"
+                )
 
 
 def _grid_fix(part):

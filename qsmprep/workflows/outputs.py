@@ -12,7 +12,6 @@ Per run (see docs/outputs.md)::
 from __future__ import annotations
 
 import json
-import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -23,6 +22,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..__about__ import __url__, __version__
 from ..interfaces.bids import STAGING, DerivativesDataSink
+from ..utils.files import write_text
 
 #: files and folders of the output directory that are not BIDS
 BIDSIGNORE = ("logs/", "group/", "*.html", "sub-*/log/", "sub-*/figures/", f"{STAGING}/")
@@ -120,8 +120,8 @@ def write_derivatives_description(bids_dir, output_dir):
         "DatasetLinks": {"raw": Path(bids_dir).absolute().as_uri()},
         "HowToAcknowledge": "Please cite the methods listed in logs/CITATION.md.",
     }
-    _write_text(output_dir / "dataset_description.json", json.dumps(desc, indent=2) + "\n")
-    _write_text(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    write_text(output_dir / "dataset_description.json", json.dumps(desc, indent=2) + "\n")
+    write_text(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
 
 
 def write_citations(boilerplate, output_dir):
@@ -136,8 +136,8 @@ def write_citations(boilerplate, output_dir):
     keys = list(dict.fromkeys(re.findall(r"@([A-Za-z0-9_:-]+)", boilerplate)))
     refs = [f"- {_format_reference(entries[k])}" if k in entries else f"- {k}" for k in keys]
     text = boilerplate.strip() + "\n\n### References\n\n" + "\n".join(refs) + "\n"
-    _write_text(logs / "CITATION.md", text)
-    _write_text(logs / "CITATION.bib", "\n\n".join(entries[k]["raw"] for k in keys
+    write_text(logs / "CITATION.md", text)
+    write_text(logs / "CITATION.bib", "\n\n".join(entries[k]["raw"] for k in keys
                                                    if k in entries) + "\n")
     return logs / "CITATION.md"
 
@@ -162,9 +162,3 @@ def _format_reference(e):
     who = first + (" et al." if len(authors) > 1 else "")
     doi = f" doi:{e['doi']}" if e.get("doi") else ""
     return f"{who} ({e.get('year', 'n.d.')}). {e.get('title', '')}. *{e.get('journal', '')}*.{doi}"
-
-
-def _write_text(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -94,7 +94,8 @@ def init_qsm_wf(config, run, *, name=None):
     def stage_node(interface, stage, node_name, heavy=True):
         node = pe.Node(
             interface(method=methods[stage], params=params[stage],
-                      num_threads=omp if heavy else 1, device=device),
+                      num_threads=omp if heavy else 1, device=device,
+                      mem_gb=config.nipype.mem_gb),
             name=node_name, n_procs=omp if heavy else 1,
         )
         return node
@@ -103,7 +104,7 @@ def init_qsm_wf(config, run, *, name=None):
         LoadEchoes(
             magnitude=list(run.magnitude), magnitude_echo_times=list(run.magnitude_echo_times),
             phase=list(run.phase), echo_times=list(run.echo_times),
-            phase_units=run.phase_units,
+            phase_units=run.phase_units, complex_parts=run.complex_parts,
         ),
         name="load",
     )
