@@ -114,6 +114,26 @@ def test_chimap_matches_ground_truth(baseline, qsm_forward_bids, tmp_path):
     assert metrics["correlation"] > 0.8, metrics
 
 
+def test_report_of_the_run_opens_in_a_browser(baseline):
+    """The subject's HTML report: every reportlet drawn, loads in headless
+    Chromium without console errors, and shows the run's echo times."""
+    from qsmprep.reports import browser
+
+    figures = sorted(p.name for p in (baseline / "sub-1" / "figures").glob("*.svg"))
+    assert figures == [f"sub-1_desc-{k}_MEGRE.svg" for k in
+                       ("chi", "fieldmap", "localfield", "magnitude", "phase", "quality")]
+    page = baseline / "sub-1.html"
+    assert page.is_file()
+    if browser.find_chromium() is None:
+        pytest.skip("Chromium not found: `apt-get install -y chromium chromium-driver`")
+    seen = browser.check_report(page)
+    assert seen["figures_total"] == len(figures) and seen["figures_loaded"] == len(figures)
+    assert not seen["console"], seen["console"]
+    sidecar = json.loads((baseline / "sub-1" / "anat" / "sub-1_Chimap.json").read_text())
+    echo_ms = ", ".join(f"{te * 1000:g}" for te in sidecar["EchoTime"])
+    assert echo_ms in seen["text"], (echo_ms, seen["text"][:2000])
+
+
 def test_group_level_table(baseline, qsm_forward_bids):
     proc = subprocess.run([sys.executable, "-m", "qsmprep.cli.run", str(qsm_forward_bids),
                            str(baseline), "group"], capture_output=True, text=True)
