@@ -130,14 +130,14 @@ def sharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=6.0, t
     "resharp",
     summary="RESHARP: Tikhonov-regularised SHARP solved by conjugate gradients",
     citations=("sun2014resharp",),
-    defaults={"radius_mm": 5.0, "lam": 1e-4, "max_iter": 200, "tol": 1e-4, "device": "cpu"},
+    defaults={"radius_mm": 5.0, "lam": 1e-4, "max_iter": 200, "tol": 1e-3, "device": "cpu"},
     description=(
         "Background fields were removed with RESHARP (SMV radius {radius_mm} mm, "
         "Tikhonov weight {lam})."
     ),
 )
 def resharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=5.0, lam=1e-4,
-            max_iter=200, tol=1e-4, device="cpu"):
+            max_iter=200, tol=1e-3, device="cpu"):
     """RESHARP (Sun & Wilman 2014): ``min_l ||M_r C (f - l)||^2 + lam ||l||^2``.
 
     ``C`` is the SMV high-pass ``delta - S_r`` and ``M_r`` the mask eroded by
@@ -183,14 +183,14 @@ def _data_weights(mask, noise_std):
     "pdf",
     summary="Projection onto dipole fields (weighted least squares, CG)",
     citations=("liu2011pdf",),
-    defaults={"pad_factor": 1.5, "max_iter": 100, "tol": 1e-3, "device": "cpu"},
+    defaults={"pad_factor": 1.5, "max_iter": 50, "tol": 1e-2, "device": "cpu"},
     description=(
         "Background fields were removed with projection onto dipole fields (PDF), "
         "fitting dipole sources outside the brain by conjugate gradients (tolerance {tol})."
     ),
 )
 def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise_std=None,
-        pad_factor=1.5, max_iter=100, tol=1e-3, device="cpu"):
+        pad_factor=1.5, max_iter=50, tol=1e-2, device="cpu"):
     """Projection onto dipole fields (Liu et al. 2011).
 
     Background sources ``chi_b`` live outside the mask ``M``:
@@ -198,7 +198,8 @@ def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise_s
     equations; the local field is ``M (f - D (1 - M) chi_b)``. ``W`` is
     ``1 / noise_std`` (e.g. MEDI's N_std from the echo fit), uniform if None.
     The field is zero-padded by ``pad_factor`` so that sources may lie beyond
-    the field of view.
+    the field of view. CG stops early (relative residual ``tol``), which
+    regularises the ill-posed source fit.
     """
     field = _check(total_field_ppm, mask)
     box = MaskBox(mask, pad_factor=pad_factor)

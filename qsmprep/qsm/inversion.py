@@ -83,10 +83,12 @@ def _admm_tv(a_k, b_k, shape, lam, rho, max_iter, tol):
     u = torch.zeros_like(z)
     for _ in range(int(max_iter)):
         x_old = x
-        x = T.irfft3((b_k + rho * T.rfft3(T.grad_adj(z - u))) / denom, shape)
+        x_k = T.rfft3(T.grad_adj(z.sub_(u)))
+        x = T.irfft3(x_k.mul_(rho).add_(b_k).div_(denom), shape)
         gx = T.grad(x)
-        z = T.soft_threshold(gx + u, lam / rho)
-        u += gx - z
+        u += gx
+        z = T.soft_threshold(u, lam / rho)  # u holds grad x + u_old here
+        u -= z
         if torch.linalg.vector_norm(x - x_old) <= tol * torch.linalg.vector_norm(x):
             break
     return x
@@ -97,7 +99,7 @@ def _admm_tv(a_k, b_k, shape, lam, rho, max_iter, tol):
     "tv",
     summary="Total-variation regularised inversion (ADMM, closed-form k-space update)",
     citations=("bilgic2014tv",),
-    defaults={"lam": 5e-4, "rho": None, "max_iter": 60, "tol": 1e-3, "pad_factor": 1.5,
+    defaults={"lam": 5e-4, "rho": None, "max_iter": 40, "tol": 3e-3, "pad_factor": 1.3,
               "device": "cpu"},
     description=(
         "The dipole inversion used total-variation regularisation solved with ADMM "
@@ -105,7 +107,7 @@ def _admm_tv(a_k, b_k, shape, lam, rho, max_iter, tol):
     ),
 )
 def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam=5e-4,
-            rho=None, max_iter=60, tol=1e-3, pad_factor=1.5, device="cpu"):
+            rho=None, max_iter=40, tol=3e-3, pad_factor=1.3, device="cpu"):
     """Total-variation dipole inversion by ADMM (Bilgic et al. 2014).
 
     Solves ``min_chi 1/2 ||D chi - f||^2 + lam ||grad chi||_1`` with the

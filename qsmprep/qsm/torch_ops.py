@@ -56,27 +56,56 @@ def grad_norm2_t(shape, device="cpu"):
     return as_tensor(half(e2), device)
 
 
+def _sl(d, start, stop):
+    """Index selecting ``start:stop`` along axis ``d`` of a 3-D tensor."""
+    idx = [slice(None)] * 3
+    idx[d] = slice(start, stop)
+    return tuple(idx)
+
+
+def add_rolled(out, x, shift, d, scale=1.0):
+    """``out += scale * torch.roll(x, shift, dims=d)`` for ``shift`` = +1 or -1,
+    with slices instead of ``torch.roll`` (several times faster on CPU)."""
+    if shift == 1:
+        out[_sl(d, 1, None)].add_(x[_sl(d, None, -1)], alpha=scale)
+        out[_sl(d, 0, 1)].add_(x[_sl(d, -1, None)], alpha=scale)
+    elif shift == -1:
+        out[_sl(d, None, -1)].add_(x[_sl(d, 1, None)], alpha=scale)
+        out[_sl(d, -1, None)].add_(x[_sl(d, 0, 1)], alpha=scale)
+    else:
+        raise ValueError(f"shift must be +1 or -1, got {shift}")
+    return out
+
+
 def grad(x):
     """Periodic forward differences of a (X, Y, Z) tensor -> (3, X, Y, Z)."""
-    return torch.stack([torch.roll(x, -1, dims=d) - x for d in range(3)])
+    out = -x.expand(3, *x.shape).clone()
+    for d in range(3):
+        add_rolled(out[d], x, -1, d)
+    return out
 
 
 def grad_adj(g):
     """Adjoint of :func:`grad` (= minus the backward-difference divergence)."""
-    return sum(torch.roll(g[d], 1, dims=d) - g[d] for d in range(3))
-
-
-def soft_threshold(x, t):
-    """Element-wise soft thresholding ``sign(x) max(|x| - t, 0)``."""
-    return torch.sign(x) * torch.clamp(torch.abs(x) - t, min=0.0)
+    out = -(g[0] + g[1] + g[2])
+    for d in range(3):
+        add_rolled(out, g[d], 1, d)
+    return out
 
 
 def laplacian(x, voxel_size_mm=(1.0, 1.0, 1.0)):
     """7-point Laplacian (periodic) of a (X, Y, Z) tensor, in units of x / mm^2."""
-    return sum(
-        (torch.roll(x, 1, dims=d) + torch.roll(x, -1, dims=d) - 2 * x) / float(h) ** 2
-        for d, h in enumerate(voxel_size_mm)
-    )
+    w = [1.0 / float(h) ** 2 for h in voxel_size_mm]
+    out = x * (-2.0 * sum(w))
+    for d in range(3):
+        add_rolled(out, x, 1, d, w[d])
+        add_rolled(out, x, -1, d, w[d])
+    return out
+
+
+def soft_threshold(x, t):
+    """Element-wise soft thresholding ``sign(x) max(|x| - t, 0)`` (= ``x - clamp(x, -t, t)``)."""
+    return x - torch.clamp(x, -t, t)
 
 
 def cg(apply_a, b, x0=None, *, max_iter=100, tol=1e-6):
