@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    DOCS, RESULTS, fmt, hardware, hardware_note, markdown_table, replace_section, timed,
+    DOCS, RESULTS, ROOT, fmt, hardware, hardware_note, markdown_table, replace_section, timed,
     write_json,
 )
 
@@ -56,6 +56,7 @@ LEADERBOARD = {
     "bf_removal": {"ismv": "28.1", "resharp": "33.0", "sharp": "36.3", "lbv": "42.4",
                    "vsharp": "42.6", "pdf": "44.5"},
     "inversion": {"tv": "26.5", "tvadmm": "26.5", "tkd": "36.3", "ilsqr": "53.3",
+                  "lsqr": "53.3 (iLSQR)",
                   "medi": "53–62", "qsmnet+": "52.8", "modl": "73.8"},
     "pipeline": {},
 }
@@ -174,8 +175,8 @@ def pipeline(case, methods):
 def pipeline_variants(quick):
     """The app's default pipeline (``qsmprep.config.DEFAULT_METHODS``), the
     same with the true brain mask (separates masking errors from the rest)
-    and, unless ``quick``, one variant per other unwrapping and masking method
-    (the stage tables cover background removal and inversion)."""
+    and, unless ``quick``, one variant per other unwrapping method (the stage
+    tables cover background removal and inversion)."""
     from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm import registry
 
@@ -183,7 +184,7 @@ def pipeline_variants(quick):
                ("unwrapping", "masking", "bf_removal", "inversion", "referencing")}
     variants = {"default: " + " → ".join(default.values()): default,
                 f"default with the {TRUE_MASK}": {**default, "masking": TRUE_MASK}}
-    for stage in () if quick else ("unwrapping", "masking"):
+    for stage in () if quick else ("unwrapping",):
         for name in registry.names(stage):
             if name != default[stage]:
                 variants[f"{stage}={name}"] = {**default, stage: name}
@@ -203,7 +204,8 @@ def score_row(stage, method, case, func, truth, labels=None):
         row.update(status="ok", runtime_s=seconds, cpu_s=cpu,
                    metrics=metrics.score(recon, truth, case.mask, labels))
     except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip()[:300],
+        error = f"{type(exc).__name__}: {exc}".replace(str(ROOT) + "/", "")
+        row.update(status="failed", error=error.split(". ")[0].strip()[:200],
                    traceback=traceback.format_exc(limit=3))
     print(f"[accuracy] {stage:10s} {method:40s} {case.name:24s} {row['status']}"
           + (f" NRMSE {row['metrics']['nrmse']:.1f} % in {row['runtime_s']:.1f} s"
@@ -258,19 +260,32 @@ def render(results):
         rows = [r for r in results["rows"] if r["stage"] == stage]
         if not rows:
             continue
-        table = []
+        table, failed = [], {}
         for r in rows:
-            board = LEADERBOARD[stage].get(_key(r["method"]), "–")
             if r["status"] != "ok":
-                table.append([f"{r['method']} (failed: {r['error']})", r["phantom"]]
-                             + ["–"] * 8 + [board])
+                failed.setdefault((r["method"], r["error"]), []).append(r["phantom"])
                 continue
             m = r["metrics"]
             table.append([r["method"], r["phantom"], fmt(m["nrmse"]), fmt(m["nrmse_detrend"]),
                           fmt(m["hfen"]), fmt(m["xsim"], 3), fmt(m["correlation"], 3),
                           fmt(m["coverage"], 3), fmt(r["runtime_s"], 1),
-                          fmt(r.get("cpu_s"), 1), board])
+                          fmt(r.get("cpu_s"), 1), LEADERBOARD[stage].get(_key(r["method"]), "–")])
         parts += [f"### {title}\n", markdown_table(headers, table)]
+        best = {}
+        for r in rows:
+            value = r["metrics"]["nrmse"] if r["status"] == "ok" else None
+            if value is not None and np.isfinite(value):
+                b = best.get(r["phantom"])
+                if b is None or value < b["metrics"]["nrmse"]:
+                    best[r["phantom"]] = r
+        if best:
+            parts.append("Lowest NRMSE: " + "; ".join(
+                f"{p}: {r['method']} ({fmt(r['metrics']['nrmse'])} %)" for p, r in best.items())
+                + ".\n")
+        if failed:
+            parts.append("Failed:\n\n" + "\n".join(
+                f"- **{method}** on {', '.join(phantoms)}: `{error}`"
+                for (method, error), phantoms in failed.items()) + "\n")
     region_rows = [r for r in results["rows"]
                    if r["status"] == "ok" and "nrmse_dgm" in r["metrics"]]
     if region_rows:

@@ -57,7 +57,7 @@ def test_section_replaced_and_others_kept(tmp_path, tiny_results):
     assert text.count("<!-- accuracy:start -->") == 1 == text.count("<!-- accuracy:end -->")
     section = text.split("<!-- accuracy:start -->")[1].split("<!-- accuracy:end -->")[0]
     assert "| tkd | tiny | 50.0 |" in section
-    assert "broken (failed: RuntimeError: did not converge)" in section
+    assert "- **broken** on tiny: `RuntimeError: did not converge`" in section
     assert "36.3" in section  # the QSM-CI leaderboard value for TKD sits beside it
     saved = json.loads(json_path.read_text())
     assert [r["status"] for r in saved["rows"]] == ["ok", "failed", "ok"]
