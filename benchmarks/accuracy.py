@@ -18,7 +18,8 @@ All scores are taken in the true brain mask with :mod:`qsmprep.qsm.metrics`
 benchmarks/results/accuracy.json. A method that raises is reported as failed
 with its error.
 
-Usage: ``python benchmarks/accuracy.py [--quick]`` (``--quick``: 2 mm phantoms).
+Usage: ``python benchmarks/accuracy.py [--quick]`` (``--quick``: 2 mm phantoms);
+``--from-json FILE`` re-renders the docs section from saved results.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import sys
 import time
 import traceback
@@ -320,9 +322,15 @@ def main(argv=None):
     parser.add_argument("--phantoms", nargs="+", help="only these phantom names")
     parser.add_argument("--methods", nargs="+", help="only these stage methods")
     parser.add_argument("--skip", nargs="+", default=[], help="leave out these stage methods")
+    parser.add_argument("--from-json", type=Path,
+                        help="only re-render the docs section from a saved results file")
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        replace_section(args.docs, SECTION, render(json.loads(args.from_json.read_text())))
+        print(f"[accuracy] rendered {args.from_json} into {args.docs}")
+        return
 
     results = {"quick": args.quick, "hardware": hardware(), "seed": SEED,
                "phantoms": [], "rows": []}
