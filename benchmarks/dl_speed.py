@@ -1,0 +1,103 @@
+"""Whole-head inference time of the deep-learning methods on the CPU.
+
+The unseen-anatomy phantom (MNI head, 1 mm, cropped to 160x192x160 around
+the brain) goes through each shipped network with the registry's call
+(padding, dipole operator, float32): NeXtQSM background removal, NeXtQSM
+inversion, the joint NeXtQSM chain, IR2QSM and the plain U-Net. Median of
+``--repeats`` runs after one warm-up. Targets (issues #6, #7): NeXtQSM
+< 60 s, IR2QSM < 30 s on 2 CPU cores.
+
+Writes the table between ``<!-- dl_speed:start -->`` and
+``<!-- dl_speed:end -->`` in docs/benchmarks.md.
+
+Usage: ``python benchmarks/dl_speed.py [--repeats 3] [--quick] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DOCS, RESULTS, fmt, hardware, hardware_note, markdown_table, replace_section, timed, write_json  # noqa: E402,E501
+
+SECTION = "dl_speed"
+TARGETS_S = {"nextqsm (joint)": 60.0, "ir2qsm": 30.0}
+
+
+def phantom(shape):
+    """MNI head at 1 mm cropped to ``shape``: (total, local, mask)."""
+    from qsmprep.sim import forward
+    from qsmprep.sim.phantoms import crop, mni_head
+
+    head = crop(mni_head(1.0, rng=0), shape)
+    vox = head.voxel_size_mm
+    total = forward.total_field(head.chi_ppm, vox, chi_ambient_ppm=head.chi_ambient_ppm)
+    local = forward.local_field(head.chi_ppm, head.brain_mask, vox)
+    return total, local, head.brain_mask, vox
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="a 96^3 crop, one repeat (smoke test)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from qsmprep.qsm import registry
+
+    shape = (96, 96, 96) if args.quick else (160, 192, 160)
+    repeats = 1 if args.quick else args.repeats
+    info = hardware()
+    total, local, mask, vox = phantom(shape)
+    b0 = (0.0, 0.0, 1.0)
+    kw = {"b0_dir": b0, "device": args.device}
+
+    def joint():
+        loc, m = registry.run("bf_removal", "nextqsm", total, mask, vox, **kw)
+        return registry.run("inversion", "nextqsm", loc, m, vox, **kw)
+
+    cases = {
+        "nextqsm bfr": lambda: registry.run("bf_removal", "nextqsm", total, mask, vox, **kw),
+        "nextqsm inversion": lambda: registry.run("inversion", "nextqsm", local, mask, vox, **kw),
+        "nextqsm (joint)": joint,
+        "ir2qsm": lambda: registry.run("inversion", "ir2qsm", local, mask, vox, **kw),
+        "unet": lambda: registry.run("inversion", "unet", local, mask, vox, **kw),
+    }
+    rows, results = [], {}
+    for name, fn in cases.items():
+        try:
+            fn()  # warm-up (loads and checks the weights)
+        except Exception as exc:  # noqa: BLE001 - report a missing model in the table
+            rows.append([name, "–", "–", f"not run: {exc}"])
+            continue
+        times = [timed(fn)[1] for _ in range(repeats)]
+        med = statistics.median(times)
+        target = TARGETS_S.get(name)
+        verdict = "–" if target is None else ("met" if med < target else f"missed by {med - target:.0f} s")
+        results[name] = {"median_s": med, "times_s": times, "target_s": target}
+        rows.append([name, fmt(med), fmt(target, 0) if target else "–", verdict])
+    body = (
+        f"## Deep-learning inference time (1 mm whole head, {args.device.upper()})\n\n"
+        f"MNI head phantom (unseen anatomy) cropped to {'x'.join(map(str, shape))} voxels at "
+        f"1 mm; median of {repeats} run(s) after a warm-up, through the method registry "
+        f"(`benchmarks/dl_speed.py`).\n\n"
+        + markdown_table(["method", "time (s)", "target (s)", "target"], rows)
+        + "\n" + hardware_note(info) + "\n"
+    )
+    if not args.quick:
+        replace_section(DOCS, SECTION, body)
+        write_json(RESULTS / "dl_speed.json", {"hardware": info, "shape": shape,
+                                                "results": results})
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
