@@ -17,7 +17,11 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..qsm.units import b0_direction_from_affine, field_strength_from_frequency
+from ..qsm.units import (
+    b0_direction_from_affine,
+    field_strength_from_frequency,
+    voxel_size_from_affine,
+)
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -26,6 +30,9 @@ GRE_SUFFIXES = ("MEGRE", "T2starw")
 #: entities that tell runs of one subject apart
 RUN_ENTITIES = ("session", "acquisition", "reconstruction", "run")
 _NIFTI = (".nii", ".nii.gz")
+#: field of view (mm) below which a slab gets a warning: the dipole field of
+#: sources outside it cannot be told apart from that of the tissue inside
+THIN_SLAB_MM = 32.0
 
 
 class QSMPrepInputError(ValueError):
@@ -434,6 +441,7 @@ def check_run(run):
     ref_path = run.phase[0]
     ref = read_header(ref_path)
     check_orientation(ref, ref_path)
+    check_extent(ref, ref_path)
     for part, files in (("phase", run.phase), ("magnitude", run.magnitude)):
         for path in files:
             img = read_header(path)
@@ -521,6 +529,18 @@ def check_orientation(img, path):
             "%s: the qform and sform of the header disagree; the sform is used (as by "
             "nibabel and FSL) for the voxel size and the B0 direction. If the qform is "
             "the right one, copy it to the sform (e.g. fslorient -copyqform2sform)", path)
+
+
+def check_extent(img, path):
+    """Warn when the image is a slab thinner than :data:`THIN_SLAB_MM` along an axis."""
+    extent = np.asarray(img.shape[:3]) * voxel_size_from_affine(img.affine)
+    axis = int(np.argmin(extent))
+    if extent[axis] < THIN_SLAB_MM:
+        LOGGER.warning(
+            "%s is a thin slab (%d voxels, %.3g mm along axis %d): QSM of so few slices is "
+            "unreliable near its faces, and eroding background removal (V-SHARP, SHARP) "
+            "may leave no voxel; prefer --bf-removal pdf or lbv, or acquire a thicker slab",
+            path, img.shape[axis], extent[axis], axis)
 
 
 def check_methods(data, workflow):
