@@ -92,6 +92,17 @@ def write_run(root, signal, affine, echo_times, *, subject="01", parts=("mag", "
     return files
 
 
+def load_run(run, workdir):
+    """The workflow's ``load`` step on ``run``; returns its Nipype outputs."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    return ifaces.LoadEchoes(
+        magnitude=[str(p) for p in run.magnitude],
+        magnitude_echo_times=list(run.magnitude_echo_times),
+        phase=[str(p) for p in run.phase], echo_times=list(run.echo_times),
+        phase_units=run.phase_units, complex_parts=run.complex_parts,
+    ).run(cwd=str(workdir)).outputs
+
+
 def run_chain(run, workdir, config=None):
     """Every step of the QSM workflow on ``run`` (settings from ``config``);
     returns ``{step: outputs}`` with the Nipype output objects."""
@@ -108,11 +119,7 @@ def run_chain(run, workdir, config=None):
         return call(stage, cls(method=wf.method(stage), params=wf.stage_params(stage),
                                mem_gb=config.nipype.mem_gb, **inputs))
 
-    out = {"load": call("load", ifaces.LoadEchoes(
-        magnitude=[str(p) for p in run.magnitude],
-        magnitude_echo_times=list(run.magnitude_echo_times),
-        phase=[str(p) for p in run.phase], echo_times=list(run.echo_times),
-        phase_units=run.phase_units, complex_parts=run.complex_parts))}
+    out = {"load": load_run(run, workdir / "load")}
     load = out["load"]
     phase = load.phase
     if wf.phase_offset == "mcpc3ds" and len(run.echo_times) > 1:
