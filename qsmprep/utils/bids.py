@@ -483,7 +483,8 @@ def read_header(path):
         what = "is empty (0 bytes)" if size == 0 else f"is not a readable NIfTI file ({err})"
         raise QSMPrepInputError(f"{path} {what}; {fix}") from None
     header = img.header
-    expected = int(header.get_data_offset()) + int(
+    offset = getattr(img.dataobj, "offset", None) or header.get_data_offset()
+    expected = int(offset) + int(
         np.prod(img.shape, dtype=np.int64) * header.get_data_dtype().itemsize)
     if not str(path).endswith(".gz"):
         if Path(path).stat().st_size < expected:
