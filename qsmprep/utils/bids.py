@@ -200,8 +200,13 @@ def collect_runs(layout, subject, *, session_label=(), bids_filters=None):
             f"The BIDS filters {bids_filters} cannot be used: {err}. Use pybids entity "
             "names, e.g. {\"acquisition\": \"highres\"}"
         ) from None
+    patterns = bidsignore_patterns(layout.root)
+    kept = [f for f in found if not is_bidsignored(f.path, layout.root, patterns)]
+    if len(kept) < len(found):
+        LOGGER.info("sub-%s: %d file(s) left out by %s/.bidsignore", subject,
+                    len(found) - len(kept), layout.root)
     groups = {}
-    for f in found:
+    for f in kept:
         ents = f.get_entities()
         key = tuple((k, str(ents[k])) for k in RUN_ENTITIES if k in ents)
         key += (("suffix", ents["suffix"]),)
@@ -212,6 +217,32 @@ def collect_runs(layout, subject, *, session_label=(), bids_filters=None):
         check_run(run)
         runs.append(run)
     return runs
+
+
+def bidsignore_patterns(bids_dir):
+    """The patterns of ``<bids_dir>/.bidsignore`` (none when it does not exist)."""
+    path = Path(bids_dir) / ".bidsignore"
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def is_bidsignored(path, bids_dir, patterns):
+    """Whether ``path`` matches a ``.bidsignore`` pattern (gitignore-style: a
+    pattern without ``/`` matches any file or folder name, one with ``/`` the
+    path from the dataset root, a trailing ``/`` a folder and all it holds)."""
+    from fnmatch import fnmatchcase
+
+    rel = Path(path).absolute().relative_to(Path(bids_dir).absolute()).parts
+    for pattern in patterns:
+        pat = pattern.strip("/")
+        if "/" in pat or pattern.startswith("/"):
+            if any(fnmatchcase("/".join(rel[:n]), pat) for n in range(1, len(rel) + 1)):
+                return True
+        elif any(fnmatchcase(part, pat) for part in rel):
+            return True
+    return False
 
 
 def _make_run(subject, key, files):
