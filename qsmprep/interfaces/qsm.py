@@ -158,6 +158,12 @@ class LoadEchoes(SimpleInterface):
             sources = [_describe_files(self.inputs.phase),
                        _describe_files(self.inputs.magnitude)]
             valid = zero_nonfinite([raw, mag], sources)
+            if not mag.any():
+                raise ValueError(
+                    f"{sources[1]}: the magnitude is zero everywhere; re-export it, or "
+                    "process the run from the phase only (remove the part-mag files and "
+                    "use --masking quality)"
+                )
         else:
             sources = [_describe_files(self.inputs.phase)]
             valid = zero_nonfinite([raw], sources)
@@ -332,6 +338,14 @@ class Mask(SimpleInterface):
         return runtime
 
 
+def _optional_rss(path):
+    """Root-sum-of-squares over echoes of an optional magnitude file, or None."""
+    if not isdefined(path):
+        return None
+    mag = _load(path)[0]
+    return np.sqrt(np.sum(mag.reshape(mag.shape[:3] + (-1,)) ** 2, axis=3))
+
+
 class _BFRInputSpec(_MethodInputSpec):
     total_field = File(exists=True, mandatory=True, desc="ppm")
     mask = File(exists=True, mandatory=True)
@@ -370,6 +384,8 @@ class _InversionInputSpec(_MethodInputSpec):
     local_field = File(exists=True, mandatory=True, desc="ppm")
     mask = File(exists=True, mandatory=True)
     b0_dir = traits.List(traits.Float, mandatory=True)
+    magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, for methods that use "
+                     "its edges (MEDI)")
 
 
 class _ChiOutputSpec(TraitedSpec):
@@ -390,7 +406,8 @@ class Inversion(SimpleInterface):
                 "inversion", self.inputs.method, local, mask, _voxel_size(ref),
                 b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
                 context={"device": self.inputs.device,
-                         "max_voxels": max_voxels_for(self.inputs.mem_gb)},
+                         "max_voxels": max_voxels_for(self.inputs.mem_gb),
+                         "magnitude": _optional_rss(self.inputs.magnitude)},
             )
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii.gz", runtime))
         return runtime
@@ -399,6 +416,8 @@ class Inversion(SimpleInterface):
 class _ReferenceInputSpec(_MethodInputSpec):
     chi = File(exists=True, mandatory=True, desc="ppm")
     mask = File(exists=True, mandatory=True)
+    magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, for methods that find "
+                     "the CSF in it")
 
 
 class Reference(SimpleInterface):
@@ -411,7 +430,10 @@ class Reference(SimpleInterface):
         chi, ref = _load(self.inputs.chi)
         mask, _ = _load(self.inputs.mask, bool)
         out = _run_method("referencing", self.inputs.method, chi, mask,
-                          params=self.inputs.params, context={})
+                          params=self.inputs.params,
+                          context={"voxel_size_mm": _voxel_size(ref),
+                                   "magnitude": _load(self.inputs.magnitude)[0]
+                                   if isdefined(self.inputs.magnitude) else None})
         out = np.where(mask, out, 0)
         self._results["chi"] = save_like(out, ref, _out("chi_ref_ppm.nii.gz", runtime))
         return runtime

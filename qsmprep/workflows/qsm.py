@@ -146,6 +146,8 @@ def init_qsm_wf(config, run, *, name=None):
         (mask, bfr, [("mask", "mask")]),
         (bfr, invert, [("local_field", "local_field"), ("mask", "mask")]),
         (invert, reference, [("chi", "chi")]),
+        (load, invert, [("magnitude", "magnitude")]),
+        (load, reference, [("magnitude", "magnitude")]),
         (bfr, reference, [("mask", "mask")]),
         (reference, outputs, [("chi", "inputnode.chi")]),
         (bfr, outputs, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
