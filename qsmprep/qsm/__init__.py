@@ -32,6 +32,10 @@ _EXPORTS = {
     "hfen": "metrics",
     "xsim": "metrics",
     "correlation": "metrics",
+    "coverage": "metrics",
+    "region_metrics": "metrics",
+    "score": "metrics",
+    "quality_mask": "unwrap",
 }
 
 __all__ = sorted(_EXPORTS)
