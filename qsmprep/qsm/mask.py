@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from .fft import fast_shape, pad
 from .registry import register
+from .unwrap import quality_mask
 
 
 def _as_3d_magnitude(magnitude):
@@ -136,7 +137,7 @@ def robust_magnitude_mask(magnitude, *, quality=None, threshold=None, fill_holes
     magnitude : ndarray (X, Y, Z) or (X, Y, Z, echo)
         Magnitude; several echoes are combined by root sum of squares.
     quality : ignored
-        Accepted for the masking stage signature (see :func:`quality_mask`).
+        Accepted for the masking stage signature (see :func:`phase_quality_mask`).
     threshold : float, optional
         Absolute magnitude threshold; default from :func:`magnitude_threshold`.
     fill_holes : bool
@@ -192,8 +193,8 @@ def _check_quality(quality, shape):
         "{quality_threshold}, keeping the largest connected component and filling holes."
     ),
 )
-def quality_mask(magnitude, *, quality=None, quality_threshold=0.2, fill_holes=True,
-                 erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
+def phase_quality_mask(magnitude, *, quality=None, quality_threshold=0.2, fill_holes=True,
+                       erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
     """Brain mask from a phase-quality map (0 bad .. 1 good), e.g. ROMEO's.
 
     ``magnitude`` only fixes the expected shape (the masking stage signature).
@@ -201,7 +202,8 @@ def quality_mask(magnitude, *, quality=None, quality_threshold=0.2, fill_holes=T
     """
     shape = np.shape(magnitude)[:3]
     quality = _check_quality(quality, shape)
-    return _clean(quality > float(quality_threshold), fill_holes, erode_mm, voxel_size_mm)
+    return _clean(quality_mask(quality, float(quality_threshold)), fill_holes, erode_mm,
+                  voxel_size_mm)
 
 
 @register(
@@ -219,7 +221,7 @@ def quality_mask(magnitude, *, quality=None, quality_threshold=0.2, fill_holes=T
 )
 def magnitude_quality_mask(magnitude, *, quality=None, threshold=None, quality_threshold=0.2,
                            fill_holes=True, erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
-    """Intersection of :func:`robust_magnitude_mask` and :func:`quality_mask`, cleaned.
+    """Intersection of :func:`robust_magnitude_mask` and :func:`phase_quality_mask`, cleaned.
 
     The magnitude removes noise that happens to have smooth phase; the phase
     quality removes bright tissue with unreliable phase (scalp, sinuses).
@@ -227,5 +229,5 @@ def magnitude_quality_mask(magnitude, *, quality=None, threshold=None, quality_t
     mag = _as_3d_magnitude(magnitude)
     quality = _check_quality(quality, mag.shape)
     thr = magnitude_threshold(mag) if threshold is None else float(threshold)
-    both = (mag > thr) & (quality > float(quality_threshold))
+    both = (mag > thr) & quality_mask(quality, float(quality_threshold))
     return _clean(both, fill_holes, erode_mm, voxel_size_mm)
