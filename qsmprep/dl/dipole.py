@@ -58,17 +58,24 @@ class DipoleOperator:
         self.kernel = torch.from_numpy(np.stack(kernels)[:, None]).to(device)
         self.before = [(p - n) // 2 for n, p in zip(self.shape, self.padded)]
 
-    def __call__(self, x):
+    def _filter(self, x, spectrum):
         if tuple(x.shape[-3:]) != self.shape:
             raise ValueError(f"DipoleOperator built for {self.shape}, got {tuple(x.shape[-3:])}")
         widths = []
         for b, n, p in reversed(list(zip(self.before, self.shape, self.padded))):
             widths += [b, p - n - b]
         xp = F.pad(x, widths)
-        y = torch.fft.irfftn(torch.fft.rfftn(xp, dim=(-3, -2, -1)) * self.kernel,
+        y = torch.fft.irfftn(torch.fft.rfftn(xp, dim=(-3, -2, -1)) * spectrum,
                              s=self.padded, dim=(-3, -2, -1))
         (bx, by, bz), (nx, ny, nz) = self.before, self.shape
         return y[..., bx:bx + nx, by:by + ny, bz:bz + nz]
+
+    def __call__(self, x):
+        return self._filter(x, self.kernel)
+
+    def tikhonov(self, field, eps):
+        """Closed-form Tikhonov inverse ``F^-1{D F f / (D^2 + eps)}`` (ppm)."""
+        return self._filter(field, self.kernel / (self.kernel**2 + eps))
 
     adjoint = __call__
 
