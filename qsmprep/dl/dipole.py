@@ -20,12 +20,12 @@ from ..qsm.kernels import dipole_kernel
 
 
 def _half_spectrum(d):
-    """The rfft half of ``(D(k) + D(-k)) / 2``.
+    """The rfft half of ``(H(k) + H(-k)) / 2`` for a real k-space filter ``H``.
 
-    ``D`` is even in k, but on an even-sized FFT grid the Nyquist bins of an
-    oblique kernel are not (``+N/2`` and ``-N/2`` are one bin); symmetrising
-    gives exactly the real part of the full complex product, as in
-    :func:`qsmprep.qsm.kernels.dipole_convolve`.
+    The dipole kernel is even in k, but on an even-sized FFT grid the Nyquist
+    bins of an oblique kernel are not (``+N/2`` and ``-N/2`` are one bin);
+    symmetrising gives exactly the real part of the full complex product, as
+    in :func:`qsmprep.qsm.kernels.dipole_convolve`.
     """
     mirrored = np.roll(np.flip(d, axis=(0, 1, 2)), 1, axis=(0, 1, 2))
     return (0.5 * (d + mirrored))[:, :, : d.shape[2] // 2 + 1]
@@ -54,8 +54,9 @@ class DipoleOperator:
         dirs = np.atleast_2d(np.asarray(b0_dirs, dtype=np.float64))
         voxels = np.atleast_2d(np.asarray(voxel_size_mm, dtype=np.float64))
         dirs, voxels = np.broadcast_arrays(dirs, voxels)
-        kernels = [_half_spectrum(dipole_kernel(self.padded, v, b)) for b, v in zip(dirs, voxels)]
-        self.kernel = torch.from_numpy(np.stack(kernels)[:, None]).to(device)
+        self._full = [dipole_kernel(self.padded, v, b) for b, v in zip(dirs, voxels)]
+        self.device = device
+        self.kernel = self._spectrum(lambda d: d)
         self.before = [(p - n) // 2 for n, p in zip(self.shape, self.padded)]
 
     def _filter(self, x, spectrum):
@@ -70,12 +71,17 @@ class DipoleOperator:
         (bx, by, bz), (nx, ny, nz) = self.before, self.shape
         return y[..., bx:bx + nx, by:by + ny, bz:bz + nz]
 
+    def _spectrum(self, fn):
+        """Half spectra ``[B, 1, X, Y, Z//2+1]`` of the filter ``fn(D)``."""
+        half = [_half_spectrum(fn(d).astype(np.float32)) for d in self._full]
+        return torch.from_numpy(np.stack(half)[:, None]).to(self.device)
+
     def __call__(self, x):
         return self._filter(x, self.kernel)
 
     def tikhonov(self, field, eps):
         """Closed-form Tikhonov inverse ``F^-1{D F f / (D^2 + eps)}`` (ppm)."""
-        return self._filter(field, self.kernel / (self.kernel**2 + eps))
+        return self._filter(field, self._spectrum(lambda d: d / (d**2 + eps)))
 
     adjoint = __call__
 
