@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,7 +15,13 @@ class Interrupted(BaseException):
     """SIGTERM or SIGINT arrived (raised from the signal handler)."""
 
 
+#: process id of the ``qsmprep`` command (workers forked from it inherit the handler)
+_MAIN_PID = None
+
+
 def _interrupt(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a worker: end quietly, the main process reports
+        os._exit(128 + signum)
     raise Interrupted(signum)
 
 
@@ -30,6 +37,8 @@ def main(argv=None):
 
     config = parse_args(argv)
     _setup_logging(config.execution.verbosity)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if config.execution.analysis_level == "group":

@@ -11,6 +11,8 @@ from uuid import uuid4
 
 from niworkflows.interfaces.bids import DerivativesDataSink as _NiworkflowsSink
 
+from ..utils.files import NO_SPACE, OutputSpaceError
+
 #: BIDS path patterns of qsmprep outputs (Chimap, fieldmap, mask, MEGRE, figures)
 PATH_PATTERNS = tuple(
     json.loads((resources.files("qsmprep") / "data" / "bids_patterns.json").read_text())[
@@ -26,7 +28,8 @@ class DerivativesDataSink(_NiworkflowsSink):
     """niworkflows' sink with qsmprep's patterns, writing into ``base_directory``
     itself (no ``qsmprep/`` sub-folder) and atomically: every file is first
     written in a staging folder on the same file system, then renamed into
-    place, so a file under its final name is always complete."""
+    place, so a file under its final name is always complete. A full disk
+    raises :class:`~qsmprep.utils.files.OutputSpaceError` naming the folder."""
 
     out_path_base = ""
     _file_patterns = PATH_PATTERNS
@@ -43,6 +46,14 @@ class DerivativesDataSink(_NiworkflowsSink):
                 staged = self._results[key]
                 moved = [_move(p, staging, final) for p in _listify(staged)]
                 self._results[key] = moved if isinstance(staged, list) else moved[0]
+        except OSError as err:
+            if err.errno not in NO_SPACE:
+                raise
+            raise OutputSpaceError(
+                err.errno, f"No space to write the outputs into {final} "
+                f"({err.strerror}): free space on that disk (or raise the quota / file-size "
+                "limit) and run the same command again; files written before are intact",
+            ) from err
         finally:
             self.inputs.base_directory = str(final)
             shutil.rmtree(staging, ignore_errors=True)
