@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..qsm.fft import fast_shape
-from ..qsm.kernels import dipole_kernel
+from ..qsm.kernels import dipole_kernel, smv_kernel
 
 
 def _half_spectrum(d):
@@ -32,7 +32,8 @@ def _half_spectrum(d):
 
 
 class DipoleOperator:
-    """Dipole convolution of ``[B, C, X, Y, Z]`` tensors (ppm -> ppm).
+    """Dipole convolution of ``[B, C, X, Y, Z]`` tensors (ppm -> ppm), and the
+    other k-space filters of the same padded grid (SMV, Tikhonov inverse).
 
     Parameters
     ----------
@@ -55,6 +56,7 @@ class DipoleOperator:
         voxels = np.atleast_2d(np.asarray(voxel_size_mm, dtype=np.float64))
         dirs, voxels = np.broadcast_arrays(dirs, voxels)
         self._full = [dipole_kernel(self.padded, v, b) for b, v in zip(dirs, voxels)]
+        self._voxels, self._smv = voxels, {}
         self.device = device
         self.kernel = self._spectrum(lambda d: d)
         self.before = [(p - n) // 2 for n, p in zip(self.shape, self.padded)]
@@ -78,6 +80,14 @@ class DipoleOperator:
 
     def __call__(self, x):
         return self._filter(x, self.kernel)
+
+    def smv(self, x, radius_mm):
+        """Spherical mean value of ``x`` over balls of ``radius_mm`` (the
+        :func:`qsmprep.qsm.kernels.smv_kernel` of each item's voxel size)."""
+        if radius_mm not in self._smv:
+            half = [_half_spectrum(smv_kernel(self.padded, v, radius_mm)) for v in self._voxels]
+            self._smv[radius_mm] = torch.from_numpy(np.stack(half)[:, None]).to(self.device)
+        return self._filter(x, self._smv[radius_mm])
 
     def tikhonov(self, field, eps):
         """Closed-form Tikhonov inverse ``F^-1{D F f / (D^2 + eps)}`` (ppm)."""

@@ -49,15 +49,20 @@ def _check(field, mask):
     return np.where(mask & np.isfinite(field), field, 0.0).astype(np.float32), mask
 
 
-def nextqsm_remove_background(total, mask, device="auto", max_voxels=None):
+def nextqsm_remove_background(total, mask, voxel_size_mm, b0_dir, device="auto",
+                              max_voxels=None):
     """Local field (ppm) from the total field (ppm) with NeXtQSM's U-Net."""
     dev = select_device(device)
     total, mask = _check(total, mask)
     model = _model("nextqsm", dev)
     x = torch.cat([to_tensor(total, dev), to_tensor(mask, dev)], dim=1)
+
+    def fn(xp, apply):
+        dipole = DipoleOperator(xp.shape[-3:], voxel_size_mm, b0_dir, device=dev)
+        return model.remove_background(xp[:, :1], xp[:, 1:], dipole, apply)
+
     with torch.no_grad():
-        out = run_network(lambda xp, apply: model.remove_background(xp[:, :1], xp[:, 1:], apply),
-                          x, multiple=model.multiple, max_voxels=max_voxels)
+        out = run_network(fn, x, multiple=model.multiple, max_voxels=max_voxels)
     return to_numpy(out)
 
 
@@ -101,7 +106,8 @@ def _feedforward(name, local, mask, b0_dir, device, max_voxels):
 )
 def bfr_nextqsm(total_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                 max_voxels=None):
-    local = nextqsm_remove_background(total_field_ppm, mask, device, max_voxels)
+    local = nextqsm_remove_background(total_field_ppm, mask, voxel_size_mm, b0_dir, device,
+                                      max_voxels)
     return local, np.asarray(mask) > 0
 
 

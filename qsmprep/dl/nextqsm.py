@@ -2,8 +2,10 @@
 
 Two networks, trainable end to end (total field -> local field -> chi):
 
-* background removal: a 3-D U-Net maps the masked total field (ppm) and the
-  mask to the local field (ppm);
+* background removal: a 3-D U-Net maps the masked total field (ppm), the
+  mask and, unless ``bfr.smv_radius_mm`` is None, the SMV high-pass of the
+  total field inside the eroded mask, ``M_e (f - SMV f)`` (SHARP's
+  background-free input, Schweser et al. 2011), to the local field (ppm);
 * variational network (VN): ``K`` unrolled gradient steps on
   ``E_i(x) = lambda_i/2 ||M(Dx - f)||^2 + R(x)``::
 
@@ -41,7 +43,7 @@ from .unet import UNet
 #: Architecture and scales. ``*_scale_ppm`` are fixed input/output scales
 #: that bring the fields and chi to order 1 inside the networks.
 DEFAULT_CONFIG = {
-    "bfr": {"base": 12, "levels": 4},
+    "bfr": {"base": 12, "levels": 4, "smv_radius_mm": 5.0},
     "vn": {"base": 12, "levels": 4, "steps": 3, "alpha0": 1.0, "lambda0": 2.0,
            "init_eps": 0.01},
     "total_scale_ppm": 1.0,
@@ -76,7 +78,8 @@ class NeXtQSM(nn.Module):
         super().__init__()
         self.config = merge_config(DEFAULT_CONFIG, config)
         c = self.config
-        self.bfr = UNet(2, 1, base=c["bfr"]["base"], levels=c["bfr"]["levels"])
+        self.bfr = UNet(2 if c["bfr"]["smv_radius_mm"] is None else 3, 1,
+                        base=c["bfr"]["base"], levels=c["bfr"]["levels"])
         vn = c["vn"]
         self.regulariser = UNet(2, 1, base=vn["base"], levels=vn["levels"])
         k = vn["steps"]
@@ -87,10 +90,18 @@ class NeXtQSM(nn.Module):
     def multiple(self):
         return max(self.bfr.multiple, self.regulariser.multiple)
 
-    def remove_background(self, total, mask, apply=_whole):
-        """Local field (ppm) from the total field (ppm), both ``[B, 1, X, Y, Z]``."""
+    def remove_background(self, total, mask, dipole, apply=_whole):
+        """Local field (ppm) from the total field (ppm), both ``[B, 1, X, Y, Z]``;
+        ``dipole`` is the volume's :class:`~qsmprep.dl.dipole.DipoleOperator`
+        (for the SMV filter)."""
         s_in, s_out = self.config["total_scale_ppm"], self.config["local_scale_ppm"]
-        return apply(self.bfr, torch.cat([total * mask / s_in, mask], dim=1)) * s_out * mask
+        f = total * mask
+        inputs = [f / s_in, mask]
+        radius = self.config["bfr"]["smv_radius_mm"]
+        if radius is not None:
+            eroded = (dipole.smv(mask, radius) > 0.999).to(f.dtype) * mask
+            inputs.append((f - dipole.smv(f, radius)) * eroded / s_out)
+        return apply(self.bfr, torch.cat(inputs, dim=1)) * s_out * mask
 
     def invert(self, local, mask, dipole, apply=_whole, return_steps=False):
         """Chi (ppm) from the local field (ppm) with the unrolled VN.
@@ -113,5 +124,5 @@ class NeXtQSM(nn.Module):
 
     def forward(self, total, mask, dipole, apply=_whole):
         """(local field, chi), both ppm, from the total field (ppm)."""
-        local = self.remove_background(total, mask, apply)
+        local = self.remove_background(total, mask, dipole, apply)
         return local, self.invert(local, mask, dipole, apply)

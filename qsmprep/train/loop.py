@@ -160,8 +160,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
                            loss=loss, **terms)
                 if writer is None:
                     keys = fields + sorted(k for k in row if k not in fields)
-                    keys += [f"val_nrmse_{k}" for k in ("local", "chi") if f"val_nrmse_{k}"
-                             not in keys]
+                    keys += [f"val_nrmse_{k}" for k in ("local", "chi", "chi_dipole")
+                             if f"val_nrmse_{k}" not in keys]
                     writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
                     if new_log:
                         writer.writeheader()

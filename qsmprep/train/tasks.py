@@ -38,9 +38,10 @@ def nextqsm_loss(model, batch, step, total_steps, rng):
     """MAE of the local field and of chi (each in units of its scale), the
     VN fed the true local field with a probability decaying over training."""
     c, m = model.config, batch["mask"]
-    local = model.remove_background(batch["total"], m)
+    dipole = _dipole(batch, m.device)
+    local = model.remove_background(batch["total"], m, dipole)
     vn_input = batch["local"] if rng.random() < _teacher_probability(step, total_steps) else local
-    chi = model.invert(vn_input, m, _dipole(batch, m.device))
+    chi = model.invert(vn_input, m, dipole)
     l_local = masked_mean((local - batch["local"]).abs(), m) / c["local_scale_ppm"]
     l_chi = masked_mean((chi - batch["chi"]).abs(), m) / c["chi_scale_ppm"]
     return l_local + l_chi, {"loss_local": float(l_local.detach()),
@@ -50,19 +51,25 @@ def nextqsm_loss(model, batch, step, total_steps, rng):
 def nextqsm_bfr_loss(model, batch, step, total_steps, rng):
     """MAE of the local field only (pre-training of the background removal)."""
     m = batch["mask"]
-    local = model.remove_background(batch["total"], m)
+    local = model.remove_background(batch["total"], m, _dipole(batch, m.device))
     loss = masked_mean((local - batch["local"]).abs(), m) / model.config["local_scale_ppm"]
     return loss, {"loss_local": float(loss.detach())}
 
 
 def nextqsm_predict(model, batch):
-    """Validation: local field and chi from the total field (joint)."""
-    local = model.remove_background(batch["total"], batch["mask"])
-    return {"local": local, "chi": model.invert(local, batch["mask"], _dipole(batch, local.device))}
+    """Validation: local field and chi from the total field (joint), and chi
+    from the true local field (the dipole stage alone)."""
+    m = batch["mask"]
+    dipole = _dipole(batch, m.device)
+    local = model.remove_background(batch["total"], m, dipole)
+    return {"local": (local, "local"), "chi": (model.invert(local, m, dipole), "chi"),
+            "chi_dipole": (model.invert(batch["local"], m, dipole), "chi")}
 
 
 def nextqsm_bfr_predict(model, batch):
-    return {"local": model.remove_background(batch["total"], batch["mask"])}
+    m = batch["mask"]
+    return {"local": (model.remove_background(batch["total"], m, _dipole(batch, m.device)),
+                      "local")}
 
 
 def _inputs(batch):
@@ -81,7 +88,7 @@ def unet_loss(model, batch, step, total_steps, rng):
 
 
 def chi_predict(model, batch):
-    return {"chi": model(_inputs(batch))}
+    return {"chi": (model(_inputs(batch)), "chi")}
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,8 @@ TASKS = {
 
 
 def validation_metrics(task, model, batches):
-    """Mean NRMSE (%) of every predicted map over the validation batches."""
+    """Mean NRMSE (%) of every predicted map over the validation batches
+    (``task.predict`` returns ``{name: (map, key of its truth in the batch)}``)."""
     from ..qsm.metrics import nrmse
 
     scores = {}
@@ -119,10 +127,10 @@ def validation_metrics(task, model, batches):
     with torch.no_grad():
         for batch in batches:
             pred = task.predict(model, batch)
-            for key, value in pred.items():
+            for key, (value, truth) in pred.items():
                 for i in range(value.shape[0]):
                     mask = batch["mask"][i, 0].cpu().numpy() > 0
                     scores.setdefault(f"val_nrmse_{key}", []).append(
-                        nrmse(value[i, 0].cpu().numpy(), batch[key][i, 0].cpu().numpy(), mask))
+                        nrmse(value[i, 0].cpu().numpy(), batch[truth][i, 0].cpu().numpy(), mask))
     model.train(was_training)
     return {k: float(np.mean(v)) for k, v in scores.items()}
