@@ -183,14 +183,14 @@ def _data_weights(mask, noise_std):
     "pdf",
     summary="Projection onto dipole fields (weighted least squares, CG)",
     citations=("liu2011pdf",),
-    defaults={"pad_factor": 1.5, "max_iter": 50, "tol": 1e-2, "device": "cpu"},
+    defaults={"pad_factor": 1.5, "max_iter": 50, "tol": 1e-3, "device": "cpu"},
     description=(
         "Background fields were removed with projection onto dipole fields (PDF), "
         "fitting dipole sources outside the brain by conjugate gradients (tolerance {tol})."
     ),
 )
 def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise_std=None,
-        pad_factor=1.5, max_iter=50, tol=1e-2, device="cpu"):
+        pad_factor=1.5, max_iter=50, tol=1e-3, device="cpu"):
     """Projection onto dipole fields (Liu et al. 2011).
 
     Background sources ``chi_b`` live outside the mask ``M``:
@@ -198,8 +198,10 @@ def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise_s
     equations; the local field is ``M (f - D (1 - M) chi_b)``. ``W`` is
     ``1 / noise_std`` (e.g. MEDI's N_std from the echo fit), uniform if None.
     The field is zero-padded by ``pad_factor`` so that sources may lie beyond
-    the field of view. CG stops early (relative residual ``tol``), which
-    regularises the ill-posed source fit.
+    the field of view. CG stops at a relative residual ``tol`` (1e-3 is
+    reached in about 25 iterations on the Challenge 2.0 head and is as
+    accurate as running on; 1e-2 stops after a few iterations and leaves
+    much of the background in the local field: NRMSE 92 instead of 50 %).
     """
     field = _check(total_field_ppm, mask)
     box = MaskBox(mask, pad_factor=pad_factor)
