@@ -168,6 +168,24 @@ def test_mcpc3ds_recovers_smooth_offset():
     assert np.abs(wrap(offset - offset_true))[inner].max() < 0.15
 
 
+def test_mcpc3ds_default_keeps_b0_bias_small():
+    """A smooth coil-like offset (FWHM 60 mm, std ~1.2 rad) at 2 mm: whatever
+    MCPC-3D-S smooths away stays in every echo and biases B0 by ~residual/mean TE."""
+    from qsmprep.qsm.echo import romeo_b0
+    from qsmprep.sim.signal import smooth_phase_offset
+
+    te = np.array([0.004, 0.012, 0.020, 0.028], dtype=np.float32)
+    phase, mag, field, mask = simulate_multi_echo((48, 48, 48), echo_times_s=te, snr=100.0,
+                                                  amplitude_hz=60.0)
+    offset_true = smooth_phase_offset(mask.shape, (2.0, 2.0, 2.0), np.random.default_rng(1))
+    corrected, _ = mcpc3ds(wrap(phase + offset_true[..., None]), mag, te, voxel_size_mm=(2, 2, 2))
+    unwrapped, _ = romeo_unwrap(corrected, magnitude=mag, echo_times=te)
+    error = (romeo_b0(unwrapped, mag, te) - field)[mask]
+    error -= np.median(error)  # a global 2 pi choice of the offset is irrelevant
+    # measured: 0.52 Hz rms with the 3 mm default, 1.9 Hz with 7 mm; noise alone 0.07 Hz
+    assert np.sqrt(np.mean(error**2)) < 1.0
+
+
 def test_mcpc3ds_bipolar_removes_readout_phase():
     te = np.array([0.004, 0.008, 0.012, 0.016], dtype=np.float32)
     phase, mag, field, mask = simulate_multi_echo((40, 40, 40), echo_times_s=te, snr=100.0)
