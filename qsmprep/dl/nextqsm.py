@@ -82,6 +82,9 @@ class NeXtQSM(nn.Module):
                         base=c["bfr"]["base"], levels=c["bfr"]["levels"])
         vn = c["vn"]
         self.regulariser = UNet(2, 1, base=vn["base"], levels=vn["levels"])
+        # R starts at zero: an untrained VN is Tikhonov + K data-consistency steps
+        nn.init.zeros_(self.regulariser.head.weight)
+        nn.init.zeros_(self.regulariser.head.bias)
         k = vn["steps"]
         self.alpha_raw = nn.Parameter(torch.full((k,), _inverse_softplus(vn["alpha0"])))
         self.lambda_raw = nn.Parameter(torch.full((k,), _inverse_softplus(vn["lambda0"])))

@@ -30,8 +30,9 @@ def _dipole(batch, device):
 
 def _teacher_probability(step, total_steps):
     """Probability of feeding the VN the true local field during joint
-    training: 1 at the start, decaying linearly to 0 at half of the run."""
-    return max(0.0, 1.0 - 2.0 * step / max(total_steps, 1))
+    training: 1 at the start, decaying linearly to 0.5 at the end, so that
+    the VN also stays a good dipole inversion of true local fields."""
+    return 1.0 - 0.5 * min(step / max(total_steps, 1), 1.0)
 
 
 def nextqsm_loss(model, batch, step, total_steps, rng):
