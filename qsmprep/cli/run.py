@@ -11,35 +11,43 @@ from pathlib import Path
 LOGGER = logging.getLogger("qsmprep")
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived (raised from the signal handler)."""
-
-
-#: process id of the ``qsmprep`` command (workers forked from it inherit the handler)
-_MAIN_PID = None
+#: process id and work folder of the running ``qsmprep`` command
+_RUNNING = {}
 
 
 def _interrupt(signum, frame):
-    if os.getpid() != _MAIN_PID:  # a worker: end quietly, the main process reports
-        os._exit(128 + signum)
-    raise Interrupted(signum)
+    """SIGTERM/SIGINT: end this run's workers, say how to resume, exit 128 + signum.
+
+    The process exits from the handler rather than unwinding an exception
+    through Nipype's scheduler, which can deadlock on the process pool's locks.
+    Nothing partial is left under a final name: every file is written under a
+    temporary name and renamed; a half-finished step is redone on restart.
+    Workers (forked, they inherit this handler) that get the signal just exit.
+    """
+    if os.getpid() == _RUNNING.get("pid"):
+        import multiprocessing
+
+        for child in multiprocessing.active_children():  # the workers of this run:
+            child.kill()  # SIGKILL, as they may be deep in compiled code for a while
+        sys.stderr.write(
+            f"qsmprep: error: interrupted by {signal.Signals(signum).name}; finished steps "
+            f"are kept in {_RUNNING['work_dir']}: run the same command again to resume\n")
+        sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def main(argv=None):
     """Entry point of the ``qsmprep`` console script; returns the exit code
     (0 success, 1 input error, no space or failed processing, 128 + signal
     number when interrupted by SIGTERM/SIGINT)."""
-    import multiprocessing
-
     from ..utils.bids import QSMPrepInputError
     from ..utils.files import OutputSpaceError
     from .parser import parse_args
 
     config = parse_args(argv)
     _setup_logging(config.execution.verbosity)
-    global _MAIN_PID
-    _MAIN_PID = os.getpid()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    _RUNNING.update(pid=os.getpid(), work_dir=config.execution.work_dir)
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if config.execution.analysis_level == "group":
             return _run_group(config)
@@ -47,16 +55,9 @@ def main(argv=None):
     except (QSMPrepInputError, OutputSpaceError) as err:
         print(f"qsmprep: error: {err}", file=sys.stderr)
         return 1
-    except (Interrupted, KeyboardInterrupt) as err:
-        signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
-        for child in multiprocessing.active_children():  # the workers of this run
-            child.terminate()
-        print(f"qsmprep: error: interrupted by {signal.Signals(signum).name}; finished steps "
-              f"are kept in {config.execution.work_dir}: run the same command again to "
-              "resume", file=sys.stderr)
-        return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_participant(config):
