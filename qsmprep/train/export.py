@@ -59,8 +59,8 @@ def _card(name, task, run, ckpt, n_params, size, val, check):
 | architecture | `{json.dumps(ckpt['config'])}` |
 | parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
 | training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(data)}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
-| steps | {ckpt['step']} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over {cfg['steps']} steps) |
-| wall time | {ckpt['wall_s'] / 3600:.2f} h |
+| steps | {ckpt['step']}: the checkpoint with the best validation NRMSE of a {cfg['steps']}-step run (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run) |
+| wall time | {ckpt['wall_s'] / 3600:.2f} h of training steps up to this checkpoint |
 | hardware | {ckpt.get('hardware', 'unknown')} |
 | exported | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |
 
