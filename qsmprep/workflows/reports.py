@@ -82,7 +82,7 @@ def run_summary(config, run, methods):
 
     img = nb.load(run.phase[0])
     entities = run.entity_dict
-    return {
+    summary = {
         "subject": run.subject,
         "session": entities.get("session"),
         "acquisition": entities.get("acquisition"),
@@ -97,3 +97,4 @@ def run_summary(config, run, methods):
         "methods": dict(methods),
         "device": config.execution.device,
     }
+    return {key: value for key, value in summary.items() if value is not None}
