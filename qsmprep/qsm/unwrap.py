@@ -4,6 +4,10 @@ ROMEO (Dymerska et al. 2021) grows the unwrapped region along the most
 reliable edges first. Each voxel has three forward edges; an edge's weight is
 the product of ``0.1 + 0.9 f`` over the enabled coherence factors ``f``, and is
 quantised into 256 bins (1 = best, 255 = worst, 0 = invalid, never queued).
+Phase linearity (the wrapped second differences on both sides of the edge, a
+ROMEO.jl weight) keeps the growth off strongly curved phase, where a true step
+near 2 pi can hide: it wraps to a small step in every echo whose TE is a
+multiple of TE1, so the coherence factors rate it as good.
 A bucket queue pops the best edge and unwraps its unvisited end against the
 visited one. The hot loops are compiled with numba.
 
@@ -34,6 +38,7 @@ TWO_PI = 2 * np.pi
 WEIGHTS = (
     "phase_coherence",
     "phase_gradient_coherence",
+    "phase_linearity",
     "magnitude_coherence",
     "magnitude_weight",
 )
@@ -51,8 +56,16 @@ def _wrap(x):
 
 
 @njit(cache=True, inline="always")
-def _edge_weight(i, j, phase, phase2, mag, te_ratio, maxmag, use):
-    """Edge weight in [0, 1]: product of ``0.1 + 0.9 f`` over the enabled factors."""
+def _linearity(a, b, c):
+    """``max(0, 1 - |wrap(a - 2 b + c)| / 2)`` for three consecutive phases."""
+    return max(0.0, 1.0 - abs(_wrap(a - 2.0 * b + c)) / 2.0)
+
+
+@njit(cache=True, inline="always")
+def _edge_weight(i, j, h, k, phase, phase2, mag, te_ratio, maxmag, use):
+    """Weight in [0, 1] of edge ``i -> j``: product of ``0.1 + 0.9 f`` over the
+    enabled factors. ``h = i - (j - i)`` and ``k = j + (j - i)`` are the voxels
+    before and after the edge on its line (-1 where missing or invalid)."""
     dp = _wrap(phase[j] - phase[i])
     w = 1.0
     if use[0]:  # phase coherence
@@ -60,12 +73,18 @@ def _edge_weight(i, j, phase, phase2, mag, te_ratio, maxmag, use):
     if use[1]:  # phase-gradient coherence with a second echo
         dp2 = _wrap(phase2[j] - phase2[i]) * te_ratio
         w *= 0.1 + 0.9 * max(0.0, 1.0 - abs(dp - dp2))
-    if use[2] or use[3]:
+    if use[2]:  # phase linearity: geometric mean of both sides; 0.9 at the border
+        lin = 0.9
+        if h >= 0 and k >= 0:
+            lin = np.sqrt(_linearity(phase[h], phase[i], phase[j])
+                          * _linearity(phase[i], phase[j], phase[k]))
+        w *= 0.1 + 0.9 * lin
+    if use[3] or use[4]:
         small = min(mag[i], mag[j])
         big = max(mag[i], mag[j])
-        if use[2]:  # magnitude coherence
+        if use[3]:  # magnitude coherence
             w *= 0.1 + 0.9 * ((small / big) ** 2 if big > 0 else 0.0)
-        if use[3]:  # magnitude weight
+        if use[4]:  # magnitude weight
             w *= 0.1 + 0.9 * (0.5 + 0.5 * min(1.0, small / (0.5 * maxmag)))
     return w
 
@@ -76,16 +95,27 @@ def _to_bin(w):
     return max(np.int64(np.round((1.0 - w) * (_NBINS - 1))), 1)
 
 
+@njit(cache=True, inline="always")
+def _line_voxel(i, stride, pos, n, valid):
+    """Index ``i + stride`` if ``0 <= pos < n`` and it is valid, else -1."""
+    if pos < 0 or pos >= n:
+        return -1
+    j = i + stride
+    return j if valid[j] else -1
+
+
 @njit(cache=True, parallel=True)
 def _edge_bins(phase, phase2, mag, valid, shape, te_ratio, maxmag, use):
     """Quantised weights of the 3 forward edges of every voxel, at ``4 * v + d``.
 
     Byte ``4 * v + 3`` is left 0 for the visited flag of :func:`_grow`.
 
-    ``use`` = (phase coherence, gradient coherence, magnitude coherence,
-    magnitude weight) flags; ``phase2``/``mag`` may be empty when unused.
+    ``use`` = (phase coherence, gradient coherence, phase linearity, magnitude
+    coherence, magnitude weight) flags; ``phase2``/``mag`` may be empty when
+    unused.
     """
     nx, ny, nz = shape[0], shape[1], shape[2]
+    sx, sy = ny * nz, nz
     bins = np.zeros(4 * nx * ny * nz, dtype=np.uint8)
     for x in prange(nx):
         for y in range(ny):
@@ -93,15 +123,24 @@ def _edge_bins(phase, phase2, mag, valid, shape, te_ratio, maxmag, use):
                 i = (x * ny + y) * nz + z
                 if not valid[i]:
                     continue
-                j = i + ny * nz
+                j = i + sx
                 if x + 1 < nx and valid[j]:
-                    bins[4 * i] = _to_bin(_edge_weight(i, j, phase, phase2, mag, te_ratio, maxmag, use))
-                j = i + nz
+                    h = _line_voxel(i, -sx, x - 1, nx, valid)
+                    k = _line_voxel(j, sx, x + 2, nx, valid)
+                    bins[4 * i] = _to_bin(
+                        _edge_weight(i, j, h, k, phase, phase2, mag, te_ratio, maxmag, use))
+                j = i + sy
                 if y + 1 < ny and valid[j]:
-                    bins[4 * i + 1] = _to_bin(_edge_weight(i, j, phase, phase2, mag, te_ratio, maxmag, use))
+                    h = _line_voxel(i, -sy, y - 1, ny, valid)
+                    k = _line_voxel(j, sy, y + 2, ny, valid)
+                    bins[4 * i + 1] = _to_bin(
+                        _edge_weight(i, j, h, k, phase, phase2, mag, te_ratio, maxmag, use))
                 j = i + 1
                 if z + 1 < nz and valid[j]:
-                    bins[4 * i + 2] = _to_bin(_edge_weight(i, j, phase, phase2, mag, te_ratio, maxmag, use))
+                    h = _line_voxel(i, -1, z - 1, nz, valid)
+                    k = _line_voxel(j, 1, z + 2, nz, valid)
+                    bins[4 * i + 2] = _to_bin(
+                        _edge_weight(i, j, h, k, phase, phase2, mag, te_ratio, maxmag, use))
     return bins
 
 
@@ -399,6 +438,7 @@ def romeo_unwrap(
         use = (
             "phase_coherence" in weights,
             "phase_gradient_coherence" in weights and other >= 0,
+            "phase_linearity" in weights,
             "magnitude_coherence" in weights and mag is not None,
             "magnitude_weight" in weights and mag is not None,
         )
