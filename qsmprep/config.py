@@ -35,7 +35,7 @@ from .__about__ import __version__
 #: Default method of each stage (names in :mod:`qsmprep.qsm.registry`).
 DEFAULT_METHODS = {
     "unwrapping": "romeo",
-    "masking": "magnitude",
+    "masking": "bet",
     "bf_removal": "vsharp",
     "inversion": "tv",
     "referencing": "mean",
