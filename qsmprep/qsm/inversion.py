@@ -99,14 +99,14 @@ def _admm_tv(a_k, b_k, shape, lam, rho, max_iter, tol):
     "tv",
     summary="Total-variation regularised inversion (ADMM, closed-form k-space update)",
     citations=("bilgic2014tv",),
-    defaults={"lam": 1e-4, "rho": None, "max_iter": 40, "tol": 3e-3, "pad_factor": 1.3,
+    defaults={"lam": 2e-4, "rho": None, "max_iter": 40, "tol": 3e-3, "pad_factor": 1.3,
               "device": "cpu"},
     description=(
         "The dipole inversion used total-variation regularisation solved with ADMM "
         "(Bilgic et al. 2014; lambda {lam}, at most {max_iter} iterations)."
     ),
 )
-def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam=1e-4,
+def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam=2e-4,
             rho=None, max_iter=40, tol=3e-3, pad_factor=1.3, device="cpu"):
     """Total-variation dipole inversion by ADMM (Bilgic et al. 2014).
 
