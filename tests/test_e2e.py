@@ -132,6 +132,10 @@ def test_report_of_the_run_opens_in_a_browser(baseline):
     sidecar = json.loads((baseline / "sub-1" / "anat" / "sub-1_Chimap.json").read_text())
     echo_ms = ", ".join(f"{te * 1000:g}" for te in sidecar["EchoTime"])
     assert echo_ms in seen["text"], (echo_ms, seen["text"][:2000])
+    summary = json.loads((baseline / "sub-1" / "figures" / "sub-1_desc-summary_MEGRE.json")
+                         .read_text())
+    assert {"unwrap", "mask", "bf_removal", "inversion"} <= set(summary["timings_s"])
+    assert "unwrap: " in seen["text"] and " s" in seen["text"]
 
 
 def test_group_level_table(baseline, qsm_forward_bids):

@@ -74,6 +74,12 @@ def _run_participant(config):
             f"The work folder {ex.work_dir} is inside the input dataset; qsmprep never "
             "writes into it: give -w a folder outside the dataset"
         )
+    import time
+
+    from ..utils.runinfo import record_warnings
+
+    started = time.time()
+    record_warnings(_warnings_file(config))
     data = collect_data(
         ex.bids_dir,
         participant_label=ex.participant_label,
@@ -110,10 +116,10 @@ def _run_participant(config):
     try:
         workflow.run(**settings)
     except Exception as err:  # Nipype raises RuntimeError, plugins may raise others
-        _write_reports(config, data)
+        _write_reports(config, data, started)
         print(failure_summary(config, data, err), file=sys.stderr)
         return 1
-    _write_reports(config, data)
+    _write_reports(config, data, started)
     LOGGER.info("qsmprep finished; outputs in %s", ex.output_dir)
     return 0
 
@@ -146,17 +152,51 @@ def _crash_reason(path):
     return lines[-1] if lines else f"see {path}"
 
 
-def _write_reports(config, data):
-    """One HTML report per subject (also after a failure: it lists the crashes)."""
+def _write_reports(config, data, started=None):
+    """One HTML report per subject (also after a failure: it lists the crashes),
+    with each run's step timings and warnings added to its summary."""
     from ..reports.core import generate_report
 
     for subject in data:
         try:
+            _add_run_info(config, subject, data[subject], started)
             path = generate_report(config.execution.output_dir, subject,
                                    config.execution.run_uuid)
             LOGGER.info("Report of sub-%s: %s", subject, path)
         except Exception:  # a broken report must not hide the processing result
             LOGGER.exception("Could not build the report of sub-%s", subject)
+
+
+def _add_run_info(config, subject, runs, started):
+    """Step timings, reused steps and this subject's warnings into each run summary."""
+    import json
+
+    from ..reports.core import figure_name
+    from ..utils.runinfo import step_timings, subject_warnings
+    from ..workflows.qsm import _safe
+
+    ex = config.execution
+    warnings = subject_warnings(_warnings_file(config), subject)
+    short = {"session": "ses", "acquisition": "acq", "reconstruction": "rec", "run": "run"}
+    for run in runs:
+        entities = {short.get(k, k): v for k, v in run.entity_dict.items()}
+        summary = (Path(ex.output_dir) / f"sub-{subject}" / "figures"
+                   / figure_name({**entities, "sub": subject}, "summary", ".json"))
+        if not summary.is_file():  # the run failed before its summary was written
+            continue
+        run_dir = (Path(ex.work_dir) / "qsmprep_wf" / f"sub_{_safe(subject)}_wf"
+                   / f"qsm_{_safe(run.name)}_wf")
+        timings, reused = step_timings(run_dir, since=started)
+        info = json.loads(summary.read_text())
+        info["timings_s"] = timings
+        info["warnings"] = warnings + (
+            [f"{len(reused)} step(s) reused from the work folder: {', '.join(reused)}"]
+            if reused else [])
+        summary.write_text(json.dumps(info, indent=2))
+
+
+def _warnings_file(config):
+    return Path(config.execution.work_dir) / f"warnings-{config.execution.run_uuid}.log"
 
 
 def _run_group(config):
