@@ -187,13 +187,13 @@ def _check_quality(quality, shape):
     "quality",
     summary="Phase-quality mask: ROMEO voxel quality above a threshold, cleaned",
     citations=("dymerska2021romeo",),
-    defaults={"quality_threshold": 0.2, "fill_holes": True, "erode_mm": 0.0},
+    defaults={"quality_threshold": 0.1, "fill_holes": True, "erode_mm": 0.0},
     description=(
         "A brain mask was obtained by thresholding ROMEO's phase quality map at "
         "{quality_threshold}, keeping the largest connected component and filling holes."
     ),
 )
-def phase_quality_mask(magnitude, *, quality=None, quality_threshold=0.2, fill_holes=True,
+def phase_quality_mask(magnitude, *, quality=None, quality_threshold=0.1, fill_holes=True,
                        erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
     """Brain mask from a phase-quality map (0 bad .. 1 good), e.g. ROMEO's.
 
