@@ -67,10 +67,7 @@ def register(stage, name, *, summary, citations=(), defaults=None, description="
 def _load_all():
     # Importing the modules runs their @register decorators.
     from . import bet, bgremove, inversion, mask, reference, unwrap  # noqa: F401
-    try:  # deep-learning methods register themselves when torch is importable
-        from ..dl import methods  # noqa: F401
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
+    from ..dl import methods as _dl_methods  # noqa: F401  (torch is a hard dependency)
 
 
 def methods(stage):
