@@ -35,8 +35,10 @@ browser:
 	  { (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
 	    echo "warning: chromium could not be installed; browser tests will be skipped"; }
 
+# The venv's bin/ goes first on PATH so tests find its console scripts
+# (qsm-forward, qsmprep, ...) even when the venv is not activated.
 test: venv browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 benchmarks: venv
 	$(BIN)/python benchmarks/accuracy.py --quick

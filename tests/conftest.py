@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nb
@@ -19,11 +20,14 @@ QSM_FORWARD_RESOLUTION = (64, 64, 64)
 def qsm_forward_bids(tmp_path_factory):
     """A BIDS dataset simulated by ``qsm-forward simple`` (4 echoes, 7 T, with
     phase offset and shim field) and its ground-truth derivatives."""
-    if shutil.which("qsm-forward") is None:
+    # the console script sits beside this interpreter even when its venv is not on PATH
+    beside = Path(sys.executable).parent / "qsm-forward"
+    exe = str(beside) if beside.is_file() else shutil.which("qsm-forward")
+    if exe is None:
         pytest.skip("qsm-forward is not installed (pip install '.[test]')")
     root = tmp_path_factory.mktemp("qsmforward") / "bids"
     subprocess.run(
-        ["qsm-forward", "simple", str(root), "--resolution",
+        [exe, "simple", str(root), "--resolution",
          *map(str, QSM_FORWARD_RESOLUTION)],
         check=True, capture_output=True,
     )
