@@ -34,6 +34,12 @@ AFFINE = centered_affine(np.diag([2.5, 2.5, 2.5]), SHAPE)
 QSM_WF = Path("qsmprep_wf") / "sub_01_wf" / "qsm_MEGRE_wf"
 
 
+#: environment of a size-limited child: a short write under RLIMIT_FSIZE is not an
+#: error for CPython's bytecode cache, which would leave truncated .pyc files behind
+#: (EOFError "marshal data too short" in every later import), so it writes none
+LIMITED_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def _limit_file_size(limit_bytes):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
@@ -43,7 +49,8 @@ def _limit_file_size(limit_bytes):
 
 def _python(code, limit_bytes):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, preexec_fn=_limit_file_size(limit_bytes), timeout=120)
+                          text=True, preexec_fn=_limit_file_size(limit_bytes), timeout=120,
+                          env=LIMITED_ENV)
 
 
 def _no_temporaries(root):
@@ -155,7 +162,7 @@ def _qsmprep(bids, out, work, *args, wait=True, preexec_fn=None):
            "-w", str(work), "--nprocs", "2", "--device", "cpu", *map(str, args)]
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=preexec_fn,
-                              timeout=600)
+                              timeout=600, env=LIMITED_ENV if preexec_fn else None)
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
