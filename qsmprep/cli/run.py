@@ -172,14 +172,14 @@ def _add_run_info(config, subject, runs, started):
     import json
 
     from ..reports.core import figure_name
+    from ..utils.bids import ENTITY_KEYS
     from ..utils.runinfo import step_timings, subject_warnings
     from ..workflows.qsm import _safe
 
     ex = config.execution
     warnings = subject_warnings(_warnings_file(config), subject)
-    short = {"session": "ses", "acquisition": "acq", "reconstruction": "rec", "run": "run"}
     for run in runs:
-        entities = {short.get(k, k): v for k, v in run.entity_dict.items()}
+        entities = {ENTITY_KEYS.get(k, k): v for k, v in run.entity_dict.items()}
         summary = (Path(ex.output_dir) / f"sub-{subject}" / "figures"
                    / figure_name({**entities, "sub": subject}, "summary", ".json"))
         if not summary.is_file():  # the run failed before its summary was written

@@ -29,6 +29,8 @@ LOGGER = logging.getLogger("qsmprep")
 GRE_SUFFIXES = ("MEGRE", "T2starw")
 #: entities that tell runs of one subject apart
 RUN_ENTITIES = ("session", "acquisition", "reconstruction", "run")
+#: the key of each run entity in file names
+ENTITY_KEYS = {"session": "ses", "acquisition": "acq", "reconstruction": "rec", "run": "run"}
 _NIFTI = (".nii", ".nii.gz")
 #: field of view (mm) below which a slab gets a warning: the dipole field of
 #: sources outside it cannot be told apart from that of the tissue inside
@@ -74,8 +76,7 @@ class QSMRun:
     @property
     def name(self):
         """Short identifier, e.g. ``ses-1_acq-fast_run-2`` (``MEGRE`` if no entity)."""
-        short = {"session": "ses", "acquisition": "acq", "reconstruction": "rec", "run": "run"}
-        parts = [f"{short[k]}-{v}" for k, v in self.entities if k in short]
+        parts = [f"{ENTITY_KEYS[k]}-{v}" for k, v in self.entities if k in ENTITY_KEYS]
         return "_".join(parts) or self.suffix
 
     @property
