@@ -35,6 +35,7 @@ from .__about__ import __version__
 #: Default method of each stage (names in :mod:`qsmprep.qsm.registry`).
 DEFAULT_METHODS = {
     "unwrapping": "romeo",
+    "echo_combination": "romeo",
     "masking": "bet",
     "bf_removal": "vsharp",
     "inversion": "tv",
@@ -83,6 +84,7 @@ class Workflow:
     #: (multi-echo only); "none": keep the phase as acquired
     phase_offset: str = "mcpc3ds"
     unwrapping: str = DEFAULT_METHODS["unwrapping"]
+    echo_combination: str = DEFAULT_METHODS["echo_combination"]
     masking: str = DEFAULT_METHODS["masking"]
     bf_removal: str = DEFAULT_METHODS["bf_removal"]
     inversion: str = DEFAULT_METHODS["inversion"]

@@ -38,6 +38,9 @@ def test_method_choices_come_from_the_registry(tmp_path):
         assert DEFAULT_METHODS[stage] in action.choices
     config = parse_args(_args(tmp_path, "--inversion", "tkd", "--bf-removal", "vsharp"))
     assert config.workflow.inversion == "tkd" and config.workflow.unwrapping == "romeo"
+    assert config.workflow.echo_combination == "romeo"
+    config = parse_args(_args(tmp_path, "--echo-combination", "nonlinear"))
+    assert config.workflow.echo_combination == "nonlinear"
     with pytest.raises(SystemExit):
         parse_args(_args(tmp_path, "--inversion", "no-such-method"))
 

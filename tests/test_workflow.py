@@ -157,3 +157,64 @@ def test_load_echoes_sorts_rescales_and_masks_nonfinite(tmp_path, monkeypatch, c
     mag = nb.load(result.outputs.magnitude).get_fdata()
     inside = mag[..., 0] > 0.5
     assert (mag[inside][:, 0] > mag[inside][:, 1]).all() and (mag[inside][:, 1] > mag[inside][:, 2]).all()
+
+
+def _run_graph(wf):
+    """Run ``wf`` in this process (Linear plugin); its executed nodes by short name."""
+    graph = wf.run(plugin="Linear")
+    return {node.name: node for node in graph.nodes()}
+
+
+def test_echo_combination_noise_map_reaches_pdf_and_medi(tmp_path, synthetic_bids, monkeypatch):
+    import functools
+
+    from qsmprep.qsm import registry
+
+    seen = {}
+    for stage, name in (("bf_removal", "pdf"), ("inversion", "medi")):
+        method = registry.get(stage, name)
+
+        def spy(*args, _func=method.func, _key=name, **kwargs):
+            seen[_key] = kwargs.get("noise_std")
+            return _func(*args, **kwargs)
+
+        functools.update_wrapper(spy, method.func)  # keeps the signature (noise_std)
+        monkeypatch.setitem(registry._REGISTRY[stage], name,
+                            registry.Method(**{**method.__dict__, "func": spy}))
+    config = _config(tmp_path, synthetic_bids, echo_combination="nonlinear", masking="magnitude",
+                     bf_removal="pdf", inversion="medi")
+    config.workflow.params = {"inversion": {"max_outer": 2, "cg_iter": 10}}
+    wf = init_qsmprep_wf(config, collect_data(synthetic_bids, validate=False))
+    desc = wf.visit_desc()
+    assert "nonlinear fit of the complex multi-echo signal" in desc and "@liu2013nonlinear" in desc
+    assert "N_std, converted to ppm, weighted the data term of the background field " \
+           "removal (pdf) and the dipole inversion (medi)" in desc
+    nodes = _run_graph(wf)
+    assert nodes["echo_combine"].result.inputs["method"] == "nonlinear"
+    noise_hz = nb.load(nodes["echo_combine"].result.outputs.noise_std).get_fdata()
+    noise_ppm = nodes["total_field"].result.outputs.noise_std
+    for node in ("bf_removal", "inversion"):
+        assert nodes[node].result.inputs["noise_std"] == noise_ppm
+    mask = nb.load(nodes["mask"].result.outputs.mask).get_fdata() > 0
+    expected = nb.load(noise_ppm).get_fdata(dtype=np.float32)
+    np.testing.assert_allclose(expected, noise_hz / (42.57747892 * 3), rtol=1e-5)
+    assert (expected[mask] > 0).all()
+    for name in ("pdf", "medi"):
+        np.testing.assert_array_equal(seen[name], expected)
+    sidecar = json.loads(next((tmp_path / "out").rglob("*_Chimap.json")).read_text())
+    assert sidecar["QSMMethods"]["echo_combination"]["Name"] == "nonlinear"
+    assert sidecar["QSMMethods"]["echo_combination"]["Parameters"]["max_iter"] == 30
+
+
+def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
+    wf = init_qsmprep_wf(_config(tmp_path, synthetic_bids),
+                         collect_data(synthetic_bids, validate=False))
+    qsm = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+    assert qsm.get_node("echo_combine").inputs.method == "romeo"
+    edges = {(u.name, v.name): d["connect"] for u, v, d in qsm._graph.edges(data=True)}
+    assert ("noise_std", "noise_std") in edges[("echo_combine", "total_field")]
+    assert ("noise_std", "noise_std") in edges[("total_field", "bf_removal")]
+    assert ("noise_std", "noise_std") in edges[("total_field", "inversion")]
+    desc = wf.visit_desc()
+    assert "magnitude- and echo-time-weighted average" in desc and "N_std" in desc
+    assert "weighted the data term" not in desc  # neither V-SHARP nor TV takes N_std

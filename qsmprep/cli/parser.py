@@ -10,7 +10,9 @@ from ..__about__ import __version__
 from ..config import DEFAULT_METHODS, Config
 from ..qsm.registry import STAGES
 
-_STAGE_TITLES = {"unwrapping": "phase unwrapping", "bf_removal": "background field removal",
+_STAGE_TITLES = {"unwrapping": "phase unwrapping",
+                 "echo_combination": "echo combination (B0 map and its noise map N_std)",
+                 "bf_removal": "background field removal",
                  "inversion": "dipole inversion", "masking": "brain masking",
                  "referencing": "susceptibility referencing"}
 

@@ -6,6 +6,7 @@ import logging
 
 from ..workflows.base import init_qsmprep_wf
 from ..workflows.outputs import write_citations
+from ..workflows.qsm import PIPELINE_STAGES
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -16,8 +17,7 @@ def build_workflow(config, data):
     LOGGER.info(
         "Building the workflow: %d subject(s), %d run(s); methods: %s",
         len(data), n_runs,
-        ", ".join(f"{s}={config.workflow.method(s)}" for s in
-                  ("unwrapping", "masking", "bf_removal", "inversion", "referencing")),
+        ", ".join(f"{s}={config.workflow.method(s)}" for s in PIPELINE_STAGES),
     )
     return init_qsmprep_wf(config, data)
 

@@ -62,8 +62,9 @@ def _run_method(stage, name, *args, params, context, **stage_kwargs):
 
     method = registry.get(stage, name)
     accepted = inspect.signature(method.func).parameters
-    extra = {k: v for k, v in context.items()
-             if k in accepted and k not in params and v is not None}
+    extra = {k: v.get() if isinstance(v, _Lazy) else v for k, v in context.items()
+             if k in accepted and k not in params}
+    extra = {k: v for k, v in extra.items() if v is not None}
     try:
         return registry.run(stage, name, *args, **stage_kwargs, **extra, **params)
     except Exception as err:
@@ -76,6 +77,18 @@ def _run_method(stage, name, *args, params, context, **stage_kwargs):
                    "(slower). Free the GPU or lower --mem to tile more finely.", stage, name)
     extra["device"] = "cpu"
     return registry.run(stage, name, *args, **stage_kwargs, **extra, **params)
+
+
+class _Lazy:
+    """A context value read from an optional file only when the method takes it."""
+
+    def __init__(self, path, read=None):
+        self.path, self.read = path, read
+
+    def get(self):
+        if not isdefined(self.path) or self.path is None:
+            return None
+        return self.read(self.path) if self.read else _load(self.path)[0]
 
 
 def _is_cuda_oom(err):
@@ -256,39 +269,52 @@ class _B0InputSpec(BaseInterfaceInputSpec):
     unwrapped = File(exists=True, mandatory=True, desc="(X, Y, Z, E) rad")
     magnitude = File(exists=True, mandatory=True)
     echo_times = traits.List(traits.Float, mandatory=True, desc="s")
+    method = traits.Str("romeo", usedefault=True,
+                        desc="echo_combination method in the registry")
+    params = traits.Dict(traits.Str, traits.Any, value={}, usedefault=True,
+                         desc="parameters overriding the method's defaults")
 
 
 class _B0OutputSpec(TraitedSpec):
     fieldmap = File(exists=True, desc="B0 map, Hz")
+    noise_std = File(exists=True, desc="N_std: standard deviation of the B0 estimate, Hz "
+                     "(0 where there is no estimate)")
 
 
 class EchoCombine(SimpleInterface):
-    """B0 map (Hz) from the unwrapped echoes: :func:`qsmprep.qsm.echo.romeo_b0`."""
+    """B0 map (Hz) and its noise map N_std (Hz) from the unwrapped echoes, with
+    registry stage ``echo_combination`` (:mod:`qsmprep.qsm.echo`)."""
 
     input_spec = _B0InputSpec
     output_spec = _B0OutputSpec
 
     def _run_interface(self, runtime):
-        from ..qsm.echo import romeo_b0
-
         unwrapped, ref = _load(self.inputs.unwrapped)
         mag, _ = _load(self.inputs.magnitude)
-        b0_hz = romeo_b0(unwrapped, mag, list(self.inputs.echo_times))
+        b0_hz, noise_hz = _run_method(
+            "echo_combination", self.inputs.method, unwrapped, mag,
+            list(self.inputs.echo_times), params=self.inputs.params, context={},
+        )
         self._results["fieldmap"] = save_like(b0_hz, ref, _out("fieldmap_hz.nii.gz", runtime))
+        self._results["noise_std"] = save_like(noise_hz, ref,
+                                               _out("noise_std_hz.nii.gz", runtime))
         return runtime
 
 
 class _TotalFieldInputSpec(BaseInterfaceInputSpec):
     fieldmap = File(exists=True, mandatory=True, desc="B0 map, Hz")
+    noise_std = File(exists=True, desc="N_std of the B0 map, Hz")
     field_strength = traits.Float(mandatory=True, desc="T")
 
 
 class _TotalFieldOutputSpec(TraitedSpec):
     total_field = File(exists=True, desc="total field, ppm")
+    noise_std = File(desc="N_std of the total field, ppm (when given in Hz)")
 
 
 class TotalField(SimpleInterface):
-    """Total field (ppm) from the B0 map (Hz): :func:`qsmprep.qsm.units.hz_to_ppm`."""
+    """Total field (ppm) from the B0 map (Hz): :func:`qsmprep.qsm.units.hz_to_ppm`;
+    its noise map N_std is converted the same way (Hz to ppm)."""
 
     input_spec = _TotalFieldInputSpec
     output_spec = _TotalFieldOutputSpec
@@ -299,6 +325,10 @@ class TotalField(SimpleInterface):
         hz, ref = _load(self.inputs.fieldmap)
         ppm = hz_to_ppm(hz, self.inputs.field_strength)
         self._results["total_field"] = save_like(ppm, ref, _out("total_field_ppm.nii.gz", runtime))
+        if isdefined(self.inputs.noise_std):
+            noise = hz_to_ppm(_load(self.inputs.noise_std)[0], self.inputs.field_strength)
+            self._results["noise_std"] = save_like(noise, ref,
+                                                   _out("noise_std_ppm.nii.gz", runtime))
         return runtime
 
 
@@ -350,6 +380,8 @@ class _BFRInputSpec(_MethodInputSpec):
     total_field = File(exists=True, mandatory=True, desc="ppm")
     mask = File(exists=True, mandatory=True)
     b0_dir = traits.List(traits.Float, mandatory=True)
+    noise_std = File(exists=True, desc="N_std of the total field (ppm), data weights "
+                     "1/N_std for methods that take them (PDF)")
 
 
 class _BFROutputSpec(TraitedSpec):
@@ -371,7 +403,8 @@ class BackgroundRemoval(SimpleInterface):
                 "bf_removal", self.inputs.method, field, mask, _voxel_size(ref),
                 b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
                 context={"device": self.inputs.device,
-                         "max_voxels": max_voxels_for(self.inputs.mem_gb)},
+                         "max_voxels": max_voxels_for(self.inputs.mem_gb),
+                         "noise_std": _Lazy(self.inputs.noise_std)},
             )
         self._results.update(
             local_field=save_like(local, ref, _out("local_field_ppm.nii.gz", runtime)),
@@ -386,6 +419,8 @@ class _InversionInputSpec(_MethodInputSpec):
     b0_dir = traits.List(traits.Float, mandatory=True)
     magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, for methods that use "
                      "its edges (MEDI)")
+    noise_std = File(exists=True, desc="N_std of the field (ppm), data weights 1/N_std for "
+                     "methods that take them (MEDI, LSQR)")
 
 
 class _ChiOutputSpec(TraitedSpec):
@@ -407,7 +442,8 @@ class Inversion(SimpleInterface):
                 b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
                 context={"device": self.inputs.device,
                          "max_voxels": max_voxels_for(self.inputs.mem_gb),
-                         "magnitude": _optional_rss(self.inputs.magnitude)},
+                         "magnitude": _Lazy(self.inputs.magnitude, _optional_rss),
+                         "noise_std": _Lazy(self.inputs.noise_std)},
             )
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii.gz", runtime))
         return runtime

@@ -6,6 +6,9 @@ from here. Each stage has one call signature:
 ``unwrapping``
     ``f(phase_rad[X,Y,Z,E], *, magnitude=None, echo_times_s, mask=None, **params)
     -> (unwrapped_rad[X,Y,Z,E], quality[X,Y,Z] or None)``
+``echo_combination``
+    ``f(unwrapped_rad[X,Y,Z,E], magnitude[X,Y,Z,E] or None, echo_times_s, **params)
+    -> (b0_hz[X,Y,Z], noise_std_hz[X,Y,Z])`` (N_std: std of the B0 estimate, Hz)
 ``bf_removal``
     ``f(total_field_ppm, mask, voxel_size_mm, *, b0_dir, **params)
     -> (local_field_ppm, mask_out)``
@@ -22,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-STAGES = ("unwrapping", "bf_removal", "inversion", "masking", "referencing")
+STAGES = ("unwrapping", "echo_combination", "bf_removal", "inversion", "masking",
+          "referencing")
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def register(stage, name, *, summary, citations=(), defaults=None, description="
 
 def _load_all():
     # Importing the modules runs their @register decorators.
-    from . import bet, bgremove, inversion, mask, reference, unwrap  # noqa: F401
+    from . import bet, bgremove, echo, inversion, mask, reference, unwrap  # noqa: F401
     from ..dl import methods as _dl_methods  # noqa: F401  (torch is a hard dependency)
 
 

@@ -580,7 +580,8 @@ def check_methods(data, workflow):
     """Refuse method settings that some runs of ``data`` cannot use.
 
     Phase-only runs (no magnitude) need the phase-quality mask, which ROMEO's
-    quality map provides; bipolar phase-offset correction needs >= 3 echoes.
+    quality map provides; bipolar phase-offset correction needs >= 3 echoes;
+    the nonlinear echo combination needs >= 2 echoes.
     """
     for runs in data.values():
         for run in runs:
@@ -590,6 +591,12 @@ def check_methods(data, workflow):
                 raise QSMPrepInputError(
                     f"{label} has no magnitude images: process it with --masking quality "
                     "--unwrapping romeo (a phase-quality mask), or add the part-mag files"
+                )
+            if workflow.echo_combination == "nonlinear" and len(run.echo_times) < 2:
+                raise QSMPrepInputError(
+                    f"{label} has one echo but the nonlinear echo combination fits a phase "
+                    "offset and the field, which needs 2 echoes or more; use "
+                    "--echo-combination romeo (or linear) for single-echo data"
                 )
             bipolar = workflow.stage_params("phase_offset").get("bipolar", False)
             if (bipolar and workflow.phase_offset == "mcpc3ds"

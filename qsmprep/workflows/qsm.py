@@ -1,7 +1,9 @@
 """The QSM workflow of one multi-echo GRE run.
 
-load → unwrap → echo combination (B0, Hz) → total field (ppm) → mask →
-background removal → dipole inversion → referencing → BIDS derivatives.
+load → unwrap → echo combination (B0 and its noise map N_std, Hz) → total
+field (ppm) → mask → background removal → dipole inversion → referencing →
+BIDS derivatives. N_std (in ppm after the total-field step) weights the data
+term of the methods whose signature takes ``noise_std`` (PDF, LSQR, MEDI).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .outputs import init_qsm_derivatives_wf
 from .reports import init_qsm_reports_wf
 
 #: processing order of the registry stages
-PIPELINE_STAGES = ("unwrapping", "masking", "bf_removal", "inversion", "referencing")
+PIPELINE_STAGES = ("unwrapping", "echo_combination", "masking", "bf_removal", "inversion",
+                   "referencing")
 
 
 def method_record(stage, name, params=None):
@@ -46,6 +49,12 @@ def phase_offset_record(params=None):
         if p.kind is p.KEYWORD_ONLY and p.default is not p.empty
     }
     return {"Name": "mcpc3ds", "Parameters": {**defaults, **(params or {})}}
+
+
+def takes_noise_std(stage, name):
+    """Whether method ``name`` of ``stage`` uses the noise map N_std (its
+    signature has a ``noise_std`` keyword)."""
+    return "noise_std" in inspect.signature(registry.get(stage, name).func).parameters
 
 
 def method_description(stage, name, params=None):
@@ -68,13 +77,18 @@ def init_qsm_wf(config, run, *, name=None):
 
     ::
 
-        load ─► [phase_offset (MCPC-3D-S)] ─► unwrap ─► echo_combine (B0, Hz) ─► total_field (ppm)
-          │                                     └─ quality ─┐                        │
-          └─ magnitude, valid ─────────────────────────────► mask ─► bf_removal ◄────┘
-                                                                      │ local field (ppm), mask
-                                                                      ▼
-                                              ds_qsm_wf ◄─ referencing ◄─ inversion (chi, ppm)
+        load ─► [phase_offset (MCPC-3D-S)] ─► unwrap ─► echo_combine ─► total_field
+          │                                     │        (B0, N_std; Hz)   (field, N_std; ppm)
+          │                                     └─ quality ─┐                  │ field │ N_std
+          └─ magnitude, valid ─────────────────────────────► mask ─► bf_removal ◄┘      │
+                                                                      │ local field, mask │
+                                                                      ▼                   │
+                                              ds_qsm_wf ◄─ referencing ◄─ inversion ◄─────┘
                                        qsm_reports_wf ◄─ every map above (SVG reportlets)
+
+    ``echo_combination`` is a registry stage (romeo | linear | nonlinear); every
+    method gives the B0 map and its noise map N_std, which background removal
+    and inversion receive and use when their method takes ``noise_std``.
 
     Parameters
     ----------
@@ -109,7 +123,8 @@ def init_qsm_wf(config, run, *, name=None):
         name="load",
     )
     unwrap = stage_node(Unwrap, "unwrapping", "unwrap")
-    combine = pe.Node(EchoCombine(), name="echo_combine")
+    combine = pe.Node(EchoCombine(method=methods["echo_combination"],
+                                  params=params["echo_combination"]), name="echo_combine")
     total = pe.Node(TotalField(field_strength=run.field_strength), name="total_field")
     mask = stage_node(Mask, "masking", "mask", heavy=False)
     bfr = stage_node(BackgroundRemoval, "bf_removal", "bf_removal")
@@ -139,10 +154,11 @@ def init_qsm_wf(config, run, *, name=None):
                         ("echo_times", "echo_times")]),
         (load, combine, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
         (unwrap, combine, [("unwrapped", "unwrapped")]),
-        (combine, total, [("fieldmap", "fieldmap")]),
+        (combine, total, [("fieldmap", "fieldmap"), ("noise_std", "noise_std")]),
         (load, mask, [("magnitude", "magnitude"), ("valid", "valid")]),
         (unwrap, mask, [("quality", "quality")]),
-        (total, bfr, [("total_field", "total_field")]),
+        (total, bfr, [("total_field", "total_field"), ("noise_std", "noise_std")]),
+        (total, invert, [("noise_std", "noise_std")]),
         (mask, bfr, [("mask", "mask")]),
         (bfr, invert, [("local_field", "local_field"), ("mask", "mask")]),
         (invert, reference, [("chi", "chi")]),
@@ -170,11 +186,18 @@ def init_qsm_wf(config, run, *, name=None):
 
 def _describe(methods, params, correct_offset):
     text = {s: method_description(s, methods[s], params[s]) for s in PIPELINE_STAGES}
-    rest = " ".join(text[s] for s in PIPELINE_STAGES[1:])
+    rest = " ".join(text[s] for s in PIPELINE_STAGES[2:])
     offset = (
         "For multi-echo data, the echo-independent phase offset was estimated with\n"
         "MCPC-3D-S and removed from every echo [@eckstein2018mcpc3ds]. "
         if correct_offset else ""
+    )
+    weighted = [f"{_STAGE_NAMES[s]} ({methods[s]})" for s in ("bf_removal", "inversion")
+                if takes_noise_std(s, methods[s])]
+    weights = (
+        f" The noise map N_std, converted to ppm, weighted the data term of the "
+        f"{' and the '.join(weighted)} (weights 1/N_std, scaled to mean 1 in the mask)."
+        if weighted else ""
     )
     return f"""
 #### Susceptibility mapping
@@ -185,11 +208,12 @@ stacked in order of echo time and the phase was expressed in radians
 The direction of the main magnetic field relative to the voxel axes was
 taken from the image orientation (or from the `B0_dir` sidecar field when
 present), so that oblique acquisitions were modelled without resampling.
-{offset}{text["unwrapping"]} The unwrapped echoes were combined into a B0 field map
-(Hz) by a magnitude- and echo-time-weighted average of the per-echo phase
-evolution rates [@dymerska2021romeo], and converted to a total field in ppm
-of the main field. {rest}
+{offset}{text["unwrapping"]} {text["echo_combination"]} The B0 map was converted to
+a total field in ppm of the main field.{weights} {rest}
 """
+
+
+_STAGE_NAMES = {"bf_removal": "background field removal", "inversion": "dipole inversion"}
 
 
 def _safe(text):
