@@ -65,6 +65,10 @@ class Execution:
     session_label: list = field(default_factory=list)
     bids_filters: dict = field(default_factory=dict)
     skip_bids_validation: bool = False
+    #: user-supplied brain mask for every run (--mask); "" when none
+    mask_file: str = ""
+    #: derivatives datasets searched for each run's brain mask (--derivatives), name -> path
+    derivatives: dict = field(default_factory=dict)
     stop_on_first_crash: bool = False
     output_intermediates: bool = False
     boilerplate_only: bool = False

@@ -227,3 +227,116 @@ def test_nan_and_inf_voxels_zeroed_and_masked_with_warning(caplog):
     assert np.isfinite(phase).all() and phase[1, 1, 1, 1] == 0 and mag[2, 2, 2, 0] == 0
     assert not valid[1, 1, 1] and not valid[2, 2, 2] and valid.sum() == 62
     assert "phase.nii: 1 NaN/Inf" in caplog.text and "mag.nii: 1 NaN/Inf" in caplog.text
+
+
+# --- user-supplied brain masks: --mask FILE, --derivatives NAME=PATH ---------------------
+
+from qsmprep.utils.bids import attach_masks  # noqa: E402
+
+GRID = np.diag([1.0, 1.0, 1.5, 1.0])  # write_gre's default affine, shape (12, 10, 8)
+
+
+def _write_mask(path, data=None, affine=GRID, shape=(12, 10, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = np.zeros(shape, np.uint8)
+        data[3:9, 3:7, 2:6] = 1
+    nb.Nifti1Image(data, affine).to_filename(path)
+    return path
+
+
+def _derivatives(root):
+    write_dataset_description(root)
+    return root
+
+
+def test_derivatives_masks_found_with_pybids_per_run(tmp_path):
+    bids = tmp_path / "bids"
+    write_gre(bids, entities="_ses-a_run-1")
+    write_gre(bids, entities="_ses-a_run-2")
+    write_gre(bids, entities="_ses-b_acq-fast")
+    deriv = _derivatives(tmp_path / "masks")
+    anat = deriv / "sub-01" / "ses-a" / "anat"
+    run1 = _write_mask(anat / "sub-01_ses-a_run-1_desc-brain_mask.nii.gz")
+    _write_mask(anat / "sub-01_ses-a_run-1_desc-csf_mask.nii.gz")  # not a brain mask
+    _write_mask(anat / "sub-01_ses-a_mask.nii.gz")  # no run-: not run 1's nor run 2's
+    run2 = _write_mask(anat / "sub-01_ses-a_run-2_mask.nii.gz")  # no desc: accepted
+    _write_mask(anat / "sub-01_ses-a_run-2_space-MNI_desc-brain_mask.nii.gz")  # not native
+    fast = _write_mask(deriv / "sub-01" / "ses-b" / "anat" / "sub-01_ses-b_acq-fast_desc-"
+                       "brain_mask.nii.gz")
+    data = attach_masks(collect_data(bids, validate=False), derivatives={"masks": str(deriv)})
+    got = {r.name: (r.mask, r.mask_source) for r in data["01"]}
+    assert got["ses-a_run-1"] == (str(run1), "bids:masks:sub-01/ses-a/anat/" + run1.name)
+    assert got["ses-a_run-2"][0] == str(run2)
+    assert got["ses-b_acq-fast"][0] == str(fast)
+    twin = _write_mask(anat / "sub-01_ses-a_run-1_desc-brain_mask.nii")  # same name, .nii
+    with pytest.raises(QSMPrepInputError, match="Several brain masks for sub-01 ses-a_run-1"):
+        attach_masks(collect_data(bids, validate=False), derivatives={"masks": str(deriv)})
+    assert twin.exists()
+
+
+def test_derivatives_masks_missing_for_some_or_all_runs(tmp_path, caplog):
+    bids = tmp_path / "bids"
+    write_gre(bids)
+    write_gre(bids, subject="02")
+    deriv = _derivatives(tmp_path / "masks")
+    data = collect_data(bids, validate=False)
+    with pytest.raises(QSMPrepInputError, match=r"No brain mask for any run.*"
+                       r"sub-01/anat/sub-01_desc-brain_mask\.nii\.gz"):
+        attach_masks(data, derivatives={"masks": str(deriv)})
+    _write_mask(deriv / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        out = attach_masks(data, derivatives={"masks": str(deriv)})
+    assert out["01"][0].mask and out["02"][0].mask is None
+    assert "sub-02 MEGRE: no brain mask in the --derivatives" in caplog.text
+    (deriv / "dataset_description.json").unlink()
+    with pytest.raises(QSMPrepInputError, match="no dataset_description.json"):
+        attach_masks(data, derivatives={"masks": str(deriv)})
+
+
+def test_mask_on_another_grid_is_refused_with_the_fix(tmp_path):
+    bids = tmp_path / "bids"
+    write_gre(bids)
+    data = collect_data(bids, validate=False)
+    ref = data["01"][0].magnitude[0]
+    small = _write_mask(tmp_path / "t1_mask.nii.gz", shape=(24, 20, 16),
+                        affine=np.diag([0.5, 0.5, 0.75, 1.0]))
+    with pytest.raises(QSMPrepInputError) as err:
+        attach_masks(data, mask_file=str(small))
+    msg = str(err.value)
+    assert f"The brain mask {small} is not on the voxel grid of {ref}" in msg
+    assert "shape (24, 20, 16) vs (12, 10, 8)" in msg
+    assert "mask affine [[0.5, 0.0, 0.0, 0.0]" in msg and "GRE affine [[1.0, 0.0" in msg
+    assert f"antsApplyTransforms -d 3 -i {small} -r {ref}" in msg and "flirt" in msg
+    shifted = GRID.copy()
+    shifted[0, 3] = 0.01  # 10 micrometres: more than 1e-3 mm
+    moved = _write_mask(tmp_path / "moved_mask.nii.gz", affine=shifted)
+    with pytest.raises(QSMPrepInputError, match=r"same shape \(12, 10, 8\) but affines "
+                       r"differing by up to 0\.01"):
+        attach_masks(data, mask_file=str(moved))
+    shifted[0, 3] = 5e-4  # within tolerance
+    ok = _write_mask(tmp_path / "ok_mask.nii.gz", affine=shifted)
+    assert attach_masks(data, mask_file=str(ok))["01"][0].mask == str(ok)
+
+
+def test_mask_shared_by_runs_on_different_grids_and_mask_content_checks(tmp_path, caplog):
+    bids = tmp_path / "bids"
+    write_gre(bids, entities="_run-1")
+    write_gre(bids, entities="_run-2", shape=(12, 10, 9))
+    data = collect_data(bids, validate=False)
+    mask = _write_mask(tmp_path / "mask.nii.gz")
+    with pytest.raises(QSMPrepInputError, match="one mask for all 2 runs"):
+        attach_masks(data, mask_file=str(mask))
+    with pytest.raises(QSMPrepInputError, match="either --mask"):
+        attach_masks(data, mask_file=str(mask), derivatives={"d": str(tmp_path)})
+    one = {"01": data["01"][:1]}
+    prob = np.zeros((12, 10, 8), np.float32)
+    prob[3:9, 3:7, 2:6] = 0.7
+    prob[0, 0, 0] = 0.3
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        attach_masks(one, mask_file=str(_write_mask(tmp_path / "prob.nii.gz", prob)))
+    assert "is not binary (values 0 to 0.7" in caplog.text and "thresholded at 0.5: 96" \
+        in caplog.text
+    empty = _write_mask(tmp_path / "empty.nii.gz", np.zeros((12, 10, 8), np.float32) + 0.2)
+    with pytest.raises(QSMPrepInputError, match=f"The brain mask {empty} is empty"):
+        attach_masks(one, mask_file=str(empty))

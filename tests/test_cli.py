@@ -134,3 +134,48 @@ def test_group_level_without_outputs_fails_clearly(tmp_path, capsys):
     (tmp_path / "bids").mkdir()
     assert main(_args(tmp_path)[:2] + ["group"]) == 1
     assert "run the participant level first" in capsys.readouterr().err
+
+
+def test_mask_and_derivatives_options_round_trip_through_toml(tmp_path, capsys):
+    mask = tmp_path / "mask.nii.gz"
+    mask.write_bytes(b"")
+    (tmp_path / "qsm1").mkdir()
+    (tmp_path / "other").mkdir()
+    config = parse_args(_args(tmp_path, "--mask", str(mask)))
+    assert config.execution.mask_file == str(mask) and config.execution.derivatives == {}
+    config = parse_args(_args(tmp_path, "--derivatives", f"masks={tmp_path / 'qsm1'}",
+                              str(tmp_path / "other"), "--derivatives",
+                              f"third={tmp_path}"))
+    assert config.execution.derivatives == {"masks": str(tmp_path / "qsm1"),
+                                            "other": str(tmp_path / "other"),
+                                            "third": str(tmp_path)}
+    config.execution.mask_file = str(mask)
+    again = Config.from_toml(config.to_toml(tmp_path / "c.toml"))
+    assert again == config and again.execution.derivatives["masks"] == str(tmp_path / "qsm1")
+    assert parse_args(_args(tmp_path, "--config-file", str(tmp_path / "c.toml"))
+                      ).execution.mask_file == str(mask)
+    for bad, why in ((f"raw={tmp_path}", "names the input dataset"),
+                     (f"x={tmp_path / 'missing'}", "folder not found")):
+        with pytest.raises(SystemExit):
+            parse_args(_args(tmp_path, "--derivatives", bad))
+        assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="names must differ"):
+        parse_args(_args(tmp_path, "--derivatives", f"a={tmp_path}", f"a={tmp_path / 'qsm1'}"))
+    with pytest.raises(SystemExit):
+        parse_args(_args(tmp_path, "--mask", str(tmp_path / "nope.nii.gz")))
+    assert "File not found" in capsys.readouterr().err
+
+
+def test_mask_on_another_grid_stops_before_any_work(tmp_path, capsys, synthetic_bids):
+    import nibabel as nb
+    import numpy as np
+
+    mask = tmp_path / "t1_mask.nii.gz"
+    nb.Nifti1Image(np.ones((20, 20, 20), np.uint8), np.eye(4)).to_filename(mask)
+    code = main([str(synthetic_bids), str(tmp_path / "out"), "participant",
+                 "-w", str(tmp_path / "w"), "--mask", str(mask)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1  # (the synthetic run is a thin slab: a warning comes first)
+    assert err[-1].startswith(f"qsmprep: error: The brain mask {mask} is not on the voxel grid")
+    assert "antsApplyTransforms" in err[-1]
+    assert not list((tmp_path / "w").glob("config-*.toml")) and not (tmp_path / "out").exists()

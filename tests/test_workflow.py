@@ -218,3 +218,35 @@ def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
     desc = wf.visit_desc()
     assert "magnitude- and echo-time-weighted average" in desc and "N_std" in desc
     assert "weighted the data term" not in desc  # neither V-SHARP nor TV takes N_std
+
+
+def test_user_mask_replaces_the_masking_stage_in_a_real_run(tmp_path, synthetic_bids):
+    from qsmprep.cli.run import main
+
+    ref = next(synthetic_bids.rglob("*_echo-1_part-mag_MEGRE.nii.gz"))
+    given = np.zeros((12, 10, 8), np.float32)
+    given[2:10, 2:8, 2:6] = 0.9  # probabilistic-looking: thresholded at 0.5
+    given[2, 2, 2] = 0.2
+    mask_file = tmp_path / "my_mask.nii.gz"
+    nb.Nifti1Image(given, nb.load(ref).affine).to_filename(mask_file)
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: Linear\n")
+    out = tmp_path / "out"
+    code = main([str(synthetic_bids), str(out), "participant", "-w", str(tmp_path / "work"),
+                 "--mask", str(mask_file), "--bf-removal", "pdf", "--inversion", "tkd",
+                 "--device", "cpu", "--use-plugin", str(plugin)])
+    assert code == 0
+    anat = out / "sub-01" / "anat"
+    written = nb.load(anat / "sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
+    np.testing.assert_array_equal(written, given >= 0.5)
+    record = json.loads((anat / "sub-01_Chimap.json").read_text())["QSMMethods"]["masking"]
+    assert record["Name"] == "user-supplied" and record["File"] == str(mask_file)
+    assert record["Description"] == f"user-supplied mask from {mask_file}"
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "user-supplied mask from `my_mask.nii.gz`" in citation
+    summary = json.loads(next((out / "sub-01" / "figures").glob("*desc-summary*.json"))
+                         .read_text())
+    assert summary["methods"]["masking"] == f"user-supplied mask from {mask_file}"
+    (saved,) = (out / "sub-01" / "log").glob("*/qsmprep.toml")
+    assert Config.from_toml(saved).execution.mask_file == str(mask_file)
+    assert "user-supplied mask" in (out / "sub-01.html").read_text()

@@ -36,6 +36,23 @@ def _existing_file(value):
     return path.absolute()
 
 
+def _derivatives(value):
+    """``NAME=PATH`` (or a bare ``PATH``, named after its folder) of an existing folder."""
+    name, sep, path = value.partition("=")
+    if not sep:
+        name, path = Path(value).expanduser().absolute().name, value
+    path = Path(path).expanduser()
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected NAME=PATH with a name of letters, digits, - and _")
+    if name == "raw":
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: 'raw' names the input dataset (bids:raw:...); choose another name")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r}: folder not found: {path}")
+    return name, str(path.absolute())
+
+
 def _positive_int(value):
     n = int(value)
     if n < 1:
@@ -73,6 +90,16 @@ def build_parser():
     g.add_argument("--skip-bids-validation", action="store_true", default=None,
                    help="index the dataset without checking file names against BIDS "
                    "(qsmprep's own checks of echoes and metadata always run)")
+
+    g.add_argument("--derivatives", nargs="+", action="append", type=_derivatives,
+                   metavar="NAME=PATH",
+                   help="BIDS derivatives dataset(s) searched (pybids) for each run's brain "
+                   "mask, sub-X/[ses-Y/]anat/sub-X[_ses-Y][_acq-..][_run-..]"
+                   "[_desc-brain]_mask.nii.gz (e.g. an earlier qsmprep output); the mask "
+                   "replaces the masking method for the runs that have one; repeatable")
+    g.add_argument("--mask", type=_existing_file, metavar="FILE",
+                   help="a brain mask (NIfTI, on the GRE grid) used instead of the masking "
+                   "method, for every run processed (meant for a single run)")
 
     g = p.add_argument_group("Methods (choices come from the method registry)")
     for stage in STAGES:
@@ -142,6 +169,15 @@ def parse_args(argv=None):
             setattr(ex, name, value)
     if opts.bids_filter_file is not None:
         ex.bids_filters = _read_filters(opts.bids_filter_file)
+    if opts.mask is not None:
+        ex.mask_file = str(opts.mask)
+    if opts.derivatives:
+        pairs = [pair for group in opts.derivatives for pair in group]
+        names = [name for name, _ in pairs]
+        if len(set(names)) < len(names):
+            raise SystemExit("qsmprep: error: --derivatives names must differ, got "
+                             f"{', '.join(names)}; write NAME=PATH")
+        ex.derivatives = dict(pairs)
 
     for name in STAGES + ("phase_offset",):
         if getattr(opts, name) is not None:

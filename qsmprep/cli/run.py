@@ -61,7 +61,7 @@ def main(argv=None):
 
 
 def _run_participant(config):
-    from ..utils.bids import check_methods, check_output_dir, collect_data
+    from ..utils.bids import attach_masks, check_methods, check_output_dir, collect_data
     from ..workflows.outputs import write_derivatives_description
     from .workflow import build_workflow, write_boilerplate
 
@@ -87,6 +87,8 @@ def _run_participant(config):
         bids_filters=ex.bids_filters,
         validate=not ex.skip_bids_validation,
     )
+    if not ex.reports_only:  # user-supplied masks: found and checked before any work
+        data = attach_masks(data, mask_file=ex.mask_file or None, derivatives=ex.derivatives)
     check_methods(data, config.workflow)
     if ex.reports_only:
         from ..reports.core import reports_only
@@ -105,7 +107,7 @@ def _run_participant(config):
 
     _configure_nipype(config)
     workflow = build_workflow(config, data)
-    write_derivatives_description(ex.bids_dir, ex.output_dir)
+    write_derivatives_description(ex.bids_dir, ex.output_dir, derivatives=ex.derivatives)
     write_boilerplate(workflow, ex.output_dir)
     if ex.boilerplate_only:
         return 0

@@ -336,6 +336,8 @@ class _MaskInputSpec(_MethodInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="(X, Y, Z, E) magnitude")
     quality = File(exists=True, desc="phase quality (0..1) from unwrapping")
     valid = File(exists=True, mandatory=True, desc="voxels with finite input")
+    mask_file = File(exists=True, desc="user-supplied brain mask on the GRE grid: used "
+                     "instead of the method (thresholded at 0.5 when not binary)")
 
 
 class _MaskOutputSpec(TraitedSpec):
@@ -344,13 +346,15 @@ class _MaskOutputSpec(TraitedSpec):
 
 class Mask(SimpleInterface):
     """Brain mask with registry stage ``masking`` from the root-sum-of-squares
-    magnitude (and the unwrapping quality when there is one); voxels with
-    non-finite input are always left out."""
+    magnitude (and the unwrapping quality when there is one), or the
+    user-supplied ``mask_file``; voxels with non-finite input are always left out."""
 
     input_spec = _MaskInputSpec
     output_spec = _MaskOutputSpec
 
     def _run_interface(self, runtime):
+        if isdefined(self.inputs.mask_file):
+            return self._user_mask(runtime)
         mag, ref = _load(self.inputs.magnitude)
         rss = np.sqrt(np.sum(mag.reshape(mag.shape[:3] + (-1,)) ** 2, axis=3))
         quality = _load(self.inputs.quality)[0] if isdefined(self.inputs.quality) else None
@@ -364,6 +368,27 @@ class Mask(SimpleInterface):
                 "): check that the magnitude shows the head and is not all zero/NaN, or try "
                 "another --masking method"
             )
+        self._results["mask"] = save_like(mask, ref, _out("mask.nii.gz", runtime), np.uint8)
+        return runtime
+
+
+    def _user_mask(self, runtime):
+        from ..utils.bids import binarize_mask, mask_grid_error
+
+        path = self.inputs.mask_file
+        ref = nb.load(self.inputs.magnitude)
+        img = nb.load(path)
+        error = mask_grid_error(path, img, self.inputs.magnitude, ref)
+        if error:
+            raise ValueError(error)
+        mask, binary = binarize_mask(np.asanyarray(img.dataobj).reshape(ref.shape[:3]))
+        if not binary:
+            LOGGER.warning("The brain mask %s is not binary; thresholded at 0.5", path)
+        mask &= _load(self.inputs.valid, bool)[0]
+        if not mask.any():
+            raise ValueError(
+                f"The user-supplied brain mask {path} is empty once voxels with non-finite "
+                "input are left out; check that it covers the brain of this run")
         self._results["mask"] = save_like(mask, ref, _out("mask.nii.gz", runtime), np.uint8)
         return runtime
 

@@ -100,8 +100,11 @@ def bids_uri(path, bids_dir):
     return f"bids:raw:{Path(path).absolute().relative_to(Path(bids_dir).absolute()).as_posix()}"
 
 
-def write_derivatives_description(bids_dir, output_dir):
-    """``dataset_description.json`` and ``.bidsignore`` of the output folder."""
+def write_derivatives_description(bids_dir, output_dir, derivatives=None):
+    """``dataset_description.json`` and ``.bidsignore`` of the output folder.
+
+    ``derivatives`` (``{name: path}``, from ``--derivatives``) are added to
+    ``DatasetLinks`` so that ``bids:<name>:...`` URIs in sidecars resolve."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     source = {}
@@ -117,7 +120,9 @@ def write_derivatives_description(bids_dir, output_dir):
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "qsmprep", "Version": __version__, "CodeURL": __url__}],
         "SourceDatasets": [source_dataset],
-        "DatasetLinks": {"raw": Path(bids_dir).absolute().as_uri()},
+        "DatasetLinks": {"raw": Path(bids_dir).absolute().as_uri(),
+                         **{name: Path(path).absolute().as_uri()
+                            for name, path in (derivatives or {}).items()}},
         "HowToAcknowledge": "Please cite the methods listed in logs/CITATION.md.",
     }
     write_text(output_dir / "dataset_description.json", json.dumps(desc, indent=2) + "\n")

@@ -57,6 +57,12 @@ def takes_noise_std(stage, name):
     return "noise_std" in inspect.signature(registry.get(stage, name).func).parameters
 
 
+def user_mask_record(source):
+    """The ``masking`` record of a run whose brain mask the user gave."""
+    return {"Name": "user-supplied", "Parameters": {"threshold": 0.5}, "File": source,
+            "Description": f"user-supplied mask from {source}"}
+
+
 def method_description(stage, name, params=None):
     """The method's sentence for the boilerplate, parameters filled in and
     citations appended as ``[@key]``."""
@@ -100,7 +106,12 @@ def init_qsm_wf(config, run, *, name=None):
     wf = Workflow(name=name or f"qsm_{_safe(run.name)}_wf")
     methods = {s: config.workflow.method(s) for s in PIPELINE_STAGES}
     params = {s: config.workflow.stage_params(s) for s in PIPELINE_STAGES}
-    wf.__desc__ = _describe(methods, params, config.workflow.phase_offset == "mcpc3ds")
+    if config.execution.mask_file and not run.mask:
+        raise ValueError(
+            f"--mask {config.execution.mask_file} is set but run {run.name} has no mask: "
+            "pass the data through qsmprep.utils.bids.attach_masks first")
+    wf.__desc__ = _describe(methods, params, config.workflow.phase_offset == "mcpc3ds",
+                            user_mask=run.mask_source)
     _, omp = config.nipype.resolved()
     device = config.execution.device
     b0_dir = list(run.b0_direction)
@@ -134,6 +145,9 @@ def init_qsm_wf(config, run, *, name=None):
     reference = stage_node(Reference, "referencing", "referencing", heavy=False)
 
     records = {s: method_record(s, methods[s], params[s]) for s in methods}
+    if run.mask:
+        mask.inputs.mask_file = run.mask
+        records["masking"] = user_mask_record(run.mask_source)
     correct_offset = config.workflow.phase_offset == "mcpc3ds" and len(run.echo_times) > 1
     if correct_offset:
         offset_params = config.workflow.stage_params("phase_offset")
@@ -172,7 +186,10 @@ def init_qsm_wf(config, run, *, name=None):
     if config.execution.output_intermediates:
         wf.connect(unwrap, "unwrapped", outputs, "inputnode.unwrapped")
 
-    reports = init_qsm_reports_wf(config, run, methods=methods)
+    summary_methods = dict(methods)
+    if run.mask:
+        summary_methods["masking"] = records["masking"]["Description"]
+    reports = init_qsm_reports_wf(config, run, methods=summary_methods)
     wf.connect([
         (load, reports, [("magnitude", "inputnode.magnitude"), ("phase", "inputnode.phase")]),
         (unwrap, reports, [("unwrapped", "inputnode.unwrapped"),
@@ -184,8 +201,13 @@ def init_qsm_wf(config, run, *, name=None):
     return wf
 
 
-def _describe(methods, params, correct_offset):
+def _describe(methods, params, correct_offset, user_mask=None):
     text = {s: method_description(s, methods[s], params[s]) for s in PIPELINE_STAGES}
+    if user_mask:
+        name = user_mask.rsplit("/", 1)[-1]
+        text["masking"] = (
+            f"The brain mask was not computed: a user-supplied mask from `{name}` was used "
+            "(binarised at 0.5), less any voxel with non-finite input.")
     rest = " ".join(text[s] for s in PIPELINE_STAGES[2:])
     offset = (
         "For multi-echo data, the echo-independent phase offset was estimated with\n"
