@@ -7,7 +7,7 @@ import pytest
 from qsmprep.qsm.kernels import sphere_field
 from qsmprep.qsm.units import b0_direction_from_affine
 from qsmprep.sim.acquisition import oblique_affine, tilted_b0
-from qsmprep.sim.forward import (local_field, random_polynomial_field, shim,
+from qsmprep.sim.forward import (local_field, random_harmonic_field, shim,
                                  total_field)
 from qsmprep.sim.phantoms import challenge_head, crop
 
@@ -64,11 +64,30 @@ def test_uniform_ambient_has_no_field():
     assert np.abs(field).max() < 1e-6
 
 
+def test_shim_terms_are_harmonic():
+    # the discrete Laplacian of polynomials up to degree 3 is exact: zero (to
+    # float32 rounding) for every term, so a shim changes no local field; x^2
+    # alone is not harmonic (second difference 2 h^2 = 2e-4 at h = 1 mm = 0.01)
+    from scipy.ndimage import laplace
+
+    from qsmprep.sim.forward import solid_harmonics
+
+    basis = solid_harmonics((20, 22, 18), (1.0, 1.0, 1.0), 3)
+    assert basis.shape == (15, 20, 22, 18)
+    inner = (slice(1, -1),) * 3
+    for term in basis.astype(np.float64):
+        assert np.abs(laplace(term)[inner]).max() < 1e-6
+    x2 = basis[0].astype(np.float64) ** 2
+    assert np.abs(laplace(x2)[inner]).min() > 1e-4
+    with pytest.raises(ValueError, match="degree 3"):
+        solid_harmonics((4, 4, 4), (1, 1, 1), 4)
+
+
 def test_shim_removes_a_polynomial_exactly_but_not_a_dipole():
     rng = np.random.default_rng(1)
     shape, vox = (40, 44, 36), (1.5, 1.5, 2.0)
     mask = _ball(shape, 15, (20, 22, 18))
-    poly = random_polynomial_field(shape, vox, rng, order=2, amplitude_ppm=1.0) + 0.3
+    poly = random_harmonic_field(shape, vox, rng, order=2, amplitude_ppm=1.0) + 0.3
     assert np.abs(shim(poly, mask, vox, order=2)[mask]).max() < 1e-4
     dip, _ = sphere_field(shape, vox, 3.0, 1.0, center=(20, 22, 18))
     assert np.abs(shim(poly + dip, mask, vox, order=2)[mask]).max() > 0.1

@@ -48,23 +48,40 @@ def local_field(chi_ppm, brain_mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, p
     return dipole_convolve(chi, voxel_size_mm, b0_dir, pad_factor=pad_factor)
 
 
-def polynomial_basis(shape, voxel_size_mm, order):
-    """Monomials ``x^i y^j z^k`` with ``0 < i+j+k <= order`` on the grid
-    (coordinates in units of 100 mm from the grid centre), (n_terms, X, Y, Z)."""
+def solid_harmonics(shape, voxel_size_mm, order):
+    """Real solid harmonics of degree 1..``order`` (at most 3) on the grid,
+    (n_terms, X, Y, Z), coordinates in units of 100 mm from the grid centre.
+
+    These homogeneous polynomials solve Laplace's equation, like the fields of
+    a scanner's shim coils and of any source outside the head, so background
+    removal (which keeps only the non-harmonic part) removes them exactly.
+    Degree 2, for example: xy, yz, xz, x^2 - y^2, 2z^2 - x^2 - y^2.
+    """
+    if not 0 <= order <= 3:
+        raise ValueError(f"solid harmonics are tabulated up to degree 3, got order={order}")
     axes = [((np.arange(n) - (n - 1) / 2) * v / 100.0).astype(np.float32)
             for n, v in zip(shape, voxel_size_mm)]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    terms = [x**i * y**j * z**k
-             for i in range(order + 1) for j in range(order + 1 - i)
-             for k in range(order + 1 - i - j) if 0 < i + j + k]
-    return np.stack([np.broadcast_to(t, shape) for t in terms])
+    r2xy = x * x + y * y
+    degrees = [
+        [x, y, z],
+        [x * y, y * z, x * z, x * x - y * y, 2 * z * z - r2xy],
+        [x * (x * x - 3 * y * y), y * (3 * x * x - y * y), z * (x * x - y * y), x * y * z,
+         x * (4 * z * z - r2xy), y * (4 * z * z - r2xy), z * (2 * z * z - 3 * r2xy)],
+    ]
+    terms = [t for d in degrees[:order] for t in d]
+    if not terms:
+        return np.zeros((0, *shape), np.float32)
+    return np.stack([np.broadcast_to(t, shape) for t in terms]).astype(np.float32)
 
 
 def shim(field_ppm, mask, voxel_size_mm, order=2):
-    """Remove the least-squares polynomial of degree ``order`` (and the mean)
-    fitted inside ``mask``, as a scanner's shim would: returns the residual
-    field (ppm) on the whole grid."""
-    basis = polynomial_basis(field_ppm.shape, voxel_size_mm, order)
+    """Remove the least-squares combination of the mean and the solid
+    harmonics up to degree ``order`` (:func:`solid_harmonics`) fitted inside
+    ``mask``, as a scanner's shim coils would: returns the residual field
+    (ppm) on the whole grid. The removed part is harmonic, so the local field
+    of the brain is unchanged."""
+    basis = solid_harmonics(field_ppm.shape, voxel_size_mm, order)
     design = np.concatenate([np.ones((1, int(mask.sum())), np.float32), basis[:, mask]])
     coef, *_ = np.linalg.lstsq(design.T.astype(np.float64), field_ppm[mask].astype(np.float64),
                                rcond=None)
@@ -72,11 +89,11 @@ def shim(field_ppm, mask, voxel_size_mm, order=2):
     return (field_ppm - fit).astype(np.float32)
 
 
-def random_polynomial_field(shape, voxel_size_mm, rng, *, order=2, amplitude_ppm=0.5):
-    """Random smooth background (ppm): a polynomial of degree ``order`` with
-    Gaussian coefficients whose sum of squares is ``amplitude_ppm`` squared,
+def random_harmonic_field(shape, voxel_size_mm, rng, *, order=2, amplitude_ppm=0.5):
+    """Random smooth background (ppm): solid harmonics (:func:`solid_harmonics`)
+    up to degree ``order`` with Gaussian coefficients whose sum of squares is ``amplitude_ppm`` squared,
     in coordinates of 100 mm (so it varies by ~``amplitude_ppm`` across a head)."""
-    basis = polynomial_basis(shape, voxel_size_mm, order)
+    basis = solid_harmonics(shape, voxel_size_mm, order)
     coef = rng.standard_normal(len(basis))
     coef *= amplitude_ppm / np.linalg.norm(coef)
     return np.tensordot(coef.astype(np.float32), basis, axes=1).astype(np.float32)

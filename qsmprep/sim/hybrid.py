@@ -40,7 +40,7 @@ from scipy.spatial.transform import Rotation
 from ..qsm.fft import fast_shape, fftn, ifftn, pad
 from ..qsm.kernels import dipole_kernel
 from .acquisition import tilted_b0
-from .forward import random_polynomial_field
+from .forward import random_harmonic_field
 from .phantoms import (AIR, BONE, CSF, MUSCLE, PARENCHYMA, _challenge_arrays, _lookup,
                        _M0, _R2STAR_3T, chi_reference, smooth_noise)
 from .signal import magnitude_phase, multi_echo_signal, smooth_phase_offset
@@ -175,7 +175,7 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
                                                   chi[:, :, 0], chi[:, :, -1])])
     local, background = _fields(np.where(mask, chi, 0), np.where(mask, 0, chi), vox, b0,
                                 pad_factor, float(np.median(border)))
-    background += random_polynomial_field(region, vox, rng,
+    background += random_harmonic_field(region, vox, rng,
                                           amplitude_ppm=rng.uniform(*background_poly_ppm))
     if patch_size is not None:
         crop = tuple(slice(margin, margin + p) for p in patch)
