@@ -135,13 +135,22 @@ def test_nextqsm_shapes_and_data_consistency_steps():
     assert float(chi[mask == 0].abs().max()) == 0.0
 
 
+def _perturb(model, seed=0):
+    """Random weights everywhere (the shipped init zeroes the output convs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def test_ir2qsm_deterministic_in_eval_and_loss_weights():
     torch.manual_seed(0)
-    model = IR2QSM({"base": 4, "levels": 3}).eval()
+    model = _perturb(IR2QSM({"base": 4, "levels": 3})).eval()
     shape = (16, 20, 12)
-    x = field_inputs(_field(shape), torch.ones((1, 1) + shape), (0.0, 0.3, 1.0))
-    assert x.shape == (1, 5) + shape
-    assert torch.allclose(x[0, 2:].norm(dim=0), torch.ones(shape))  # unit B0 channels
+    x = field_inputs(_field(shape), torch.ones((1, 1) + shape), (0.0, 0.3, 1.0), (1, 1, 1.2))
+    assert x.shape == (1, 6) + shape
+    assert torch.allclose(x[0, 2:5].norm(dim=0), torch.ones(shape))  # unit B0 channels
     with torch.no_grad():
         a, outs = model(x, return_iterations=True)
         b = model(x)
@@ -152,6 +161,70 @@ def test_ir2qsm_deterministic_in_eval_and_loss_weights():
     expected = (a / s).pow(2).mean() + sum(
         w * (o / s).pow(2).mean() for w, o in zip(model.config["aux_weights"], outs))
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def _tkd_case(shape=(20, 16, 12), seed=4):
+    rng = np.random.default_rng(seed)
+    field = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    mask = np.ones(shape, bool)  # bounding box = the volume, as tkd's MaskBox sees it
+    mask[:3, :4, :] = False
+    mask[-2:, -3:, -4:] = False
+    return field, mask
+
+
+@pytest.mark.parametrize("vox, b0", [((1, 1, 1), (0, 0, 1)), ((1.0, 0.8, 1.3), (0.2, -0.3, 0.93))])
+def test_tkd_channel_equals_classical_tkd(vox, b0):
+    from qsmprep.qsm.inversion import tkd
+
+    field, mask = _tkd_case()
+    x = field_inputs(torch.from_numpy(field)[None, None],
+                     torch.from_numpy(mask.astype(np.float32))[None, None], b0, vox, 0.15)
+    ref = tkd(field, mask, vox, b0_dir=b0, threshold=0.15)
+    assert np.abs(x[0, 5].numpy() - ref).max() < 1e-5 * np.abs(ref).max()
+    assert torch.equal(x[0, 0], torch.from_numpy(field * mask))
+    # per-item voxel sizes and B0 directions in one batch
+    both = field_inputs(torch.from_numpy(np.stack([field, field]))[:, None],
+                        torch.from_numpy(np.stack([mask, mask]).astype(np.float32))[:, None],
+                        [(0, 0, 1), b0], [(1, 1, 1), vox], 0.15)
+    assert torch.allclose(both[1:], x, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [UNetQSM, IR2QSM])
+def test_zero_residual_model_is_tkd(cls):
+    field, mask = _tkd_case((16, 16, 12))
+    x = field_inputs(torch.from_numpy(field)[None, None],
+                     torch.from_numpy(mask.astype(np.float32))[None, None], (0.1, 0.2, 0.97),
+                     (1.1, 0.9, 1.0))
+    torch.manual_seed(0)
+    model = cls(SMALL).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), x[:, 5:6], atol=1e-7)  # untrained = TKD
+        _perturb(model)
+        assert not torch.allclose(model(x), x[:, 5:6], atol=1e-4)
+        nets = model.iterations if cls is IR2QSM else [model.net]
+        for net in nets:  # zero the residual: the output convs
+            net.head.weight.zero_()
+            net.head.bias.zero_()
+        if cls is IR2QSM:  # a fusion whose weights sum to 1: the iterations and TKD
+            model.fuse.weight.fill_(0.125)
+            model.fuse.weight[0, -1] = 0.5
+            model.fuse.bias.zero_()
+        assert torch.allclose(model(x), x[:, 5:6], atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [UNetQSM, IR2QSM])
+def test_feedforward_tiling_matches_whole_volume(cls):
+    """The TKD channel is computed on the whole volume, the networks are tiled."""
+    torch.manual_seed(0)
+    model = _perturb(cls({"base": 4, "levels": 2})).eval()
+    shape = (40, 36, 32)
+    field, mask = _field(shape), torch.ones((1, 1) + shape)
+    x = field_inputs(field, mask, (0.0, 0.26, 0.97), (1.0, 1.0, 1.0))
+    with torch.no_grad():
+        whole = run_network(lambda xp, apply: apply(model, xp), x, multiple=2)
+        tiled = run_network(lambda xp, apply: apply(model, xp), x, multiple=2, max_voxels=1000,
+                            tile=24, overlap=12)
+    assert float((tiled - whole).norm() / whole.norm()) < 0.02
 
 
 def test_weights_registry_checks_sha256(tmp_path):

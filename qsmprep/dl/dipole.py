@@ -33,7 +33,8 @@ def _half_spectrum(d):
 
 class DipoleOperator:
     """Dipole convolution of ``[B, C, X, Y, Z]`` tensors (ppm -> ppm), and the
-    other k-space filters of the same padded grid (SMV, Tikhonov inverse).
+    other k-space filters of the same padded grid (SMV, Tikhonov and TKD
+    inverses).
 
     Parameters
     ----------
@@ -92,6 +93,16 @@ class DipoleOperator:
     def tikhonov(self, field, eps):
         """Closed-form Tikhonov inverse ``F^-1{D F f / (D^2 + eps)}`` (ppm)."""
         return self._filter(field, self._spectrum(lambda d: d / (d**2 + eps)))
+
+    def tkd(self, field, threshold=0.15):
+        """Thresholded k-space division ``F^-1{F f / D}`` with ``1/D`` replaced by
+        ``sign(D)/threshold`` where ``|D| < threshold`` (``D(0) = 0`` gives 0),
+        the filter of :func:`qsmprep.qsm.inversion.tkd` on this padded grid."""
+        def inverse(d):
+            with np.errstate(divide="ignore"):
+                return np.where(np.abs(d) >= threshold, 1.0 / d, np.sign(d) / threshold)
+
+        return self._filter(field, self._spectrum(inverse))
 
     adjoint = __call__
 

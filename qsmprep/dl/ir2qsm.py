@@ -4,14 +4,26 @@ Four U-Net iterations with separate weights. From the second iteration on,
 the input of each encoder level is concatenated with the previous iteration's
 decoder features at that scale ("reverse concatenation"); a convolutional GRU
 cell in the bottleneck carries a hidden state across iterations. The final
-map is a 1x1x1 convolution over the four iteration outputs and the input
-field. Training loss (:func:`ir2qsm_loss`): MSE of the final map plus
+map is a 1x1x1 convolution over the four iteration outputs and the TKD
+estimate of the input field. Training loss (:func:`ir2qsm_loss`): MSE of the final map plus
 smaller weights on the iteration outputs, decaying towards the first
 iteration. Inference is deterministic (no noise injection).
 
 Input: :func:`qsmprep.dl.unet.field_inputs` (local field ppm, mask, B0
-direction channels); output chi (ppm). The published network uses 16/32/64/128
-filters (~10 M parameters); the default here is sized for CPU training.
+direction channels, TKD estimate of chi); output chi (ppm). The published
+network uses 16/32/64/128 filters (~10 M parameters); the default here is
+sized for CPU training.
+
+Deliberate deviation (physics-informed residual, as :class:`UNetQSM`): each
+iteration outputs the TKD channel plus a learned correction, and the final
+1x1x1 conv fuses the four iteration outputs with the TKD estimate of the
+input field instead of the input field itself. TKD is a fixed linear
+function of the input field, so the fusion still sees the field, but in
+units of chi: the network only has to learn the correction of a
+closed-form inversion (streaking, truncated cone) instead of the dipole
+inverse from scratch, which a CPU training budget cannot reach. The output
+convs start at zero and the fusion at the mean of the iterations, so the
+untrained network is exactly TKD.
 
 Reference: Li M, Chen C, Wang Z, et al. Quantitative susceptibility mapping
 via deep neural networks with iterative reverse concatenations and recurrent
@@ -23,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .unet import UNet
+from .unet import IN_CHANNELS, TKD_THRESHOLD, UNet, _scaled
 
 DEFAULT_CONFIG = {
     "base": 8,
@@ -32,6 +44,7 @@ DEFAULT_CONFIG = {
     "aux_weights": [0.0625, 0.125, 0.25, 0.5],
     "local_scale_ppm": 0.05,
     "chi_scale_ppm": 0.1,
+    "tkd_threshold": TKD_THRESHOLD,
 }
 
 
@@ -52,7 +65,7 @@ class ConvGRUCell(nn.Module):
 
 
 class IR2QSM(nn.Module):
-    """IR2QSM network; ``forward`` takes the 5-channel :func:`field_inputs`."""
+    """IR2QSM network; ``forward`` takes the 6-channel :func:`field_inputs`."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -62,11 +75,17 @@ class IR2QSM(nn.Module):
         for t in range(c["iterations"]):
             probe = UNet(base=c["base"], levels=c["levels"])
             extra = None if t == 0 else probe.channels[:-1]
-            nets.append(UNet(5 + (t > 0), 1, base=c["base"], levels=c["levels"],
+            nets.append(UNet(IN_CHANNELS + (t > 0), 1, base=c["base"], levels=c["levels"],
                              extra_channels=extra))
+            nn.init.zeros_(nets[-1].head.weight)
+            nn.init.zeros_(nets[-1].head.bias)
         self.iterations = nn.ModuleList(nets)
         self.gru = ConvGRUCell(nets[0].channels[-1])
         self.fuse = nn.Conv3d(c["iterations"] + 1, 1, 1)
+        with torch.no_grad():  # start: the mean of the iterations (all TKD at init)
+            self.fuse.weight.zero_()
+            self.fuse.weight[0, : c["iterations"]] = 1.0 / c["iterations"]
+            self.fuse.bias.zero_()
 
     @property
     def multiple(self):
@@ -75,7 +94,8 @@ class IR2QSM(nn.Module):
     def forward(self, x, return_iterations=False):
         c = self.config
         mask = x[:, 1:2]
-        inp = torch.cat([x[:, :1] / c["local_scale_ppm"], x[:, 1:]], dim=1)
+        inp = _scaled(x, c)
+        tkd = inp[:, 5:6]  # TKD estimate in units of chi_scale_ppm
         h = feats = None
         outs = []
         for t, net in enumerate(self.iterations):
@@ -83,8 +103,8 @@ class IR2QSM(nn.Module):
             skips, bottom = net.encode(xin, extra=None if feats is None else feats + [None])
             h = self.gru(bottom, h)
             out, feats = net.decode(h, skips)
-            outs.append(out)
-        chi = self.fuse(torch.cat(outs + [inp[:, :1]], dim=1)) * c["chi_scale_ppm"] * mask
+            outs.append(tkd + out)
+        chi = self.fuse(torch.cat(outs + [tkd], dim=1)) * c["chi_scale_ppm"] * mask
         if return_iterations:
             return chi, [o * c["chi_scale_ppm"] * mask for o in outs]
         return chi

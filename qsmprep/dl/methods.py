@@ -82,11 +82,13 @@ def nextqsm_invert(local, mask, voxel_size_mm, b0_dir, device="auto", max_voxels
     return to_numpy(out)
 
 
-def _feedforward(name, local, mask, b0_dir, device, max_voxels):
+def _feedforward(name, local, mask, voxel_size_mm, b0_dir, device, max_voxels):
     dev = select_device(device)
     local, mask = _check(local, mask)
     model = _model(name, dev)
-    x = field_inputs(to_tensor(local, dev), to_tensor(mask, dev), b0_dir)
+    # the TKD channel is computed once on the whole volume, before padding and tiling
+    x = field_inputs(to_tensor(local, dev), to_tensor(mask, dev), b0_dir, voxel_size_mm,
+                     model.config["tkd_threshold"])
     with torch.no_grad():
         out = run_network(lambda xp, apply: apply(model, xp), x, multiple=model.multiple,
                           max_voxels=max_voxels)
@@ -131,31 +133,31 @@ def inversion_nextqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="a
 @register(
     "inversion",
     "ir2qsm",
-    summary="IR2QSM (iterative U-Nets with reverse concatenations and a recurrent bottleneck)",
+    summary="IR2QSM (iterative U-Nets, reverse concatenations, recurrent bottleneck; TKD residual)",
     citations=("li2025ir2qsm",),
     defaults={"device": "auto", "max_voxels": None},
     description=(
         "The dipole inversion used IR2QSM (four U-Net iterations with reverse "
-        "concatenations and a recurrent bottleneck), trained on hybrid simulated data "
-        "(device: {device})."
+        "concatenations and a recurrent bottleneck) as a learned residual correction "
+        "of a TKD estimate, trained on hybrid simulated data (device: {device})."
     ),
 )
 def inversion_ir2qsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                      max_voxels=None):
-    return _feedforward("ir2qsm", local_field_ppm, mask, b0_dir, device, max_voxels)
+    return _feedforward("ir2qsm", local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels)
 
 
 @register(
     "inversion",
     "unet",
-    summary="Plain 3-D U-Net dipole inversion (baseline, shipped weights)",
+    summary="Plain 3-D U-Net dipole inversion (TKD residual; baseline, shipped weights)",
     citations=("ronneberger2015unet", "cicek2016unet3d"),
     defaults={"device": "auto", "max_voxels": None},
     description=(
-        "The dipole inversion used a 3-D U-Net trained on hybrid simulated data "
-        "(device: {device})."
+        "The dipole inversion used a 3-D U-Net, as a learned residual correction of a "
+        "TKD estimate, trained on hybrid simulated data (device: {device})."
     ),
 )
 def inversion_unet(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                    max_voxels=None):
-    return _feedforward("unet", local_field_ppm, mask, b0_dir, device, max_voxels)
+    return _feedforward("unet", local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels)

@@ -9,8 +9,11 @@ dense volumetric segmentation from sparse annotation. MICCAI 2016.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+
+from .dipole import DipoleOperator
 
 
 def conv_block(cin, cout):
@@ -93,31 +96,58 @@ class UNet(nn.Module):
         return self.decode(bottom, skips)[0]
 
 
-def field_inputs(local, mask, b0_dirs):
-    """Network input ``[B, 5, X, Y, Z]``: local field (ppm), mask and the B0
-    direction (voxel axes) as three channels constant inside the mask.
+#: Truncation level of the TKD input channel (the default of
+#: :func:`qsmprep.qsm.inversion.tkd`).
+TKD_THRESHOLD = 0.15
+
+#: Channels of :func:`field_inputs`.
+IN_CHANNELS = 6
+
+
+def field_inputs(local, mask, b0_dirs, voxel_size_mm=(1.0, 1.0, 1.0), tkd_threshold=TKD_THRESHOLD):
+    """Network input ``[B, 6, X, Y, Z]``: local field (ppm), mask, the B0
+    direction (voxel axes) as three channels constant inside the mask, and the
+    TKD estimate of chi (ppm) from the masked local field.
 
     ``local`` and ``mask`` are ``[B, 1, X, Y, Z]``; ``b0_dirs`` is ``(3,)`` or
-    ``(B, 3)`` (normalised here).
+    ``(B, 3)`` (normalised here); ``voxel_size_mm`` ``(3,)`` or ``(B, 3)``.
+    The TKD channel is computed here, on the whole volume given (true voxel
+    size and B0 direction, :meth:`qsmprep.dl.dipole.DipoleOperator.tkd`), so
+    that tiled inference tiles a channel computed once on the whole head.
     """
-    b = torch.as_tensor(b0_dirs, dtype=local.dtype, device=local.device).reshape(-1, 3)
+    b = torch.as_tensor(b0_dirs, dtype=local.dtype).reshape(-1, 3).to(local.device)
     b = b / b.norm(dim=1, keepdim=True)
+    field = local * mask
+    dipole = DipoleOperator(local.shape[-3:], np.asarray(voxel_size_mm, dtype=np.float64),
+                            b.detach().cpu().double().numpy(), device=local.device)
+    chi_tkd = dipole.tkd(field, tkd_threshold).to(local.dtype) * mask
     b = b.expand(local.shape[0], 3)[:, :, None, None, None] * mask
-    return torch.cat([local * mask, mask, b], dim=1)
+    return torch.cat([field, mask, b, chi_tkd], dim=1)
+
+
+def _scaled(x, config):
+    """The network's view of :func:`field_inputs`: field and TKD in their scales."""
+    return torch.cat([x[:, :1] / config["local_scale_ppm"], x[:, 1:5],
+                      x[:, 5:6] / config["chi_scale_ppm"]], dim=1)
 
 
 class UNetQSM(nn.Module):
     """Plain U-Net dipole inversion: :func:`field_inputs` -> chi (ppm).
 
     The baseline of the IR2QSM paper, trained on the same data. ``forward``
-    takes the 5-channel input of :func:`field_inputs` and returns chi masked.
+    takes the 6-channel input of :func:`field_inputs` and returns
+    ``(TKD + U-Net(input)) * mask``: the network learns a residual correction
+    of the TKD channel. Its output conv starts at zero, so the untrained
+    model is exactly TKD.
     """
 
     def __init__(self, config=None):
         super().__init__()
         self.config = {"base": 16, "levels": 4, "local_scale_ppm": 0.05, "chi_scale_ppm": 0.1,
-                       **(config or {})}
-        self.net = UNet(5, 1, base=self.config["base"], levels=self.config["levels"])
+                       "tkd_threshold": TKD_THRESHOLD, **(config or {})}
+        self.net = UNet(IN_CHANNELS, 1, base=self.config["base"], levels=self.config["levels"])
+        nn.init.zeros_(self.net.head.weight)
+        nn.init.zeros_(self.net.head.bias)
 
     @property
     def multiple(self):
@@ -125,5 +155,5 @@ class UNetQSM(nn.Module):
 
     def forward(self, x):
         mask = x[:, 1:2]
-        x = torch.cat([x[:, :1] / self.config["local_scale_ppm"], x[:, 1:]], dim=1)
-        return self.net(x) * self.config["chi_scale_ppm"] * mask
+        residual = self.net(_scaled(x, self.config)) * self.config["chi_scale_ppm"]
+        return (x[:, 5:6] + residual) * mask

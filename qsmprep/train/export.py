@@ -45,10 +45,31 @@ def check_nrmse(task_name, model, models_dir=None):
     return validation_metrics(TASKS[task_name], model, [batch])
 
 
-def _card(name, task, run, ckpt, n_params, size, val, check):
+def tkd_input_nrmse(model, batches):
+    """Mean NRMSE (%) of the TKD input channel alone (the starting point of the
+    residual networks IR2QSM and U-Net) over ``batches``; None for other models."""
+    from ..dl.unet import field_inputs
+    from ..qsm.metrics import nrmse
+
+    if "tkd_threshold" not in getattr(model, "config", {}):
+        return None
+    scores = []
+    for b in batches:
+        x = field_inputs(b["local"], b["mask"], b["b0"], b["voxel_size"],
+                         model.config["tkd_threshold"])
+        for i in range(x.shape[0]):
+            m = b["mask"][i, 0].cpu().numpy() > 0
+            scores.append(nrmse(x[i, 5].cpu().numpy(), b["chi"][i, 0].cpu().numpy(), m))
+    return float(np.mean(scores))
+
+
+def _card(name, task, run, ckpt, n_params, size, val, check, tkd=None):
     cfg = json.loads((Path(run) / "config.json").read_text())
     rows = "\n".join(f"| {k.replace('val_nrmse_', '')} | {v:.2f} | {check.get(k, float('nan')):.2f} |"
                      for k, v in sorted(val.items()))
+    if tkd is not None:
+        rows += (f"\n| TKD input channel alone (threshold {ckpt['config']['tkd_threshold']}; "
+                 f"the untrained network) | {tkd[0]:.2f} | {tkd[1]:.2f} |")
     data = DATA[task.name]
     return f"""# Model card: `{name}`
 
@@ -70,7 +91,7 @@ Validation NRMSE (%, QSM-CI convention, in the mask) of the shipped float16 weig
 |---|---|---|
 {rows}
 
-Retrain: `qsmprep-train {task.name} --out runs/{task.name} --steps {cfg['steps']} --seed {cfg['seed']} --export`
+Retrain: `qsmprep-train {task.name} --out runs/{task.name} --steps {cfg['steps']} --batch {cfg['batch_size']} --seed {cfg['seed']} --export`
 (add `--device cuda` and a larger `--config` on a GPU).
 """
 
@@ -103,6 +124,10 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
     meta.update(validation_nrmse=val, check_case_nrmse=check)
     path = save_weights(name, shipped, meta, models_dir)
     n_params = sum(p.numel() for p in shipped.parameters())
-    card = _card(name, task, run, ckpt, n_params, path.stat().st_size, val, check)
+    tkd = tkd_input_nrmse(shipped, val_batches)
+    if tkd is not None:
+        check_batch = to_batch([check_case(models_dir)], device)
+        tkd = (tkd, tkd_input_nrmse(shipped, [check_batch]))
+    card = _card(name, task, run, ckpt, n_params, path.stat().st_size, val, check, tkd)
     save_file(f"{name}.md", card.encode(), models_dir)
     return val, check

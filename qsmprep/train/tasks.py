@@ -2,7 +2,7 @@
 
 A batch is a dict of float32 tensors ``[B, 1, X, Y, Z]`` (``total``,
 ``local``, ``chi`` in ppm, ``mask`` 0/1), ``b0`` ``[B, 3]`` (B0 direction in
-voxel axes) and ``voxel_size`` (3 floats, shared by the batch).
+voxel axes) and ``voxel_size`` (numpy ``[B, 3]``, mm).
 """
 
 from __future__ import annotations
@@ -73,23 +73,24 @@ def nextqsm_bfr_predict(model, batch):
                       "local")}
 
 
-def _inputs(batch):
-    return field_inputs(batch["local"], batch["mask"], batch["b0"])
+def _inputs(model, batch):
+    return field_inputs(batch["local"], batch["mask"], batch["b0"], batch["voxel_size"],
+                        model.config["tkd_threshold"])
 
 
 def ir2qsm_task_loss(model, batch, step, total_steps, rng):
-    loss = ir2qsm_loss(model, _inputs(batch), batch["chi"])
+    loss = ir2qsm_loss(model, _inputs(model, batch), batch["chi"])
     return loss, {}
 
 
 def unet_loss(model, batch, step, total_steps, rng):
-    chi = model(_inputs(batch))
+    chi = model(_inputs(model, batch))
     s = model.config["chi_scale_ppm"]
     return masked_mean(((chi - batch["chi"]) / s) ** 2, batch["mask"]), {}
 
 
 def chi_predict(model, batch):
-    return {"chi": (model(_inputs(batch)), "chi")}
+    return {"chi": (model(_inputs(model, batch)), "chi")}
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,10 @@ TASKS = {
                         "NeXtQSM background-removal U-Net alone (pre-training; pass the "
                         "checkpoint to `qsmprep-train nextqsm --init`)"),
     "ir2qsm": Task("ir2qsm", IR2QSM, ir2qsm_task_loss, chi_predict, "ir2qsm",
-                   "IR2QSM dipole inversion"),
+                   "IR2QSM dipole inversion (residual correction of a TKD input channel)"),
     "unet": Task("unet", UNetQSM, unet_loss, chi_predict, "unet",
-                 "plain 3-D U-Net dipole inversion (IR2QSM's baseline)"),
+                 "plain 3-D U-Net dipole inversion (IR2QSM's baseline; residual correction "
+                 "of a TKD input channel)"),
 }
 
 
