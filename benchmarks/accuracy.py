@@ -41,7 +41,11 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-SECTION = "accuracy"
+def section(quick):
+    """docs/benchmarks.md section (and results file stem) of a mode: the full
+    1 mm run and the 2 mm ``--quick`` run are kept side by side."""
+    return "accuracy-quick" if quick else "accuracy"
+
 TRUE_MASK = "true brain mask"
 SEED = 20240611
 
@@ -58,7 +62,6 @@ LEADERBOARD = {
     "bf_removal": {"ismv": "28.1", "resharp": "33.0", "sharp": "36.3", "lbv": "42.4",
                    "vsharp": "42.6", "pdf": "44.5"},
     "inversion": {"tv": "26.5", "tvadmm": "26.5", "tkd": "36.3", "ilsqr": "53.3",
-                  "lsqr": "53.3 (iLSQR)",
                   "medi": "53–62", "qsmnet+": "52.8", "modl": "73.8"},
     "pipeline": {},
 }
@@ -149,44 +152,60 @@ def call(stage, name, *args, **extra):
     return registry.run(stage, name, *args, **kwargs)
 
 
+PIPELINE_STAGES = ("unwrapping", "echo_combination", "masking", "bf_removal", "inversion",
+                   "referencing")
+
+
 def pipeline(case, methods):
     """χ (ppm) from the case's phase and magnitude, as the app computes it:
-    MCPC-3D-S phase-offset removal → unwrapping → phase-SNR weighted B0 →
-    total field → mask (root-sum-of-squares magnitude and unwrapping quality)
-    → background removal → inversion → referencing, with ``methods[stage]``."""
-    from qsmprep.qsm.echo import romeo_b0
+    MCPC-3D-S phase-offset removal → unwrapping → echo combination (B0 and its
+    noise map N_std) → total field → mask (root-sum-of-squares magnitude and
+    unwrapping quality) → background removal → inversion → referencing, with
+    ``methods[stage]``; N_std and the magnitude go to the methods that take them."""
     from qsmprep.qsm.units import hz_to_ppm
     from qsmprep.qsm.unwrap import mcpc3ds
 
-    vox, te = case.voxel_size_mm, case.echo_times_s
+    vox, te, fs = case.voxel_size_mm, case.echo_times_s, case.field_strength_t
     phase, _ = mcpc3ds(case.phase, case.magnitude, te, voxel_size_mm=vox)
     unwrapped, quality = call("unwrapping", methods["unwrapping"], phase,
                               magnitude=case.magnitude, echo_times_s=te, voxel_size_mm=vox)
-    total = hz_to_ppm(romeo_b0(unwrapped, case.magnitude, te), case.field_strength_t)
+    b0_hz, noise_hz = call("echo_combination", methods["echo_combination"], unwrapped,
+                           case.magnitude, te)
+    total, noise_std = hz_to_ppm(b0_hz, fs), hz_to_ppm(noise_hz, fs)
     if methods["masking"] == TRUE_MASK:
         mask = case.mask
     else:
         rss = np.sqrt(np.sum(case.magnitude**2, axis=-1))
         mask = call("masking", methods["masking"], rss, quality=quality, voxel_size_mm=vox)
     local, mask = call("bf_removal", methods["bf_removal"], total, np.asarray(mask, bool), vox,
-                       b0_dir=case.b0_dir)
-    chi = call("inversion", methods["inversion"], local, mask, vox, b0_dir=case.b0_dir)
+                       b0_dir=case.b0_dir, noise_std=noise_std)
+    chi = call("inversion", methods["inversion"], local, mask, vox, b0_dir=case.b0_dir,
+               noise_std=noise_std, magnitude=case.magnitude)
     return call("referencing", methods["referencing"], chi, mask)
+
+
+#: pipelines compared with the default in every mode: the candidates for the
+#: default background removal and inversion (see docs/methods.md)
+CANDIDATES = ({"bf_removal": "pdf"}, {"inversion": "ilsqr"},
+              {"bf_removal": "pdf", "inversion": "ilsqr"})
 
 
 def pipeline_variants(quick):
     """The app's default pipeline (``qsmprep.config.DEFAULT_METHODS``), the
-    same with the true brain mask (separates masking errors from the rest)
-    and, unless ``quick``, one variant per other unwrapping method (the stage
-    tables cover background removal and inversion)."""
+    same with the true brain mask (separates masking errors from the rest),
+    the :data:`CANDIDATES` and, unless ``quick``, one variant per other
+    unwrapping and echo-combination method (the stage tables cover
+    background removal and inversion)."""
     from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm import registry
 
-    default = {stage: DEFAULT_METHODS[stage] for stage in
-               ("unwrapping", "masking", "bf_removal", "inversion", "referencing")}
+    default = {stage: DEFAULT_METHODS[stage] for stage in PIPELINE_STAGES}
     variants = {"default: " + " → ".join(default.values()): default,
                 f"default with the {TRUE_MASK}": {**default, "masking": TRUE_MASK}}
-    for stage in () if quick else ("unwrapping",):
+    for change in CANDIDATES:
+        if any(default[k] != v for k, v in change.items()):
+            variants[", ".join(f"{k}={v}" for k, v in change.items())] = {**default, **change}
+    for stage in () if quick else ("unwrapping", "echo_combination"):
         for name in registry.names(stage):
             if name != default[stage]:
                 variants[f"{stage}={name}"] = {**default, stage: name}
@@ -229,7 +248,7 @@ def run_case(case, stages, quick=False, keep=lambda name: True):
         for name in filter(keep, registry.names("inversion")):
             rows.append(score_row("inversion", name, case, lambda n=name: call(
                 "inversion", n, case.local_field, case.mask, case.voxel_size_mm,
-                b0_dir=case.b0_dir), case.chi, case.labels))
+                b0_dir=case.b0_dir, magnitude=case.magnitude), case.chi, case.labels))
     if "pipeline" in stages:
         for label, methods in pipeline_variants(quick).items():
             rows.append(score_row("pipeline", label, case, lambda m=methods: pipeline(case, m),
@@ -244,10 +263,12 @@ def _key(name):
 def render(results):
     """The Markdown of the accuracy section from a results dict (see main)."""
     parts = [
-        "## Accuracy on simulated heads\n",
+        "## Accuracy on simulated heads"
+        + (" (2 mm, quick mode)\n" if results["quick"] else " (1 mm)\n"),
         "Generated by `python benchmarks/accuracy.py"
         + (" --quick`" if results["quick"] else "`")
-        + " (raw numbers: `benchmarks/results/accuracy.json`). Metrics follow the QSM-CI "
+        + f" (raw numbers: `benchmarks/results/{section(results['quick'])}.json`). "
+        "Metrics follow the QSM-CI "
         "scoring conventions (`qsmprep.qsm.metrics`): both maps zeroed outside the true brain "
         "mask, every mask voxel counts, a dropped voxel scores 0. NRMSE, detrended NRMSE "
         "(dNRMSE) and HFEN in %, lower is better; XSIM and the correlation (CC) as fractions, "
@@ -309,10 +330,12 @@ def render(results):
     return "\n".join(parts)
 
 
-def write_outputs(results, docs=DOCS, json_path=RESULTS / "accuracy.json"):
-    """Write the JSON results and replace the accuracy section of ``docs``."""
-    write_json(json_path, results)
-    replace_section(docs, SECTION, render(results))
+def write_outputs(results, docs=DOCS, json_path=None):
+    """Write the JSON results (default ``benchmarks/results/<section>.json``)
+    and replace the mode's section of ``docs``."""
+    name = section(results["quick"])
+    write_json(json_path or RESULTS / f"{name}.json", results)
+    replace_section(docs, name, render(results))
 
 
 def main(argv=None):
@@ -325,10 +348,12 @@ def main(argv=None):
     parser.add_argument("--from-json", type=Path,
                         help="only re-render the docs section from a saved results file")
     parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
+    parser.add_argument("--json", type=Path,
+                        help="results file (default: benchmarks/results/accuracy[-quick].json)")
     args = parser.parse_args(argv)
     if args.from_json:
-        replace_section(args.docs, SECTION, render(json.loads(args.from_json.read_text())))
+        saved = json.loads(args.from_json.read_text())
+        replace_section(args.docs, section(saved["quick"]), render(saved))
         print(f"[accuracy] rendered {args.from_json} into {args.docs}")
         return
 
@@ -347,7 +372,7 @@ def main(argv=None):
             case, args.stages, args.quick,
             keep=lambda n: n not in args.skip and (not args.methods or n in args.methods))
         write_outputs(results, args.docs, args.json)  # partial results survive a crash
-    print(f"[accuracy] wrote {args.docs} and {args.json}")
+    print(f"[accuracy] wrote {args.docs} and {args.json or RESULTS / (section(args.quick) + '.json')}")
 
 
 if __name__ == "__main__":

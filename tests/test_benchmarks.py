@@ -49,8 +49,9 @@ def test_section_replaced_and_others_kept(tmp_path, tiny_results):
                     "<!-- unwrap:end -->\n\n<!-- accuracy:start -->\nOLD\n<!-- accuracy:end -->\n"
                     "\ntrailer\n")
     json_path = tmp_path / "accuracy.json"
+    full = {**tiny_results, "quick": False}
     for _ in range(2):  # rewriting must not duplicate the section
-        accuracy.write_outputs(tiny_results, docs, json_path)
+        accuracy.write_outputs(full, docs, json_path)
     text = docs.read_text()
     assert "UNWRAP TABLE" in text and "intro" in text and "trailer" in text
     assert "OLD" not in text
@@ -61,6 +62,12 @@ def test_section_replaced_and_others_kept(tmp_path, tiny_results):
     assert "36.3" in section  # the QSM-CI leaderboard value for TKD sits beside it
     saved = json.loads(json_path.read_text())
     assert [r["status"] for r in saved["rows"]] == ["ok", "failed", "ok"]
+    # the --quick (2 mm) tables get their own section beside the full ones
+    accuracy.write_outputs(tiny_results, docs, tmp_path / "quick.json")
+    text = docs.read_text()
+    assert text.count("<!-- accuracy-quick:start -->") == 1
+    assert text.count("<!-- accuracy:start -->") == 1 and "| tkd | tiny | 50.0 |" in section
+    assert "(2 mm, quick mode)" in text.split("<!-- accuracy-quick:start -->")[1]
 
 
 def test_section_created_when_absent(tmp_path, tiny_results):
@@ -68,7 +75,7 @@ def test_section_created_when_absent(tmp_path, tiny_results):
     accuracy.write_outputs(tiny_results, docs, tmp_path / "a.json")
     assert docs.read_text().startswith("# Benchmarks")
     _common.replace_section(docs, "other", "x")
-    assert "<!-- accuracy:start -->" in docs.read_text()
+    assert "<!-- accuracy-quick:start -->" in docs.read_text()
     docs.write_text("<!-- accuracy:start -->\nunterminated\n")
     with pytest.raises(ValueError, match="only one of the markers"):
         _common.replace_section(docs, "accuracy", "y")
