@@ -1,6 +1,8 @@
-"""The accuracy benchmark's scoring and Markdown/JSON writing on a tiny case."""
+"""The benchmark scripts: accuracy scoring and Markdown/JSON writing on a tiny case, and the
+classical-method timing harness."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,3 +87,22 @@ def test_json_has_no_nan(tmp_path):
     path = tmp_path / "x.json"
     _common.write_json(path, {"a": float("nan"), "b": [np.float32(1.5), np.inf]})
     assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None]}
+
+
+def test_classical_speed_covers_every_classical_method_and_reads_its_own_peak():
+    import classical_speed
+
+    methods = classical_speed.classical_methods()
+    names = {name for _, name in methods}
+    assert {"pdf", "medi", "ilsqr", "vsharp", "tv", "nonlinear", "bet"} <= names
+    assert not names & {"nextqsm", "unet", "ir2qsm"}  # timed by dl_speed.py
+    # a fresh child's peak excludes this (bigger) process's memory
+    ballast = np.ones(2**27, np.uint8)  # 128 MB held here
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                          "import classical_speed; print(classical_speed.peak_rss_gb())",
+                          str(Path(classical_speed.__file__).parent)],
+                         capture_output=True, text=True, check=True)
+    assert 0 < float(out.stdout) < classical_speed.peak_rss_gb() and ballast.sum() == 2**27
+    row = {"method": "pdf", "wall_s": 100.0, "peak_rss_gb": 5.0}
+    assert classical_speed.verdict(row) == ("met", "missed")
+    assert classical_speed.verdict({**row, "method": "tv"})[0].startswith("missed")
