@@ -37,8 +37,8 @@ DEFAULT_METHODS = {
     "unwrapping": "romeo",
     "echo_combination": "romeo",
     "masking": "bet",
-    "bf_removal": "vsharp",
-    "inversion": "tv",
+    "bf_removal": "pdf",
+    "inversion": "ilsqr",
     "referencing": "mean",
 }
 

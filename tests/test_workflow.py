@@ -217,7 +217,7 @@ def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
     assert ("noise_std", "noise_std") in edges[("total_field", "inversion")]
     desc = wf.visit_desc()
     assert "magnitude- and echo-time-weighted average" in desc and "N_std" in desc
-    assert "weighted the data term" not in desc  # neither V-SHARP nor TV takes N_std
+    assert "weighted the data term" in desc  # the default PDF and iLSQR take N_std
 
 
 def test_user_mask_replaces_the_masking_stage_in_a_real_run(tmp_path, synthetic_bids):
