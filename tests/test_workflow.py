@@ -121,7 +121,8 @@ def test_group_table_lists_every_run(tmp_path):
         nb.Nifti1Image(mask, np.eye(4)).to_filename(anat / f"{stem}_desc-brain_mask.nii.gz")
         (anat / f"{stem}_Chimap.json").write_text(json.dumps({
             "MagneticFieldStrength": 3, "EchoTime": [0.004, 0.008],
-            "QSMMethods": {"inversion": {"Name": "tv", "Parameters": {}}}}))
+            "QSMMethods": {"inversion": {"Name": "tv", "Parameters": {}},
+                           "echo_combination": {"Name": "nonlinear", "Parameters": {}}}}))
     tsv = write_group_table(out)
     with open(tsv) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
@@ -130,6 +131,7 @@ def test_group_table_lists_every_run(tmp_path):
     assert [float(r["chi_mean_ppm"]) for r in rows] == [0.1, 0.2, -0.05]
     assert rows[0]["mask_voxels"] == "8" and rows[0]["n_echoes"] == "2"
     assert rows[2]["inversion"] == "tv" and rows[2]["chimap"] == "sub-02/anat/sub-02_Chimap.nii.gz"
+    assert rows[2]["echo_combination"] == "nonlinear" and rows[2]["masking"] == "n/a"
 
 
 def test_load_echoes_sorts_rescales_and_masks_nonfinite(tmp_path, monkeypatch, caplog):

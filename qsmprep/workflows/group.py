@@ -17,9 +17,12 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from .qsm import PIPELINE_STAGES
+
+#: one column per pipeline stage: the method name from the sidecar's QSMMethods
 COLUMNS = ("subject", "session", "acquisition", "reconstruction", "run", "chimap",
-           "magnetic_field_strength_t", "n_echoes", "unwrapping", "masking", "bf_removal",
-           "inversion", "referencing", "mask_voxels", "chi_mean_ppm", "chi_std_ppm")
+           "magnetic_field_strength_t", "n_echoes", *PIPELINE_STAGES,
+           "mask_voxels", "chi_mean_ppm", "chi_std_ppm")
 
 _SHORT = {"sub": "subject", "ses": "session", "acq": "acquisition",
           "rec": "reconstruction", "run": "run"}
@@ -65,9 +68,7 @@ def _row(sidecar, output_dir):
     entities = dict(part.split("-", 1) for part in sidecar.name.split("_")[:-1])
     row = {_SHORT[k]: v for k, v in entities.items() if k in _SHORT}
     methods = meta.get("QSMMethods", {})
-    row.update({stage: methods.get(stage, {}).get("Name", "")
-                for stage in ("unwrapping", "masking", "bf_removal", "inversion",
-                              "referencing")})
+    row.update({stage: methods.get(stage, {}).get("Name", "n/a") for stage in PIPELINE_STAGES})
     row.update(
         chimap=chimap.relative_to(output_dir).as_posix(),
         magnetic_field_strength_t=meta.get("MagneticFieldStrength", ""),
