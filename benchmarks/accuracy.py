@@ -327,6 +327,10 @@ def render(results):
                      ("dgm_linearity", 3), ("calc_moment_dev", 2), ("calc_streak", 3))]
                  for r in region_rows]),
         ]
+    total = results.get("total_wall_s")
+    if total:
+        parts.append(f"The whole run (phantoms, every method, every pipeline) took "
+                     f"{total / 60:.1f} min of wall time.\n")
     parts += [LEADERBOARD_NOTE + "\n", hardware_note(results["hardware"]) + "\n"]
     return "\n".join(parts)
 
@@ -360,6 +364,7 @@ def main(argv=None):
 
     results = {"quick": args.quick, "hardware": hardware(), "seed": SEED,
                "phantoms": [], "rows": []}
+    started = time.perf_counter()
     for name, description, builder, kwargs in case_specs(args.quick):
         if args.phantoms and name not in args.phantoms:
             continue
@@ -372,6 +377,7 @@ def main(argv=None):
         results["rows"] += run_case(
             case, args.stages, args.quick,
             keep=lambda n: n not in args.skip and (not args.methods or n in args.methods))
+        results["total_wall_s"] = time.perf_counter() - started
         write_outputs(results, args.docs, args.json)  # partial results survive a crash
     print(f"[accuracy] wrote {args.docs} and {args.json or RESULTS / (section(args.quick) + '.json')}")
 
