@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, fmt, markdown_table, replace_section  # noqa: E402
+from _common import ROOT, fmt, markdown_table, replace_section, unseen_head  # noqa: E402
 
 TILTS_DEG = (0, 15, 30, 45)
 METHODS = ("nextqsm", "ir2qsm", "unet", "tkd", "tv")
@@ -39,9 +39,9 @@ def main():
     from qsmprep.qsm.metrics import nrmse
     from qsmprep.sim import forward
     from qsmprep.sim.acquisition import tilted_b0
-    from qsmprep.sim.phantoms import crop, mni_head
+    from qsmprep.sim.phantoms import crop
 
-    whole = crop(mni_head(1.0, rng=0), (160, 192, 160))
+    whole, total, local_true = unseen_head()
     head = crop(whole, (112, 112, 112))
     chi, mask, vox = head.chi_ppm, head.brain_mask, head.voxel_size_mm
     rows = []
@@ -62,8 +62,7 @@ def main():
     headers = ["B0 tilt", "NeXtQSM", "IR2QSM", "IR2QSM, tilt ignored", "U-Net",
                "U-Net, tilt ignored", "TKD", "TV-ADMM"]
     chi, mask = whole.chi_ppm, whole.brain_mask
-    total = forward.total_field(chi, vox, chi_ambient_ppm=whole.chi_ambient_ppm)
-    local_true = forward.local_field(chi, mask, vox) * mask
+    local_true = local_true * mask
     joint = []
     for name, bfr, inv in [("NeXtQSM (both networks)", "nextqsm", "nextqsm"),
                            ("NeXtQSM BFR + TV-ADMM", "nextqsm", "tv"),

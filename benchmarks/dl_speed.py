@@ -26,22 +26,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, RESULTS, fmt, hardware, hardware_note, markdown_table, replace_section, timed, write_json  # noqa: E402,E501
+from _common import (  # noqa: E402
+    WHOLE_HEAD_SHAPE, fmt, hardware, hardware_note, markdown_table, publish, timed, unseen_head,
+)
 
 SECTION = "dl_speed"
 TARGETS_S = {"nextqsm (joint)": 60.0, "ir2qsm": 30.0}
-
-
-def phantom(shape):
-    """MNI head at 1 mm cropped to ``shape``: (total, local, mask)."""
-    from qsmprep.sim import forward
-    from qsmprep.sim.phantoms import crop, mni_head
-
-    head = crop(mni_head(1.0, rng=0), shape)
-    vox = head.voxel_size_mm
-    total = forward.total_field(head.chi_ppm, vox, chi_ambient_ppm=head.chi_ambient_ppm)
-    local = forward.local_field(head.chi_ppm, head.brain_mask, vox)
-    return total, local, head.brain_mask, vox
 
 
 def main(argv=None):
@@ -52,10 +42,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     from qsmprep.qsm import registry
 
-    shape = (96, 96, 96) if args.quick else (160, 192, 160)
+    shape = (96, 96, 96) if args.quick else WHOLE_HEAD_SHAPE
     repeats = 1 if args.quick else args.repeats
     info = hardware()
-    total, local, mask, vox = phantom(shape)
+    head, total, local = unseen_head(shape)
+    mask, vox = head.brain_mask, head.voxel_size_mm
     b0 = (0.0, 0.0, 1.0)
     kw = {"b0_dir": b0, "device": args.device}
 
@@ -93,9 +84,7 @@ def main(argv=None):
         + "\n" + hardware_note(info) + "\n"
     )
     if not args.quick:
-        replace_section(DOCS, SECTION, body)
-        write_json(RESULTS / "dl_speed.json", {"hardware": info, "shape": shape,
-                                                "results": results})
+        publish(SECTION, body, {"hardware": info, "shape": shape, "results": results})
     print(body)
     return 0
 

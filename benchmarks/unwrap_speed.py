@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, RESULTS, fmt, hardware, hardware_note, markdown_table, replace_section, write_json  # noqa: E402,E501
+from _common import fmt, hardware, hardware_note, markdown_table, publish  # noqa: E402
 
 SECTION = "unwrap_speed"
 SNR_SINGLE, SNR_MULTI = 15.0, 30.0  # first-echo signal / noise std per channel
@@ -192,9 +192,8 @@ def main(argv=None):
     )
     print(body)
     if not args.no_write:
-        replace_section(DOCS, SECTION, body)
-        write_json(RESULTS / "unwrap_speed.json", {"single_echo": single, "multi_echo": multi,
-                                                   "hardware": info, "quick": args.quick})
+        publish(SECTION, body, {"single_echo": single, "multi_echo": multi,
+                                "hardware": info, "quick": args.quick})
 
 
 if __name__ == "__main__":
