@@ -155,18 +155,22 @@ def romeo_b0_noise_std(magnitude, echo_times_s, sigma=None):
         mag = mag[..., None]
     den = np.tensordot(mag.astype(np.float64), te, axes=([-1], [0]))
     with np.errstate(divide="ignore"):
-        var = np.where(den > 0, te.size / np.where(den > 0, den, 1.0) ** 2, 0.0)
-    return _field_std_hz(var, sigma)
+        return _field_std_hz(te.size / den**2, sigma)  # inf (no signal) -> 0
 
 
-def _linear_fit_sigma(phase, mag, te):
-    """Noise std from the residual of the mag^2-weighted fit through the origin."""
-    if phase.shape[-1] < 2:
+def _linear_fit_sigma(residual, mag):
+    """Noise std from the ``residual`` of :func:`weighted_echo_fit` (weights
+    ``mag^2``, ``dof = E - 1``); None for one echo."""
+    if mag.shape[-1] < 2:
         return None
-    w = mag * mag
-    _, residual = weighted_echo_fit(phase, mag, te)
-    rss = residual.astype(np.float64) ** 2 * np.sum(w, axis=-1)
-    return estimate_noise_sigma(rss, phase.shape[-1] - 1, mag.mean(axis=-1))
+    rss = residual.astype(np.float64) ** 2 * np.sum(mag * mag, axis=-1)
+    return estimate_noise_sigma(rss, mag.shape[-1] - 1, mag.mean(axis=-1))
+
+
+def _cos_cost(a, ph, p0, om, t):
+    """Per-voxel cost ``sum_n a_n (1 - cos(phase_n - p0 - om TE_n))`` of the
+    complex fit (``|S - model|^2 / 2`` with ``a = mag^2``)."""
+    return (a * (1 - np.cos(ph - (p0[:, None] + om[:, None] * t)))).sum(1)
 
 
 def nonlinear_complex_fit(unwrapped, magnitude, echo_times_s, *, max_iter=30,
@@ -247,10 +251,7 @@ def nonlinear_complex_fit(unwrapped, magnitude, echo_times_s, *, max_iter=30,
         i11, i12, i22 = (a22 / det).astype(np.float32), (-a12 / det).astype(np.float32), \
             (a11 / det).astype(np.float32)
 
-        def cost(p0_, om_):
-            return (a * (1 - np.cos(ph - (p0_[:, None] + om_[:, None] * t)))).sum(1)
-
-        current = cost(p0, om)
+        current = _cos_cost(a, ph, p0, om, t)
         todo = np.ones(idx.size, bool) & ok
         for _ in range(max_iter):
             if not todo.any():
@@ -263,8 +264,7 @@ def nonlinear_complex_fit(unwrapped, magnitude, echo_times_s, *, max_iter=30,
             accepted = np.zeros(sub.size, bool)
             for step in (1.0, 0.5):
                 trial0, trial1 = p0[sub] + step * d0, om[sub] + step * d1
-                new = (a[sub] * (1 - np.cos(ph[sub] - (trial0[:, None] + trial1[:, None]
-                                                       * t)))).sum(1)
+                new = _cos_cost(a[sub], ph[sub], trial0, trial1, t)
                 better = ~accepted & (new <= current[sub] * (1 + 1e-6) + 1e-30)
                 p0[sub[better]], om[sub[better]] = trial0[better], trial1[better]
                 current[sub[better]] = new[better]
@@ -307,7 +307,8 @@ def romeo_combination(unwrapped, magnitude, echo_times_s):
     ``sigma`` from the residual of the weighted linear fit (``dof = E - 1``)."""
     phase, mag, te = _as_echoes(unwrapped, magnitude, echo_times_s)
     mag1 = np.ones_like(phase) if mag is None else mag
-    sigma = _linear_fit_sigma(phase, mag1, te)
+    _, residual = weighted_echo_fit(phase, mag1, te)
+    sigma = _linear_fit_sigma(residual, mag1)
     return romeo_b0(phase, mag, te), romeo_b0_noise_std(mag1, te, sigma)
 
 
@@ -326,11 +327,11 @@ def linear_combination(unwrapped, magnitude, echo_times_s):
     sum mag^2 TE^2`` (Hz), ``sigma`` from the fit residual (``dof = E - 1``)."""
     phase, mag, te = _as_echoes(unwrapped, magnitude, echo_times_s)
     mag1 = np.ones_like(phase) if mag is None else mag
-    b0, _ = weighted_echo_fit(phase, mag1, te)
+    b0, residual = weighted_echo_fit(phase, mag1, te)
     den = np.tensordot(mag1.astype(np.float64) ** 2, te.astype(np.float64) ** 2,
                        axes=([-1], [0]))
-    var = np.where(den > 0, 1.0 / np.where(den > 0, den, 1.0), 0.0)
-    return b0, _field_std_hz(var, _linear_fit_sigma(phase, mag1, te))
+    with np.errstate(divide="ignore"):
+        return b0, _field_std_hz(1.0 / den, _linear_fit_sigma(residual, mag1))  # inf -> 0
 
 
 @register(
