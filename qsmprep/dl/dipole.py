@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..qsm.fft import fast_shape
-from ..qsm.kernels import dipole_kernel, smv_kernel
+from ..qsm.kernels import dipole_kernel, smv_kernel, tkd_inverse
 
 
 def _half_spectrum(d):
@@ -98,11 +98,7 @@ class DipoleOperator:
         """Thresholded k-space division ``F^-1{F f / D}`` with ``1/D`` replaced by
         ``sign(D)/threshold`` where ``|D| < threshold`` (``D(0) = 0`` gives 0),
         the filter of :func:`qsmprep.qsm.inversion.tkd` on this padded grid."""
-        def inverse(d):
-            with np.errstate(divide="ignore"):
-                return np.where(np.abs(d) >= threshold, 1.0 / d, np.sign(d) / threshold)
-
-        return self._filter(field, self._spectrum(inverse))
+        return self._filter(field, self._spectrum(lambda d: tkd_inverse(d, threshold)))
 
     adjoint = __call__
 

@@ -15,7 +15,7 @@ import torch
 
 from . import torch_ops as T
 from .fft import fftn, ifftn
-from .kernels import dipole_kernel
+from .kernels import dipole_kernel, tkd_inverse
 from .mask import MaskBox
 from .bgremove import _data_weights
 from .registry import register
@@ -62,9 +62,7 @@ def tkd(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), thresho
     """
     field = _check_field(local_field_ppm, mask)
     grid = MaskBox(mask, pad_factor=pad_factor)
-    d = dipole_kernel(grid.shape, voxel_size_mm, b0_dir)
-    with np.errstate(divide="ignore"):
-        inv = np.where(np.abs(d) >= threshold, 1.0 / d, np.sign(d) / threshold)
+    inv = tkd_inverse(dipole_kernel(grid.shape, voxel_size_mm, b0_dir), threshold)
     chi = ifftn(fftn(grid.pad(field)) * inv.astype(np.float32))
     return grid.unpad(chi)
 

@@ -59,6 +59,14 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
     return d
 
 
+def tkd_inverse(d, threshold):
+    """The thresholded inverse of a dipole kernel ``d`` (TKD; Shmueli 2009,
+    Wharton 2010): ``1/D`` where ``|D| >= threshold``, ``sign(D)/threshold``
+    elsewhere (``D = 0``, the k-space origin, gives 0)."""
+    with np.errstate(divide="ignore"):
+        return np.where(np.abs(d) >= threshold, 1.0 / d, np.sign(d) / threshold)
+
+
 def sphere_kernel(shape, voxel_size_mm, radius_mm):
     """Normalised spherical mean value (SMV) kernel in image space.
 
