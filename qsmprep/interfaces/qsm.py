@@ -371,7 +371,6 @@ class Mask(SimpleInterface):
         self._results["mask"] = save_like(mask, ref, _out("mask.nii.gz", runtime), np.uint8)
         return runtime
 
-
     def _user_mask(self, runtime):
         from ..utils.bids import binarize_mask, mask_grid_error
 
