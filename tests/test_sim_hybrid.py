@@ -1,6 +1,7 @@
 """Hybrid training data: determinism, shapes, physical consistency, workers."""
 
 import numpy as np
+import pytest
 import torch
 
 from qsmprep.qsm.kernels import dipole_convolve
@@ -23,16 +24,33 @@ def test_same_seed_and_index_give_the_same_sample():
     assert np.degrees(np.arccos(a["b0_dir"][2])) <= 30.0 + 1e-4
 
 
-def test_local_field_is_the_dipole_field_of_chi():
-    # no margin, no noise: the patch is the whole world, so the local field
-    # must be exactly D * chi of the returned chi
-    s = hybrid_sample(1, seed=0, patch_size=32, margin=0, noise_ppm=(0, 0),
+@pytest.mark.parametrize("margin", [0, 12])
+def test_local_field_is_the_dipole_field_of_the_patch_chi(margin):
+    # noise-free: the local field of a patch is exactly D * chi of the
+    # returned chi (the sources in the margin count as background), so a
+    # dipole inversion of the patch can recover it
+    s = hybrid_sample(1, seed=0, patch_size=32, margin=margin, noise_ppm=(0, 0),
                       background_poly_ppm=(0, 0), pad_factor=2.0,
                       voxel_size_range_mm=(0.8, 1.3))
-    ref = dipole_convolve(s["chi"], s["voxel_size_mm"], s["b0_dir"], pad_factor=2.0)
+    # the same padded grid as the region's, so the wrap-around images agree
+    ref = dipole_convolve(s["chi"], s["voxel_size_mm"], s["b0_dir"],
+                          pad_factor=2.0 * (32 + 2 * margin) / 32)
     err = np.linalg.norm(s["local_field"] - ref) / np.linalg.norm(ref)
-    assert err < 1e-4
+    assert err < 2e-3
     assert not np.allclose(s["voxel_size_mm"], 1.0)
+    # the total field is the same world whatever is called local
+    r = hybrid_sample(1, seed=0, patch_size=32, margin=margin, noise_ppm=(0, 0),
+                      background_poly_ppm=(0, 0), pad_factor=2.0,
+                      voxel_size_range_mm=(0.8, 1.3), local_sources="region")
+    np.testing.assert_allclose(r["total_field"], s["total_field"], atol=1e-4)
+    if margin:  # brain chi in the margin acts on the patch: not D * chi of the patch
+        err = np.linalg.norm(r["local_field"] - ref) / np.linalg.norm(ref)
+        assert err > 0.05
+
+
+def test_local_sources_is_checked():
+    with pytest.raises(ValueError, match="local_sources"):
+        hybrid_sample(0, local_sources="brain", **SMALL)
 
 
 def test_echoes_and_whole_volume():

@@ -7,6 +7,7 @@ this test only (training data proper come from qsmprep.sim.hybrid).
 import csv
 
 import numpy as np
+import pytest
 import torch
 
 from qsmprep.qsm.kernels import dipole_convolve
@@ -78,3 +79,21 @@ def test_learning_rate_schedule():
     assert learning_rate(0, 100, 1e-3) == 1e-3
     assert learning_rate(100, 100, 1e-3) == 5e-5
     assert learning_rate(50, 100, 1e-3) < learning_rate(25, 100, 1e-3)
+
+
+def test_init_from_shipped_weights_and_clear_error_on_a_foreign_file(tmp_path):
+    from qsmprep.dl.weights import load_weights, save_weights
+
+    trained, _ = train("unet", tmp_path / "a", _stream, [_sample(7)], steps=3, config=SMALL,
+                       validate_every=100, progress=False)
+    save_weights("unet", trained, models_dir=tmp_path / "models")
+    shipped = load_weights("unet", tmp_path / "models")["state_dict"]
+    # zero steps: the model is exactly the (float16-rounded) shipped weights
+    started, _ = train("unet", tmp_path / "b", _stream, [_sample(7)], steps=0, config=SMALL,
+                       init=tmp_path / "models" / "unet.pt", progress=False)
+    for key, value in shipped.items():
+        assert torch.equal(started.state_dict()[key].float(), value), key
+    torch.save({"something": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="no weights of a unet model"):
+        train("unet", tmp_path / "c", _stream, [_sample(7)], steps=0, config=SMALL,
+              init=tmp_path / "foreign.pt", progress=False)

@@ -98,7 +98,7 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
                   voxel_size_range_mm=None, max_b0_angle_deg=30.0, max_rotation_deg=15.0,
                   scale_range=(0.9, 1.1), elastic_mm=3.0, noise_ppm=(0.0, 0.01),
                   background_poly_ppm=(0.0, 0.3), echo_times_s=None, field_strength_t=3.0,
-                  snr=(40.0, 200.0), pad_factor=1.5):
+                  snr=(40.0, 200.0), pad_factor=1.5, local_sources="patch"):
     """One hybrid training sample, a pure function of ``(seed, index)``.
 
     Parameters
@@ -120,6 +120,13 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
         first-echo SNR drawn from ``snr`` = (lo, hi).
     pad_factor : FFT zero padding of the region (1.5 keeps wrap-around
         images >= 1.5 region widths away).
+    local_sources : ``"patch"`` (default): the local field is the field of
+        the chi inside the brain mask *and the patch*, so it is fully
+        determined by what the patch shows, as the local field of a whole
+        head is by the brain; brain tissue in the margin acts as a background
+        source. ``"region"``: the field of all brain chi of the region, part
+        of which lies outside the patch (a dipole inversion of the patch
+        cannot recover it).
 
     Returns
     -------
@@ -170,15 +177,21 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
         blob = _random_shape(region, vox, rng, (3.0, 25.0))
         chi[blob & ~mask] = rng.uniform(-10.0, 10.0)
 
-    # fields: local from chi in the mask, background from the rest
+    # fields: local from chi in the mask (and the patch), background from the rest
+    if local_sources not in ("patch", "region"):
+        raise ValueError(f"local_sources must be 'patch' or 'region', got {local_sources!r}")
+    crop = None if patch_size is None else tuple(slice(margin, margin + p) for p in patch)
+    local_mask = mask.copy()
+    if crop is not None and local_sources == "patch":
+        local_mask[:] = False
+        local_mask[crop] = mask[crop]
     border = np.concatenate([f.ravel() for f in (chi[0], chi[-1], chi[:, 0], chi[:, -1],
                                                   chi[:, :, 0], chi[:, :, -1])])
-    local, background = _fields(np.where(mask, chi, 0), np.where(mask, 0, chi), vox, b0,
+    local, background = _fields(np.where(local_mask, chi, 0), np.where(local_mask, 0, chi), vox, b0,
                                 pad_factor, float(np.median(border)))
     background += random_harmonic_field(region, vox, rng,
                                           amplitude_ppm=rng.uniform(*background_poly_ppm))
-    if patch_size is not None:
-        crop = tuple(slice(margin, margin + p) for p in patch)
+    if crop is not None:
         chi, mask, labels, local, background = (a[crop] for a in (chi, mask, labels, local,
                                                                    background))
     total = local + background

@@ -32,7 +32,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.csv)")
     p.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
     p.add_argument("--resume", help="checkpoint to continue from")
-    p.add_argument("--init", help="checkpoint whose matching weights initialise the model")
+    p.add_argument("--init", help="checkpoint or shipped weights (e.g. "
+                   "qsmprep/data/models/nextqsm.pt) whose matching weights initialise the model")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="samples per step")

@@ -78,8 +78,9 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     resume : path, optional
         Checkpoint to continue from (model, optimiser, RNG states, step).
     init : path, optional
-        Checkpoint whose matching weights initialise the model (e.g. a
-        ``nextqsm-bfr`` pre-training run for ``nextqsm``).
+        Checkpoint or shipped weights file (``qsmprep/data/models/<name>.pt``)
+        whose matching weights initialise the model (e.g. a ``nextqsm-bfr``
+        pre-training run for ``nextqsm``, or the shipped weights to fine-tune).
     checkpoint_every_s : float
         Seconds of wall time between checkpoints (also written at the end).
     stop_at, time_limit_s : int, float, optional
@@ -107,9 +108,15 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         torch.set_rng_state(state["torch_rng"])
         step, wall, best = state["step"], state["wall_s"], state["best"]
     elif init:
-        src = torch.load(init, map_location=device, weights_only=False)["model"]
+        src = torch.load(init, map_location=device, weights_only=False)
+        src = {k: v.float() if v.is_floating_point() else v
+               for k, v in src.get("model", src.get("state_dict", {})).items()}
         own = model.state_dict()
-        own.update({k: v for k, v in src.items() if k in own and own[k].shape == v.shape})
+        matching = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+        if not matching:
+            raise ValueError(f"--init {init}: no weights of a {task_name} model in this file "
+                             f"(expected a qsmprep-train checkpoint or shipped weights)")
+        own.update(matching)
         model.load_state_dict(own)
     (out / "config.json").write_text(json.dumps(
         {"task": task_name, "config": model.config, "steps": steps, "batch_size": batch_size,
