@@ -8,6 +8,9 @@ registered in :mod:`qsmprep.qsm.registry` is run per stage:
 * background field removal, from the true total field, scored against the true
   local field;
 * dipole inversion, from the true local field, scored against the true χ;
+* background removal + inversion (:data:`JOINT_PAIRS`), from the true total
+  field, scored against the true χ (NeXtQSM's joint mode against classical
+  pairs);
 * the whole pipeline from multi-echo phase and magnitude (unwrapping → B0 →
   masking → background removal → inversion → referencing), scored against the
   true χ.
@@ -19,7 +22,9 @@ benchmarks/results/accuracy.json. A method that raises is reported as failed
 with its error.
 
 Usage: ``python benchmarks/accuracy.py [--quick]`` (``--quick``: 2 mm phantoms);
-``--from-json FILE`` re-renders the docs section from saved results.
+``--from-json FILE`` re-renders the docs section from saved results;
+``--update --methods A B`` re-runs only those methods (e.g. after retraining a
+network) and replaces their rows in the saved results.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ SEED = 20240611
 STAGES = {
     "bf_removal": "Background field removal: true total field → local field",
     "inversion": "Dipole inversion: true local field → χ",
+    "joint": "Background removal + dipole inversion: true total field → χ",
     "pipeline": "Whole pipeline: multi-echo phase → χ",
 }
 
@@ -186,9 +192,12 @@ def pipeline(case, methods):
 
 #: pipelines compared with the default in every mode (the choice of the
 #: default is argued from them in docs/methods.md): the unweighted V-SHARP +
-#: TV-ADMM chain (the default until 2026-11-22), and each half of it
+#: TV-ADMM chain (the default until 2026-11-22), each half of it, and the
+#: deep-learning chains (NeXtQSM joint; the default's background removal
+#: with IR2QSM)
 CANDIDATES = ({"bf_removal": "vsharp", "inversion": "tv"}, {"bf_removal": "vsharp"},
-              {"inversion": "tv"})
+              {"inversion": "tv"}, {"bf_removal": "nextqsm", "inversion": "nextqsm"},
+              {"inversion": "ir2qsm"})
 
 
 def pipeline_variants(quick):
@@ -213,6 +222,18 @@ def pipeline_variants(quick):
     return variants
 
 
+def selected_variants(variants, keep):
+    """The pipeline variants (first: the default) that change a kept method
+    from the default; the default itself when one of its methods is kept."""
+    default = next(iter(variants.values()))
+    out = {}
+    for label, methods in variants.items():
+        own = [m for stage, m in methods.items() if m != default[stage]]
+        if any(keep(m) for m in own or default.values()):
+            out[label] = methods
+    return out
+
+
 def score_row(stage, method, case, func, truth, labels=None):
     """Run ``func`` timed and score it; a failure becomes a row with the error."""
     from qsmprep.qsm import metrics
@@ -235,8 +256,25 @@ def score_row(stage, method, case, func, truth, labels=None):
     return row
 
 
+#: (background removal, inversion) pairs of the joint stage: NeXtQSM's joint
+#: mode, the issue's classical yardstick and the default pipeline's pair
+JOINT_PAIRS = (("nextqsm", "nextqsm"), ("vsharp", "tv"), ("pdf", "ilsqr"))
+
+
+def joint(case, bfr, inversion):
+    """χ (ppm) from the true total field: ``bfr`` then ``inversion`` on the
+    mask that ``bfr`` returns (eroded by the SMV methods)."""
+    local, mask = call("bf_removal", bfr, case.total_field, case.mask, case.voxel_size_mm,
+                       b0_dir=case.b0_dir)
+    return call("inversion", inversion, local, mask, case.voxel_size_mm, b0_dir=case.b0_dir,
+                magnitude=case.magnitude)
+
+
 def run_case(case, stages, quick=False, keep=lambda name: True):
-    """All rows of one phantom; ``keep(name)`` selects the methods to run."""
+    """All rows of one phantom; ``keep(name)`` selects the methods to run: a
+    joint pair runs when one of its methods is kept, a pipeline variant when
+    a method it changes from the default is kept (the default pipeline when
+    one of its own methods is)."""
     from qsmprep.qsm import registry
 
     rows = []
@@ -250,15 +288,21 @@ def run_case(case, stages, quick=False, keep=lambda name: True):
             rows.append(score_row("inversion", name, case, lambda n=name: call(
                 "inversion", n, case.local_field, case.mask, case.voxel_size_mm,
                 b0_dir=case.b0_dir, magnitude=case.magnitude), case.chi, case.labels))
+    if "joint" in stages:
+        for bfr, inv in JOINT_PAIRS:
+            if keep(bfr) or keep(inv):
+                rows.append(score_row("joint", f"{bfr} + {inv}", case,
+                                      lambda b=bfr, i=inv: joint(case, b, i),
+                                      case.chi, case.labels))
     if "pipeline" in stages:
-        for label, methods in pipeline_variants(quick).items():
+        for label, methods in selected_variants(pipeline_variants(quick), keep).items():
             rows.append(score_row("pipeline", label, case, lambda m=methods: pipeline(case, m),
                                   case.chi, case.labels))
     return rows
 
 
 def _key(name):
-    return name.lower().replace("-", "").replace("_", "")
+    return name.lower().replace("-", "").replace("_", "").replace(" ", "")
 
 
 def render(results):
@@ -331,8 +375,24 @@ def render(results):
     if total:
         parts.append(f"The whole run (phantoms, every method, every pipeline) took "
                      f"{total / 60:.1f} min of wall time.\n")
+    for u in results.get("updates", []):
+        parts.append(f"Re-run on {u['date']} with `--update` (rows of {', '.join(u['methods'])}"
+                     f"; {u['wall_s'] / 60:.1f} min); every other row is from the whole run.\n")
     parts += [LEADERBOARD_NOTE + "\n", hardware_note(results["hardware"]) + "\n"]
     return "\n".join(parts)
+
+
+def merge(saved, new):
+    """``saved`` results with the rows of ``new`` replacing those of the same
+    (stage, method, phantom) in place (unknown ones appended)."""
+    def key(r):
+        return r["stage"], r["method"], r["phantom"]
+
+    fresh = {key(r): r for r in new["rows"]}
+    rows = [fresh.pop(key(r), r) for r in saved["rows"]]
+    known = {p["name"] for p in saved["phantoms"]}
+    return {**saved, "rows": rows + list(fresh.values()),
+            "phantoms": saved["phantoms"] + [p for p in new["phantoms"] if p["name"] not in known]}
 
 
 def write_outputs(results, docs=DOCS, json_path=None):
@@ -355,13 +415,21 @@ def main(argv=None):
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--json", type=Path,
                         help="results file (default: benchmarks/results/accuracy[-quick].json)")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows run now in the saved results file")
     args = parser.parse_args(argv)
+    json_path = args.json or RESULTS / f"{section(args.quick)}.json"
+    if args.update and not args.methods:
+        parser.error("--update needs --methods (the methods to re-run)")
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         replace_section(args.docs, section(saved["quick"]), render(saved))
         print(f"[accuracy] rendered {args.from_json} into {args.docs}")
         return
 
+    saved = json.loads(json_path.read_text()) if args.update else None
+    if saved and saved["quick"] != args.quick:
+        parser.error(f"{json_path} holds a {'--quick' if saved['quick'] else 'full'} run")
     results = {"quick": args.quick, "hardware": hardware(), "seed": SEED,
                "phantoms": [], "rows": []}
     started = time.perf_counter()
@@ -377,9 +445,16 @@ def main(argv=None):
         results["rows"] += run_case(
             case, args.stages, args.quick,
             keep=lambda n: n not in args.skip and (not args.methods or n in args.methods))
-        results["total_wall_s"] = time.perf_counter() - started
-        write_outputs(results, args.docs, args.json)  # partial results survive a crash
-    print(f"[accuracy] wrote {args.docs} and {args.json or RESULTS / (section(args.quick) + '.json')}")
+        wall = time.perf_counter() - started
+        if saved is None:
+            results["total_wall_s"] = wall
+            write_outputs(results, args.docs, json_path)  # partial results survive a crash
+    if saved is not None:
+        update = {"date": time.strftime("%Y-%m-%d"), "methods": args.methods, "wall_s": wall}
+        results = merge(saved, results)
+        results["updates"] = saved.get("updates", []) + [update]
+        write_outputs(results, args.docs, json_path)
+    print(f"[accuracy] wrote {args.docs} and {json_path}")
 
 
 if __name__ == "__main__":

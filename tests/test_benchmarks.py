@@ -106,3 +106,46 @@ def test_classical_speed_covers_every_classical_method_and_reads_its_own_peak():
     row = {"method": "pdf", "wall_s": 100.0, "peak_rss_gb": 5.0}
     assert classical_speed.verdict(row) == ("met", "missed")
     assert classical_speed.verdict({**row, "method": "tv"})[0].startswith("missed")
+
+
+def test_update_replaces_only_the_rerun_rows(tmp_path, tiny_results):
+    old = tiny_results["rows"][0]
+    rerun = {**old, "metrics": {**old["metrics"], "nrmse": 10.0}}
+    new_row = {**rerun, "method": "unet"}
+    merged = accuracy.merge(tiny_results, {"rows": [rerun, new_row], "phantoms": []})
+    assert [(r["stage"], r["method"]) for r in merged["rows"]] == [
+        ("inversion", "tkd"), ("inversion", "broken"), ("bf_removal", "vsharp"),
+        ("inversion", "unet")]
+    assert merged["rows"][0]["metrics"]["nrmse"] == 10.0
+    assert tiny_results["rows"][0]["metrics"]["nrmse"] == pytest.approx(50.0, rel=1e-5)
+    merged["updates"] = [{"date": "2026-11-26", "methods": ["tkd", "unet"], "wall_s": 60.0}]
+    text = accuracy.render(merged)
+    assert "Re-run on 2026-11-26 with `--update` (rows of tkd, unet; 1.0 min)" in text
+
+
+def test_joint_pairs_run_when_one_of_their_methods_is_kept():
+    from qsmprep.qsm.kernels import dipole_convolve
+
+    shape = (24, 24, 24)
+    grid = np.stack(np.meshgrid(*[np.arange(n) - 11.5 for n in shape], indexing="ij"))
+    mask = (grid**2).sum(0) <= 10**2
+    chi = np.where((grid**2).sum(0) <= 4**2, 0.1, 0).astype(np.float32)
+    local = np.where(mask, dipole_convolve(chi, (1, 1, 1)), 0).astype(np.float32)
+    case = accuracy.Case("sphere", "", (1.0,) * 3, (0.0, 0.0, 1.0), 3.0, (0.004,), mask, None,
+                         chi, local + 0.01 * grid[0] / 12, local, None, None)
+    rows = accuracy.run_case(case, ["joint"], keep=lambda n: n == "vsharp")
+    assert [r["method"] for r in rows] == ["vsharp + tv"]
+    assert rows[0]["stage"] == "joint" and rows[0]["status"] == "ok", rows[0].get("error")
+    assert rows[0]["metrics"]["nrmse"] < 80  # a linear background is removed, chi recovered
+
+
+def test_pipeline_variants_selected_by_the_methods_they_change():
+    variants = accuracy.pipeline_variants(True)
+    labels = list(variants)
+    assert labels[0].startswith("default:")
+    assert "bf_removal=nextqsm, inversion=nextqsm" in labels and "inversion=ir2qsm" in labels
+    dl = accuracy.selected_variants(variants, lambda m: m in ("nextqsm", "ir2qsm"))
+    assert list(dl) == ["bf_removal=nextqsm, inversion=nextqsm", "inversion=ir2qsm"]
+    default_only = accuracy.selected_variants(variants, lambda m: m == "pdf")
+    assert list(default_only) == [labels[0]]  # pdf is the default's, not a change
+    assert accuracy.selected_variants(variants, lambda m: True) == variants
