@@ -42,6 +42,29 @@ DEFAULT_METHODS = {
     "referencing": "mean",
 }
 
+#: Named pipelines (``--pipeline``): stage -> method for the stages a preset
+#: sets; the other stages keep :data:`DEFAULT_METHODS`.
+PIPELINES = {
+    "classical": {s: DEFAULT_METHODS[s] for s in ("bf_removal", "inversion")},
+    "nextqsm": {"bf_removal": "nextqsm", "inversion": "nextqsm"},
+    "ir2qsm": {"bf_removal": DEFAULT_METHODS["bf_removal"], "inversion": "ir2qsm"},
+}
+
+#: One line per named pipeline, for ``--help`` and the documentation.
+PIPELINE_DESCRIPTIONS = {
+    "classical": "N_std-weighted PDF background removal + iLSQR inversion (the defaults)",
+    "nextqsm": "NeXtQSM's learned background removal + variational-network inversion, "
+               "trained end to end",
+    "ir2qsm": "PDF background removal + IR2QSM learned inversion",
+}
+
+
+def pipeline_methods(name):
+    """Stage -> method of the named pipeline, or a ValueError naming the choices."""
+    if name not in PIPELINES:
+        raise ValueError(f"Unknown pipeline {name!r}; expected one of {sorted(PIPELINES)}")
+    return dict(PIPELINES[name])
+
 
 def new_run_uuid():
     """A sortable unique run identifier: ``YYYYmmdd-HHMMSS_<uuid4>``."""
@@ -93,12 +116,21 @@ class Workflow:
     bf_removal: str = DEFAULT_METHODS["bf_removal"]
     inversion: str = DEFAULT_METHODS["inversion"]
     referencing: str = DEFAULT_METHODS["referencing"]
+    #: named pipeline (:data:`PIPELINES`) the stage methods started from, "" when
+    #: none; the stage fields above, not this name, are what runs
+    pipeline: str = ""
     #: stage -> {parameter: value}, overriding the registry defaults
     params: dict = field(default_factory=dict)
 
     def method(self, stage):
         """Name of the method chosen for ``stage``."""
         return getattr(self, stage)
+
+    def use_pipeline(self, name):
+        """Set the stage methods of the named pipeline and record its name."""
+        for stage, method in pipeline_methods(name).items():
+            setattr(self, stage, method)
+        self.pipeline = name
 
     def stage_params(self, stage):
         """User parameters of ``stage`` (a copy; empty when none)."""
@@ -174,6 +206,8 @@ class Config:
                     f"Unknown key(s) {sorted(bad)} in configuration section [{name}]; "
                     f"expected some of {sorted(known)}"
                 )
+            if name == "workflow" and values.get("pipeline"):  # stage keys win
+                values = {**pipeline_methods(values["pipeline"]), **values}
             kwargs[name] = section(**values)
         return cls(**kwargs)
 

@@ -8,7 +8,7 @@ import pytest
 
 from qsmprep.cli.parser import build_parser, parse_args
 from qsmprep.cli.run import main
-from qsmprep.config import DEFAULT_METHODS, Config
+from qsmprep.config import DEFAULT_METHODS, PIPELINE_DESCRIPTIONS, PIPELINES, Config
 from qsmprep.qsm import registry
 
 
@@ -43,6 +43,61 @@ def test_method_choices_come_from_the_registry(tmp_path):
     assert config.workflow.echo_combination == "nonlinear"
     with pytest.raises(SystemExit):
         parse_args(_args(tmp_path, "--inversion", "no-such-method"))
+
+
+def test_pipelines_name_registered_methods_and_classical_is_the_default():
+    assert set(PIPELINE_DESCRIPTIONS) == set(PIPELINES)
+    for methods in PIPELINES.values():
+        assert all(method in registry.names(stage) for stage, method in methods.items())
+    assert PIPELINES["classical"] == {"bf_removal": "pdf", "inversion": "ilsqr"}
+    assert all(DEFAULT_METHODS[s] == m for s, m in PIPELINES["classical"].items())
+
+
+def test_pipeline_sets_its_stages_and_keeps_the_other_defaults(tmp_path):
+    wf = parse_args(_args(tmp_path, "--pipeline", "nextqsm")).workflow
+    assert (wf.bf_removal, wf.inversion, wf.pipeline) == ("nextqsm", "nextqsm", "nextqsm")
+    assert all(wf.method(s) == DEFAULT_METHODS[s] for s in registry.STAGES
+               if s not in ("bf_removal", "inversion"))
+    wf = parse_args(_args(tmp_path, "--pipeline", "ir2qsm")).workflow
+    assert (wf.bf_removal, wf.inversion) == ("pdf", "ir2qsm")
+    assert parse_args(_args(tmp_path)).workflow.pipeline == ""
+
+
+def test_stage_option_overrides_the_pipeline(tmp_path):
+    wf = parse_args(_args(tmp_path, "--inversion", "tv", "--pipeline", "nextqsm")).workflow
+    assert (wf.bf_removal, wf.inversion, wf.pipeline) == ("nextqsm", "tv", "nextqsm")
+
+
+def test_unknown_pipeline_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(_args(tmp_path, "--pipeline", "fastest"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "invalid choice: 'fastest'" in err and "nextqsm" in err
+
+
+def test_help_lists_the_pipelines(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a description
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--pipeline NAME" in out
+    for name, description in PIPELINE_DESCRIPTIONS.items():
+        assert f"{name} (" in out and description in out
+    assert "nextqsm (bf_removal=nextqsm, inversion=nextqsm)" in out
+
+
+def test_pipeline_in_config_file_and_its_precedence(tmp_path):
+    toml = tmp_path / "p.toml"
+    toml.write_text('[workflow]\npipeline = "nextqsm"\ninversion = "tkd"\n')
+    wf = parse_args(_args(tmp_path, "--config-file", str(toml))).workflow
+    assert (wf.pipeline, wf.bf_removal, wf.inversion) == ("nextqsm", "nextqsm", "tkd")
+    wf = parse_args(_args(tmp_path, "--config-file", str(toml), "--pipeline", "ir2qsm")).workflow
+    assert (wf.pipeline, wf.bf_removal, wf.inversion) == ("ir2qsm", "pdf", "ir2qsm")
+    saved = parse_args(_args(tmp_path, "--pipeline", "nextqsm", "--inversion", "tv"))
+    assert Config.from_toml(saved.to_toml(tmp_path / "saved.toml")) == saved
+    toml.write_text('[workflow]\npipeline = "fastest"\n')
+    with pytest.raises(ValueError, match="Unknown pipeline 'fastest'"):
+        Config.from_toml(toml)
 
 
 def test_defaults_and_paths_are_absolute(tmp_path, monkeypatch):
@@ -128,6 +183,18 @@ def test_boilerplate_only_writes_citations_and_settings(tmp_path, synthetic_bids
     assert saved.workflow.inversion == "tkd" and saved.execution.device == "cpu"
     assert list((tmp_path / "w").glob("config-*.toml"))
     assert not (out / "sub-01" / "anat").exists()
+
+
+def test_methods_text_of_a_pipeline_describes_the_methods_used(tmp_path, synthetic_bids):
+    out = tmp_path / "out"
+    assert main([str(synthetic_bids), str(out), "participant", "-w", str(tmp_path / "w"),
+                 "--boilerplate-only", "--device", "cpu", "--pipeline", "nextqsm",
+                 "--inversion", "tv"]) == 0
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "NeXtQSM background-removal U-Net" in citation
+    assert "total-variation" in citation and "variational network" not in citation
+    (toml,) = (out / "sub-01" / "log").glob("*/qsmprep.toml")
+    assert 'pipeline = "nextqsm"' in toml.read_text()
 
 
 def test_group_level_without_outputs_fails_clearly(tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..__about__ import __version__
-from ..config import DEFAULT_METHODS, Config
+from ..config import DEFAULT_METHODS, PIPELINE_DESCRIPTIONS, PIPELINES, Config
 from ..qsm.registry import STAGES
 
 _STAGE_TITLES = {"unwrapping": "phase unwrapping",
@@ -51,6 +51,13 @@ def _derivatives(value):
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{value!r}: folder not found: {path}")
     return name, str(path.absolute())
+
+
+def _pipelines_help():
+    """``--pipeline`` help: each named pipeline with its stage methods and description."""
+    return "; ".join(
+        f"{name} ({', '.join(f'{s}={m}' for s, m in methods.items())}): "
+        f"{PIPELINE_DESCRIPTIONS[name]}" for name, methods in PIPELINES.items())
 
 
 def _positive_int(value):
@@ -102,6 +109,10 @@ def build_parser():
                    "method, for every run processed (meant for a single run)")
 
     g = p.add_argument_group("Methods (choices come from the method registry)")
+    g.add_argument("--pipeline", choices=list(PIPELINES), metavar="NAME",
+                   help="named pipeline: sets the methods of its stages; a stage option "
+                   "(e.g. --inversion tv) overrides it for that stage, and the stages it "
+                   f"does not name keep their defaults. {_pipelines_help()}")
     for stage in STAGES:
         g.add_argument(f"--{stage.replace('_', '-')}", dest=stage,
                        choices=registry.names(stage),
@@ -147,7 +158,9 @@ def build_parser():
 def parse_args(argv=None):
     """Parse the command line into a :class:`~qsmprep.config.Config`.
 
-    Precedence: command line > ``--config-file`` > built-in defaults.
+    Precedence: command line > ``--config-file`` > built-in defaults. For the
+    stage methods: a stage option (``--inversion``) > ``--pipeline`` > the config
+    file's stage keys > its ``pipeline`` key > :data:`~qsmprep.config.DEFAULT_METHODS`.
     """
     opts = build_parser().parse_args(argv)
     config = Config.from_toml(opts.config_file) if opts.config_file else Config()
@@ -179,6 +192,8 @@ def parse_args(argv=None):
                              f"{', '.join(names)}; write NAME=PATH")
         ex.derivatives = dict(pairs)
 
+    if opts.pipeline is not None:
+        config.workflow.use_pipeline(opts.pipeline)
     for name in STAGES + ("phase_offset",):
         if getattr(opts, name) is not None:
             setattr(config.workflow, name, getattr(opts, name))
