@@ -97,3 +97,26 @@ def test_init_from_shipped_weights_and_clear_error_on_a_foreign_file(tmp_path):
     with pytest.raises(ValueError, match="no weights of a unet model"):
         train("unet", tmp_path / "c", _stream, [_sample(7)], steps=0, config=SMALL,
               init=tmp_path / "foreign.pt", progress=False)
+
+
+def test_export_ships_weights_card_and_tkd_baseline(tmp_path):
+    from qsmprep.dl.weights import load_weights, read_manifest
+    from qsmprep.train.export import check_nrmse, export
+
+    train("unet", tmp_path / "run", _stream, [_sample(7)], steps=2, config=SMALL,
+          validate_every=1, progress=False)
+    models = tmp_path / "models"
+    val, check = export("unet", tmp_path / "run", models)
+    assert set(read_manifest(models)) == {"unet.pt", "unet.md", "check_case.npz"}
+    card = (models / "unet.md").read_text()
+    assert f"| chi | {val['val_nrmse_chi']:.2f} | {check['val_nrmse_chi']:.2f} |" in card
+    # two steps from a zero-initialised residual head: still close to its TKD input
+    tkd_row = next(line for line in card.splitlines() if line.startswith("| TKD input"))
+    tkd_val = float(tkd_row.split("|")[2])
+    assert abs(tkd_val - val["val_nrmse_chi"]) < 10
+    from qsmprep.dl.unet import UNetQSM
+
+    shipped = UNetQSM(load_weights("unet", models)["config"])
+    shipped.load_state_dict(load_weights("unet", models)["state_dict"])
+    assert check_nrmse("unet", shipped, models)["val_nrmse_chi"] == pytest.approx(
+        check["val_nrmse_chi"], abs=1e-3)

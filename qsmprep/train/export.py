@@ -8,6 +8,7 @@ so the test suite can verify that the installed weights reproduce it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import json
@@ -20,7 +21,7 @@ from ..dl.weights import MODELS_DIR, load_weights, save_file, save_weights, veri
 from ..sim.hybrid import hybrid_sample
 from .data import DATA, VALIDATION_START, validation_set
 from .loop import to_batch
-from .tasks import TASKS, validation_metrics
+from .tasks import TASKS, tkd_channel, validation_metrics
 
 CHECK_CASE = "check_case.npz"
 #: The check case: held-out sample of this seed, 1 mm, 48^3.
@@ -45,22 +46,14 @@ def check_nrmse(task_name, model, models_dir=None):
     return validation_metrics(TASKS[task_name], model, [batch])
 
 
-def tkd_input_nrmse(model, batches):
+def tkd_input_nrmse(task_name, model, batches):
     """Mean NRMSE (%) of the TKD input channel alone (the starting point of the
     residual networks IR2QSM and U-Net) over ``batches``; None for other models."""
-    from ..dl.unet import field_inputs
-    from ..qsm.metrics import nrmse
-
     if "tkd_threshold" not in getattr(model, "config", {}):
         return None
-    scores = []
-    for b in batches:
-        x = field_inputs(b["local"], b["mask"], b["b0"], b["voxel_size"],
-                         model.config["tkd_threshold"])
-        for i in range(x.shape[0]):
-            m = b["mask"][i, 0].cpu().numpy() > 0
-            scores.append(nrmse(x[i, 5].cpu().numpy(), b["chi"][i, 0].cpu().numpy(), m))
-    return float(np.mean(scores))
+    tkd_only = dataclasses.replace(
+        TASKS[task_name], predict=lambda m, b: {"chi": (tkd_channel(m, b), "chi")})
+    return validation_metrics(tkd_only, model, batches)["val_nrmse_chi"]
 
 
 def _card(name, task, run, ckpt, n_params, size, val, check, tkd=None):
@@ -124,10 +117,10 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
     meta.update(validation_nrmse=val, check_case_nrmse=check)
     path = save_weights(name, shipped, meta, models_dir)
     n_params = sum(p.numel() for p in shipped.parameters())
-    tkd = tkd_input_nrmse(shipped, val_batches)
+    tkd = tkd_input_nrmse(task_name, shipped, val_batches)
     if tkd is not None:
         check_batch = to_batch([check_case(models_dir)], device)
-        tkd = (tkd, tkd_input_nrmse(shipped, [check_batch]))
+        tkd = (tkd, tkd_input_nrmse(task_name, shipped, [check_batch]))
     card = _card(name, task, run, ckpt, n_params, path.stat().st_size, val, check, tkd)
     save_file(f"{name}.md", card.encode(), models_dir)
     return val, check

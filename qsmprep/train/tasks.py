@@ -78,6 +78,11 @@ def _inputs(model, batch):
                         model.config["tkd_threshold"])
 
 
+def tkd_channel(model, batch):
+    """The TKD input channel of IR2QSM / the U-Net (chi, ppm) for ``batch``."""
+    return _inputs(model, batch)[:, 5:6]
+
+
 def ir2qsm_task_loss(model, batch, step, total_steps, rng):
     loss = ir2qsm_loss(model, _inputs(model, batch), batch["chi"])
     return loss, {}
