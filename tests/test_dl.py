@@ -149,15 +149,16 @@ def test_ir2qsm_deterministic_in_eval_and_loss_weights():
     model = _perturb(IR2QSM({"base": 4, "levels": 3})).eval()
     shape = (16, 20, 12)
     x = field_inputs(_field(shape), torch.ones((1, 1) + shape), (0.0, 0.3, 1.0), (1, 1, 1.2))
-    assert x.shape == (1, 6) + shape
+    assert x.shape == (1, 7) + shape
     assert torch.allclose(x[0, 2:5].norm(dim=0), torch.ones(shape))  # unit B0 channels
+    s = float(x[0, 5].pow(2).mean().sqrt())  # the scale channel: RMS of TKD in the mask
+    assert torch.allclose(x[0, 6], torch.full(shape, s))
     with torch.no_grad():
         a, outs = model(x, return_iterations=True)
         b = model(x)
         chi = torch.zeros_like(a)
         loss = ir2qsm_loss(model, x, chi)
     assert torch.equal(a, b) and len(outs) == 4
-    s = model.config["chi_scale_ppm"]
     expected = (a / s).pow(2).mean() + sum(
         w * (o / s).pow(2).mean() for w, o in zip(model.config["aux_weights"], outs))
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
@@ -210,6 +211,25 @@ def test_zero_residual_model_is_tkd(cls):
             model.fuse.weight[0, -1] = 0.5
             model.fuse.bias.zero_()
         assert torch.allclose(model(x), x[:, 5:6], atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [UNetQSM, IR2QSM])
+def test_networks_are_scale_equivariant(cls):
+    """Dipole inversion is linear: a field with k times the contrast gives
+    exactly k times the map (the networks work in units of the input's RMS)."""
+    field, mask = _tkd_case((16, 16, 16))
+    torch.manual_seed(0)
+    model = _perturb(cls(SMALL)).eval()
+    chis = []
+    for k in (1.0, 7.0):
+        x = field_inputs(torch.from_numpy(k * field)[None, None],
+                         torch.from_numpy(mask.astype(np.float32))[None, None], (0.1, 0.2, 0.97))
+        with torch.no_grad():
+            chis.append(model(x))
+    assert not torch.allclose(chis[0], field_inputs(
+        torch.from_numpy(field)[None, None], torch.from_numpy(mask.astype(np.float32))[None, None],
+        (0.1, 0.2, 0.97))[:, 5:6], atol=1e-4)  # a real correction of TKD
+    assert torch.allclose(7.0 * chis[0], chis[1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [UNetQSM, IR2QSM])

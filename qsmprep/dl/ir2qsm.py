@@ -35,15 +35,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .unet import IN_CHANNELS, TKD_THRESHOLD, UNet, _scaled
+from .unet import IN_CHANNELS, TKD_THRESHOLD, UNet, normalised_inputs
 
 DEFAULT_CONFIG = {
     "base": 8,
     "levels": 4,
     "iterations": 4,
     "aux_weights": [0.0625, 0.125, 0.25, 0.5],
-    "local_scale_ppm": 0.05,
-    "chi_scale_ppm": 0.1,
     "tkd_threshold": TKD_THRESHOLD,
 }
 
@@ -65,7 +63,8 @@ class ConvGRUCell(nn.Module):
 
 
 class IR2QSM(nn.Module):
-    """IR2QSM network; ``forward`` takes the 6-channel :func:`field_inputs`."""
+    """IR2QSM network; ``forward`` takes the 7-channel :func:`field_inputs`
+    and works in units of the TKD channel's RMS (:func:`normalised_inputs`)."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -92,10 +91,9 @@ class IR2QSM(nn.Module):
         return self.iterations[0].multiple
 
     def forward(self, x, return_iterations=False):
-        c = self.config
         mask = x[:, 1:2]
-        inp = _scaled(x, c)
-        tkd = inp[:, 5:6]  # TKD estimate in units of chi_scale_ppm
+        inp, s = normalised_inputs(x)
+        tkd = inp[:, 5:6]  # TKD estimate in units of s
         h = feats = None
         outs = []
         for t, net in enumerate(self.iterations):
@@ -104,20 +102,24 @@ class IR2QSM(nn.Module):
             h = self.gru(bottom, h)
             out, feats = net.decode(h, skips)
             outs.append(tkd + out)
-        chi = self.fuse(torch.cat(outs + [tkd], dim=1)) * c["chi_scale_ppm"] * mask
+        chi = self.fuse(torch.cat(outs + [tkd], dim=1)) * s * mask
         if return_iterations:
-            return chi, [o * c["chi_scale_ppm"] * mask for o in outs]
+            return chi, [o * s * mask for o in outs]
         return chi
 
 
 def ir2qsm_loss(model, x, chi_true):
-    """MSE(final) + sum_t w_t MSE(iteration t) inside the mask (chi in units of
-    the model's chi scale)."""
+    """MSE(final) + sum_t w_t MSE(iteration t) inside the mask, each sample's
+    error in units of its TKD channel's RMS (:func:`normalised_inputs`), so
+    that every sample counts alike, whatever its contrast."""
     chi, outs = model(x, return_iterations=True)
+    return normalised_mse(chi, chi_true, x) + sum(
+        w * normalised_mse(o, chi_true, x) for w, o in zip(model.config["aux_weights"], outs))
+
+
+def normalised_mse(chi, chi_true, x):
+    """Mean over the mask voxels of ``((chi - chi_true) / s)^2``, ``s`` the
+    input scale of :func:`field_inputs` ``x``."""
     mask = x[:, 1:2]
-    s = model.config["chi_scale_ppm"]
-
-    def mse(y):
-        return (((y - chi_true) / s) ** 2 * mask).sum() / mask.sum().clamp(min=1)
-
-    return mse(chi) + sum(w * mse(o) for w, o in zip(model.config["aux_weights"], outs))
+    s = normalised_inputs(x)[1]
+    return (((chi - chi_true) / s) ** 2 * mask).sum() / mask.sum().clamp(min=1)

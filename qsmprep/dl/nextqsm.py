@@ -15,7 +15,16 @@ Two networks, trainable end to end (total field -> local field -> chi):
   with one U-Net regulariser ``R`` shared by all steps and learned positive
   ``alpha_i``, ``lambda_i``; ``D`` is the dipole operator with the true voxel
   size and B0 direction over the zero-padded volume
-  (:class:`qsmprep.dl.dipole.DipoleOperator`). Two deviations from the
+  (:class:`qsmprep.dl.dipole.DipoleOperator`).
+
+Both networks work in units of a per-volume scale ``s`` (ppm): the RMS of
+the local field in the mask for ``R`` (inputs ``x / s``, ``f / s``, output
+times ``s``), the RMS of the SMV high-pass in the eroded mask for the
+background-removal U-Net (high-pass input and output). Background removal
+and dipole inversion are linear, so a brain with a third of the training
+patches' contrast is treated like one with the same contrast (with fixed
+scales, networks trained on high-contrast patches add their learned
+correction at full amplitude to low-contrast brains). Two deviations from the
   paper, both to learn a useful network within a CPU budget: the iterations
   start from the closed-form Tikhonov solution (``init_eps``; ``None``
   starts from 0 as published), and ``R`` also sees the local field ``f`` as
@@ -38,17 +47,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import UNet
+from .unet import UNet, mask_rms
 
-#: Architecture and scales. ``*_scale_ppm`` are fixed input/output scales
-#: that bring the fields and chi to order 1 inside the networks.
+#: Architecture and scales: ``total_scale_ppm`` brings the total field to
+#: order 1; ``local_scale_ppm`` is the background-removal output scale when
+#: ``smv_radius_mm`` is None (otherwise the high-pass RMS is used).
 DEFAULT_CONFIG = {
     "bfr": {"base": 12, "levels": 4, "smv_radius_mm": 5.0},
     "vn": {"base": 12, "levels": 4, "steps": 3, "alpha0": 1.0, "lambda0": 2.0,
            "init_eps": 0.01},
     "total_scale_ppm": 1.0,
     "local_scale_ppm": 0.05,
-    "chi_scale_ppm": 0.1,
 }
 
 
@@ -103,7 +112,9 @@ class NeXtQSM(nn.Module):
         radius = self.config["bfr"]["smv_radius_mm"]
         if radius is not None:
             eroded = (dipole.smv(mask, radius) > 0.999).to(f.dtype) * mask
-            inputs.append((f - dipole.smv(f, radius)) * eroded / s_out)
+            high_pass = (f - dipole.smv(f, radius)) * eroded
+            s_out = mask_rms(high_pass, eroded)
+            inputs.append(high_pass / s_out)
         return apply(self.bfr, torch.cat(inputs, dim=1)) * s_out * mask
 
     def invert(self, local, mask, dipole, apply=_whole, return_steps=False):
@@ -113,14 +124,14 @@ class NeXtQSM(nn.Module):
         volume's shape; ``apply(net, inp)`` runs the regulariser (whole or
         tiled). With ``return_steps`` also returns every iterate.
         """
-        s_f, s_x = self.config["local_scale_ppm"], self.config["chi_scale_ppm"]
         alphas, lambdas = F.softplus(self.alpha_raw), F.softplus(self.lambda_raw)
         f = local * mask
+        s = mask_rms(f, mask)
         eps = self.config["vn"]["init_eps"]
         x = torch.zeros_like(f) if eps is None else dipole.tikhonov(f, eps) * mask
         steps = []
         for alpha, lam in zip(alphas, lambdas):
-            reg = apply(self.regulariser, torch.cat([x / s_x, f / s_f], dim=1)) * s_x
+            reg = apply(self.regulariser, torch.cat([x / s, f / s], dim=1)) * s
             x = (x - alpha * (lam * dipole.data_gradient(x, f, mask) + reg)) * mask
             steps.append(x)
         return (x, steps) if return_steps else x

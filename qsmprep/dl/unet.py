@@ -100,20 +100,30 @@ class UNet(nn.Module):
 #: :func:`qsmprep.qsm.inversion.tkd`).
 TKD_THRESHOLD = 0.15
 
-#: Channels of :func:`field_inputs`.
+#: Channels of the network input (:func:`normalised_inputs`): local field,
+#: mask, three B0-direction channels, TKD estimate.
 IN_CHANNELS = 6
 
 
+def mask_rms(x, mask, floor=1e-6):
+    """Root mean square of ``x`` over the mask voxels of each batch item,
+    ``[B, 1, 1, 1, 1]`` (at least ``floor``)."""
+    num = (x**2 * mask).sum(dim=(1, 2, 3, 4), keepdim=True)
+    return (num / mask.sum(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1)).sqrt().clamp(min=floor)
+
+
 def field_inputs(local, mask, b0_dirs, voxel_size_mm=(1.0, 1.0, 1.0), tkd_threshold=TKD_THRESHOLD):
-    """Network input ``[B, 6, X, Y, Z]``: local field (ppm), mask, the B0
-    direction (voxel axes) as three channels constant inside the mask, and the
-    TKD estimate of chi (ppm) from the masked local field.
+    """Model input ``[B, 7, X, Y, Z]``: local field (ppm), mask, the B0
+    direction (voxel axes) as three channels constant inside the mask, the
+    TKD estimate of chi (ppm) from the masked local field, and its RMS over
+    the mask (ppm, constant inside the mask: the input scale).
 
     ``local`` and ``mask`` are ``[B, 1, X, Y, Z]``; ``b0_dirs`` is ``(3,)`` or
     ``(B, 3)`` (normalised here); ``voxel_size_mm`` ``(3,)`` or ``(B, 3)``.
-    The TKD channel is computed here, on the whole volume given (true voxel
-    size and B0 direction, :meth:`qsmprep.dl.dipole.DipoleOperator.tkd`), so
-    that tiled inference tiles a channel computed once on the whole head.
+    The TKD channel and the scale are computed here, on the whole volume
+    given (true voxel size and B0 direction,
+    :meth:`qsmprep.dl.dipole.DipoleOperator.tkd`), so that tiled inference
+    tiles channels computed once on the whole head.
     """
     b = torch.as_tensor(b0_dirs, dtype=local.dtype).reshape(-1, 3).to(local.device)
     b = b / b.norm(dim=1, keepdim=True)
@@ -122,29 +132,36 @@ def field_inputs(local, mask, b0_dirs, voxel_size_mm=(1.0, 1.0, 1.0), tkd_thresh
                             b.detach().cpu().double().numpy(), device=local.device)
     chi_tkd = dipole.tkd(field, tkd_threshold).to(local.dtype) * mask
     b = b.expand(local.shape[0], 3)[:, :, None, None, None] * mask
-    return torch.cat([field, mask, b, chi_tkd], dim=1)
+    return torch.cat([field, mask, b, chi_tkd, mask_rms(chi_tkd, mask) * mask], dim=1)
 
 
-def _scaled(x, config):
-    """The network's view of :func:`field_inputs`: field and TKD in their scales."""
-    return torch.cat([x[:, :1] / config["local_scale_ppm"], x[:, 1:5],
-                      x[:, 5:6] / config["chi_scale_ppm"]], dim=1)
+def normalised_inputs(x):
+    """The network's view of :func:`field_inputs` and the scale ``s``
+    (``[B, 1, 1, 1, 1]``, ppm): field and TKD divided by ``s``, the RMS of the
+    TKD estimate. Dipole inversion is linear, so the networks work in units
+    of ``s`` and multiply their output by it: a map with 3x the contrast gives
+    exactly 3x the output, and the low-contrast in-vivo brain is not
+    corrected with the amplitude learned on high-contrast training patches.
+    """
+    s = x[:, 6:7].amax(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
+    return torch.cat([x[:, :1] / s, x[:, 1:5], x[:, 5:6] / s], dim=1), s
 
 
 class UNetQSM(nn.Module):
     """Plain U-Net dipole inversion: :func:`field_inputs` -> chi (ppm).
 
     The baseline of the IR2QSM paper, trained on the same data. ``forward``
-    takes the 6-channel input of :func:`field_inputs` and returns
-    ``(TKD + U-Net(input)) * mask``: the network learns a residual correction
-    of the TKD channel. Its output conv starts at zero, so the untrained
-    model is exactly TKD.
+    takes the 7-channel input of :func:`field_inputs` and returns
+    ``(TKD + s U-Net(input / s)) * mask`` (:func:`normalised_inputs`): the
+    network learns a residual correction of the TKD channel in units of its
+    RMS ``s``. Its output conv starts at zero, so the untrained model is
+    exactly TKD.
     """
 
     def __init__(self, config=None):
         super().__init__()
-        self.config = {"base": 16, "levels": 4, "local_scale_ppm": 0.05, "chi_scale_ppm": 0.1,
-                       "tkd_threshold": TKD_THRESHOLD, **(config or {})}
+        self.config = {"base": 16, "levels": 4, "tkd_threshold": TKD_THRESHOLD,
+                       **(config or {})}
         self.net = UNet(IN_CHANNELS, 1, base=self.config["base"], levels=self.config["levels"])
         nn.init.zeros_(self.net.head.weight)
         nn.init.zeros_(self.net.head.bias)
@@ -155,5 +172,5 @@ class UNetQSM(nn.Module):
 
     def forward(self, x):
         mask = x[:, 1:2]
-        residual = self.net(_scaled(x, self.config)) * self.config["chi_scale_ppm"]
-        return (x[:, 5:6] + residual) * mask
+        inp, s = normalised_inputs(x)
+        return (x[:, 5:6] + self.net(inp) * s) * mask

@@ -14,13 +14,9 @@ import numpy as np
 import torch
 
 from ..dl.dipole import DipoleOperator
-from ..dl.ir2qsm import IR2QSM, ir2qsm_loss
+from ..dl.ir2qsm import IR2QSM, ir2qsm_loss, normalised_mse
 from ..dl.nextqsm import NeXtQSM
-from ..dl.unet import UNetQSM, field_inputs
-
-
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+from ..dl.unet import UNetQSM, field_inputs, mask_rms
 
 
 def _dipole(batch, device):
@@ -35,16 +31,25 @@ def _teacher_probability(step, total_steps):
     return 1.0 - 0.5 * min(step / max(total_steps, 1), 1.0)
 
 
+def _normalised_mae(x, truth, mask):
+    """Mean over the batch of each item's MAE in the mask in units of the
+    RMS of its truth (so that every sample counts alike, whatever its
+    contrast)."""
+    per_item = ((x - truth).abs() * mask).sum(dim=(1, 2, 3, 4), keepdim=True)
+    per_item = per_item / mask.sum(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1)
+    return (per_item / mask_rms(truth, mask)).mean()
+
+
 def nextqsm_loss(model, batch, step, total_steps, rng):
-    """MAE of the local field and of chi (each in units of its scale), the
+    """MAE of the local field and of chi (each in units of its RMS), the
     VN fed the true local field with a probability decaying over training."""
-    c, m = model.config, batch["mask"]
+    m = batch["mask"]
     dipole = _dipole(batch, m.device)
     local = model.remove_background(batch["total"], m, dipole)
     vn_input = batch["local"] if rng.random() < _teacher_probability(step, total_steps) else local
     chi = model.invert(vn_input, m, dipole)
-    l_local = masked_mean((local - batch["local"]).abs(), m) / c["local_scale_ppm"]
-    l_chi = masked_mean((chi - batch["chi"]).abs(), m) / c["chi_scale_ppm"]
+    l_local = _normalised_mae(local, batch["local"], m)
+    l_chi = _normalised_mae(chi, batch["chi"], m)
     return l_local + l_chi, {"loss_local": float(l_local.detach()),
                              "loss_chi": float(l_chi.detach())}
 
@@ -53,7 +58,7 @@ def nextqsm_bfr_loss(model, batch, step, total_steps, rng):
     """MAE of the local field only (pre-training of the background removal)."""
     m = batch["mask"]
     local = model.remove_background(batch["total"], m, _dipole(batch, m.device))
-    loss = masked_mean((local - batch["local"]).abs(), m) / model.config["local_scale_ppm"]
+    loss = _normalised_mae(local, batch["local"], m)
     return loss, {"loss_local": float(loss.detach())}
 
 
@@ -89,9 +94,8 @@ def ir2qsm_task_loss(model, batch, step, total_steps, rng):
 
 
 def unet_loss(model, batch, step, total_steps, rng):
-    chi = model(_inputs(model, batch))
-    s = model.config["chi_scale_ppm"]
-    return masked_mean(((chi - batch["chi"]) / s) ** 2, batch["mask"]), {}
+    x = _inputs(model, batch)
+    return normalised_mse(model(x), batch["chi"], x), {}
 
 
 def chi_predict(model, batch):
