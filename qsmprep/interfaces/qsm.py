@@ -380,9 +380,8 @@ class Mask(SimpleInterface):
         error = mask_grid_error(path, img, self.inputs.magnitude, ref)
         if error:
             raise ValueError(error)
-        mask, binary = binarize_mask(np.asanyarray(img.dataobj).reshape(ref.shape[:3]))
-        if not binary:
-            LOGGER.warning("The brain mask %s is not binary; thresholded at 0.5", path)
+        # a non-binary mask was reported once, before the run (utils.bids.check_mask)
+        mask = binarize_mask(np.asanyarray(img.dataobj).reshape(ref.shape[:3]))[0]
         mask &= _load(self.inputs.valid, bool)[0]
         if not mask.any():
             raise ValueError(
