@@ -24,7 +24,8 @@ with its error.
 Usage: ``python benchmarks/accuracy.py [--quick]`` (``--quick``: 2 mm phantoms);
 ``--from-json FILE`` re-renders the docs section from saved results;
 ``--update --methods A B`` re-runs only those methods (e.g. after retraining a
-network) and replaces their rows in the saved results.
+network; ``vsharp+tv`` names a joint pair) and replaces their rows in the
+saved results.
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ def joint(case, bfr, inversion):
 
 def run_case(case, stages, quick=False, keep=lambda name: True):
     """All rows of one phantom; ``keep(name)`` selects the methods to run: a
-    joint pair runs when one of its methods is kept, a pipeline variant when
+    joint pair runs when one of its methods or the pair (``"vsharp+tv"``) is
+    kept, a pipeline variant when
     a method it changes from the default is kept (the default pipeline when
     one of its own methods is)."""
     from qsmprep.qsm import registry
@@ -290,7 +292,7 @@ def run_case(case, stages, quick=False, keep=lambda name: True):
                 b0_dir=case.b0_dir, magnitude=case.magnitude), case.chi, case.labels))
     if "joint" in stages:
         for bfr, inv in JOINT_PAIRS:
-            if keep(bfr) or keep(inv):
+            if keep(bfr) or keep(inv) or keep(f"{bfr}+{inv}"):
                 rows.append(score_row("joint", f"{bfr} + {inv}", case,
                                       lambda b=bfr, i=inv: joint(case, b, i),
                                       case.chi, case.labels))

@@ -137,6 +137,8 @@ def test_joint_pairs_run_when_one_of_their_methods_is_kept():
     assert [r["method"] for r in rows] == ["vsharp + tv"]
     assert rows[0]["stage"] == "joint" and rows[0]["status"] == "ok", rows[0].get("error")
     assert rows[0]["metrics"]["nrmse"] < 80  # a linear background is removed, chi recovered
+    assert [r["method"] for r in accuracy.run_case(
+        case, ["joint"], keep=lambda n: n == "pdf+ilsqr")] == ["pdf + ilsqr"]
 
 
 def test_pipeline_variants_selected_by_the_methods_they_change():
