@@ -120,3 +120,20 @@ def test_export_ships_weights_card_and_tkd_baseline(tmp_path):
     shipped.load_state_dict(load_weights("unet", models)["state_dict"])
     assert check_nrmse("unet", shipped, models)["val_nrmse_chi"] == pytest.approx(
         check["val_nrmse_chi"], abs=1e-3)
+
+
+def test_whole_head_validation_selects_best_and_extends_a_resumed_log(tmp_path):
+    whole = [_sample(11), _sample(12)]
+    kwargs = dict(steps=4, config=SMALL, log_every=1, validate_every=2, progress=False)
+    train("unet", tmp_path, _stream, [_sample(7)], stop_at=2, **kwargs)
+    assert "val_whole_nrmse_chi" in _rows(tmp_path / "metrics.csv")[0]  # column exists
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["selected_on"] == "patches"
+    train("unet", tmp_path, _stream, [_sample(7)], resume=tmp_path / "checkpoint.pt",
+          whole_samples=whole, **kwargs)
+    rows = _rows(tmp_path / "metrics.csv")
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert rows[1]["val_whole_nrmse_chi"] == "" and float(rows[3]["val_whole_nrmse_chi"]) > 0
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["selected_on"] == "whole" and best["step"] == 4
+    assert best["best"] == pytest.approx(float(rows[3]["val_whole_nrmse_chi"]))

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from ..dl.inference import select_device  # noqa: E402
-from .data import DATA, training_stream, validation_set  # noqa: E402
+from .data import DATA, training_stream, validation_set, whole_validation_set  # noqa: E402
 from .export import export  # noqa: E402
 from .loop import train  # noqa: E402
 from .tasks import TASKS  # noqa: E402
@@ -41,7 +41,10 @@ def build_parser():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--config", type=json.loads, default=None,
                    help='architecture overrides as JSON, e.g. \'{"base": 16}\'')
-    p.add_argument("--validation", type=int, default=8, help="validation samples")
+    p.add_argument("--validation", type=int, default=8, help="validation patches")
+    p.add_argument("--validation-whole", type=int, default=2,
+                   help="held-out whole 1 mm heads on which best.pt is selected (0: select "
+                   "on the validation patches)")
     p.add_argument("--validate-every", type=int, default=250)
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds")
     p.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after seconds")
@@ -68,7 +71,8 @@ def main(argv=None):
           batch_size=args.batch, device=device, seed=args.seed, config=args.config,
           lr=args.lr, resume=args.resume, init=args.init,
           checkpoint_every_s=args.checkpoint_every, validate_every=args.validate_every,
-          time_limit_s=args.time_limit, progress=not args.no_progress)
+          time_limit_s=args.time_limit, progress=not args.no_progress,
+          whole_samples=whole_validation_set(args.seed, args.validation_whole))
     if args.export:
         val, check = export(args.model, args.out, args.models_dir, device)
         print(json.dumps({"validation": val, "check_case": check}, indent=2))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+import numpy as np
+
 from ..sim.hybrid import HybridDataset, hybrid_sample
 
 #: First index of the held-out validation samples of a seed.
@@ -49,4 +51,32 @@ def training_stream(seed, options, *, workers=1):
 def validation_set(seed, options, n=8):
     """The fixed validation samples (held-out indices of ``seed``)."""
     return [hybrid_sample(VALIDATION_START + i, seed=seed, **options) for i in range(n)]
+
+
+#: First held-out index of the whole-head validation samples.
+WHOLE_VALIDATION_START = VALIDATION_START + 10**6
+
+
+def whole_validation_set(seed, n=2, voxel_size_mm=1.0, multiple=16):
+    """Held-out *whole* deformed heads (1 mm, random B0 tilt), cropped to the
+    brain's bounding box plus 6 voxels and zero-padded to ``multiple``.
+
+    The networks train on patches but run on whole heads, where a correction
+    learned on patches need not help (measured: a U-Net better than its TKD
+    input on patches was worse on whole heads), so checkpoints are selected
+    on these. Still the training anatomy (the Challenge head, deformed),
+    never the MNI benchmark head.
+    """
+    from ..qsm.mask import bbox_slices
+
+    out = []
+    for i in range(n):
+        s = hybrid_sample(WHOLE_VALIDATION_START + i, seed=seed, patch_size=None,
+                          voxel_size_mm=voxel_size_mm)
+        box = bbox_slices(s["mask"] > 0, margin=6)
+        pads = [(0, -(sl.stop - sl.start) % multiple) for sl in box]
+        for key in ("chi", "mask", "local_field", "total_field"):
+            s[key] = np.pad(s[key][box], pads)
+        out.append(s)
+    return out
 

@@ -45,6 +45,31 @@ def learning_rate(step, total_steps, lr):
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def _csv_writer(fh, path, keys, new_log):
+    """A DictWriter on ``fh``; when appending to a log whose header lacks some
+    of ``keys`` (a run resumed with more metrics), the file is rewritten
+    with the extended header first."""
+    if not new_log:
+        fh.flush()
+        with open(path, newline="") as old:
+            reader = csv.DictReader(old)
+            header, rows = reader.fieldnames or [], list(reader)
+        missing = [k for k in keys if k not in header]
+        if missing:
+            keys = header + missing
+            fh.seek(0)
+            fh.truncate()
+            writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            return writer
+        keys = header
+    writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+    if new_log:
+        writer.writeheader()
+    return writer
+
+
 def _save(path, state):
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
@@ -61,7 +86,8 @@ def hardware():
 
 def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, device="cpu",
           seed=0, config=None, lr=1e-3, resume=None, init=None, checkpoint_every_s=300.0,
-          validate_every=250, log_every=10, stop_at=None, time_limit_s=None, progress=True):
+          validate_every=250, log_every=10, stop_at=None, time_limit_s=None, progress=True,
+          whole_samples=None):
     """Train model ``task_name`` (a key of :data:`~qsmprep.train.tasks.TASKS`).
 
     Parameters
@@ -72,7 +98,11 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         The training samples from stream position ``start`` on (sample ``i``
         a pure function of ``i``, so a resumed run sees the same data).
     val_samples : list of sample dicts
-        The fixed validation set.
+        The fixed validation set (patches).
+    whole_samples : list of sample dicts, optional
+        Held-out whole heads (:func:`qsmprep.train.data.whole_validation_set`);
+        when given, ``best.pt`` is the checkpoint with the lowest mean NRMSE
+        on them (logged as ``val_whole_nrmse_*``) instead of on the patches.
     steps : int
         Total optimiser steps (a resumed run continues up to it).
     resume : path, optional
@@ -92,6 +122,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     (model, dict of the last validation metrics)
     """
     task = TASKS[task_name]
+    selected_on = "whole" if whole_samples else "patches"
     device = torch.device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +138,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         step, wall, best = state["step"], state["wall_s"], state["best"]
+        if state.get("selected_on", "patches") != selected_on:
+            best = math.inf  # scores on another validation set do not compare
     elif init:
         src = torch.load(init, map_location=device, weights_only=False)
         src = {k: v.float() if v.is_floating_point() else v
@@ -122,6 +155,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         {"task": task_name, "config": model.config, "steps": steps, "batch_size": batch_size,
          "seed": seed, "lr": lr}, indent=2))
     val_batches = [to_batch([s], device) for s in val_samples]
+    whole_batches = [to_batch([s], device) for s in whole_samples or []]
     samples = stream(step * batch_size)
     log_path = out / "metrics.csv"
     fields = ["step", "wall_s", "lr", "loss"]
@@ -131,7 +165,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         _save(path, {"task": task_name, "config": model.config, "model": model.state_dict(),
                      "optimizer": opt.state_dict(), "numpy_rng": rng.bit_generator.state,
                      "torch_rng": torch.get_rng_state(), "step": step, "wall_s": wall,
-                     "best": best, "hardware": hardware()})
+                     "best": best, "selected_on": selected_on, "hardware": hardware()})
 
     metrics = {}
     model.train()
@@ -157,8 +191,11 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
             row = {}
             if step % validate_every == 0 or step == steps:
                 metrics = validation_metrics(task, model, val_batches)
+                if whole_batches:
+                    whole = validation_metrics(task, model, whole_batches)
+                    metrics.update({k.replace("val_", "val_whole_"): v for k, v in whole.items()})
                 row.update(metrics)
-                score = sum(metrics.values())
+                score = sum(v for k, v in metrics.items() if ("whole" in k) == bool(whole_batches))
                 if score < best:
                     best = score
                     checkpoint(out / "best.pt")
@@ -167,11 +204,10 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
                            loss=loss, **terms)
                 if writer is None:
                     keys = fields + sorted(k for k in row if k not in fields)
-                    keys += [f"val_nrmse_{k}" for k in ("local", "chi", "chi_dipole")
-                             if f"val_nrmse_{k}" not in keys]
-                    writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-                    if new_log:
-                        writer.writeheader()
+                    keys += [f"val{w}_nrmse_{k}" for w in ("", "_whole")
+                             for k in ("local", "chi", "chi_dipole")
+                             if f"val{w}_nrmse_{k}" not in keys]
+                    writer = _csv_writer(fh, log_path, keys, new_log)
                 writer.writerow(row)
                 fh.flush()
             timed_out = time_limit_s is not None and time.monotonic() - started > time_limit_s
