@@ -45,28 +45,24 @@ def learning_rate(step, total_steps, lr):
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _csv_writer(fh, path, keys, new_log):
-    """A DictWriter on ``fh``; when appending to a log whose header lacks some
-    of ``keys`` (a run resumed with more metrics), the file is rewritten
-    with the extended header first."""
-    if not new_log:
-        fh.flush()
-        with open(path, newline="") as old:
-            reader = csv.DictReader(old)
-            header, rows = reader.fieldnames or [], list(reader)
-        missing = [k for k in keys if k not in header]
-        if missing:
-            keys = header + missing
-            fh.seek(0)
-            fh.truncate()
-            writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            return writer
-        keys = header
-    writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+def _csv_writer(fh, path, keys, new_log, resumed_step=0):
+    """A DictWriter on ``fh``. When appending (a resumed run), the log is
+    rewritten first without the rows after ``resumed_step`` (steps the run
+    does again) and, if some of ``keys`` are new, with the extended header."""
     if new_log:
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
+        return writer
+    fh.flush()
+    with open(path, newline="") as old:
+        reader = csv.DictReader(old)
+        header, rows = reader.fieldnames or [], list(reader)
+    keys = header + [k for k in keys if k not in header]
+    fh.seek(0)
+    fh.truncate()
+    writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(r for r in rows if int(r["step"]) <= resumed_step)
     return writer
 
 
@@ -157,6 +153,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     val_batches = [to_batch([s], device) for s in val_samples]
     whole_batches = [to_batch([s], device) for s in whole_samples or []]
     samples = stream(step * batch_size)
+    resumed_step = step
     log_path = out / "metrics.csv"
     fields = ["step", "wall_s", "lr", "loss"]
     new_log = not log_path.exists() or not resume
@@ -207,7 +204,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
                     keys += [f"val{w}_nrmse_{k}" for w in ("", "_whole")
                              for k in ("local", "chi", "chi_dipole")
                              if f"val{w}_nrmse_{k}" not in keys]
-                    writer = _csv_writer(fh, log_path, keys, new_log)
+                    writer = _csv_writer(fh, log_path, keys, new_log, resumed_step)
                 writer.writerow(row)
                 fh.flush()
             timed_out = time_limit_s is not None and time.monotonic() - started > time_limit_s
