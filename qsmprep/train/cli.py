@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from ..dl.inference import select_device  # noqa: E402
 from .data import DATA, training_stream, validation_set, whole_validation_set  # noqa: E402
-from .export import export  # noqa: E402
+from .export import WHOLE_HEADS, export  # noqa: E402
 from .loop import train  # noqa: E402
 from .tasks import TASKS  # noqa: E402
 
@@ -42,7 +42,7 @@ def build_parser():
     p.add_argument("--config", type=json.loads, default=None,
                    help='architecture overrides as JSON, e.g. \'{"base": 16}\'')
     p.add_argument("--validation", type=int, default=8, help="validation patches")
-    p.add_argument("--validation-whole", type=int, default=2,
+    p.add_argument("--validation-whole", type=int, default=WHOLE_HEADS,
                    help="held-out whole 1 mm heads on which best.pt is selected (0: select "
                    "on the validation patches)")
     p.add_argument("--validate-every", type=int, default=250)

@@ -19,13 +19,17 @@ import torch
 
 from ..dl.weights import MODELS_DIR, load_weights, save_file, save_weights, verify
 from ..sim.hybrid import hybrid_sample
-from .data import DATA, VALIDATION_START, validation_set
+from .data import DATA, VALIDATION_START, validation_set, whole_validation_set
 from .loop import to_batch
 from .tasks import TASKS, tkd_channel, validation_metrics
 
 CHECK_CASE = "check_case.npz"
 #: The check case: held-out sample of this seed, 1 mm, 48^3.
 CHECK_SEED = 20251
+
+#: Held-out whole heads scored on the card (the default of
+#: ``qsmprep-train --validation-whole``, on which checkpoints are selected).
+WHOLE_HEADS = 2
 
 
 def check_case(models_dir=None):
@@ -56,13 +60,20 @@ def tkd_input_nrmse(task_name, model, batches):
     return validation_metrics(tkd_only, model, batches)["val_nrmse_chi"]
 
 
-def _card(name, task, run, ckpt, n_params, size, val, check, tkd=None):
+def _card(name, task, run, ckpt, n_params, size, val, check, whole, tkd=None):
     cfg = json.loads((Path(run) / "config.json").read_text())
-    rows = "\n".join(f"| {k.replace('val_nrmse_', '')} | {v:.2f} | {check.get(k, float('nan')):.2f} |"
-                     for k, v in sorted(val.items()))
+
+    def cell(scores, key):
+        return f"{scores[key]:.2f}" if key in scores else "–"
+
+    rows = "\n".join(f"| {k.replace('val_nrmse_', '')} | {v:.2f} | {cell(whole, k)} | "
+                     f"{cell(check, k)} |" for k, v in sorted(val.items()))
     if tkd is not None:
         rows += (f"\n| TKD input channel alone (threshold {ckpt['config']['tkd_threshold']}; "
-                 f"the untrained network) | {tkd[0]:.2f} | {tkd[1]:.2f} |")
+                 f"the untrained network) | " + " | ".join(
+                     "–" if t is None else f"{t:.2f}" for t in tkd) + " |")
+    selected = ("the lowest mean NRMSE on the held-out whole heads"
+                if ckpt.get("selected_on") == "whole" else "the best validation NRMSE")
     data = DATA[task.name]
     return f"""# Model card: `{name}`
 
@@ -73,15 +84,15 @@ def _card(name, task, run, ckpt, n_params, size, val, check, tkd=None):
 | architecture | `{json.dumps(ckpt['config'])}` |
 | parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
 | training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(data)}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
-| steps | {ckpt['step']}: the checkpoint with the best validation NRMSE of a {cfg['steps']}-step run (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run) |
+| steps | {ckpt['step']}: the checkpoint with {selected} of a {cfg['steps']}-step run (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run) |
 | wall time | {ckpt['wall_s'] / 3600:.2f} h of training steps up to this checkpoint |
 | hardware | {ckpt.get('hardware', 'unknown')} |
 | exported | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |
 
 Validation NRMSE (%, QSM-CI convention, in the mask) of the shipped float16 weights:
 
-| output | validation set (8 held-out samples) | check case (`check_case.npz`) |
-|---|---|---|
+| output | validation patches (8 held-out samples) | held-out whole heads (1 mm, {WHOLE_HEADS}) | check case (`check_case.npz`) |
+|---|---|---|---|
 {rows}
 
 Retrain: `qsmprep-train {task.name} --out runs/{task.name} --steps {cfg['steps']} --batch {cfg['batch_size']} --seed {cfg['seed']} --export`
@@ -114,13 +125,16 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
     val_batches = [to_batch([s], device) for s in validation_set(seed, DATA[task_name])]
     val = validation_metrics(task, shipped, val_batches)
     check = check_nrmse(task_name, shipped, models_dir)
-    meta.update(validation_nrmse=val, check_case_nrmse=check)
+    whole_batches = [to_batch([s], device) for s in whole_validation_set(seed, WHOLE_HEADS)]
+    whole = validation_metrics(task, shipped, whole_batches)
+    meta.update(validation_nrmse=val, whole_head_nrmse=whole, check_case_nrmse=check)
     path = save_weights(name, shipped, meta, models_dir)
     n_params = sum(p.numel() for p in shipped.parameters())
     tkd = tkd_input_nrmse(task_name, shipped, val_batches)
     if tkd is not None:
         check_batch = to_batch([check_case(models_dir)], device)
-        tkd = (tkd, tkd_input_nrmse(task_name, shipped, [check_batch]))
-    card = _card(name, task, run, ckpt, n_params, path.stat().st_size, val, check, tkd)
+        tkd = (tkd, tkd_input_nrmse(task_name, shipped, whole_batches),
+               tkd_input_nrmse(task_name, shipped, [check_batch]))
+    card = _card(name, task, run, ckpt, n_params, path.stat().st_size, val, check, whole, tkd)
     save_file(f"{name}.md", card.encode(), models_dir)
     return val, check
