@@ -194,11 +194,10 @@ def pipeline(case, methods):
 #: pipelines compared with the default in every mode (the choice of the
 #: default is argued from them in docs/methods.md): the unweighted V-SHARP +
 #: TV-ADMM chain (the default until 2026-11-22), each half of it, and the
-#: deep-learning chains (NeXtQSM joint; the default's background removal
-#: with IR2QSM)
+#: deep-learning chains (the named pipelines ``nextqsm`` and ``ir2qsm``)
 CANDIDATES = ({"bf_removal": "vsharp", "inversion": "tv"}, {"bf_removal": "vsharp"},
               {"inversion": "tv"}, {"bf_removal": "nextqsm", "inversion": "nextqsm"},
-              {"inversion": "ir2qsm"})
+              {"bf_removal": "vsharp", "inversion": "ir2qsm"})
 
 
 def pipeline_variants(quick):

@@ -145,9 +145,10 @@ def test_pipeline_variants_selected_by_the_methods_they_change():
     variants = accuracy.pipeline_variants(True)
     labels = list(variants)
     assert labels[0].startswith("default:")
-    assert "bf_removal=nextqsm, inversion=nextqsm" in labels and "inversion=ir2qsm" in labels
+    ir2qsm = "bf_removal=vsharp, inversion=ir2qsm"
+    assert "bf_removal=nextqsm, inversion=nextqsm" in labels and ir2qsm in labels
     dl = accuracy.selected_variants(variants, lambda m: m in ("nextqsm", "ir2qsm"))
-    assert list(dl) == ["bf_removal=nextqsm, inversion=nextqsm", "inversion=ir2qsm"]
+    assert list(dl) == ["bf_removal=nextqsm, inversion=nextqsm", ir2qsm]
     default_only = accuracy.selected_variants(variants, lambda m: m == "pdf")
     assert list(default_only) == [labels[0]]  # pdf is the default's, not a change
     assert accuracy.selected_variants(variants, lambda m: True) == variants

@@ -59,7 +59,7 @@ def test_pipeline_sets_its_stages_and_keeps_the_other_defaults(tmp_path):
     assert all(wf.method(s) == DEFAULT_METHODS[s] for s in registry.STAGES
                if s not in ("bf_removal", "inversion"))
     wf = parse_args(_args(tmp_path, "--pipeline", "ir2qsm")).workflow
-    assert (wf.bf_removal, wf.inversion) == ("pdf", "ir2qsm")
+    assert (wf.bf_removal, wf.inversion) == ("vsharp", "ir2qsm")
     assert parse_args(_args(tmp_path)).workflow.pipeline == ""
 
 
@@ -92,7 +92,7 @@ def test_pipeline_in_config_file_and_its_precedence(tmp_path):
     wf = parse_args(_args(tmp_path, "--config-file", str(toml))).workflow
     assert (wf.pipeline, wf.bf_removal, wf.inversion) == ("nextqsm", "nextqsm", "tkd")
     wf = parse_args(_args(tmp_path, "--config-file", str(toml), "--pipeline", "ir2qsm")).workflow
-    assert (wf.pipeline, wf.bf_removal, wf.inversion) == ("ir2qsm", "pdf", "ir2qsm")
+    assert (wf.pipeline, wf.bf_removal, wf.inversion) == ("ir2qsm", "vsharp", "ir2qsm")
     saved = parse_args(_args(tmp_path, "--pipeline", "nextqsm", "--inversion", "tv"))
     assert Config.from_toml(saved.to_toml(tmp_path / "saved.toml")) == saved
     toml.write_text('[workflow]\npipeline = "fastest"\n')
