@@ -72,6 +72,11 @@ def _card(name, task, run, ckpt, n_params, size, val, check, whole, tkd=None):
         rows += (f"\n| TKD input channel alone (threshold {ckpt['config']['tkd_threshold']}; "
                  f"the untrained network) | " + " | ".join(
                      "–" if t is None else f"{t:.2f}" for t in tkd) + " |")
+    init = cfg.get("init")
+    options = (f" --lr {cfg['lr']}" if cfg["lr"] != 1e-3 else "") + (
+        f" --init {init}" if init else "")
+    start = (f"initialised from `{init}` (the previously shipped weights when that is "
+             "the package's file), then " if init else "")
     selected = ("the lowest mean NRMSE on the held-out whole heads"
                 if ckpt.get("selected_on") == "whole" else "the best validation NRMSE")
     data = DATA[task.name]
@@ -84,7 +89,7 @@ def _card(name, task, run, ckpt, n_params, size, val, check, whole, tkd=None):
 | architecture | `{json.dumps(ckpt['config'])}` |
 | parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
 | training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(data)}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
-| steps | {ckpt['step']}: the checkpoint with {selected} of a {cfg['steps']}-step run (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run) |
+| steps | {start}{ckpt['step']}: the checkpoint with {selected} of a {cfg['steps']}-step run (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run) |
 | wall time | {ckpt['wall_s'] / 3600:.2f} h of training steps up to this checkpoint |
 | hardware | {ckpt.get('hardware', 'unknown')} |
 | exported | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |
@@ -95,7 +100,7 @@ Validation NRMSE (%, QSM-CI convention, in the mask) of the shipped float16 weig
 |---|---|---|---|
 {rows}
 
-Retrain: `qsmprep-train {task.name} --out runs/{task.name} --steps {cfg['steps']} --batch {cfg['batch_size']} --seed {cfg['seed']} --export`
+Retrain: `qsmprep-train {task.name} --out runs/{task.name} --steps {cfg['steps']} --batch {cfg['batch_size']} --seed {cfg['seed']}{options} --export`
 (add `--device cuda` and a larger `--config` on a GPU).
 """
 

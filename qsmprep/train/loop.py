@@ -149,7 +149,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         model.load_state_dict(own)
     (out / "config.json").write_text(json.dumps(
         {"task": task_name, "config": model.config, "steps": steps, "batch_size": batch_size,
-         "seed": seed, "lr": lr}, indent=2))
+         "seed": seed, "lr": lr, "init": str(init) if init else None}, indent=2))
     val_batches = [to_batch([s], device) for s in val_samples]
     whole_batches = [to_batch([s], device) for s in whole_samples or []]
     samples = stream(step * batch_size)
