@@ -70,6 +70,7 @@ LEADERBOARD = {
                    "vsharp": "42.6", "pdf": "44.5"},
     "inversion": {"tv": "26.5", "tvadmm": "26.5", "tkd": "36.3", "ilsqr": "53.3",
                   "medi": "53–62", "qsmnet+": "52.8", "modl": "73.8"},
+    "joint": {"nextqsm+nextqsm": "70.3"},
     "pipeline": {},
 }
 LEADERBOARD_NOTE = (
@@ -450,11 +451,11 @@ def main(argv=None):
         if saved is None:
             results["total_wall_s"] = wall
             write_outputs(results, args.docs, json_path)  # partial results survive a crash
-    if saved is not None:
-        update = {"date": time.strftime("%Y-%m-%d"), "methods": args.methods, "wall_s": wall}
-        results = merge(saved, results)
-        results["updates"] = saved.get("updates", []) + [update]
-        write_outputs(results, args.docs, json_path)
+        else:
+            update = {"date": time.strftime("%Y-%m-%d"), "methods": args.methods, "wall_s": wall}
+            merged = merge(saved, results)
+            merged["updates"] = saved.get("updates", []) + [update]
+            write_outputs(merged, args.docs, json_path)
     print(f"[accuracy] wrote {args.docs} and {json_path}")
 
 

@@ -119,7 +119,9 @@ def test_update_replaces_only_the_rerun_rows(tmp_path, tiny_results):
     assert merged["rows"][0]["metrics"]["nrmse"] == 10.0
     assert tiny_results["rows"][0]["metrics"]["nrmse"] == pytest.approx(50.0, rel=1e-5)
     merged["updates"] = [{"date": "2026-11-26", "methods": ["tkd", "unet"], "wall_s": 60.0}]
+    merged["rows"].append({**rerun, "stage": "joint", "method": "nextqsm + nextqsm"})
     text = accuracy.render(merged)
+    assert "| nextqsm + nextqsm | tiny | 10.0 |" in text and "| 70.3 |" in text  # QSM-CI
     assert "Re-run on 2026-11-26 with `--update` (rows of tkd, unet; 1.0 min)" in text
 
 
