@@ -274,9 +274,8 @@ def joint(case, bfr, inversion):
 def run_case(case, stages, quick=False, keep=lambda name: True):
     """All rows of one phantom; ``keep(name)`` selects the methods to run: a
     joint pair runs when one of its methods or the pair (``"vsharp+tv"``) is
-    kept, a pipeline variant when
-    a method it changes from the default is kept (the default pipeline when
-    one of its own methods is)."""
+    kept, a pipeline variant when a method it changes from the default is
+    kept (the default pipeline when one of its own methods is)."""
     from qsmprep.qsm import registry
 
     rows = []

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .unet import IN_CHANNELS, TKD_THRESHOLD, UNet, normalised_inputs
+from .unet import IN_CHANNELS, TKD_THRESHOLD, UNet, normalised_inputs, normalised_mse
 
 DEFAULT_CONFIG = {
     "base": 8,
@@ -115,11 +115,3 @@ def ir2qsm_loss(model, x, chi_true):
     chi, outs = model(x, return_iterations=True)
     return normalised_mse(chi, chi_true, x) + sum(
         w * normalised_mse(o, chi_true, x) for w, o in zip(model.config["aux_weights"], outs))
-
-
-def normalised_mse(chi, chi_true, x):
-    """Mean over the mask voxels of ``((chi - chi_true) / s)^2``, ``s`` the
-    input scale of :func:`field_inputs` ``x``."""
-    mask = x[:, 1:2]
-    s = normalised_inputs(x)[1]
-    return (((chi - chi_true) / s) ** 2 * mask).sum() / mask.sum().clamp(min=1)

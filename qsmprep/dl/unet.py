@@ -147,6 +147,15 @@ def normalised_inputs(x):
     return torch.cat([x[:, :1] / s, x[:, 1:5], x[:, 5:6] / s], dim=1), s
 
 
+def normalised_mse(chi, chi_true, x):
+    """Mean over the mask voxels of ``((chi - chi_true) / s)^2``, ``s`` the
+    input scale of the :func:`field_inputs` ``x`` (:func:`normalised_inputs`),
+    so that every sample counts alike in a loss, whatever its contrast."""
+    mask = x[:, 1:2]
+    s = normalised_inputs(x)[1]
+    return (((chi - chi_true) / s) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+
+
 class UNetQSM(nn.Module):
     """Plain U-Net dipole inversion: :func:`field_inputs` -> chi (ppm).
 

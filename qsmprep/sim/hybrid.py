@@ -181,9 +181,9 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
     if local_sources not in ("patch", "region"):
         raise ValueError(f"local_sources must be 'patch' or 'region', got {local_sources!r}")
     crop = None if patch_size is None else tuple(slice(margin, margin + p) for p in patch)
-    local_mask = mask.copy()
+    local_mask = mask
     if crop is not None and local_sources == "patch":
-        local_mask[:] = False
+        local_mask = np.zeros_like(mask)
         local_mask[crop] = mask[crop]
     border = np.concatenate([f.ravel() for f in (chi[0], chi[-1], chi[:, 0], chi[:, -1],
                                                   chi[:, :, 0], chi[:, :, -1])])

@@ -9,9 +9,8 @@ validation set uses the held-out indices from :data:`VALIDATION_START` on.
 
 from __future__ import annotations
 
-import torch
-
 import numpy as np
+import torch
 
 from ..sim.hybrid import HybridDataset, hybrid_sample
 
@@ -79,4 +78,3 @@ def whole_validation_set(seed, n=2, voxel_size_mm=1.0, multiple=16):
             s[key] = np.pad(s[key][box], pads)
         out.append(s)
     return out
-

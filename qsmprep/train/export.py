@@ -70,8 +70,7 @@ def _card(name, task, run, ckpt, n_params, size, val, check, whole, tkd=None):
                      f"{cell(check, k)} |" for k, v in sorted(val.items()))
     if tkd is not None:
         rows += (f"\n| TKD input channel alone (threshold {ckpt['config']['tkd_threshold']}; "
-                 f"the untrained network) | " + " | ".join(
-                     "–" if t is None else f"{t:.2f}" for t in tkd) + " |")
+                 f"the untrained network) | " + " | ".join(f"{t:.2f}" for t in tkd) + " |")
     init = cfg.get("init")
     options = (f" --lr {cfg['lr']}" if cfg["lr"] != 1e-3 else "") + (
         f" --init {init}" if init else "")

@@ -46,23 +46,23 @@ def learning_rate(step, total_steps, lr):
 
 
 def _csv_writer(fh, path, keys, new_log, resumed_step=0):
-    """A DictWriter on ``fh``. When appending (a resumed run), the log is
-    rewritten first without the rows after ``resumed_step`` (steps the run
-    does again) and, if some of ``keys`` are new, with the extended header."""
-    if new_log:
-        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        return writer
-    fh.flush()
-    with open(path, newline="") as old:
-        reader = csv.DictReader(old)
-        header, rows = reader.fieldnames or [], list(reader)
-    keys = header + [k for k in keys if k not in header]
-    fh.seek(0)
-    fh.truncate()
+    """A DictWriter on ``fh`` with its header written. When appending (a
+    resumed run), the log is rewritten first without the rows after
+    ``resumed_step`` (steps the run does again) and with the header extended
+    by the new ``keys``."""
+    rows = []
+    if not new_log:
+        fh.flush()
+        with open(path, newline="") as old:
+            reader = csv.DictReader(old)
+            header = reader.fieldnames or []
+            rows = [r for r in reader if int(r["step"]) <= resumed_step]
+        keys = header + [k for k in keys if k not in header]
+        fh.seek(0)
+        fh.truncate()
     writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(r for r in rows if int(r["step"]) <= resumed_step)
+    writer.writerows(rows)
     return writer
 
 

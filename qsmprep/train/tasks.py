@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ..dl.dipole import DipoleOperator
-from ..dl.ir2qsm import IR2QSM, ir2qsm_loss, normalised_mse
+from ..dl.ir2qsm import IR2QSM, ir2qsm_loss
 from ..dl.nextqsm import NeXtQSM
-from ..dl.unet import UNetQSM, field_inputs, mask_rms
+from ..dl.unet import UNetQSM, field_inputs, mask_rms, normalised_mse
 
 
 def _dipole(batch, device):
