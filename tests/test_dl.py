@@ -300,3 +300,25 @@ def test_registry_lists_dl_methods_with_device_param():
                               ("inversion", "unet", "ronneberger2015unet")]:
         method = registry.get(stage, name)
         assert method.defaults["device"] == "auto" and cite in method.citations
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("stage,name", [("bf_removal", "nextqsm"), ("inversion", "nextqsm"),
+                                        ("inversion", "ir2qsm"), ("inversion", "unet")])
+def test_shipped_networks_on_cuda_match_the_cpu(stage, name):
+    """The CUDA path of every shipped network (registry call: padding, dipole
+    operator, float32 back in numpy) gives the CPU's map."""
+    from qsmprep.qsm import registry
+
+    rng = np.random.default_rng(0)
+    shape, vox, b0 = (40, 44, 36), (1.0, 1.0, 1.2), (0.1, 0.2, 0.97)
+    chi = np.zeros(shape, np.float32)
+    chi[8:-8, 8:-8, 6:-6] = rng.normal(0, 0.05, (24, 28, 24)).astype(np.float32)
+    mask = (chi != 0).astype(np.float32)
+    field = dipole_convolve(chi, vox).astype(np.float32) * mask
+    cpu = registry.run(stage, name, field, mask, vox, b0_dir=b0, device="cpu")
+    gpu = registry.run(stage, name, field, mask, vox, b0_dir=b0, device="cuda")
+    cpu, gpu = (np.asarray(r[0] if isinstance(r, tuple) else r) for r in (cpu, gpu))
+    assert gpu.dtype == np.float32 and gpu.shape == shape
+    # TF32 convolutions on the GPU: agreement to ~1e-3, a wrong operator is off by >10 %
+    assert np.linalg.norm(gpu - cpu) < 1e-2 * np.linalg.norm(cpu)

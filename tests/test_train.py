@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qsmprep.qsm.kernels import dipole_convolve
-from qsmprep.train.loop import learning_rate, train
+from qsmprep.train.loop import learning_rate, run_fraction, train
 
 SHAPE = (16, 16, 16)
 SMALL = {"base": 4, "levels": 2}
@@ -76,9 +76,34 @@ def test_resume_continues_from_the_exact_step(tmp_path):
 
 
 def test_learning_rate_schedule():
-    assert learning_rate(0, 100, 1e-3) == 1e-3
-    assert learning_rate(100, 100, 1e-3) == 5e-5
-    assert learning_rate(50, 100, 1e-3) < learning_rate(25, 100, 1e-3)
+    assert learning_rate(run_fraction(0, 100), 1e-3) == 1e-3
+    assert learning_rate(run_fraction(100, 100), 1e-3) == 5e-5
+    assert learning_rate(run_fraction(50, 100), 1e-3) < learning_rate(run_fraction(25, 100), 1e-3)
+    # a time budget ends the schedule when it runs out before the steps do
+    assert run_fraction(10, 100, wall_s=30.0, time_budget_s=60.0) == 0.5
+    assert run_fraction(80, 100, wall_s=30.0, time_budget_s=60.0) == 0.8
+    assert run_fraction(10, 100, wall_s=90.0, time_budget_s=60.0) == 1.0
+
+
+def test_a_time_budget_ends_the_run_validated_and_the_card_says_so(tmp_path):
+    from qsmprep.train.export import export
+
+    budget = 1.5
+    train("unet", tmp_path / "run", _stream, [_sample(7)], steps=100000, config=SMALL,
+          log_every=1, validate_every=100000, progress=False, time_budget_s=budget,
+          data_options={"patch_size": 40})
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert 0 < state["step"] < 100000 and budget <= state["wall_s"] < budget + 1.0
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    # the last step is validated (best.pt exists) and ran at the decayed rate
+    assert rows[-1]["val_nrmse_chi"] and (tmp_path / "run" / "best.pt").exists()
+    assert float(rows[-1]["lr"]) < 0.1 * float(rows[0]["lr"])
+    # the card reports the run as sized by time and retrains it the same way
+    # (export scores 40^3 validation patches, as the run recorded)
+    export("unet", tmp_path / "run", tmp_path / "models")
+    card = (tmp_path / "models" / "unet.md").read_text()
+    assert f"a run of 2 s of training steps ({state['step']} steps)" in card
+    assert "--patch 40 --time-budget 2" in card and '"patch_size": 40' in card
 
 
 def test_init_from_shipped_weights_and_clear_error_on_a_foreign_file(tmp_path):

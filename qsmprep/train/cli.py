@@ -47,7 +47,11 @@ def build_parser():
                    "on the validation patches)")
     p.add_argument("--validate-every", type=int, default=250)
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds")
-    p.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after seconds")
+    p.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after seconds "
+                   "of this call; the schedule of --steps is unchanged (resume later)")
+    p.add_argument("--time-budget", type=float, help="end the run after this many seconds of "
+                   "training steps (or at --steps, if sooner), the learning rate decaying over "
+                   "it: a run sized by time, e.g. on a GPU")
     p.add_argument("--workers", type=int, default=1, help="data simulation processes")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--export", action="store_true",
@@ -71,7 +75,8 @@ def main(argv=None):
           batch_size=args.batch, device=device, seed=args.seed, config=args.config,
           lr=args.lr, resume=args.resume, init=args.init,
           checkpoint_every_s=args.checkpoint_every, validate_every=args.validate_every,
-          time_limit_s=args.time_limit, progress=not args.no_progress,
+          time_limit_s=args.time_limit, time_budget_s=args.time_budget,
+          progress=not args.no_progress, data_options=options,
           whole_samples=whole_validation_set(args.seed, args.validation_whole))
     if args.export:
         val, check = export(args.model, args.out, args.models_dir, device)

@@ -60,8 +60,45 @@ def tkd_input_nrmse(task_name, model, batches):
     return validation_metrics(tkd_only, model, batches)["val_nrmse_chi"]
 
 
+def run_config(run_dir):
+    """``config.json`` of a run, with the sample options and validation size
+    of runs older than their record filled in (the defaults then)."""
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    cfg["data"] = cfg.get("data") or DATA[cfg["task"]]
+    cfg["validation"] = cfg.get("validation") or 8
+    return cfg
+
+
+def _run_length(run, cfg):
+    """How the run was sized, for the card: its steps, or the steps its
+    time budget gave."""
+    if not cfg.get("time_budget_s"):
+        return f"a {cfg['steps']}-step run"
+    last = run / "checkpoint.pt"
+    done = torch.load(last, map_location="cpu", weights_only=False)["step"] if last.exists() else "?"
+    return f"a run of {cfg['time_budget_s']:.0f} s of training steps ({done} steps)"
+
+
+def _retrain_command(task, cfg, ckpt):
+    opts = [f"--steps {cfg['steps']}", f"--batch {cfg['batch_size']}", f"--seed {cfg['seed']}"]
+    if cfg["data"].get("patch_size") != DATA[task.name].get("patch_size"):
+        opts.append(f"--patch {cfg['data']['patch_size']}")
+    if cfg.get("time_budget_s"):
+        opts.append(f"--time-budget {cfg['time_budget_s']:.0f}")
+    if cfg["lr"] != 1e-3:
+        opts.append(f"--lr {cfg['lr']}")
+    if cfg.get("init"):
+        opts.append(f"--init {cfg['init']}")
+    if cfg["validation"] != 8:
+        opts.append(f"--validation {cfg['validation']}")
+    if str(ckpt.get("hardware", "")).startswith("CUDA"):
+        opts.append("--device cuda")
+    return f"qsmprep-train {task.name} --out runs/{task.name} {' '.join(opts)} --export"
+
+
 def _card(name, task, run, ckpt, n_params, size, val, check, whole, tkd=None):
-    cfg = json.loads((Path(run) / "config.json").read_text())
+    run = Path(run)
+    cfg = run_config(run)
 
     def cell(scores, key):
         return f"{scores[key]:.2f}" if key in scores else "–"
@@ -72,13 +109,10 @@ def _card(name, task, run, ckpt, n_params, size, val, check, whole, tkd=None):
         rows += (f"\n| TKD input channel alone (threshold {ckpt['config']['tkd_threshold']}; "
                  f"the untrained network) | " + " | ".join(f"{t:.2f}" for t in tkd) + " |")
     init = cfg.get("init")
-    options = (f" --lr {cfg['lr']}" if cfg["lr"] != 1e-3 else "") + (
-        f" --init {init}" if init else "")
     start = (f"initialised from `{init}` (the previously shipped weights when that is "
              "the package's file), then " if init else "")
     selected = ("the lowest mean NRMSE on the held-out whole heads"
                 if ckpt.get("selected_on") == "whole" else "the best validation NRMSE")
-    data = DATA[task.name]
     return f"""# Model card: `{name}`
 
 {task.description}, trained with `qsmprep-train {task.name}`.
@@ -87,20 +121,20 @@ def _card(name, task, run, ckpt, n_params, size, val, check, whole, tkd=None):
 |---|---|
 | architecture | `{json.dumps(ckpt['config'])}` |
 | parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
-| training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(data)}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
-| steps | {start}{ckpt['step']}: the checkpoint with {selected} of a {cfg['steps']}-step run (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run) |
+| training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(cfg['data'])}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
+| steps | {start}{ckpt['step']}: the checkpoint with {selected} of {_run_length(run, cfg)} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run) |
 | wall time | {ckpt['wall_s'] / 3600:.2f} h of training steps up to this checkpoint |
 | hardware | {ckpt.get('hardware', 'unknown')} |
 | exported | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |
 
 Validation NRMSE (%, QSM-CI convention, in the mask) of the shipped float16 weights:
 
-| output | validation patches (8 held-out samples) | held-out whole heads (1 mm, {WHOLE_HEADS}) | check case (`check_case.npz`) |
+| output | validation patches ({cfg['validation']} held-out samples) | held-out whole heads (1 mm, {WHOLE_HEADS}) | check case (`check_case.npz`) |
 |---|---|---|---|
 {rows}
 
-Retrain: `qsmprep-train {task.name} --out runs/{task.name} --steps {cfg['steps']} --batch {cfg['batch_size']} --seed {cfg['seed']}{options} --export`
-(add `--device cuda` and a larger `--config` on a GPU).
+Retrain: `{_retrain_command(task, cfg, ckpt)}`
+(a GPU user may add a larger `--config`; the shipped size keeps inference fast on CPUs).
 """
 
 
@@ -119,17 +153,18 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
     model = task.build(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     name = task.export_name
-    seed = json.loads((run / "config.json").read_text())["seed"]
+    cfg = run_config(run)
     meta = {"step": ckpt["step"], "wall_s": ckpt["wall_s"], "hardware": ckpt.get("hardware")}
     save_weights(name, model, meta, models_dir)
     # measure with the shipped (float16-rounded) weights, as a user gets them
     shipped = task.build(ckpt["config"])
     shipped.load_state_dict(load_weights(name, models_dir)["state_dict"])
     shipped.to(device)
-    val_batches = [to_batch([s], device) for s in validation_set(seed, DATA[task_name])]
+    val_batches = [to_batch([s], device)
+                   for s in validation_set(cfg["seed"], cfg["data"], cfg["validation"])]
     val = validation_metrics(task, shipped, val_batches)
     check = check_nrmse(task_name, shipped, models_dir)
-    whole_batches = [to_batch([s], device) for s in whole_validation_set(seed, WHOLE_HEADS)]
+    whole_batches = [to_batch([s], device) for s in whole_validation_set(cfg["seed"], WHOLE_HEADS)]
     whole = validation_metrics(task, shipped, whole_batches)
     meta.update(validation_nrmse=val, whole_head_nrmse=whole, check_case_nrmse=check)
     path = save_weights(name, shipped, meta, models_dir)

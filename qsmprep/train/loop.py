@@ -39,9 +39,17 @@ def to_batch(samples, device):
     return batch
 
 
-def learning_rate(step, total_steps, lr):
-    """Cosine decay from ``lr`` to ``lr / 20`` over ``total_steps``."""
-    frac = min(step / max(total_steps, 1), 1.0)
+def run_fraction(step, total_steps, wall_s=0.0, time_budget_s=None):
+    """Fraction of the run done: of its steps, or of its time budget (seconds
+    of training steps) when that runs out first."""
+    frac = step / max(total_steps, 1)
+    if time_budget_s:
+        frac = max(frac, wall_s / time_budget_s)
+    return min(frac, 1.0)
+
+
+def learning_rate(frac, lr):
+    """Cosine decay from ``lr`` to ``lr / 20`` over the run (``frac`` of it done)."""
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
@@ -82,8 +90,8 @@ def hardware():
 
 def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, device="cpu",
           seed=0, config=None, lr=1e-3, resume=None, init=None, checkpoint_every_s=300.0,
-          validate_every=250, log_every=10, stop_at=None, time_limit_s=None, progress=True,
-          whole_samples=None):
+          validate_every=250, log_every=10, stop_at=None, time_limit_s=None, time_budget_s=None,
+          progress=True, whole_samples=None, data_options=None):
     """Train model ``task_name`` (a key of :data:`~qsmprep.train.tasks.TASKS`).
 
     Parameters
@@ -112,6 +120,14 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     stop_at, time_limit_s : int, float, optional
         Stop (with a checkpoint) at this step or after this many seconds of
         this call, without changing the schedule of ``steps``; resume later.
+    time_budget_s : float, optional
+        The run ends after this many seconds of training steps (summed over
+        resumes; validation not counted) or at ``steps``, whichever comes
+        first, and the learning rate decays over whichever that is: a run
+        sized by time, for a lent GPU whose speed is known only once there.
+    data_options : dict, optional
+        The sample options of the stream, recorded in ``config.json`` (the
+        model card and export read them).
 
     Returns
     -------
@@ -149,7 +165,11 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         model.load_state_dict(own)
     (out / "config.json").write_text(json.dumps(
         {"task": task_name, "config": model.config, "steps": steps, "batch_size": batch_size,
-         "seed": seed, "lr": lr, "init": str(init) if init else None}, indent=2))
+         "seed": seed, "lr": lr, "init": str(init) if init else None,
+         "time_budget_s": time_budget_s, "data": data_options,
+         "validation": len(val_samples)}, indent=2))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels
     val_batches = [to_batch([s], device) for s in val_samples]
     whole_batches = [to_batch([s], device) for s in whole_samples or []]
     samples = stream(step * batch_size)
@@ -169,12 +189,17 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     last_ckpt = started = time.monotonic()
     stop_at = steps if stop_at is None else min(stop_at, steps)
     bar = tqdm(total=steps, initial=step, disable=not progress, desc=task_name)
+
+    def done():
+        return run_fraction(step, steps, wall, time_budget_s) >= 1.0
+
     with open(log_path, "w" if new_log else "a", newline="") as fh:
         writer = None
-        while step < stop_at:
+        while step < stop_at and not done():
             t0 = time.monotonic()
+            rate = learning_rate(run_fraction(step, steps, wall, time_budget_s), lr)
             for group in opt.param_groups:
-                group["lr"] = learning_rate(step, steps, lr)
+                group["lr"] = rate
             batch = to_batch([next(samples) for _ in range(batch_size)], device)
             loss, terms = task.loss(model, batch, step, steps, rng)
             opt.zero_grad(set_to_none=True)
@@ -186,7 +211,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             row = {}
-            if step % validate_every == 0 or step == steps:
+            finished = done()
+            if step % validate_every == 0 or step == steps or finished:
                 metrics = validation_metrics(task, model, val_batches)
                 if whole_batches:
                     whole = validation_metrics(task, model, whole_batches)
@@ -197,7 +223,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
                     best = score
                     checkpoint(out / "best.pt")
             if row or step % log_every == 0:
-                row.update(step=step, wall_s=round(wall, 1), lr=learning_rate(step - 1, steps, lr),
+                row.update(step=step, wall_s=round(wall, 1), lr=rate,
                            loss=loss, **terms)
                 if writer is None:
                     keys = fields + sorted(k for k in row if k not in fields)
@@ -209,7 +235,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
                 fh.flush()
             timed_out = time_limit_s is not None and time.monotonic() - started > time_limit_s
             if (time.monotonic() - last_ckpt > checkpoint_every_s or step == stop_at
-                    or timed_out):
+                    or timed_out or finished):
                 checkpoint(out / "checkpoint.pt")
                 last_ckpt = time.monotonic()
             if timed_out:
