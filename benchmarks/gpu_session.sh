@@ -12,9 +12,10 @@
 # models.tar.gz (models folder + each run's metrics.csv/config.json/log),
 # benchmarks.md and dl_speed_cuda.json, and the logs.
 #
-# The GPU image has torch, numpy, scipy, numba, tqdm and pytest but not
-# nibabel (the simulator reads the packaged head with it): carry its wheel in
-# .whl/ (see the device tool's README). Usage, from the repository root:
+# The GPU image has torch, numpy, scipy, numba, tqdm and pytest but neither
+# nibabel (the simulator reads the packaged head with it) nor nilearn (the MNI
+# head of dl_speed.py): carry their wheels in .whl/ (see the device tool's
+# README). Usage, from the repository root:
 #   OUT=/tmp/out BUDGET_S=330 bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
