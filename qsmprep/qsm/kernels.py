@@ -49,12 +49,14 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
     ``(D(k) + D(-k)) / 2`` when packing two real maps into one complex FFT.
     """
     b = np.asarray(b0_dir, dtype=np.float64)
-    b = b / np.linalg.norm(b)
+    b = [float(c) for c in b / np.linalg.norm(b)]  # Python floats keep the grid float32
     kx, ky, kz = kspace_grid(shape, voxel_size_mm)
     kb = kx * b[0] + ky * b[1] + kz * b[2]
     k2 = kx**2 + ky**2 + kz**2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = (1.0 / 3.0 - kb**2 / k2).astype(np.float32)
+    k2[0, 0, 0] = 1.0  # D(0) is set below
+    d = kb**2
+    d /= k2
+    np.subtract(np.float32(1.0 / 3.0), d, out=d)
     d[0, 0, 0] = 0.0
     return d
 

@@ -67,11 +67,12 @@ def _deformation(shape, vox, rng, max_rotation_deg, scale_range, elastic_mm):
 
 def _random_shape(shape, vox, rng, size_mm):
     """A random ellipsoid or cylinder (bool), anywhere in the grid."""
-    axes = [(np.arange(n) - rng.uniform(0, n)) * v for n, v in zip(shape, vox)]
+    axes = [((np.arange(n) - rng.uniform(0, n)) * v).astype(np.float32)
+            for n, v in zip(shape, vox)]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    r = Rotation.random(random_state=rng).as_matrix()
-    u = [r[0, i] * x + r[1, i] * y + r[2, i] * z for i in range(3)]
-    a = rng.uniform(*size_mm, size=3)
+    r = Rotation.random(random_state=rng).as_matrix().tolist()  # floats: keep float32 grids
+    u = [r[0][i] * x + r[1][i] * y + r[2][i] * z for i in range(3)]
+    a = rng.uniform(*size_mm, size=3).tolist()
     if rng.random() < 0.7:  # ellipsoid (sphere when the axes are alike)
         return (u[0] / a[0]) ** 2 + (u[1] / a[1]) ** 2 + (u[2] / a[2]) ** 2 <= 1
     return ((u[0] / a[0]) ** 2 + (u[1] / a[0]) ** 2 <= 1) & (np.abs(u[2]) <= 4 * a[2])
