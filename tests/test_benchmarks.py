@@ -154,3 +154,20 @@ def test_pipeline_variants_selected_by_the_methods_they_change():
     default_only = accuracy.selected_variants(variants, lambda m: m == "pdf")
     assert list(default_only) == [labels[0]]  # pdf is the default's, not a change
     assert accuracy.selected_variants(variants, lambda m: True) == variants
+
+
+def test_invivo_high_pass_rms_sees_noise_not_smooth_fields():
+    import invivo_echo
+
+    rng = np.random.default_rng(0)
+    shape = (24, 24, 24)
+    mask = np.zeros(shape, bool)
+    mask[3:21, 3:21, 3:21] = True
+    x = np.arange(24, dtype=np.float32)[:, None, None]
+    smooth = 5.0 + 0.1 * (x - 12) ** 2 / 12 + np.zeros(shape, np.float32)
+    noise = rng.normal(0, 1.0, shape).astype(np.float32)
+    # a constant is exactly zero, also at the mask edge (smoothing inside the mask only)
+    assert invivo_echo.high_pass_rms(np.full(shape, 7.0, np.float32), mask) < 1e-5
+    assert invivo_echo.high_pass_rms(smooth, mask) < 0.05
+    # white noise of std 1: its high-pass part keeps most of the variance
+    assert 0.7 < invivo_echo.high_pass_rms(smooth + noise, mask) < 1.0
