@@ -38,6 +38,9 @@ else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+for module in nibabel nilearn; do  # say early what is missing (both were, on 2026-11-26)
+    python3 -c "import $module" 2>/dev/null || log "missing $module: carry its wheel in .whl/"
+done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/session.log" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     | tee -a "$OUT/session.log"
