@@ -79,21 +79,21 @@ def main(argv=None):
     te = np.asarray(ECHO_TIMES_S)
     phase, _ = mcpc3ds(phase, magnitude, te, voxel_size_mm=vox)
     unwrapped, _ = call("unwrapping", "romeo", phase, magnitude=magnitude,
-                                echo_times_s=te, voxel_size_mm=vox)
+                        echo_times_s=te, voxel_size_mm=vox)
     rss = np.sqrt(np.sum(magnitude**2, axis=-1))
     mask = np.asarray(call("masking", "bet", rss, voxel_size_mm=vox), bool)
 
-    results, chis = {}, {}
+    results, chis, b0s = {}, {}, {}
     for method in registry.names("echo_combination"):
         b0, n_std = call("echo_combination", method, unwrapped, magnitude, te)
+        b0s[method] = b0
         subsets = {name: call("echo_combination", method, unwrapped[..., idx],
-                                      magnitude[..., idx], te[idx])[0]
+                              magnitude[..., idx], te[idx])[0]
                    for name, idx in SUBSETS.items()}
         diff = subsets["1-2"] - subsets["2-3"]
         total, noise = hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T)
         local, m = call("bf_removal", "pdf", total, mask, vox, noise_std=noise)
-        chi = call("inversion", "ilsqr", local, m, vox, noise_std=noise,
-                           magnitude=magnitude)
+        chi = call("inversion", "ilsqr", local, m, vox, noise_std=noise, magnitude=magnitude)
         chis[method] = (chi, m)
         results[method] = {
             "subset_rms_hz": float(np.sqrt(np.mean(diff[mask] ** 2))),
@@ -102,18 +102,17 @@ def main(argv=None):
             "n_std_median_hz": float(np.median(n_std[mask])),
             "chi_highpass_rms_ppm": high_pass_rms(chi, m),
             "chi_std_ppm": float(np.std(chi[m])),
+            "mask_fraction": float(m.mean()),
         }
     # what is left of the phase offset after MCPC-3D-S under the through-origin
     # model (echo 1 minus the romeo B0's phase at TE1): the bias that the
     # nonlinear fit's extra parameter would remove
-    b0_romeo = call("echo_combination", "romeo", unwrapped, magnitude, te)[0]
-    offset = np.angle(np.exp(1j * (phase[..., 0] - 2 * np.pi * b0_romeo * te[0])))
+    offset = np.angle(np.exp(1j * (phase[..., 0] - 2 * np.pi * b0s["romeo"] * te[0])))
     offset_pct = np.percentile(offset[mask], [5, 95])
     ref_chi, ref_mask = chis["romeo"]
     for method, (chi, m) in chis.items():
         both = m & ref_mask
         results[method]["chi_corr_with_romeo"] = float(np.corrcoef(chi[both], ref_chi[both])[0, 1])
-        results[method]["mask_fraction"] = float(m.mean())
 
     rows = [[method, fmt(r["subset_rms_hz"], 2), fmt(r["subset_median_hz"], 2),
              fmt(r["b0_highpass_rms_hz"], 2), fmt(r["n_std_median_hz"], 2),

@@ -53,7 +53,7 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
     kx, ky, kz = kspace_grid(shape, voxel_size_mm)
     # k.b in float64 (on the magic-angle cone of an axis-aligned B0, D is then
     # a tiny non-zero number whose sign TKD-type filters use), in place: the
-    # values of the plain expression at a fifth of its time
+    # values of the plain expression in about half its time
     kb = kx * b[0] + ky * b[1] + kz * b[2]
     k2 = kx**2 + ky**2 + kz**2
     k2[0, 0, 0] = 1.0  # D(0) is set below

@@ -20,7 +20,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from ..dl.inference import select_device  # noqa: E402
-from .data import DATA, training_stream, validation_set, whole_validation_set  # noqa: E402
+from .data import (  # noqa: E402
+    DATA, VALIDATION_PATCHES, training_stream, validation_set, whole_validation_set,
+)
 from .export import WHOLE_HEADS, export  # noqa: E402
 from .loop import train  # noqa: E402
 from .tasks import TASKS  # noqa: E402
@@ -41,7 +43,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--config", type=json.loads, default=None,
                    help='architecture overrides as JSON, e.g. \'{"base": 16}\'')
-    p.add_argument("--validation", type=int, default=8, help="validation patches")
+    p.add_argument("--validation", type=int, default=VALIDATION_PATCHES,
+                   help="validation patches")
     p.add_argument("--validation-whole", type=int, default=WHOLE_HEADS,
                    help="held-out whole 1 mm heads on which best.pt is selected (0: select "
                    "on the validation patches)")

@@ -17,6 +17,9 @@ from ..sim.hybrid import HybridDataset, hybrid_sample
 #: First index of the held-out validation samples of a seed.
 VALIDATION_START = 10**9
 
+#: Validation patches of a run (the default of ``qsmprep-train --validation``).
+VALIDATION_PATCHES = 8
+
 #: Sample options per model. All four know the voxel size (NeXtQSM's dipole
 #: data term; the TKD input channel of IR2QSM and the U-Net), so all train on
 #: mildly anisotropic voxels. IR2QSM and the U-Net use 32^3 patches (batch 2
@@ -47,7 +50,7 @@ def training_stream(seed, options, *, workers=1):
     return stream
 
 
-def validation_set(seed, options, n=8):
+def validation_set(seed, options, n=VALIDATION_PATCHES):
     """The fixed validation samples (held-out indices of ``seed``)."""
     return [hybrid_sample(VALIDATION_START + i, seed=seed, **options) for i in range(n)]
 

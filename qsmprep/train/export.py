@@ -19,7 +19,7 @@ import torch
 
 from ..dl.weights import MODELS_DIR, load_weights, save_file, save_weights, verify
 from ..sim.hybrid import hybrid_sample
-from .data import DATA, VALIDATION_START, validation_set, whole_validation_set
+from .data import DATA, VALIDATION_PATCHES, VALIDATION_START, validation_set, whole_validation_set
 from .loop import to_batch
 from .tasks import TASKS, tkd_channel, validation_metrics
 
@@ -65,7 +65,7 @@ def run_config(run_dir):
     of runs older than their record filled in (the defaults then)."""
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
     cfg["data"] = cfg.get("data") or DATA[cfg["task"]]
-    cfg["validation"] = cfg.get("validation") or 8
+    cfg["validation"] = cfg.get("validation") or VALIDATION_PATCHES
     return cfg
 
 
@@ -89,16 +89,14 @@ def _retrain_command(task, cfg, ckpt):
         opts.append(f"--lr {cfg['lr']}")
     if cfg.get("init"):
         opts.append(f"--init {cfg['init']}")
-    if cfg["validation"] != 8:
+    if cfg["validation"] != VALIDATION_PATCHES:
         opts.append(f"--validation {cfg['validation']}")
     if str(ckpt.get("hardware", "")).startswith("CUDA"):
         opts.append("--device cuda")
     return f"qsmprep-train {task.name} --out runs/{task.name} {' '.join(opts)} --export"
 
 
-def _card(name, task, run, ckpt, n_params, size, val, check, whole, tkd=None):
-    run = Path(run)
-    cfg = run_config(run)
+def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, tkd=None):
 
     def cell(scores, key):
         return f"{scores[key]:.2f}" if key in scores else "–"
@@ -174,6 +172,7 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
         check_batch = to_batch([check_case(models_dir)], device)
         tkd = (tkd, tkd_input_nrmse(task_name, shipped, whole_batches),
                tkd_input_nrmse(task_name, shipped, [check_batch]))
-    card = _card(name, task, run, ckpt, n_params, path.stat().st_size, val, check, whole, tkd)
+    card = _card(name, task, run, cfg, ckpt, n_params, path.stat().st_size, val, check, whole,
+                 tkd)
     save_file(f"{name}.md", card.encode(), models_dir)
     return val, check
