@@ -172,3 +172,66 @@ def test_whole_head_validation_selects_best_and_extends_a_resumed_log(tmp_path):
     best = torch.load(tmp_path / "best.pt", weights_only=False)
     assert best["selected_on"] == "whole" and best["step"] == 4
     assert best["best"] == pytest.approx(float(rows[3]["val_whole_nrmse_chi"]))
+
+
+needs_bf16 = pytest.mark.skipif(not __import__("qsmprep.train.loop", fromlist=["x"])
+                                .bf16_supported("cpu"),
+                                reason="this CPU has no native bfloat16 (AVX512-BF16/AMX)")
+
+
+def test_precision_choice():
+    from qsmprep.train.loop import bf16_supported, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if bf16_supported("cpu") else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="precision must be 'auto' or one of"):
+        resolve_precision("fp16", "cpu")
+
+
+@needs_bf16
+@pytest.mark.parametrize("task", ["nextqsm", "ir2qsm"])
+def test_bf16_gradients_follow_the_float32_ones(task):
+    """Mixed precision changes the rounding of a step, not its direction
+    (NeXtQSM: the FFT dipole data term must stay float32 under autocast)."""
+    from qsmprep.train.loop import autocast, to_batch
+    from qsmprep.train.tasks import TASKS
+
+    config = ({"bfr": SMALL, "vn": {**SMALL, "steps": 2}} if task == "nextqsm"
+              else {**SMALL, "iterations": 2, "aux_weights": [0.5, 1.0]})
+    torch.manual_seed(0)
+    model = TASKS[task].build(config).to(memory_format=torch.channels_last_3d)
+    for p in model.parameters():  # leave the zero-initialised residual heads
+        p.data += 0.05 * torch.randn_like(p)
+    batch = to_batch([_sample(1)], "cpu")
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad(set_to_none=True)
+        with autocast(precision, "cpu"):
+            loss, _ = TASKS[task].loss(model, batch, 0, 1, np.random.default_rng(0))
+        assert loss.dtype == torch.float32
+        loss.backward()
+        grads[precision] = torch.cat([p.grad.flatten().double() for p in model.parameters()
+                                      if p.grad is not None])
+    a, b = grads["fp32"], grads["bf16"]
+    assert float(a @ b / (a.norm() * b.norm())) > 0.99
+    assert 0.8 < float(b.norm() / a.norm()) < 1.25
+
+
+@needs_bf16
+def test_bf16_training_learns_and_its_card_says_so(tmp_path):
+    from qsmprep.train.export import export
+
+    torch.manual_seed(0)
+    model, _ = train("unet", tmp_path / "run", _stream, [_sample(7)], steps=40, lr=1e-2,
+                     config=SMALL, log_every=1, validate_every=40, progress=False,
+                     precision="auto")
+    losses = [float(r["loss"]) for r in _rows(tmp_path / "run" / "metrics.csv")]
+    assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8])
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 and v.is_contiguous()
+               for v in state["model"].values() if v.is_floating_point())
+    export("unet", tmp_path / "run", tmp_path / "models")
+    card = (tmp_path / "models" / "unet.md").read_text()
+    assert "bfloat16 mixed-precision steps, float32 weights" in card
+    assert "--precision bf16 --export" in card

@@ -79,6 +79,10 @@ def _run_length(run, cfg):
     return f"a run of {cfg['time_budget_s']:.0f} s of training steps ({done} steps)"
 
 
+_PRECISION_TEXT = {"fp32": "float32 steps",
+                   "bf16": "bfloat16 mixed-precision steps, float32 weights"}
+
+
 def _retrain_command(task, cfg, ckpt):
     opts = [f"--steps {cfg['steps']}", f"--batch {cfg['batch_size']}", f"--seed {cfg['seed']}"]
     if cfg["data"].get("patch_size") != DATA[task.name].get("patch_size"):
@@ -93,6 +97,8 @@ def _retrain_command(task, cfg, ckpt):
         opts.append(f"--validation {cfg['validation']}")
     if str(ckpt.get("hardware", "")).startswith("CUDA"):
         opts.append("--device cuda")
+    if cfg.get("precision"):  # recorded since bf16 training; older runs were float32
+        opts.append(f"--precision {cfg['precision']}")
     return f"qsmprep-train {task.name} --out runs/{task.name} {' '.join(opts)} --export"
 
 
@@ -120,7 +126,7 @@ def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, tkd=Non
 | architecture | `{json.dumps(ckpt['config'])}` |
 | parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
 | training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(cfg['data'])}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
-| steps | {start}{ckpt['step']}: the checkpoint with {selected} of {_run_length(run, cfg)} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run) |
+| steps | {start}{ckpt['step']}: the checkpoint with {selected} of {_run_length(run, cfg)} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run, {_PRECISION_TEXT[cfg.get('precision', 'fp32')]}) |
 | wall time | {ckpt['wall_s'] / 3600:.2f} h of training steps up to this checkpoint |
 | hardware | {ckpt.get('hardware', 'unknown')} |
 | exported | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |

@@ -53,6 +53,39 @@ def learning_rate(frac, lr):
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+#: Numeric precisions of the training steps (``qsmprep-train --precision``).
+PRECISIONS = ("fp32", "bf16")
+
+
+def bf16_supported(device):
+    """Whether ``device`` runs bfloat16 convolutions natively (CPUs with
+    AVX512-BF16 or AMX through oneDNN; CUDA GPUs from Ampere on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision, device):
+    """``"auto"`` -> ``"bf16"`` where :func:`bf16_supported`, else ``"fp32"``."""
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and not bf16_supported(device):
+        raise ValueError(f"precision 'bf16' needs native bfloat16 on {torch.device(device)} "
+                         f"(AVX512-BF16/AMX CPU or an Ampere+ GPU); use --precision fp32")
+    return precision
+
+
+def autocast(precision, device):
+    """Context of a training step's forward pass: bfloat16 autocast for
+    ``"bf16"`` (convolutions in bfloat16, FFTs, losses and weights in
+    float32), nothing for ``"fp32"``."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
 def _csv_writer(fh, path, keys, new_log, resumed_step=0):
     """A DictWriter on ``fh`` with its header written. When appending (a
     resumed run), the log is rewritten first without the rows after
@@ -91,7 +124,7 @@ def hardware():
 def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, device="cpu",
           seed=0, config=None, lr=1e-3, resume=None, init=None, checkpoint_every_s=300.0,
           validate_every=250, log_every=10, stop_at=None, time_limit_s=None, time_budget_s=None,
-          progress=True, whole_samples=None, data_options=None):
+          progress=True, whole_samples=None, data_options=None, precision="fp32"):
     """Train model ``task_name`` (a key of :data:`~qsmprep.train.tasks.TASKS`).
 
     Parameters
@@ -128,6 +161,13 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     data_options : dict, optional
         The sample options of the stream, recorded in ``config.json`` (the
         model card and export read them).
+    precision : ``"fp32"``, ``"bf16"`` or ``"auto"`` (:func:`resolve_precision`)
+        Of the training steps' forward passes (:func:`autocast`); weights,
+        optimiser and validation stay float32. The model is kept in the
+        ``channels_last_3d`` memory format, which oneDNN and cuDNN convolve
+        fastest (measured on 2 CPU cores, a base-12 U-Net step on a 64^3
+        patch: 1.4 s float32 -> 0.45 s bf16 + channels_last, see
+        docs/training.md).
 
     Returns
     -------
@@ -140,7 +180,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the loss's own draws (teacher forcing)
-    model = task.build(config).to(device)
+    precision = resolve_precision(precision, device)
+    model = task.build(config).to(device, memory_format=torch.channels_last_3d)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     step, wall, best = 0, 0.0, math.inf
     if resume:
@@ -167,7 +208,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         {"task": task_name, "config": model.config, "steps": steps, "batch_size": batch_size,
          "seed": seed, "lr": lr, "init": str(init) if init else None,
          "time_budget_s": time_budget_s, "data": data_options,
-         "validation": len(val_samples)}, indent=2))
+         "validation": len(val_samples), "precision": precision}, indent=2))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels
     val_batches = [to_batch([s], device) for s in val_samples]
@@ -179,10 +220,12 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     new_log = not log_path.exists() or not resume
 
     def checkpoint(path):
-        _save(path, {"task": task_name, "config": model.config, "model": model.state_dict(),
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        _save(path, {"task": task_name, "config": model.config, "model": weights,
                      "optimizer": opt.state_dict(), "numpy_rng": rng.bit_generator.state,
                      "torch_rng": torch.get_rng_state(), "step": step, "wall_s": wall,
-                     "best": best, "selected_on": selected_on, "hardware": hardware()})
+                     "best": best, "selected_on": selected_on, "hardware": hardware(),
+                     "precision": precision})
 
     metrics = {}
     model.train()
@@ -201,7 +244,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
             for group in opt.param_groups:
                 group["lr"] = rate
             batch = to_batch([next(samples) for _ in range(batch_size)], device)
-            loss, terms = task.loss(model, batch, step, steps, rng)
+            with autocast(precision, device):
+                loss, terms = task.loss(model, batch, step, steps, rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             loss = float(loss.detach())
