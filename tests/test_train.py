@@ -188,25 +188,30 @@ def test_precision_choice():
         resolve_precision("fp16", "cpu")
 
 
-@needs_bf16
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("task", ["nextqsm", "ir2qsm"])
-def test_bf16_gradients_follow_the_float32_ones(task):
+def test_bf16_gradients_follow_the_float32_ones(task, device):
     """Mixed precision changes the rounding of a step, not its direction
     (NeXtQSM: the FFT dipole data term must stay float32 under autocast)."""
-    from qsmprep.train.loop import autocast, to_batch
+    from qsmprep.train.loop import autocast, bf16_supported, to_batch
     from qsmprep.train.tasks import TASKS
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not bf16_supported(device):
+        pytest.skip(f"no native bfloat16 on {device}")
 
     config = ({"bfr": SMALL, "vn": {**SMALL, "steps": 2}} if task == "nextqsm"
               else {**SMALL, "iterations": 2, "aux_weights": [0.5, 1.0]})
     torch.manual_seed(0)
-    model = TASKS[task].build(config).to(memory_format=torch.channels_last_3d)
+    model = TASKS[task].build(config).to(device, memory_format=torch.channels_last_3d)
     for p in model.parameters():  # leave the zero-initialised residual heads
         p.data += 0.05 * torch.randn_like(p)
-    batch = to_batch([_sample(1)], "cpu")
+    batch = to_batch([_sample(1)], device)
     grads = {}
     for precision in ("fp32", "bf16"):
         model.zero_grad(set_to_none=True)
-        with autocast(precision, "cpu"):
+        with autocast(precision, device):
             loss, _ = TASKS[task].loss(model, batch, 0, 1, np.random.default_rng(0))
         assert loss.dtype == torch.float32
         loss.backward()
