@@ -8,6 +8,10 @@ inversion, the joint NeXtQSM chain, IR2QSM and the plain U-Net. Median of
 also one at the full size). Targets (issues #6, #7): NeXtQSM
 < 60 s, IR2QSM < 30 s on 2 CPU cores.
 
+On the CPU, where the cores have native bfloat16, each case is also timed
+with ``precision="bf16"`` (bfloat16 convolutions), and the table gives how far
+that map is from the float32 one (NRMSE %, in the brain mask).
+
 Writes the table between ``<!-- dl_speed:start -->`` and
 ``<!-- dl_speed:end -->`` in docs/benchmarks.md. With ``--device cuda`` it
 writes the ``dl_speed_cuda`` section instead: GPU times beside one CPU run of
@@ -44,7 +48,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a 96^3 crop, one repeat (smoke test)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    from qsmprep.dl.inference import bf16_supported
     from qsmprep.qsm import registry
+    from qsmprep.qsm.metrics import nrmse
 
     shape = (96, 96, 96) if args.quick else WHOLE_HEAD_SHAPE
     repeats = 1 if args.quick else args.repeats
@@ -52,7 +58,7 @@ def main(argv=None):
     head, total, local = unseen_head(shape)
     mask, vox = head.brain_mask, head.voxel_size_mm
     b0 = (0.0, 0.0, 1.0)
-    kw = {"b0_dir": b0, "device": args.device}
+    kw = {"b0_dir": b0, "device": args.device, "precision": "fp32"}
 
     def joint(total, mask, local):
         loc, m = registry.run("bf_removal", "nextqsm", total, mask, vox, **kw)
@@ -67,6 +73,10 @@ def main(argv=None):
     }
     small = tuple(slice(n // 2 - 16, n // 2 + 16) for n in shape)
     on_cpu = args.device == "cpu"
+    with_bf16 = on_cpu and bf16_supported("cpu")
+
+    def chi(result):
+        return np.asarray(result[0] if isinstance(result, tuple) else result)
     rows, results = [], {}
     for name, fn in cases.items():
         try:
@@ -76,7 +86,8 @@ def main(argv=None):
         except Exception as exc:  # noqa: BLE001 - report a missing model in the table
             rows.append([name, "–", "–", f"not run: {exc}"])
             continue
-        times = [timed(fn, total, mask, local)[1] for _ in range(repeats)]
+        runs = [timed(fn, total, mask, local) for _ in range(repeats)]
+        times = [t for _, t in runs]
         med = statistics.median(times)
         results[name] = {"median_s": med, "times_s": times}
         if on_cpu:
@@ -84,25 +95,42 @@ def main(argv=None):
             verdict = "–" if target is None else (
                 "met" if med < target else f"missed by {med - target:.0f} s")
             results[name]["target_s"] = target
-            rows.append([name, fmt(med), fmt(target, 0) if target else "–", verdict])
+            row = [name, fmt(med), fmt(target, 0) if target else "–", verdict]
+            if with_bf16:
+                kw["precision"] = "bf16"
+                fn(total[small], mask[small], local[small])  # warm-up in this layout
+                bf16 = [timed(fn, total, mask, local) for _ in range(repeats)]
+                kw["precision"] = "fp32"
+                bf16_s = statistics.median(t for _, t in bf16)
+                diff = nrmse(chi(bf16[0][0]), chi(runs[0][0]), mask)
+                results[name].update(bf16_median_s=bf16_s, bf16_vs_fp32_nrmse=diff)
+                row += [f"{fmt(bf16_s)} ({med / bf16_s:.1f}x)", f"{diff:.3f}"]
+            rows.append(row)
         else:
             kw["device"] = "cpu"
             cpu_s = timed(fn, total, mask, local)[1]
             kw["device"] = args.device
             results[name]["cpu_s"] = cpu_s
             rows.append([name, fmt(med, 2), fmt(cpu_s), f"{cpu_s / med:.0f}x"])
-    headers = (["method", "time (s)", "target (s)", "target"] if on_cpu else
+    headers = (["method", "time (s)", "target (s)", "target"]
+               + (["bf16 time (s)", "bf16 vs fp32 map (NRMSE %)"] if with_bf16 else [])
+               if on_cpu else
                ["method", f"{args.device.upper()} time (s)", "CPU time (s), same machine",
                 "speed-up"])
     cpu_note = "" if on_cpu else (
         " The CPU column is one run of each case on this machine's CPU cores in the same "
         "process (the reference of the speed-up); the CPU targets of the issues are in the "
         "CPU table.")
+    bf16_note = "" if not with_bf16 else (
+        " Time columns are float32 (the default, the maps of the accuracy tables); the bf16 "
+        "columns run the same call with `precision=\"bf16\"` (bfloat16 convolutions, these "
+        "cores have native bfloat16) and compare its map with the float32 one in the brain "
+        "mask.")
     body = (
         f"## Deep-learning inference time (1 mm whole head, {args.device.upper()})\n\n"
         f"MNI head phantom (unseen anatomy) cropped to {'x'.join(map(str, shape))} voxels at "
         f"1 mm; median of {repeats} run(s) after a warm-up, through the method registry "
-        f"(`benchmarks/dl_speed.py --device {args.device}`).{cpu_note}\n\n"
+        f"(`benchmarks/dl_speed.py --device {args.device}`).{cpu_note}{bf16_note}\n\n"
         + markdown_table(headers, rows)
         + "\n" + hardware_note(info) + "\n"
     )

@@ -41,7 +41,7 @@ SETTINGS = {  # name: (precision, memory format of the model)
 
 
 def _step(task, model, opt, batch, precision, device):
-    from qsmprep.train.loop import autocast
+    from qsmprep.dl.inference import autocast
 
     with autocast(precision, device):
         loss, _ = task.loss(model, batch, 0, 1, np.random.default_rng(0))
@@ -52,7 +52,7 @@ def _step(task, model, opt, batch, precision, device):
 
 def gradient_cosine(task, model, batch, device):
     """Cosine similarity of the float32 and bfloat16 gradients of one loss."""
-    from qsmprep.train.loop import autocast
+    from qsmprep.dl.inference import autocast
 
     grads = []
     for precision in ("fp32", "bf16"):
@@ -79,7 +79,8 @@ def main(argv=None):
     from qsmprep.dl.methods import load_model
     from qsmprep.sim.hybrid import hybrid_sample
     from qsmprep.train.data import DATA
-    from qsmprep.train.loop import bf16_supported, to_batch
+    from qsmprep.dl.inference import bf16_supported
+    from qsmprep.train.loop import to_batch
     from qsmprep.train.tasks import TASKS
 
     device = torch.device(args.device)

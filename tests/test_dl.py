@@ -322,3 +322,49 @@ def test_shipped_networks_on_cuda_match_the_cpu(stage, name):
     assert gpu.dtype == np.float32 and gpu.shape == shape
     # TF32 convolutions on the GPU: agreement to ~1e-3, a wrong operator is off by >10 %
     assert np.linalg.norm(gpu - cpu) < 1e-2 * np.linalg.norm(cpu)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("stage,name", [("bf_removal", "nextqsm"), ("inversion", "nextqsm"),
+                                        ("inversion", "ir2qsm"), ("inversion", "unet")])
+def test_bf16_inference_gives_the_float32_map(stage, name, device):
+    """precision="bf16" (bfloat16 convolutions) changes a shipped network's map
+    by rounding only: on the check case (a held-out hybrid sample) within 1 %
+    of the float32 map and within 0.3 points of its NRMSE to the truth."""
+    from qsmprep.dl.inference import bf16_supported
+    from qsmprep.qsm import registry
+    from qsmprep.qsm.metrics import nrmse
+    from qsmprep.train.export import check_case
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not bf16_supported(device):
+        pytest.skip(f"no native bfloat16 on {device}")
+    case = check_case()
+    mask = case["mask"] > 0
+    field, truth = ((case["total_field"], case["local_field"]) if stage == "bf_removal"
+                    else (case["local_field"], case["chi"]))
+    maps = {}
+    for precision in ("fp32", "bf16"):
+        out = registry.run(stage, name, field, mask, tuple(case["voxel_size_mm"]),
+                           b0_dir=tuple(case["b0_dir"]), device=device, precision=precision)
+        maps[precision] = np.asarray(out[0] if isinstance(out, tuple) else out)
+    assert maps["bf16"].dtype == np.float32
+    assert nrmse(maps["bf16"], maps["fp32"], mask) < 1.0
+    assert abs(nrmse(maps["bf16"], truth, mask) - nrmse(maps["fp32"], truth, mask)) < 0.3
+
+
+def test_precision_without_native_bf16(monkeypatch, caplog):
+    """bf16 on hardware without it: training refuses, inference warns and runs
+    float32 (a more exact map, not a failed subject)."""
+    from qsmprep.dl import inference
+
+    monkeypatch.setattr(inference, "bf16_supported", lambda device: False)
+    assert inference.resolve_precision("auto", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="needs native bfloat16.*use precision 'fp32'"):
+        inference.resolve_precision("bf16", "cpu")
+    with caplog.at_level("WARNING", logger="qsmprep.dl"):
+        assert inference.resolve_precision("bf16", "cpu", strict=False) == "fp32"
+    assert "running in float32 instead" in caplog.text
+    with pytest.raises(ValueError, match="precision must be"):
+        inference.resolve_precision("fp16", "cpu", strict=False)

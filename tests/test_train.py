@@ -174,13 +174,13 @@ def test_whole_head_validation_selects_best_and_extends_a_resumed_log(tmp_path):
     assert best["best"] == pytest.approx(float(rows[3]["val_whole_nrmse_chi"]))
 
 
-needs_bf16 = pytest.mark.skipif(not __import__("qsmprep.train.loop", fromlist=["x"])
+needs_bf16 = pytest.mark.skipif(not __import__("qsmprep.dl.inference", fromlist=["x"])
                                 .bf16_supported("cpu"),
                                 reason="this CPU has no native bfloat16 (AVX512-BF16/AMX)")
 
 
 def test_precision_choice():
-    from qsmprep.train.loop import bf16_supported, resolve_precision
+    from qsmprep.dl.inference import bf16_supported, resolve_precision
 
     assert resolve_precision("auto", "cpu") == ("bf16" if bf16_supported("cpu") else "fp32")
     assert resolve_precision("fp32", "cpu") == "fp32"
@@ -193,7 +193,8 @@ def test_precision_choice():
 def test_bf16_gradients_follow_the_float32_ones(task, device):
     """Mixed precision changes the rounding of a step, not its direction
     (NeXtQSM: the FFT dipole data term must stay float32 under autocast)."""
-    from qsmprep.train.loop import autocast, bf16_supported, to_batch
+    from qsmprep.dl.inference import autocast, bf16_supported
+    from qsmprep.train.loop import to_batch
     from qsmprep.train.tasks import TASKS
 
     if device == "cuda" and not torch.cuda.is_available():

@@ -42,6 +42,50 @@ def select_device(device="auto"):
     raise ValueError(f"Unknown device {device!r}: expected 'auto', 'cpu' or 'cuda'")
 
 
+#: Numeric precisions of the networks' convolutions (training steps:
+#: ``qsmprep-train --precision``; inference: the methods' ``precision``).
+PRECISIONS = ("fp32", "bf16")
+
+
+def bf16_supported(device):
+    """Whether ``device`` runs bfloat16 convolutions natively (CPUs with
+    AVX512-BF16 or AMX through oneDNN; CUDA GPUs from Ampere on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision, device, strict=True):
+    """``"fp32"`` or ``"bf16"`` for ``precision`` on ``device``.
+
+    ``"auto"`` is ``"bf16"`` where :func:`bf16_supported`, else ``"fp32"``.
+    ``"bf16"`` without native support is an error when ``strict`` (training),
+    else float32 with a warning (inference: a more exact map, not a failed run).
+    """
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and not bf16_supported(device):
+        advice = (f"precision 'bf16' needs native bfloat16 on {torch.device(device)} "
+                  f"(an AVX512-BF16/AMX CPU or an Ampere or later GPU)")
+        if strict:
+            raise ValueError(f"{advice}; use precision 'fp32'")
+        LOGGER.warning("%s: running in float32 instead", advice)
+        return "fp32"
+    return precision
+
+
+def autocast(precision, device):
+    """Context for the networks' forward passes: bfloat16 autocast for
+    ``"bf16"`` (convolutions in bfloat16; FFTs, losses and weights stay
+    float32), nothing for ``"fp32"``."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
 def pad_to_multiple(x, multiple):
     """Zero-pad the last three axes of ``x`` (tensor, ``[..., X, Y, Z]``) up to a
     multiple of ``multiple``, data centred. Returns (padded, crop slices)."""

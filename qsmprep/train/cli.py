@@ -19,12 +19,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from ..dl.inference import select_device  # noqa: E402
+from ..dl.inference import PRECISIONS, select_device  # noqa: E402
 from .data import (  # noqa: E402
     DATA, VALIDATION_PATCHES, training_stream, validation_set, whole_validation_set,
 )
 from .export import WHOLE_HEADS, export  # noqa: E402
-from .loop import PRECISIONS, train  # noqa: E402
+from .loop import train  # noqa: E402
 from .tasks import TASKS  # noqa: E402
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..dl.inference import autocast, resolve_precision
 from .tasks import TASKS, validation_metrics
 
 
@@ -51,39 +52,6 @@ def run_fraction(step, total_steps, wall_s=0.0, time_budget_s=None):
 def learning_rate(frac, lr):
     """Cosine decay from ``lr`` to ``lr / 20`` over the run (``frac`` of it done)."""
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-#: Numeric precisions of the training steps (``qsmprep-train --precision``).
-PRECISIONS = ("fp32", "bf16")
-
-
-def bf16_supported(device):
-    """Whether ``device`` runs bfloat16 convolutions natively (CPUs with
-    AVX512-BF16 or AMX through oneDNN; CUDA GPUs from Ampere on)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision, device):
-    """``"auto"`` -> ``"bf16"`` where :func:`bf16_supported`, else ``"fp32"``."""
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" and not bf16_supported(device):
-        raise ValueError(f"precision 'bf16' needs native bfloat16 on {torch.device(device)} "
-                         f"(AVX512-BF16/AMX CPU or an Ampere+ GPU); use --precision fp32")
-    return precision
-
-
-def autocast(precision, device):
-    """Context of a training step's forward pass: bfloat16 autocast for
-    ``"bf16"`` (convolutions in bfloat16, FFTs, losses and weights in
-    float32), nothing for ``"fp32"``."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
 
 
 def _csv_writer(fh, path, keys, new_log, resumed_step=0):
