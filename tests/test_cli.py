@@ -197,6 +197,19 @@ def test_methods_text_of_a_pipeline_describes_the_methods_used(tmp_path, synthet
     assert 'pipeline = "nextqsm"' in toml.read_text()
 
 
+def test_dl_precision_set_in_the_config_file_reaches_the_methods_text(tmp_path,
+                                                                      synthetic_bids):
+    toml = tmp_path / "p.toml"
+    toml.write_text('[workflow]\npipeline = "nextqsm"\n\n'
+                    '[workflow.params.inversion]\nprecision = "bf16"\n')
+    out = tmp_path / "out"
+    assert main([str(synthetic_bids), str(out), "participant", "-w", str(tmp_path / "w"),
+                 "--boilerplate-only", "--device", "cpu", "--config-file", str(toml)]) == 0
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "(device: cpu, precision: fp32)" in citation  # background removal: the default
+    assert "(device: cpu, precision: bf16)" in citation  # inversion: as configured
+
+
 def test_group_level_without_outputs_fails_clearly(tmp_path, capsys):
     (tmp_path / "bids").mkdir()
     assert main(_args(tmp_path)[:2] + ["group"]) == 1

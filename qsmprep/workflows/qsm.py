@@ -110,10 +110,14 @@ def init_qsm_wf(config, run, *, name=None):
         raise ValueError(
             f"--mask {config.execution.mask_file} is set but run {run.name} has no mask: "
             "pass the data through qsmprep.utils.bids.attach_masks first")
-    wf.__desc__ = _describe(methods, params, config.workflow.phase_offset == "mcpc3ds",
-                            user_mask=run.mask_source)
     _, omp = config.nipype.resolved()
     device = config.execution.device
+    # the methods text names the device the run resolved (the nodes get it as context)
+    described = {s: {**params[s], "device": device}
+                 if "device" in registry.get(s, methods[s]).defaults else params[s]
+                 for s in PIPELINE_STAGES}
+    wf.__desc__ = _describe(methods, described, config.workflow.phase_offset == "mcpc3ds",
+                            user_mask=run.mask_source)
     b0_dir = list(run.b0_direction)
 
     def stage_node(interface, stage, node_name, heavy=True):
