@@ -133,9 +133,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         Of the training steps' forward passes (:func:`autocast`); weights,
         optimiser and validation stay float32. The model is kept in the
         ``channels_last_3d`` memory format, which oneDNN and cuDNN convolve
-        fastest (measured on 2 CPU cores, a base-12 U-Net step on a 64^3
-        patch: 1.4 s float32 -> 0.45 s bf16 + channels_last, see
-        docs/training.md).
+        fastest (bf16 + channels_last: a step 2-3x faster than float32 on 2
+        CPU cores with native bfloat16; ``benchmarks/train_speed.py``).
 
     Returns
     -------
