@@ -104,6 +104,7 @@ def test_a_time_budget_ends_the_run_validated_and_the_card_says_so(tmp_path):
     card = (tmp_path / "models" / "unet.md").read_text()
     assert f"a run of 2 s of training steps ({state['step']} steps)" in card
     assert "--patch 40 --time-budget 2" in card and '"patch_size": 40' in card
+    assert "--validate-every 100000" in card  # the run's validation interval, not the default
 
 
 def test_init_from_shipped_weights_and_clear_error_on_a_foreign_file(tmp_path):

@@ -24,7 +24,7 @@ from .data import (  # noqa: E402
     DATA, VALIDATION_PATCHES, training_stream, validation_set, whole_validation_set,
 )
 from .export import WHOLE_HEADS, export  # noqa: E402
-from .loop import train  # noqa: E402
+from .loop import VALIDATE_EVERY, train  # noqa: E402
 from .tasks import TASKS  # noqa: E402
 
 
@@ -48,7 +48,8 @@ def build_parser():
     p.add_argument("--validation-whole", type=int, default=WHOLE_HEADS,
                    help="held-out whole 1 mm heads on which best.pt is selected (0: select "
                    "on the validation patches)")
-    p.add_argument("--validate-every", type=int, default=250)
+    p.add_argument("--validate-every", type=int, default=VALIDATE_EVERY,
+                   help="steps between validations (checkpoints are selected on these)")
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds")
     p.add_argument("--time-limit", type=float, help="stop (with a checkpoint) after seconds "
                    "of this call; the schedule of --steps is unchanged (resume later)")

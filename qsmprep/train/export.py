@@ -20,7 +20,7 @@ import torch
 from ..dl.weights import MODELS_DIR, load_weights, save_file, save_weights, verify
 from ..sim.hybrid import hybrid_sample
 from .data import DATA, VALIDATION_PATCHES, VALIDATION_START, validation_set, whole_validation_set
-from .loop import to_batch
+from .loop import VALIDATE_EVERY, to_batch
 from .tasks import TASKS, tkd_channel, validation_metrics
 
 CHECK_CASE = "check_case.npz"
@@ -95,6 +95,8 @@ def _retrain_command(task, cfg, ckpt):
         opts.append(f"--init {cfg['init']}")
     if cfg["validation"] != VALIDATION_PATCHES:
         opts.append(f"--validation {cfg['validation']}")
+    if cfg.get("validate_every", VALIDATE_EVERY) != VALIDATE_EVERY:  # recorded since 2026-11-26
+        opts.append(f"--validate-every {cfg['validate_every']}")
     if str(ckpt.get("hardware", "")).startswith("CUDA"):
         opts.append("--device cuda")
     if cfg.get("precision"):  # recorded since bf16 training; older runs were float32

@@ -24,6 +24,9 @@ from ..dl.inference import autocast, resolve_precision
 from .tasks import TASKS, validation_metrics
 
 
+#: Steps between validations (the default of ``qsmprep-train --validate-every``).
+VALIDATE_EVERY = 250
+
 #: batch key -> key of a :func:`qsmprep.sim.hybrid.hybrid_sample` dict
 SAMPLE_KEYS = {"total": "total_field", "local": "local_field", "chi": "chi", "mask": "mask"}
 
@@ -91,7 +94,8 @@ def hardware():
 
 def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, device="cpu",
           seed=0, config=None, lr=1e-3, resume=None, init=None, checkpoint_every_s=300.0,
-          validate_every=250, log_every=10, stop_at=None, time_limit_s=None, time_budget_s=None,
+          validate_every=VALIDATE_EVERY, log_every=10, stop_at=None, time_limit_s=None,
+          time_budget_s=None,
           progress=True, whole_samples=None, data_options=None, precision="fp32"):
     """Train model ``task_name`` (a key of :data:`~qsmprep.train.tasks.TASKS`).
 
@@ -175,7 +179,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         {"task": task_name, "config": model.config, "steps": steps, "batch_size": batch_size,
          "seed": seed, "lr": lr, "init": str(init) if init else None,
          "time_budget_s": time_budget_s, "data": data_options,
-         "validation": len(val_samples), "precision": precision}, indent=2))
+         "validation": len(val_samples), "validate_every": validate_every,
+         "precision": precision}, indent=2))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels
     val_batches = [to_batch([s], device) for s in val_samples]
