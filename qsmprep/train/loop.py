@@ -95,8 +95,8 @@ def hardware():
 def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, device="cpu",
           seed=0, config=None, lr=1e-3, resume=None, init=None, checkpoint_every_s=300.0,
           validate_every=VALIDATE_EVERY, log_every=10, stop_at=None, time_limit_s=None,
-          time_budget_s=None,
-          progress=True, whole_samples=None, data_options=None, precision="fp32"):
+          time_budget_s=None, progress=True, whole_samples=None, data_options=None,
+          precision="fp32"):
     """Train model ``task_name`` (a key of :data:`~qsmprep.train.tasks.TASKS`).
 
     Parameters
