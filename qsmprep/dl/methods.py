@@ -4,8 +4,8 @@
 Each takes the registry's stage signature plus ``device="auto"``,
 ``max_voxels`` (tile above this many voxels; None: the default cap on the CPU,
 none on CUDA) and ``precision`` (``"fp32"``, the default; ``"bf16"``:
-convolutions in bfloat16, 2-3x faster on CPUs with native bfloat16 and on
-recent GPUs, maps within 0.6 % of the float32 ones, see
+convolutions in bfloat16, about 2x faster on CPUs with native bfloat16
+(GPUs: not measured yet), maps within 0.6 % of the float32 ones, see
 docs/deep-learning.md; ``"auto"``: bf16 where native) and runs on volumes of
 any size.
 """
