@@ -57,9 +57,9 @@ def build_parser():
                    "training steps (or at --steps, if sooner), the learning rate decaying over "
                    "it: a run sized by time, e.g. on a GPU")
     p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                   help="of the training steps: bf16 (mixed precision, ~3x faster on CPUs "
-                   "with AVX512-BF16/AMX and on Ampere+ GPUs), fp32, or auto (bf16 where "
-                   "native)")
+                   help="of the training steps: bf16 (mixed precision; steps ~2.6x faster on "
+                   "CPUs with AVX512-BF16/AMX; also on Ampere+ GPUs, not measured there), "
+                   "fp32, or auto (bf16 where native)")
     p.add_argument("--workers", type=int, default=1, help="data simulation processes")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--export", action="store_true",
