@@ -71,6 +71,21 @@ def test_options_change_the_graph(tmp_path, synthetic_bids):
     assert "threshold 0.2" in wf.visit_desc()
 
 
+def test_dl_sidecar_and_methods_text_record_the_device_the_run_used(tmp_path, synthetic_bids):
+    config = _config(tmp_path, synthetic_bids, bf_removal="nextqsm", inversion="nextqsm")
+    config.workflow.params = {"inversion": {"precision": "bf16"}}
+    wf = init_qsmprep_wf(config, collect_data(synthetic_bids, validate=False))
+    qsm = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+    methods = qsm.get_node("ds_qsm_wf").get_node("ds_chimap").inputs.meta_dict["QSMMethods"]
+    assert methods["bf_removal"]["Parameters"]["device"] == "cpu"  # not the default "auto"
+    assert methods["inversion"]["Parameters"] == {"device": "cpu", "max_voxels": None,
+                                                  "precision": "bf16"}
+    assert "device" not in methods["referencing"]["Parameters"]  # takes no device
+    assert "(device: cpu, precision: bf16)" in wf.visit_desc()
+    # the nodes get the device as context (so a CUDA out-of-memory can fall back to the CPU)
+    assert qsm.get_node("inversion").inputs.params == {"precision": "bf16"}
+
+
 def test_method_description_and_record_use_parameters_actually_run():
     record = method_record("inversion", "tkd", {"threshold": 0.25})
     assert record["Name"] == "tkd" and record["Parameters"]["threshold"] == 0.25

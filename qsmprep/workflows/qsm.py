@@ -112,11 +112,12 @@ def init_qsm_wf(config, run, *, name=None):
             "pass the data through qsmprep.utils.bids.attach_masks first")
     _, omp = config.nipype.resolved()
     device = config.execution.device
-    # the methods text names the device the run resolved (the nodes get it as context)
-    described = {s: {**params[s], "device": device}
-                 if "device" in registry.get(s, methods[s]).defaults else params[s]
-                 for s in PIPELINE_STAGES}
-    wf.__desc__ = _describe(methods, described, config.workflow.phase_offset == "mcpc3ds",
+    # parameters as run, for the methods text and the sidecars: with the device the run
+    # resolved (the nodes get it as context, so that a CUDA out-of-memory can fall back)
+    run_params = {s: {**params[s], "device": device}
+                  if "device" in registry.get(s, methods[s]).defaults else params[s]
+                  for s in PIPELINE_STAGES}
+    wf.__desc__ = _describe(methods, run_params, config.workflow.phase_offset == "mcpc3ds",
                             user_mask=run.mask_source)
     b0_dir = list(run.b0_direction)
 
@@ -148,7 +149,7 @@ def init_qsm_wf(config, run, *, name=None):
     invert.inputs.b0_dir = b0_dir
     reference = stage_node(Reference, "referencing", "referencing", heavy=False)
 
-    records = {s: method_record(s, methods[s], params[s]) for s in methods}
+    records = {s: method_record(s, methods[s], run_params[s]) for s in methods}
     if run.mask:
         mask.inputs.mask_file = run.mask
         records["masking"] = user_mask_record(run.mask_source)
