@@ -76,10 +76,10 @@ def main(argv=None):
     p.add_argument("--no-publish", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from qsmprep.dl.inference import bf16_supported
     from qsmprep.dl.methods import load_model
     from qsmprep.sim.hybrid import hybrid_sample
     from qsmprep.train.data import DATA
-    from qsmprep.dl.inference import bf16_supported
     from qsmprep.train.loop import to_batch
     from qsmprep.train.tasks import TASKS
 
