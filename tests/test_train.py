@@ -225,6 +225,15 @@ def test_bf16_gradients_follow_the_float32_ones(task, device):
 
 
 @needs_bf16
+def test_bf16_refuses_patches_too_small_for_its_batch_statistics(tmp_path):
+    with pytest.raises(ValueError, match="needs patches of at least 32 voxels a side"):
+        train("unet", tmp_path, _stream, [_sample(7)], steps=1, config={"base": 4, "levels": 4},
+              progress=False, precision="bf16")
+    train("unet", tmp_path, _stream, [_sample(7)], steps=1, config={"base": 4, "levels": 4},
+          progress=False, precision="fp32")  # float32 is fine with them
+
+
+@needs_bf16
 def test_bf16_training_learns_and_its_card_says_so(tmp_path):
     from qsmprep.train.export import export
 

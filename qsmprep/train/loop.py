@@ -24,6 +24,12 @@ from ..dl.inference import autocast, resolve_precision
 from .tasks import TASKS, validation_metrics
 
 
+#: Smallest edge (voxels) of the U-Nets' bottom feature map that bf16 training
+#: accepts: with 16^3 patches (2^3 at the bottom) the bf16 gradients of a step
+#: came out inf or 1e17 times the float32 ones; 32^3 to 128^3 patches (4^3 to
+#: 16^3) gave the float32 gradients (cosine >= 0.9999).
+MIN_BF16_BOTTOM = 4
+
 #: Steps between validations (the default of ``qsmprep-train --validate-every``).
 VALIDATE_EVERY = 250
 
@@ -153,6 +159,13 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     rng = np.random.default_rng(seed)  # the loss's own draws (teacher forcing)
     precision = resolve_precision(precision, device)
     model = task.build(config).to(device, memory_format=torch.channels_last_3d)
+    bottom = min(val_samples[0]["mask"].shape) // model.multiple
+    if precision == "bf16" and bottom < MIN_BF16_BOTTOM:
+        raise ValueError(
+            f"precision 'bf16' needs patches of at least {MIN_BF16_BOTTOM * model.multiple} "
+            f"voxels a side for this {task_name} ({min(val_samples[0]['mask'].shape)} give "
+            f"{bottom}^3 voxels at the U-Net's bottom, where bfloat16 batch statistics blow up "
+            f"the gradients); use a larger --patch or --precision fp32")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     step, wall, best = 0, 0.0, math.inf
     if resume:
