@@ -368,3 +368,63 @@ def test_precision_without_native_bf16(monkeypatch, caplog):
     assert "running in float32 instead" in caplog.text
     with pytest.raises(ValueError, match="precision must be"):
         inference.resolve_precision("fp16", "cpu", strict=False)
+
+
+def _vsharp_case(shape=(44, 40, 36), vox=(1.0, 1.1, 0.9)):
+    """Total field (ppm) of two strong spheres outside a spherical brain mask
+    (the background, harmonic in the mask) and two weak ones inside (the
+    local field), analytic; returns (total, local, background, mask)."""
+    from qsmprep.qsm.kernels import sphere_field
+
+    centre = np.array([(n - 1) / 2 for n in shape])
+    grid = np.stack(np.meshgrid(*[(np.arange(n) - c) * v for n, c, v in
+                                  zip(shape, centre, vox)], indexing="ij"))
+    mask = (grid**2).sum(0) <= 14.0**2
+    background = sum(sphere_field(shape, vox, 4.0, chi, center=centre + off)[0]
+                     for chi, off in ((8.0, (19, 0, 4)), (-5.0, (-3, 17, -12))))
+    local = sum(sphere_field(shape, vox, 3.0, chi, center=centre + off)[0]
+                for chi, off in ((0.2, (4, -3, 2)), (-0.1, (-5, 4, -1))))
+    return (background + local).astype(np.float32), local, background, mask
+
+
+def test_vsharp_operator_matches_classical_vsharp():
+    from qsmprep.qsm.bgremove import default_radii_mm, vsharp
+
+    vox = (1.0, 1.1, 0.9)
+    total, local, background, mask = _vsharp_case(vox=vox)
+    radii = default_radii_mm(vox, 8.0)
+    ref, ref_mask = vsharp(total, mask, vox, max_radius_mm=8.0)
+    op = DipoleOperator(mask.shape, vox, (0, 0, 1))
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[None, None]  # noqa: E731
+    out, covered = op.vsharp(t(total), t(mask), radii)
+    out, covered = out[0, 0].numpy(), covered[0, 0].numpy() > 0
+    # the same eroded mask (ball inside the mask), up to voxels on the sphere's edge
+    assert (covered != ref_mask).sum() <= 0.02 * ref_mask.sum()
+    both = covered & ref_mask
+    # the same local field up to the FFT grid of the global deconvolution
+    assert np.linalg.norm((out - ref)[both]) < 0.05 * np.linalg.norm(ref[both])
+    assert float(np.abs(out[~covered]).max()) == 0.0
+    # a background ~9x the local field (RMS in the mask) is removed: alone, it
+    # leaves < 6 % of the local field's norm
+    rms = lambda a: np.sqrt(np.mean(a[mask] ** 2))  # noqa: E731
+    assert rms(background) > 8 * rms(local)
+    residual = op.vsharp(t(background), t(mask), radii)[0][0, 0].numpy()
+    assert np.linalg.norm(residual[covered]) < 0.06 * np.linalg.norm(local[covered])
+
+
+def test_nextqsm_background_removal_starts_at_vsharp():
+    total, local, _, mask = _vsharp_case((32, 32, 32), (1, 1, 1))
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[None, None]  # noqa: E731
+    op = DipoleOperator(mask.shape, (1, 1, 1), (0, 0, 1))
+    torch.manual_seed(0)
+    vsharp = {"max_radius_mm": 8.0, "min_radius_mm": None, "threshold": 0.05}
+    model = NeXtQSM({"bfr": {**SMALL, "vsharp": vsharp}, "vn": {**SMALL, "steps": 1}}).eval()
+    first = next(m for m in model.bfr.modules() if isinstance(m, torch.nn.Conv3d))
+    assert first.in_channels == 4  # total field, mask, SMV high-pass, V-SHARP
+    with torch.no_grad():
+        prior = model.vsharp(t(total), t(mask), op)
+        assert torch.allclose(model.remove_background(t(total), t(mask), op), prior, atol=1e-7)
+        _perturb(model)
+        a = model.remove_background(t(total), t(mask), op)
+    assert not torch.allclose(a, prior, atol=1e-4)  # a real correction
+    assert float(a[t(mask) == 0].abs().max()) == 0.0

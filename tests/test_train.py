@@ -140,7 +140,7 @@ def test_export_ships_weights_card_and_tkd_baseline(tmp_path):
     assert (f"| chi | {val['val_nrmse_chi']:.2f} | {whole:.2f} | "
             f"{check['val_nrmse_chi']:.2f} |") in card
     # two steps from a zero-initialised residual head: still close to its TKD input
-    tkd_row = next(line for line in card.splitlines() if line.startswith("| TKD input"))
+    tkd_row = next(line for line in card.splitlines() if line.startswith("| chi: TKD input"))
     tkd_val = float(tkd_row.split("|")[2])
     assert abs(tkd_val - val["val_nrmse_chi"]) < 10
     from qsmprep.dl.unet import UNetQSM

@@ -62,33 +62,71 @@ class DipoleOperator:
         self.kernel = self._spectrum(lambda d: d)
         self.before = [(p - n) // 2 for n, p in zip(self.shape, self.padded)]
 
-    def _filter(self, x, spectrum):
+    def _forward(self, x):
+        """``rfftn`` of ``x`` zero-padded to the FFT grid."""
         if tuple(x.shape[-3:]) != self.shape:
             raise ValueError(f"DipoleOperator built for {self.shape}, got {tuple(x.shape[-3:])}")
         widths = []
         for b, n, p in reversed(list(zip(self.before, self.shape, self.padded))):
             widths += [b, p - n - b]
-        xp = F.pad(x, widths)
-        y = torch.fft.irfftn(torch.fft.rfftn(xp, dim=(-3, -2, -1)) * spectrum,
-                             s=self.padded, dim=(-3, -2, -1))
+        return torch.fft.rfftn(F.pad(x, widths), dim=(-3, -2, -1))
+
+    def _inverse(self, spectrum):
+        """``irfftn`` of a padded-grid spectrum, cropped back to ``shape``."""
+        y = torch.fft.irfftn(spectrum, s=self.padded, dim=(-3, -2, -1))
         (bx, by, bz), (nx, ny, nz) = self.before, self.shape
         return y[..., bx:bx + nx, by:by + ny, bz:bz + nz]
+
+    def _filter(self, x, spectrum):
+        return self._inverse(self._forward(x) * spectrum)
 
     def _spectrum(self, fn):
         """Half spectra ``[B, 1, X, Y, Z//2+1]`` of the filter ``fn(D)``."""
         half = [_half_spectrum(fn(d).astype(np.float32)) for d in self._full]
         return torch.from_numpy(np.stack(half)[:, None]).to(self.device)
 
+    @property
+    def voxel_size_mm(self):
+        """Voxel sizes (mm), ``(B, 3)``."""
+        return self._voxels
+
     def __call__(self, x):
         return self._filter(x, self.kernel)
+
+    def _smv_spectrum(self, radius_mm):
+        if radius_mm not in self._smv:
+            half = [_half_spectrum(smv_kernel(self.padded, v, radius_mm)) for v in self._voxels]
+            self._smv[radius_mm] = torch.from_numpy(np.stack(half)[:, None]).to(self.device)
+        return self._smv[radius_mm]
 
     def smv(self, x, radius_mm):
         """Spherical mean value of ``x`` over balls of ``radius_mm`` (the
         :func:`qsmprep.qsm.kernels.smv_kernel` of each item's voxel size)."""
-        if radius_mm not in self._smv:
-            half = [_half_spectrum(smv_kernel(self.padded, v, radius_mm)) for v in self._voxels]
-            self._smv[radius_mm] = torch.from_numpy(np.stack(half)[:, None]).to(self.device)
-        return self._filter(x, self._smv[radius_mm])
+        return self._filter(x, self._smv_spectrum(radius_mm))
+
+    def vsharp(self, field, mask, radii_mm, threshold=0.05):
+        """V-SHARP background removal on this grid (Wu et al. 2012; Schweser
+        et al. 2011), as :func:`qsmprep.qsm.bgremove.vsharp`: for radii from
+        large to small each voxel takes the high-pass ``f - S_r f`` of the
+        largest ``r`` whose ball lies in ``mask``; the result is deconvolved
+        by ``1 - S_rmax``, truncated where ``|1 - S| < threshold``.
+
+        ``field`` (ppm) and ``mask`` are ``[B, 1, X, Y, Z]``; ``radii_mm`` in
+        descending order. Returns ``(local_ppm, covered)``, both zero outside
+        the mask eroded by the smallest radius (``covered``, 0/1).
+        """
+        with torch.no_grad():
+            field_k, mask_k = self._forward(field * mask), self._forward(mask)
+            high_pass = torch.zeros_like(field)
+            covered = torch.zeros_like(mask)
+            for radius in radii_mm:
+                smv = self._smv_spectrum(float(radius))
+                inside = (self._inverse(mask_k * smv) > 0.999).to(mask.dtype) * mask * (1 - covered)
+                high_pass = high_pass + inside * self._inverse(field_k * (1 - smv))
+                covered = covered + inside
+            deconv = 1 - self._smv_spectrum(float(radii_mm[0]))
+            inverse = torch.where(deconv.abs() >= threshold, 1 / deconv, torch.zeros_like(deconv))
+            return self._filter(high_pass, inverse) * covered, covered
 
     def tikhonov(self, field, eps):
         """Closed-form Tikhonov inverse ``F^-1{D F f / (D^2 + eps)}`` (ppm)."""

@@ -6,6 +6,14 @@ Two networks, trainable end to end (total field -> local field -> chi):
   mask and, unless ``bfr.smv_radius_mm`` is None, the SMV high-pass of the
   total field inside the eroded mask, ``M_e (f - SMV f)`` (SHARP's
   background-free input, Schweser et al. 2011), to the local field (ppm);
+  with ``bfr.vsharp`` set (:data:`VSHARP_PRIOR`) it also gets the V-SHARP
+  local field (Wu et al. 2012) computed on the whole input, and outputs
+  ``V-SHARP + correction`` with the correction's output conv zeroed at
+  initialisation, so an untrained network is exactly V-SHARP (a deviation
+  from the paper, like the TKD channel of IR2QSM and the U-Net: the
+  deconvolution of the SMV high-pass is global, out of reach of a small
+  U-Net's receptive field, and the network learns only the correction,
+  including the rim V-SHARP erodes);
 * variational network (VN): ``K`` unrolled gradient steps on
   ``E_i(x) = lambda_i/2 ||M(Dx - f)||^2 + R(x)``::
 
@@ -47,13 +55,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..qsm.bgremove import default_radii_mm
 from .unet import UNet, mask_rms
+
+#: V-SHARP options of the background removal's closed-form input
+#: (``bfr.vsharp``; None: a U-Net without it, as until 2026-11-26)
+VSHARP_PRIOR = {"max_radius_mm": 12.0, "min_radius_mm": None, "threshold": 0.05}
 
 #: Architecture and scales: ``total_scale_ppm`` brings the total field to
 #: order 1; ``local_scale_ppm`` is the background-removal output scale when
 #: ``smv_radius_mm`` is None (otherwise the high-pass RMS is used).
 DEFAULT_CONFIG = {
-    "bfr": {"base": 12, "levels": 4, "smv_radius_mm": 5.0},
+    "bfr": {"base": 12, "levels": 4, "smv_radius_mm": 5.0, "vsharp": None},
     "vn": {"base": 12, "levels": 4, "steps": 3, "alpha0": 1.0, "lambda0": 2.0,
            "init_eps": 0.01},
     "total_scale_ppm": 1.0,
@@ -87,8 +100,13 @@ class NeXtQSM(nn.Module):
         super().__init__()
         self.config = merge_config(DEFAULT_CONFIG, config)
         c = self.config
-        self.bfr = UNet(2 if c["bfr"]["smv_radius_mm"] is None else 3, 1,
-                        base=c["bfr"]["base"], levels=c["bfr"]["levels"])
+        bfr = c["bfr"]
+        channels = 2 + (bfr["smv_radius_mm"] is not None) + (bfr.get("vsharp") is not None)
+        self.bfr = UNet(channels, 1, base=bfr["base"], levels=bfr["levels"])
+        if bfr.get("vsharp") is not None:
+            # the U-Net corrects V-SHARP: an untrained one returns V-SHARP
+            nn.init.zeros_(self.bfr.head.weight)
+            nn.init.zeros_(self.bfr.head.bias)
         vn = c["vn"]
         self.regulariser = UNet(2, 1, base=vn["base"], levels=vn["levels"])
         # R starts at zero: an untrained VN is Tikhonov + K data-consistency steps
@@ -109,13 +127,27 @@ class NeXtQSM(nn.Module):
         s_in, s_out = self.config["total_scale_ppm"], self.config["local_scale_ppm"]
         f = total * mask
         inputs = [f / s_in, mask]
-        radius = self.config["bfr"]["smv_radius_mm"]
+        cfg = self.config["bfr"]
+        radius = cfg["smv_radius_mm"]
         if radius is not None:
             eroded = (dipole.smv(mask, radius) > 0.999).to(f.dtype) * mask
             high_pass = (f - dipole.smv(f, radius)) * eroded
             s_out = mask_rms(high_pass, eroded)
             inputs.append(high_pass / s_out)
-        return apply(self.bfr, torch.cat(inputs, dim=1)) * s_out * mask
+        prior = 0
+        if cfg.get("vsharp") is not None:
+            prior = self.vsharp(f, mask, dipole)
+            inputs.append(prior / s_out)
+        return (prior + apply(self.bfr, torch.cat(inputs, dim=1)) * s_out) * mask
+
+    def vsharp(self, total, mask, dipole):
+        """The V-SHARP local field (ppm) that the background-removal U-Net
+        corrects (``bfr.vsharp`` options, as
+        :func:`qsmprep.qsm.bgremove.vsharp`), zero outside its eroded mask."""
+        opts = self.config["bfr"]["vsharp"]
+        voxel = dipole.voxel_size_mm.max(axis=0)
+        radii = default_radii_mm(voxel, opts["max_radius_mm"], opts["min_radius_mm"])
+        return dipole.vsharp(total, mask, radii, opts["threshold"])[0]
 
     def invert(self, local, mask, dipole, apply=_whole, return_steps=False):
         """Chi (ppm) from the local field (ppm) with the unrolled VN.

@@ -21,7 +21,7 @@ from ..dl.weights import MODELS_DIR, load_weights, save_file, save_weights, veri
 from ..sim.hybrid import hybrid_sample
 from .data import DATA, VALIDATION_PATCHES, VALIDATION_START, validation_set, whole_validation_set
 from .loop import VALIDATE_EVERY, to_batch
-from .tasks import TASKS, tkd_channel, validation_metrics
+from .tasks import TASKS, validation_metrics
 
 CHECK_CASE = "check_case.npz"
 #: The check case: held-out sample of this seed, 1 mm, 48^3.
@@ -50,14 +50,16 @@ def check_nrmse(task_name, model, models_dir=None):
     return validation_metrics(TASKS[task_name], model, [batch])
 
 
-def tkd_input_nrmse(task_name, model, batches):
-    """Mean NRMSE (%) of the TKD input channel alone (the starting point of the
-    residual networks IR2QSM and U-Net) over ``batches``; None for other models."""
-    if "tkd_threshold" not in getattr(model, "config", {}):
+def prior_nrmse(task_name, model, batches):
+    """Mean NRMSE (%) of the closed-form input that the network corrects (the
+    TKD channel of IR2QSM and the U-Net, NeXtQSM's V-SHARP local field) over
+    ``batches``: ``{output: NRMSE}``, or None for a model without one."""
+    task = TASKS[task_name]
+    if task.prior is None or task.prior(model, batches[0]) is None:
         return None
-    tkd_only = dataclasses.replace(
-        TASKS[task_name], predict=lambda m, b: {"chi": (tkd_channel(m, b), "chi")})
-    return validation_metrics(tkd_only, model, batches)["val_nrmse_chi"]
+    prior_only = dataclasses.replace(task, predict=task.prior)
+    return {k.replace("val_nrmse_", ""): v
+            for k, v in validation_metrics(prior_only, model, batches).items()}
 
 
 def run_config(run_dir):
@@ -104,16 +106,18 @@ def _retrain_command(task, cfg, ckpt):
     return f"qsmprep-train {task.name} --out runs/{task.name} {' '.join(opts)} --export"
 
 
-def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, tkd=None):
+def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=None):
 
     def cell(scores, key):
         return f"{scores[key]:.2f}" if key in scores else "–"
 
     rows = "\n".join(f"| {k.replace('val_nrmse_', '')} | {v:.2f} | {cell(whole, k)} | "
                      f"{cell(check, k)} |" for k, v in sorted(val.items()))
-    if tkd is not None:
-        rows += (f"\n| TKD input channel alone (threshold {ckpt['config']['tkd_threshold']}; "
-                 f"the untrained network) | " + " | ".join(f"{t:.2f}" for t in tkd) + " |")
+    if prior is not None:
+        label = task.prior_label.format(**ckpt["config"])
+        for key in sorted(prior[0]):
+            rows += (f"\n| {key}: {label} | "
+                     + " | ".join(f"{scores[key]:.2f}" for scores in prior) + " |")
     init = cfg.get("init")
     start = (f"initialised from `{init}` (the previously shipped weights when that is "
              "the package's file), then " if init else "")
@@ -175,12 +179,12 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
     meta.update(validation_nrmse=val, whole_head_nrmse=whole, check_case_nrmse=check)
     path = save_weights(name, shipped, meta, models_dir)
     n_params = sum(p.numel() for p in shipped.parameters())
-    tkd = tkd_input_nrmse(task_name, shipped, val_batches)
-    if tkd is not None:
+    prior = prior_nrmse(task_name, shipped, val_batches)
+    if prior is not None:
         check_batch = to_batch([check_case(models_dir)], device)
-        tkd = (tkd, tkd_input_nrmse(task_name, shipped, whole_batches),
-               tkd_input_nrmse(task_name, shipped, [check_batch]))
+        prior = (prior, prior_nrmse(task_name, shipped, whole_batches),
+                 prior_nrmse(task_name, shipped, [check_batch]))
     card = _card(name, task, run, cfg, ckpt, n_params, path.stat().st_size, val, check, whole,
-                 tkd)
+                 prior)
     save_file(f"{name}.md", card.encode(), models_dir)
     return val, check

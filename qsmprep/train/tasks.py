@@ -78,6 +78,15 @@ def nextqsm_bfr_predict(model, batch):
                       "local")}
 
 
+def vsharp_prior(model, batch):
+    """The V-SHARP local field (ppm) that NeXtQSM's background removal
+    corrects, or None for a model without it."""
+    if model.config["bfr"].get("vsharp") is None:
+        return None
+    m = batch["mask"]
+    return model.vsharp(batch["total"] * m, m, _dipole(batch, m.device))
+
+
 def _inputs(model, batch):
     return field_inputs(batch["local"], batch["mask"], batch["b0"], batch["voxel_size"],
                         model.config["tkd_threshold"])
@@ -102,6 +111,19 @@ def chi_predict(model, batch):
     return {"chi": (model(_inputs(model, batch)), "chi")}
 
 
+def _VSHARP(model, batch):
+    prior = vsharp_prior(model, batch)
+    return None if prior is None else {"local": (prior, "local")}
+
+
+def _TKD(model, batch):
+    return {"chi": (tkd_channel(model, batch), "chi")}
+
+
+_VSHARP_LABEL = "V-SHARP input alone (the untrained background removal)"
+_TKD_LABEL = "TKD input channel alone (threshold {tkd_threshold}; the untrained network)"
+
+
 @dataclass(frozen=True)
 class Task:
     """A trainable model: how to build it, its loss and its validation output."""
@@ -112,19 +134,25 @@ class Task:
     predict: Callable
     export_name: str | None
     description: str
+    #: ``(model, batch) -> {name: (map, truth key)}`` of the closed-form input
+    #: the network corrects (its output when untrained), or None
+    prior: Callable | None = None
+    prior_label: str = ""
 
 
 TASKS = {
     "nextqsm": Task("nextqsm", NeXtQSM, nextqsm_loss, nextqsm_predict, "nextqsm",
-                    "NeXtQSM joint background removal + variational network, end to end"),
+                    "NeXtQSM joint background removal + variational network, end to end",
+                    _VSHARP, _VSHARP_LABEL),
     "nextqsm-bfr": Task("nextqsm-bfr", NeXtQSM, nextqsm_bfr_loss, nextqsm_bfr_predict, None,
                         "NeXtQSM background-removal U-Net alone (pre-training; pass the "
-                        "checkpoint to `qsmprep-train nextqsm --init`)"),
+                        "checkpoint to `qsmprep-train nextqsm --init`)", _VSHARP, _VSHARP_LABEL),
     "ir2qsm": Task("ir2qsm", IR2QSM, ir2qsm_task_loss, chi_predict, "ir2qsm",
-                   "IR2QSM dipole inversion (residual correction of a TKD input channel)"),
+                   "IR2QSM dipole inversion (residual correction of a TKD input channel)",
+                   _TKD, _TKD_LABEL),
     "unet": Task("unet", UNetQSM, unet_loss, chi_predict, "unet",
                  "plain 3-D U-Net dipole inversion (IR2QSM's baseline; residual correction "
-                 "of a TKD input channel)"),
+                 "of a TKD input channel)", _TKD, _TKD_LABEL),
 }
 
 
