@@ -251,3 +251,44 @@ def test_bf16_training_learns_and_its_card_says_so(tmp_path):
     card = (tmp_path / "models" / "unet.md").read_text()
     assert "bfloat16 mixed-precision steps, float32 weights" in card
     assert "--precision bf16 --export" in card
+
+
+def test_prior_nrmse_is_the_untrained_networks_score():
+    """The card's closed-form row (V-SHARP for NeXtQSM's background removal,
+    TKD for IR2QSM and the U-Net) scores what an untrained network returns."""
+    from qsmprep.dl.nextqsm import VSHARP_PRIOR, NeXtQSM
+    from qsmprep.train.export import prior_nrmse
+    from qsmprep.train.loop import to_batch
+    from qsmprep.train.tasks import TASKS, validation_metrics
+
+    batches = [to_batch([_sample(i)], "cpu") for i in (5, 6)]
+    torch.manual_seed(0)
+    model = NeXtQSM({"bfr": {**SMALL, "vsharp": VSHARP_PRIOR}, "vn": {**SMALL, "steps": 1}})
+    untrained = validation_metrics(TASKS["nextqsm-bfr"], model, batches)["val_nrmse_local"]
+    assert prior_nrmse("nextqsm", model, batches) == {"local": pytest.approx(untrained, abs=1e-3)}
+    assert prior_nrmse("nextqsm", NeXtQSM({"bfr": {**SMALL, "vsharp": None},
+                                           "vn": {**SMALL, "steps": 1}}), batches) is None
+
+
+def test_init_takes_each_module_whole_or_not_at_all(tmp_path):
+    """NeXtQSM weights from before the V-SHARP channel: the variational
+    network is taken, the background removal (whose input layer changed)
+    starts fresh, i.e. exactly at V-SHARP, not from half its old weights."""
+    from qsmprep.dl.nextqsm import NeXtQSM
+
+    from qsmprep.dl.nextqsm import VSHARP_PRIOR
+
+    small = {"bfr": {**SMALL, "vsharp": VSHARP_PRIOR}, "vn": {**SMALL, "steps": 1}}
+    torch.manual_seed(1)
+    old = NeXtQSM({**small, "bfr": {**SMALL, "vsharp": None}})
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.1)
+    torch.save({"model": old.state_dict()}, tmp_path / "old.pt")
+    new, _ = train("nextqsm-bfr", tmp_path / "run", _stream, [_sample(7)], steps=0, config=small,
+                   init=tmp_path / "old.pt", progress=False)
+    for key, value in old.state_dict().items():
+        if not key.startswith("bfr."):
+            assert torch.equal(new.state_dict()[key], value), key
+    assert float(new.bfr.head.weight.detach().abs().max()) == 0.0  # still the V-SHARP start
+    assert not torch.equal(new.state_dict()["bfr.up.0.weight"], old.state_dict()["bfr.up.0.weight"])

@@ -120,7 +120,7 @@ def _fields(chi_local, chi_background, vox, b0, pad_factor, ambient):
 
 def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0, 1.0, 1.0),
                   voxel_size_range_mm=None, max_b0_angle_deg=30.0, max_rotation_deg=15.0,
-                  scale_range=(0.9, 1.1), elastic_mm=3.0, noise_ppm=(0.0, 0.01),
+                  scale_range=(0.9, 1.1), elastic_mm=3.0, noise_ppm=(0.0, 0.003),
                   background_poly_ppm=(0.0, 0.3), echo_times_s=None, field_strength_t=3.0,
                   snr=(40.0, 200.0), pad_factor=1.5, local_sources="patch",
                   background_sigma_mm=1.0, background_clearance_mm=3.0):
@@ -138,7 +138,10 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
         in angle and azimuth.
     max_rotation_deg, scale_range, elastic_mm : head deformation (rotation
         angle, per-axis scale, std of the smooth displacement).
-    noise_ppm : (lo, hi) std of Gaussian noise added to ``total_field``.
+    noise_ppm : (lo, hi) std of Gaussian noise added to ``total_field``
+        (ppm; in vivo multi-echo field maps at 3 T have about 0.001-0.003
+        ppm per voxel; until 2026-11-26 the default reached 0.01 ppm, about
+        the RMS of a brain's local field).
     background_poly_ppm : (lo, hi) amplitude of a 2nd-order polynomial field.
     echo_times_s : optional echo times (s): also return wrapped ``phase`` and
         ``magnitude`` (X, Y, Z, echo) at ``field_strength_t`` with a

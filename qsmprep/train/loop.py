@@ -125,7 +125,9 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     init : path, optional
         Checkpoint or shipped weights file (``qsmprep/data/models/<name>.pt``)
         whose matching weights initialise the model (e.g. a ``nextqsm-bfr``
-        pre-training run for ``nextqsm``, or the shipped weights to fine-tune).
+        pre-training run for ``nextqsm``, or the shipped weights to fine-tune);
+        each top-level module (NeXtQSM's ``bfr``, ``regulariser``, ...) is
+        taken whole when all its tensors fit, else left as initialised.
     checkpoint_every_s : float
         Seconds of wall time between checkpoints (also written at the end).
     stop_at, time_limit_s : int, float, optional
@@ -182,7 +184,14 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         src = {k: v.float() if v.is_floating_point() else v
                for k, v in src.get("model", src.get("state_dict", {})).items()}
         own = model.state_dict()
-        matching = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+        # a top-level module is taken whole or not at all: a network whose
+        # input layer changed (e.g. NeXtQSM's background removal gaining its
+        # V-SHARP channel) starts fresh instead of from half its old weights
+        fits = {}
+        for k, v in src.items():
+            part = k.split(".")[0]
+            fits[part] = fits.get(part, True) and k in own and own[k].shape == v.shape
+        matching = {k: v for k, v in src.items() if fits[k.split(".")[0]]}
         if not matching:
             raise ValueError(f"--init {init}: no weights of a {task_name} model in this file "
                              f"(expected a qsmprep-train checkpoint or shipped weights)")
