@@ -292,3 +292,18 @@ def test_init_takes_each_module_whole_or_not_at_all(tmp_path):
             assert torch.equal(new.state_dict()[key], value), key
     assert float(new.bfr.head.weight.detach().abs().max()) == 0.0  # still the V-SHARP start
     assert not torch.equal(new.state_dict()["bfr.up.0.weight"], old.state_dict()["bfr.up.0.weight"])
+
+
+def test_a_background_removal_run_ships_as_nextqsm(tmp_path):
+    from qsmprep.dl.nextqsm import VSHARP_PRIOR
+    from qsmprep.train.export import export
+
+    small = {"bfr": {**SMALL, "vsharp": VSHARP_PRIOR}, "vn": {**SMALL, "steps": 1}}
+    train("nextqsm-bfr", tmp_path / "run", _stream, [_sample(7)], steps=1, config=small,
+          validate_every=1, progress=False)
+    val, _ = export("nextqsm-bfr", tmp_path / "run", tmp_path / "models")
+    assert {"val_nrmse_local", "val_nrmse_chi", "val_nrmse_chi_dipole"} <= set(val)
+    card = (tmp_path / "models" / "nextqsm.md").read_text()
+    assert "trained with `qsmprep-train nextqsm-bfr`" in card
+    assert "Retrain: `qsmprep-train nextqsm-bfr " in card
+    assert "| local: V-SHARP input alone (the untrained background removal) |" in card

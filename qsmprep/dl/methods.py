@@ -111,12 +111,14 @@ def _feedforward(name, local, mask, voxel_size_mm, b0_dir, device, max_voxels, p
 @register(
     "bf_removal",
     "nextqsm",
-    summary="NeXtQSM learned background removal (3-D U-Net, shipped weights)",
-    citations=("cognolato2023nextqsm", "ronneberger2015unet"),
+    summary="NeXtQSM learned background removal (3-D U-Net correcting V-SHARP, shipped weights)",
+    citations=("cognolato2023nextqsm", "ronneberger2015unet", "wu2012vsharp"),
     defaults={"device": "auto", "max_voxels": None, "precision": "fp32"},
     description=(
         "The background field was removed with the NeXtQSM background-removal U-Net, "
-        "trained on hybrid simulated data (device: {device}, precision: {precision})."
+        "which corrects a V-SHARP estimate of the local field (SMV radii 12 mm down to two "
+        "voxels) and fills the rim V-SHARP erodes, trained on hybrid simulated data "
+        "(device: {device}, precision: {precision})."
     ),
 )
 def bfr_nextqsm(total_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",

@@ -59,14 +59,15 @@ from ..qsm.bgremove import default_radii_mm
 from .unet import UNet, mask_rms
 
 #: V-SHARP options of the background removal's closed-form input
-#: (``bfr.vsharp``; None: a U-Net without it, as until 2026-11-26)
+#: (``bfr.vsharp``; None: a U-Net without it, as in weights saved before
+#: 2026-11-26, whose configs lack the key: load those with ``"vsharp": None``)
 VSHARP_PRIOR = {"max_radius_mm": 12.0, "min_radius_mm": None, "threshold": 0.05}
 
 #: Architecture and scales: ``total_scale_ppm`` brings the total field to
 #: order 1; ``local_scale_ppm`` is the background-removal output scale when
 #: ``smv_radius_mm`` is None (otherwise the high-pass RMS is used).
 DEFAULT_CONFIG = {
-    "bfr": {"base": 12, "levels": 4, "smv_radius_mm": 5.0, "vsharp": None},
+    "bfr": {"base": 12, "levels": 4, "smv_radius_mm": 5.0, "vsharp": VSHARP_PRIOR},
     "vn": {"base": 12, "levels": 4, "steps": 3, "alpha0": 1.0, "lambda0": 2.0,
            "init_eps": 0.01},
     "total_scale_ppm": 1.0,

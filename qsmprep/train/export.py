@@ -155,14 +155,14 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
     """
     task = TASKS[task_name]
     if task.export_name is None:
-        raise ValueError(f"{task_name!r} is a pre-training stage and is not shipped; pass its "
-                         f"checkpoint to `qsmprep-train nextqsm --init`")
+        raise ValueError(f"{task_name!r} is not a shipped model")
+    name = task.export_name
+    scored = TASKS[name]  # the card scores every output of the shipped model
     run = Path(run_dir)
     path = run / "best.pt" if (run / "best.pt").exists() else run / "checkpoint.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = task.build(ckpt["config"])
     model.load_state_dict(ckpt["model"])
-    name = task.export_name
     cfg = run_config(run)
     meta = {"step": ckpt["step"], "wall_s": ckpt["wall_s"], "hardware": ckpt.get("hardware")}
     save_weights(name, model, meta, models_dir)
@@ -172,18 +172,18 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
     shipped.to(device)
     val_batches = [to_batch([s], device)
                    for s in validation_set(cfg["seed"], cfg["data"], cfg["validation"])]
-    val = validation_metrics(task, shipped, val_batches)
-    check = check_nrmse(task_name, shipped, models_dir)
+    val = validation_metrics(scored, shipped, val_batches)
+    check = check_nrmse(name, shipped, models_dir)
     whole_batches = [to_batch([s], device) for s in whole_validation_set(cfg["seed"], WHOLE_HEADS)]
-    whole = validation_metrics(task, shipped, whole_batches)
+    whole = validation_metrics(scored, shipped, whole_batches)
     meta.update(validation_nrmse=val, whole_head_nrmse=whole, check_case_nrmse=check)
     path = save_weights(name, shipped, meta, models_dir)
     n_params = sum(p.numel() for p in shipped.parameters())
-    prior = prior_nrmse(task_name, shipped, val_batches)
+    prior = prior_nrmse(name, shipped, val_batches)
     if prior is not None:
         check_batch = to_batch([check_case(models_dir)], device)
-        prior = (prior, prior_nrmse(task_name, shipped, whole_batches),
-                 prior_nrmse(task_name, shipped, [check_batch]))
+        prior = (prior, prior_nrmse(name, shipped, whole_batches),
+                 prior_nrmse(name, shipped, [check_batch]))
     card = _card(name, task, run, cfg, ckpt, n_params, path.stat().st_size, val, check, whole,
                  prior)
     save_file(f"{name}.md", card.encode(), models_dir)

@@ -144,9 +144,11 @@ TASKS = {
     "nextqsm": Task("nextqsm", NeXtQSM, nextqsm_loss, nextqsm_predict, "nextqsm",
                     "NeXtQSM joint background removal + variational network, end to end",
                     _VSHARP, _VSHARP_LABEL),
-    "nextqsm-bfr": Task("nextqsm-bfr", NeXtQSM, nextqsm_bfr_loss, nextqsm_bfr_predict, None,
-                        "NeXtQSM background-removal U-Net alone (pre-training; pass the "
-                        "checkpoint to `qsmprep-train nextqsm --init`)", _VSHARP, _VSHARP_LABEL),
+    "nextqsm-bfr": Task("nextqsm-bfr", NeXtQSM, nextqsm_bfr_loss, nextqsm_bfr_predict, "nextqsm",
+                        "NeXtQSM with its background-removal U-Net trained alone, on top of the "
+                        "variational network of its `--init` weights (or as pre-training: "
+                        "pass the checkpoint to `qsmprep-train nextqsm --init`)",
+                        _VSHARP, _VSHARP_LABEL),
     "ir2qsm": Task("ir2qsm", IR2QSM, ir2qsm_task_loss, chi_predict, "ir2qsm",
                    "IR2QSM dipole inversion (residual correction of a TKD input channel)",
                    _TKD, _TKD_LABEL),
