@@ -55,11 +55,12 @@ def prior_nrmse(task_name, model, batches):
     TKD channel of IR2QSM and the U-Net, NeXtQSM's V-SHARP local field) over
     ``batches``: ``{output: NRMSE}``, or None for a model without one."""
     task = TASKS[task_name]
-    if task.prior is None or task.prior(model, batches[0]) is None:
+    if task.prior is None:
         return None
-    prior_only = dataclasses.replace(task, predict=task.prior)
-    return {k.replace("val_nrmse_", ""): v
-            for k, v in validation_metrics(prior_only, model, batches).items()}
+    prior_only = dataclasses.replace(task, predict=lambda m, b: task.prior(m, b) or {})
+    scores = {k.replace("val_nrmse_", ""): v
+              for k, v in validation_metrics(prior_only, model, batches).items()}
+    return scores or None
 
 
 def run_config(run_dir):

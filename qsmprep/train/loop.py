@@ -187,11 +187,9 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         # a top-level module is taken whole or not at all: a network whose
         # input layer changed (e.g. NeXtQSM's background removal gaining its
         # V-SHARP channel) starts fresh instead of from half its old weights
-        fits = {}
-        for k, v in src.items():
-            part = k.split(".")[0]
-            fits[part] = fits.get(part, True) and k in own and own[k].shape == v.shape
-        matching = {k: v for k, v in src.items() if fits[k.split(".")[0]]}
+        misfits = {k.split(".")[0] for k, v in src.items()
+                   if k not in own or own[k].shape != v.shape}
+        matching = {k: v for k, v in src.items() if k.split(".")[0] not in misfits}
         if not matching:
             raise ValueError(f"--init {init}: no weights of a {task_name} model in this file "
                              f"(expected a qsmprep-train checkpoint or shipped weights)")

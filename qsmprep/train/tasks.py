@@ -79,12 +79,12 @@ def nextqsm_bfr_predict(model, batch):
 
 
 def vsharp_prior(model, batch):
-    """The V-SHARP local field (ppm) that NeXtQSM's background removal
-    corrects, or None for a model without it."""
+    """``{"local": (V-SHARP local field, "local")}``: the closed-form input
+    NeXtQSM's background removal corrects; None for a model without it."""
     if model.config["bfr"].get("vsharp") is None:
         return None
     m = batch["mask"]
-    return model.vsharp(batch["total"] * m, m, _dipole(batch, m.device))
+    return {"local": (model.vsharp(batch["total"], m, _dipole(batch, m.device)), "local")}
 
 
 def _inputs(model, batch):
@@ -92,9 +92,10 @@ def _inputs(model, batch):
                         model.config["tkd_threshold"])
 
 
-def tkd_channel(model, batch):
-    """The TKD input channel of IR2QSM / the U-Net (chi, ppm) for ``batch``."""
-    return _inputs(model, batch)[:, 5:6]
+def tkd_prior(model, batch):
+    """``{"chi": (TKD input channel, "chi")}``: the closed-form input IR2QSM
+    and the U-Net correct (chi, ppm)."""
+    return {"chi": (_inputs(model, batch)[:, 5:6], "chi")}
 
 
 def ir2qsm_task_loss(model, batch, step, total_steps, rng):
@@ -109,15 +110,6 @@ def unet_loss(model, batch, step, total_steps, rng):
 
 def chi_predict(model, batch):
     return {"chi": (model(_inputs(model, batch)), "chi")}
-
-
-def _VSHARP(model, batch):
-    prior = vsharp_prior(model, batch)
-    return None if prior is None else {"local": (prior, "local")}
-
-
-def _TKD(model, batch):
-    return {"chi": (tkd_channel(model, batch), "chi")}
 
 
 _VSHARP_LABEL = "V-SHARP input alone (the untrained background removal)"
@@ -143,18 +135,18 @@ class Task:
 TASKS = {
     "nextqsm": Task("nextqsm", NeXtQSM, nextqsm_loss, nextqsm_predict, "nextqsm",
                     "NeXtQSM joint background removal + variational network, end to end",
-                    _VSHARP, _VSHARP_LABEL),
+                    vsharp_prior, _VSHARP_LABEL),
     "nextqsm-bfr": Task("nextqsm-bfr", NeXtQSM, nextqsm_bfr_loss, nextqsm_bfr_predict, "nextqsm",
                         "NeXtQSM with its background-removal U-Net trained alone, on top of the "
                         "variational network of its `--init` weights (or as pre-training: "
                         "pass the checkpoint to `qsmprep-train nextqsm --init`)",
-                        _VSHARP, _VSHARP_LABEL),
+                        vsharp_prior, _VSHARP_LABEL),
     "ir2qsm": Task("ir2qsm", IR2QSM, ir2qsm_task_loss, chi_predict, "ir2qsm",
                    "IR2QSM dipole inversion (residual correction of a TKD input channel)",
-                   _TKD, _TKD_LABEL),
+                   tkd_prior, _TKD_LABEL),
     "unet": Task("unet", UNetQSM, unet_loss, chi_predict, "unet",
                  "plain 3-D U-Net dipole inversion (IR2QSM's baseline; residual correction "
-                 "of a TKD input channel)", _TKD, _TKD_LABEL),
+                 "of a TKD input channel)", tkd_prior, _TKD_LABEL),
 }
 
 
