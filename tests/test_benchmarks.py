@@ -123,6 +123,12 @@ def test_update_replaces_only_the_rerun_rows(tmp_path, tiny_results):
     text = accuracy.render(merged)
     assert "| nextqsm + nextqsm | tiny | 10.0 |" in text and "| 70.3 |" in text  # QSM-CI
     assert "Re-run on 2026-11-26 with `--update` (rows of tkd, unet; 1.0 min)" in text
+    merged["updates"].append({"date": "2026-11-27", "methods": None, "skip": ["nextqsm"],
+                              "stages": ["bf_removal", "joint"], "wall_s": 120.0,
+                              "note": "phantoms fixed"})
+    assert ("Re-run on 2026-11-27 with `--update` (rows of every method but nextqsm in the "
+            "background field removal, background removal + dipole inversion stages; 2.0 min; "
+            "phantoms fixed)") in accuracy.render(merged)
 
 
 def test_joint_pairs_run_when_one_of_their_methods_is_kept():

@@ -72,7 +72,7 @@ def oblique_affine(affine, b0_dir):
 
 
 def simulate_acquisition(phantom, echo_times_s, field_strength_t=3.0, *, b0_dir=(0.0, 0.0, 1.0),
-                         snr=100.0, shim_order=2, rng=None):
+                         snr=100.0, shim_order=2, background_sigma_mm=1.0, rng=None):
     """Simulate a multi-echo GRE acquisition of ``phantom``.
 
     Parameters
@@ -84,11 +84,16 @@ def simulate_acquisition(phantom, echo_times_s, field_strength_t=3.0, *, b0_dir=
     snr : mean first-echo magnitude in the brain over the noise std.
     shim_order : degree of the polynomial removed from the total field over
         the brain (a scanner shim); None keeps the raw field.
+    background_sigma_mm : anti-aliasing (mm) of the sources outside the
+        brain before their field is computed, so that the background field is
+        harmonic in the brain (:func:`~qsmprep.sim.forward.antialias_background`);
+        0 keeps them voxelised.
     rng : int, Generator or None (phase offset and noise).
     """
     rng = as_rng(rng)
     vox, mask = phantom.voxel_size_mm, phantom.brain_mask
-    field = total_field(phantom.chi_ppm, vox, b0_dir, chi_ambient_ppm=phantom.chi_ambient_ppm)
+    field = total_field(phantom.chi_ppm, vox, b0_dir, chi_ambient_ppm=phantom.chi_ambient_ppm,
+                        brain_mask=mask, background_sigma_mm=background_sigma_mm)
     if shim_order is not None:
         field = shim(field, mask, vox, shim_order)
     offset = smooth_phase_offset(field.shape, vox, rng)

@@ -20,12 +20,38 @@ Conventions (as in the QSM Challenge 2.0, Marques et al. MRM 2021):
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from ..qsm.kernels import dipole_convolve
 
 
+def antialias_background(chi_ppm, brain_mask, voxel_size_mm, sigma_mm=1.0, *,
+                         chi_ambient_ppm=0.0):
+    """``chi_ppm`` with the sources outside ``brain_mask`` smoothed by a
+    Gaussian of standard deviation ``sigma_mm`` (mm); chi in the brain as is.
+
+    The FFT dipole field of a voxelised source is that of its band-limited
+    (sinc-interpolated) version, whose Gibbs ringing reaches into the brain:
+    with air at ~10 ppm against tissue, the background field of a voxelised
+    head is not harmonic in the brain (measured on the Challenge 2.0 head at
+    1 mm with B0 tilted 20 degrees: V-SHARP of the background alone left 67 %
+    of the local field's norm 6 mm inside the brain; 0.8 % with ``sigma_mm`` =
+    1; on the hybrid training heads 80-130 % and 1-3 %). A real voxel
+    averages a continuous, harmonic background, which the smoothing stands
+    for. The Gaussian acts on ``chi - chi_ambient_ppm`` with the edge values
+    continued, and mixes the brain's own chi into the voxels around it
+    (partial volume).
+    """
+    chi = np.asarray(chi_ppm, np.float32)
+    if sigma_mm <= 0:
+        return chi
+    sigma = [sigma_mm / v for v in np.broadcast_to(voxel_size_mm, (3,))]
+    smooth = ndimage.gaussian_filter(chi - np.float32(chi_ambient_ppm), sigma, mode="nearest")
+    return np.where(brain_mask, chi, smooth + np.float32(chi_ambient_ppm)).astype(np.float32)
+
+
 def total_field(chi_ppm, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, chi_ambient_ppm=0.0,
-                pad_factor=2.0):
+                brain_mask=None, background_sigma_mm=1.0, pad_factor=2.0):
     """Field (ppm) of a whole head whose surroundings have ``chi_ambient_ppm``.
 
     Parameters
@@ -36,10 +62,19 @@ def total_field(chi_ppm, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, chi_ambient_p
         directions are exact, no resampling).
     chi_ambient_ppm : float, chi outside the field of view (air: 9.2 ppm
         relative to water in the Challenge model).
+    brain_mask : (X, Y, Z) bool array or None. When given, the sources
+        outside it are anti-aliased with ``background_sigma_mm``
+        (:func:`antialias_background`), so that the background field is
+        harmonic in the brain, as a real one is; None keeps chi as voxelised.
+    background_sigma_mm : float, see ``brain_mask``; 0 keeps chi as is.
     pad_factor : float, FFT zero padding factor (2: no wrap-around).
     """
-    chi = np.asarray(chi_ppm, np.float32) - np.float32(chi_ambient_ppm)
-    return dipole_convolve(chi, voxel_size_mm, b0_dir, pad_factor=pad_factor)
+    chi = np.asarray(chi_ppm, np.float32)
+    if brain_mask is not None:
+        chi = antialias_background(chi, brain_mask, voxel_size_mm, background_sigma_mm,
+                                   chi_ambient_ppm=chi_ambient_ppm)
+    return dipole_convolve(chi - np.float32(chi_ambient_ppm), voxel_size_mm, b0_dir,
+                           pad_factor=pad_factor)
 
 
 def local_field(chi_ppm, brain_mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, pad_factor=2.0):

@@ -40,7 +40,7 @@ from scipy.spatial.transform import Rotation
 from ..qsm.fft import fast_shape, fftn, ifftn, pad
 from ..qsm.kernels import dipole_kernel
 from .acquisition import tilted_b0
-from .forward import random_harmonic_field
+from .forward import antialias_background, random_harmonic_field
 from .phantoms import (AIR, BONE, CSF, MUSCLE, PARENCHYMA, _challenge_arrays, _lookup,
                        _M0, _R2STAR_3T, chi_reference, smooth_noise)
 from .signal import magnitude_phase, multi_echo_signal, smooth_phase_offset
@@ -80,24 +80,13 @@ def _random_shape(shape, vox, rng, size_mm):
 
 def _smooth_background(chi, mask, local_mask, ambient, vox, sigma_mm):
     """The background sources: chi outside the brain ``mask`` anti-aliased by
-    a Gaussian of ``sigma_mm`` (brain chi outside ``local_mask``, in the
-    margin of a patch, as it is), zero in ``local_mask``.
-
-    The FFT dipole field of a voxelised source is that of its band-limited
-    (sinc-interpolated) version, whose ringing reaches into the brain: with
-    air at ~10 ppm against tissue, the field of the unsmoothed sources was
-    not harmonic in the brain (measured on whole deformed heads at 1 mm:
-    V-SHARP of the background alone left 80-130 % of the local field's norm
-    6 mm inside the brain; 1-3 % with ``sigma_mm`` = 1 and the random sources
-    kept 3 mm from the brain, as on the benchmark phantoms). A real voxel
-    averages a continuous, harmonic background, which the smoothing stands
-    for.
-    """
-    outside = np.asarray(chi, np.float32)
-    if sigma_mm > 0:  # partial volume with the neighbours, brain included
-        sigma = [sigma_mm / v for v in vox]
-        smooth = ndimage.gaussian_filter(outside - ambient, sigma, mode="nearest") + ambient
-        outside = np.where(mask, outside, smooth)
+    a Gaussian of ``sigma_mm`` (:func:`~qsmprep.sim.forward.antialias_background`;
+    brain chi outside ``local_mask``, in the margin of a patch, as it is), zero
+    in ``local_mask``. Unsmoothed, the background of whole deformed heads at
+    1 mm was not harmonic in the brain (V-SHARP of it alone left 80-130 % of
+    the local field's norm 6 mm inside the brain; 1-3 % with ``sigma_mm`` = 1
+    and the random sources kept 3 mm from the brain)."""
+    outside = antialias_background(chi, mask, vox, sigma_mm, chi_ambient_ppm=ambient)
     return np.where(local_mask, 0, outside).astype(np.float32)
 
 
