@@ -79,6 +79,12 @@ def test_learning_rate_schedule():
     assert learning_rate(run_fraction(0, 100), 1e-3) == 1e-3
     assert learning_rate(run_fraction(100, 100), 1e-3) == 5e-5
     assert learning_rate(run_fraction(50, 100), 1e-3) < learning_rate(run_fraction(25, 100), 1e-3)
+    # warm-up: linear from lr / n over the first n steps, then the cosine schedule
+    assert learning_rate(run_fraction(0, 100), 1e-3, 0, 10) == pytest.approx(1e-4)
+    assert learning_rate(run_fraction(4, 100), 1e-3, 4, 10) == pytest.approx(
+        0.5 * learning_rate(run_fraction(4, 100), 1e-3))
+    assert learning_rate(run_fraction(10, 100), 1e-3, 10, 10) == learning_rate(
+        run_fraction(10, 100), 1e-3)
     # a time budget ends the schedule when it runs out before the steps do
     assert run_fraction(10, 100, wall_s=30.0, time_budget_s=60.0) == 0.5
     assert run_fraction(80, 100, wall_s=30.0, time_budget_s=60.0) == 0.8
@@ -91,13 +97,14 @@ def test_a_time_budget_ends_the_run_validated_and_the_card_says_so(tmp_path):
     budget = 1.5
     train("unet", tmp_path / "run", _stream, [_sample(7)], steps=100000, config=SMALL,
           log_every=1, validate_every=100000, progress=False, time_budget_s=budget,
-          data_options={"patch_size": 40})
+          data_options={"patch_size": 40}, warmup_steps=2)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert 0 < state["step"] < 100000 and budget <= state["wall_s"] < budget + 1.0
     rows = _rows(tmp_path / "run" / "metrics.csv")
     # the last step is validated (best.pt exists) and ran at the decayed rate
     assert rows[-1]["val_nrmse_chi"] and (tmp_path / "run" / "best.pt").exists()
-    assert float(rows[-1]["lr"]) < 0.1 * float(rows[0]["lr"])
+    assert float(rows[0]["lr"]) < float(rows[1]["lr"])  # warming up
+    assert float(rows[-1]["lr"]) < 0.1 * float(rows[1]["lr"])
     # the card reports the run as sized by time and retrains it the same way
     # (export scores 40^3 validation patches, as the run recorded)
     export("unet", tmp_path / "run", tmp_path / "models")
@@ -105,6 +112,7 @@ def test_a_time_budget_ends_the_run_validated_and_the_card_says_so(tmp_path):
     assert f"a run of 2 s of training steps ({state['step']} steps)" in card
     assert "--patch 40 --time-budget 2" in card and '"patch_size": 40' in card
     assert "--validate-every 100000" in card  # the run's validation interval, not the default
+    assert "--warmup 2" in card and "linear warm-up over 2 steps" in card
 
 
 def test_init_from_shipped_weights_and_clear_error_on_a_foreign_file(tmp_path):

@@ -41,6 +41,9 @@ def build_parser():
     p.add_argument("--batch", type=int, default=1, help="samples per step")
     p.add_argument("--patch", type=int, help="patch edge (voxels); default per model")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=0,
+                   help="steps of linear learning-rate warm-up (e.g. 20 when fine-tuning "
+                   "with --init)")
     p.add_argument("--config", type=json.loads, default=None,
                    help='architecture overrides as JSON, e.g. \'{"base": 16}\'')
     p.add_argument("--validation", type=int, default=VALIDATION_PATCHES,
@@ -85,6 +88,7 @@ def main(argv=None):
           checkpoint_every_s=args.checkpoint_every, validate_every=args.validate_every,
           time_limit_s=args.time_limit, time_budget_s=args.time_budget,
           progress=not args.no_progress, data_options=options, precision=args.precision,
+          warmup_steps=args.warmup,
           whole_samples=whole_validation_set(args.seed, args.validation_whole))
     if args.export:
         val, check = export(args.model, args.out, args.models_dir, device)

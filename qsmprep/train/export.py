@@ -86,6 +86,11 @@ _PRECISION_TEXT = {"fp32": "float32 steps",
                    "bf16": "bfloat16 mixed-precision steps, float32 weights"}
 
 
+def _warmup_text(cfg):
+    n = cfg.get("warmup_steps")
+    return f" (linear warm-up over {n} steps)" if n else ""
+
+
 def _retrain_command(task, cfg, ckpt):
     opts = [f"--steps {cfg['steps']}", f"--batch {cfg['batch_size']}", f"--seed {cfg['seed']}"]
     if cfg["data"].get("patch_size") != DATA[task.name].get("patch_size"):
@@ -94,6 +99,8 @@ def _retrain_command(task, cfg, ckpt):
         opts.append(f"--time-budget {cfg['time_budget_s']:.0f}")
     if cfg["lr"] != 1e-3:
         opts.append(f"--lr {cfg['lr']}")
+    if cfg.get("warmup_steps"):
+        opts.append(f"--warmup {cfg['warmup_steps']}")
     if cfg.get("init"):
         opts.append(f"--init {cfg['init']}")
     if cfg["validation"] != VALIDATION_PATCHES:
@@ -133,7 +140,7 @@ def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=N
 | architecture | `{json.dumps(ckpt['config'])}` |
 | parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
 | training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(cfg['data'])}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
-| steps | {start}{ckpt['step']}: the checkpoint with {selected} of {_run_length(run, cfg)} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']} cosine-decayed over the run, {_PRECISION_TEXT[cfg.get('precision', 'fp32')]}) |
+| steps | {start}{ckpt['step']}: the checkpoint with {selected} of {_run_length(run, cfg)} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']}{_warmup_text(cfg)} cosine-decayed over the run, {_PRECISION_TEXT[cfg.get('precision', 'fp32')]}) |
 | wall time | {ckpt['wall_s'] / 3600:.2f} h of training steps up to this checkpoint |
 | hardware | {ckpt.get('hardware', 'unknown')} |
 | exported | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |

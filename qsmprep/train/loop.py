@@ -58,9 +58,13 @@ def run_fraction(step, total_steps, wall_s=0.0, time_budget_s=None):
     return min(frac, 1.0)
 
 
-def learning_rate(frac, lr):
-    """Cosine decay from ``lr`` to ``lr / 20`` over the run (``frac`` of it done)."""
-    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+def learning_rate(frac, lr, step=0, warmup_steps=0):
+    """Cosine decay from ``lr`` to ``lr / 20`` over the run (``frac`` of it
+    done), after a linear warm-up over the first ``warmup_steps`` steps (for
+    fine-tuning trained weights, whose fresh Adam state would otherwise take
+    full-size steps while its moment estimates are still poor)."""
+    rate = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return rate * min(1.0, (step + 1) / warmup_steps) if warmup_steps else rate
 
 
 def _csv_writer(fh, path, keys, new_log, resumed_step=0):
@@ -102,7 +106,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
           seed=0, config=None, lr=1e-3, resume=None, init=None, checkpoint_every_s=300.0,
           validate_every=VALIDATE_EVERY, log_every=10, stop_at=None, time_limit_s=None,
           time_budget_s=None, progress=True, whole_samples=None, data_options=None,
-          precision="fp32"):
+          precision="fp32", warmup_steps=0):
     """Train model ``task_name`` (a key of :data:`~qsmprep.train.tasks.TASKS`).
 
     Parameters
@@ -200,7 +204,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
          "seed": seed, "lr": lr, "init": str(init) if init else None,
          "time_budget_s": time_budget_s, "data": data_options,
          "validation": len(val_samples), "validate_every": validate_every,
-         "precision": precision}, indent=2))
+         "precision": precision, "warmup_steps": warmup_steps}, indent=2))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels
     val_batches = [to_batch([s], device) for s in val_samples]
@@ -232,7 +236,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         writer = None
         while step < stop_at and not done():
             t0 = time.monotonic()
-            rate = learning_rate(run_fraction(step, steps, wall, time_budget_s), lr)
+            rate = learning_rate(run_fraction(step, steps, wall, time_budget_s), lr, step,
+                                 warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = rate
             batch = to_batch([next(samples) for _ in range(batch_size)], device)
