@@ -126,10 +126,11 @@ def build_case(name, description, builder, voxel_size_mm, field_strength_t, echo
     The background-removal input is the unshimmed total field (its truth, the
     local field, is then exact); the phase carries the shimmed field, a smooth
     phase offset, R2* decay and noise (``simulate_acquisition``). Both
-    anti-alias the sources outside the brain (1 mm Gaussian,
-    :func:`qsmprep.sim.forward.antialias_background`) so that the background
-    field is harmonic in the brain (until 2026-11-26 it was not: V-SHARP of
-    the background alone left 67 % of the local field on the 20-degree head).
+    smooth the chi outside the brain (1 mm Gaussian partial volume,
+    :func:`qsmprep.sim.forward.smooth_outside`; the acquisition its M0 too) so
+    that the background field is harmonic in the brain (until 2026-11-26 it
+    was not: V-SHARP of the background alone left 67 % of the local field on
+    the 20-degree head).
     """
     from qsmprep.qsm.mask import bbox_slices
     from qsmprep.sim import acquisition, forward, phantoms
@@ -227,14 +228,27 @@ def pipeline_variants(quick):
     return variants
 
 
+def selection(methods=None, skip=()):
+    """``keep(name)`` of ``--methods`` and ``--skip``. A name may join methods
+    with ``+`` (a joint pair, the methods a pipeline variant changes): it is
+    left out when it or one of its methods is skipped, and kept when no
+    methods are given or when it or one of its methods is."""
+    def keep(name):
+        parts = [name, *name.split("+")]
+        if any(p in skip for p in parts):
+            return False
+        return not methods or any(p in methods for p in parts)
+    return keep
+
+
 def selected_variants(variants, keep):
-    """The pipeline variants (first: the default) that change a kept method
-    from the default; the default itself when one of its methods is kept."""
+    """The pipeline variants (first: the default) whose changed methods
+    (``keep("vsharp+tv")``) are kept; the default itself when its methods are."""
     default = next(iter(variants.values()))
     out = {}
     for label, methods in variants.items():
         own = [m for stage, m in methods.items() if m != default[stage]]
-        if any(keep(m) for m in own or default.values()):
+        if keep("+".join(own or default.values())):
             out[label] = methods
     return out
 
@@ -276,10 +290,10 @@ def joint(case, bfr, inversion):
 
 
 def run_case(case, stages, quick=False, keep=lambda name: True):
-    """All rows of one phantom; ``keep(name)`` selects the methods to run: a
-    joint pair runs when one of its methods or the pair (``"vsharp+tv"``) is
-    kept, a pipeline variant when a method it changes from the default is
-    kept (the default pipeline when one of its own methods is)."""
+    """All rows of one phantom; ``keep(name)`` (:func:`selection`) selects the
+    methods to run, the joint pairs (``keep("vsharp+tv")``) and the pipeline
+    variants (by the methods they change from the default, the default by its
+    own)."""
     from qsmprep.qsm import registry
 
     rows = []
@@ -295,7 +309,7 @@ def run_case(case, stages, quick=False, keep=lambda name: True):
                 b0_dir=case.b0_dir, magnitude=case.magnitude), case.chi, case.labels))
     if "joint" in stages:
         for bfr, inv in JOINT_PAIRS:
-            if keep(bfr) or keep(inv) or keep(f"{bfr}+{inv}"):
+            if keep(f"{bfr}+{inv}"):
                 rows.append(score_row("joint", f"{bfr} + {inv}", case,
                                       lambda b=bfr, i=inv: joint(case, b, i),
                                       case.chi, case.labels))
@@ -459,7 +473,7 @@ def main(argv=None):
             "field_strength_t": case.field_strength_t, "echo_times_s": list(case.echo_times_s)})
         results["rows"] += run_case(
             case, args.stages, args.quick,
-            keep=lambda n: n not in args.skip and (not args.methods or n in args.methods))
+            keep=selection(args.methods, args.skip))
         wall = time.perf_counter() - started
         if saved is None:
             results["total_wall_s"] = wall

@@ -141,12 +141,15 @@ def test_joint_pairs_run_when_one_of_their_methods_is_kept():
     local = np.where(mask, dipole_convolve(chi, (1, 1, 1)), 0).astype(np.float32)
     case = accuracy.Case("sphere", "", (1.0,) * 3, (0.0, 0.0, 1.0), 3.0, (0.004,), mask, None,
                          chi, local + 0.01 * grid[0] / 12, local, None, None)
-    rows = accuracy.run_case(case, ["joint"], keep=lambda n: n == "vsharp")
+    rows = accuracy.run_case(case, ["joint"], keep=accuracy.selection(["vsharp"]))
     assert [r["method"] for r in rows] == ["vsharp + tv"]
     assert rows[0]["stage"] == "joint" and rows[0]["status"] == "ok", rows[0].get("error")
     assert rows[0]["metrics"]["nrmse"] < 80  # a linear background is removed, chi recovered
     assert [r["method"] for r in accuracy.run_case(
-        case, ["joint"], keep=lambda n: n == "pdf+ilsqr")] == ["pdf + ilsqr"]
+        case, ["joint"], keep=accuracy.selection(["pdf+ilsqr"]))] == ["pdf + ilsqr"]
+    # a pair with a skipped method is left out, whatever else is kept
+    assert [r["method"] for r in accuracy.run_case(
+        case, ["joint"], keep=accuracy.selection(["vsharp", "pdf"], skip=["tv"]))] == ["pdf + ilsqr"]
 
 
 def test_pipeline_variants_selected_by_the_methods_they_change():
@@ -155,11 +158,13 @@ def test_pipeline_variants_selected_by_the_methods_they_change():
     assert labels[0].startswith("default:")
     ir2qsm = "bf_removal=vsharp, inversion=ir2qsm"
     assert "bf_removal=nextqsm, inversion=nextqsm" in labels and ir2qsm in labels
-    dl = accuracy.selected_variants(variants, lambda m: m in ("nextqsm", "ir2qsm"))
+    dl = accuracy.selected_variants(variants, accuracy.selection(["nextqsm", "ir2qsm"]))
     assert list(dl) == ["bf_removal=nextqsm, inversion=nextqsm", ir2qsm]
-    default_only = accuracy.selected_variants(variants, lambda m: m == "pdf")
+    default_only = accuracy.selected_variants(variants, accuracy.selection(["pdf"]))
     assert list(default_only) == [labels[0]]  # pdf is the default's, not a change
     assert accuracy.selected_variants(variants, lambda m: True) == variants
+    no_dl = accuracy.selected_variants(variants, accuracy.selection(skip=["nextqsm", "ir2qsm"]))
+    assert list(no_dl) == [v for v in labels if "nextqsm" not in v and "ir2qsm" not in v]
 
 
 def test_invivo_high_pass_rms_sees_noise_not_smooth_fields():

@@ -149,3 +149,29 @@ def test_total_field_matches_qsm_forward():
     ours = ours - ours[m].mean()
     nrmse = np.linalg.norm(ours[m] - theirs[m]) / np.linalg.norm(theirs[m])
     assert nrmse < 0.01
+
+
+def test_partial_volume_outside_the_brain_holds_for_field_and_signal_alike():
+    """Outside the brain the acquisition smooths chi (for a harmonic
+    background) and M0 alike: a voxel whose chi took in part of the air
+    around it also loses part of its signal. With M0 left voxelised, such
+    voxels kept full signal and a strong source, entered the BET mask, and
+    the whole-pipeline NRMSE of the 1 mm MNI head rose from 67 to 81 %."""
+    from qsmprep.sim.acquisition import simulate_acquisition
+    from qsmprep.sim.forward import smooth_outside
+
+    head = challenge_head(2.0, rng=0)
+    mask = np.asarray(head.brain_mask, bool)
+
+    def first_echo(sigma):
+        acq = simulate_acquisition(head, (0.004,), snr=1e6, b0_dir=tilted_b0(20.0),
+                                   background_sigma_mm=sigma, rng=1)
+        return acq.magnitude[..., 0]
+
+    sharp, smooth = first_echo(0.0), first_echo(2.0)  # one voxel, to see it at 2 mm
+    chi_mixed = smooth_outside(head.chi_ppm, mask, head.voxel_size_mm, 2.0,
+                               ambient=head.chi_ambient_ppm) - head.chi_ppm
+    part_air = ~mask & (head.m0 > 0.1) & (chi_mixed > 1.0)  # tissue that took in air
+    assert part_air.sum() > 100
+    assert np.median(smooth[part_air] / sharp[part_air]) < 0.95  # 1.07 with M0 voxelised
+    assert np.median(smooth[mask] / sharp[mask]) == pytest.approx(1.0, abs=0.01)

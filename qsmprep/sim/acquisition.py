@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .forward import local_field, shim, total_field
+from .forward import local_field, shim, smooth_outside, total_field
 from .phantoms import as_rng
 from .signal import magnitude_phase, multi_echo_signal, smooth_phase_offset
 
@@ -84,10 +84,11 @@ def simulate_acquisition(phantom, echo_times_s, field_strength_t=3.0, *, b0_dir=
     snr : mean first-echo magnitude in the brain over the noise std.
     shim_order : degree of the polynomial removed from the total field over
         the brain (a scanner shim); None keeps the raw field.
-    background_sigma_mm : anti-aliasing (mm) of the sources outside the
-        brain before their field is computed, so that the background field is
-        harmonic in the brain (:func:`~qsmprep.sim.forward.antialias_background`);
-        0 keeps them voxelised.
+    background_sigma_mm : partial volume (mm) of the voxels outside the brain
+        (:func:`~qsmprep.sim.forward.smooth_outside`), applied to chi before
+        its field is computed, so that the background field is harmonic in
+        the brain, and to M0, so that the signal agrees with that chi (a voxel
+        that holds part air has part of the signal); 0 keeps both voxelised.
     rng : int, Generator or None (phase offset and noise).
     """
     rng = as_rng(rng)
@@ -97,7 +98,8 @@ def simulate_acquisition(phantom, echo_times_s, field_strength_t=3.0, *, b0_dir=
     if shim_order is not None:
         field = shim(field, mask, vox, shim_order)
     offset = smooth_phase_offset(field.shape, vox, rng)
-    signal = multi_echo_signal(field, phantom.m0, phantom.r2star_hz * (field_strength_t / 3.0),
+    m0 = smooth_outside(phantom.m0, mask, vox, background_sigma_mm)
+    signal = multi_echo_signal(field, m0, phantom.r2star_hz * (field_strength_t / 3.0),
                                echo_times_s, field_strength_t, phase_offset_rad=offset,
                                snr=snr, mask=mask, rng=rng)
     magnitude, phase = magnitude_phase(signal)

@@ -40,7 +40,7 @@ from scipy.spatial.transform import Rotation
 from ..qsm.fft import fast_shape, fftn, ifftn, pad
 from ..qsm.kernels import dipole_kernel
 from .acquisition import tilted_b0
-from .forward import antialias_background, random_harmonic_field
+from .forward import random_harmonic_field, smooth_outside
 from .phantoms import (AIR, BONE, CSF, MUSCLE, PARENCHYMA, _challenge_arrays, _lookup,
                        _M0, _R2STAR_3T, chi_reference, smooth_noise)
 from .signal import magnitude_phase, multi_echo_signal, smooth_phase_offset
@@ -80,13 +80,13 @@ def _random_shape(shape, vox, rng, size_mm):
 
 def _smooth_background(chi, mask, local_mask, ambient, vox, sigma_mm):
     """The background sources: chi outside the brain ``mask`` anti-aliased by
-    a Gaussian of ``sigma_mm`` (:func:`~qsmprep.sim.forward.antialias_background`;
+    a Gaussian of ``sigma_mm`` (:func:`~qsmprep.sim.forward.smooth_outside`;
     brain chi outside ``local_mask``, in the margin of a patch, as it is), zero
     in ``local_mask``. Unsmoothed, the background of whole deformed heads at
     1 mm was not harmonic in the brain (V-SHARP of it alone left 80-130 % of
     the local field's norm 6 mm inside the brain; 1-3 % with ``sigma_mm`` = 1
     and the random sources kept 3 mm from the brain)."""
-    outside = antialias_background(chi, mask, vox, sigma_mm, chi_ambient_ppm=ambient)
+    outside = smooth_outside(chi, mask, vox, sigma_mm, ambient=ambient)
     return np.where(local_mask, 0, outside).astype(np.float32)
 
 
