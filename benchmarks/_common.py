@@ -29,14 +29,16 @@ WHOLE_HEAD_SHAPE = (160, 192, 160)
 def unseen_head(shape=WHOLE_HEAD_SHAPE):
     """The unseen-anatomy phantom of the speed benchmarks: the MNI head at 1 mm
     (seed 0, never used in training) cropped to ``shape``, with its total field
-    (the head in air) and local field (of chi in the brain mask), both ppm,
-    B0 along the third axis. Returns ``(phantom, total_ppm, local_ppm)``."""
+    (the head in air, the chi outside the brain smoothed as in
+    :func:`qsmprep.sim.forward.total_field`) and local field (of chi in the
+    brain mask), both ppm, B0 along the third axis. Returns ``(phantom, total_ppm, local_ppm)``."""
     from qsmprep.sim import forward
     from qsmprep.sim.phantoms import crop, mni_head
 
     head = crop(mni_head(1.0, rng=0), shape)
     vox = head.voxel_size_mm
-    total = forward.total_field(head.chi_ppm, vox, chi_ambient_ppm=head.chi_ambient_ppm)
+    total = forward.total_field(head.chi_ppm, vox, chi_ambient_ppm=head.chi_ambient_ppm,
+                                brain_mask=head.brain_mask)
     local = forward.local_field(head.chi_ppm, head.brain_mask, vox)
     return head, total, local
 
