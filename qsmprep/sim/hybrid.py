@@ -145,8 +145,9 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
         of which lies outside the patch (a dipole inversion of the patch
         cannot recover it).
     background_sigma_mm : std (mm) of a Gaussian applied to the chi outside
-        the brain (relative to the ambient air) before its field is computed;
-        0 keeps the voxelised sources. See :func:`_smooth_background`.
+        the brain (relative to the ambient air) before its field is computed,
+        and to M0 of the ``magnitude`` (with ``echo_times_s``); 0 keeps the
+        voxelised sources. See :func:`_smooth_background`.
     background_clearance_mm : the random strong sources outside the brain
         stay at least this far from the brain mask (anatomy keeps CSF, skull
         and meninges between the brain and air or bone).
@@ -230,7 +231,9 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
         "index": np.int64(index),
     }
     if echo_times_s is not None:
-        m0, r2s = _lookup(_M0, labels), _lookup(_R2STAR_3T, labels) * (field_strength_t / 3)
+        # M0 with the partial volume of the background's chi, as in simulate_acquisition
+        m0 = smooth_outside(_lookup(_M0, labels), mask, vox, background_sigma_mm)
+        r2s = _lookup(_R2STAR_3T, labels) * (field_strength_t / 3)
         offset = smooth_phase_offset(total.shape, vox, rng)
         signal = multi_echo_signal(local + background, m0, r2s, echo_times_s, field_strength_t,
                                    phase_offset_rad=offset, snr=rng.uniform(*snr),
