@@ -124,7 +124,8 @@ class Task:
     build: Callable
     loss: Callable
     predict: Callable
-    export_name: str | None
+    #: the shipped model its runs export as (``nextqsm-bfr`` ships a whole NeXtQSM)
+    export_name: str
     description: str
     #: ``(model, batch) -> {name: (map, truth key)}`` of the closed-form input
     #: the network corrects (its output when untrained), or None
