@@ -282,9 +282,7 @@ def test_init_takes_each_module_whole_or_not_at_all(tmp_path):
     """NeXtQSM weights from before the V-SHARP channel: the variational
     network is taken, the background removal (whose input layer changed)
     starts fresh, i.e. exactly at V-SHARP, not from half its old weights."""
-    from qsmprep.dl.nextqsm import NeXtQSM
-
-    from qsmprep.dl.nextqsm import VSHARP_PRIOR
+    from qsmprep.dl.nextqsm import VSHARP_PRIOR, NeXtQSM
 
     small = {"bfr": {**SMALL, "vsharp": VSHARP_PRIOR}, "vn": {**SMALL, "steps": 1}}
     torch.manual_seed(1)
