@@ -123,3 +123,20 @@ def test_cli_writes_a_valid_bids_dataset(tmp_path):
     assert np.median(np.abs(resid)) < 0.1
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "raw" and desc["BIDSVersion"]
+
+
+def test_texture_amplitude_is_a_floor_plus_a_fraction_of_chi():
+    """Two flat tissues (0 and 0.3 ppm): the texture's std in each is
+    ``floor + relative * |chi|``; nothing is added outside the brain."""
+    from qsmprep.sim.phantoms import add_texture
+
+    chi = np.zeros((64, 64, 64), np.float32)
+    chi[32:] = 0.3
+    brain = np.zeros(chi.shape, bool)
+    brain[4:60, 4:60, 4:60] = True
+    out = add_texture(chi, brain, (1.0, 1.0, 1.0), np.random.default_rng(0),
+                      floor_ppm=0.01, relative=0.2, fwhm_mm=2.0)
+    low, high = brain & (chi == 0), brain & (chi > 0)
+    assert np.std(out[low]) == pytest.approx(0.01, rel=0.15)
+    assert np.std(out[high]) == pytest.approx(0.01 + 0.2 * 0.3, rel=0.15)
+    np.testing.assert_array_equal(out[~brain], chi[~brain])

@@ -313,3 +313,31 @@ def test_a_background_removal_run_ships_as_nextqsm(tmp_path):
     assert "trained with `qsmprep-train nextqsm-bfr`" in card
     assert "Retrain: `qsmprep-train nextqsm-bfr " in card
     assert "| local: V-SHARP input alone (the untrained background removal) |" in card
+
+
+def test_a_variational_network_run_trains_the_vn_alone_and_ships_as_nextqsm(tmp_path):
+    """``nextqsm-vn`` learns chi from the true local field: the VN's weights
+    and step sizes move, the background removal of ``--init`` stays bit for
+    bit, and the run exports a whole NeXtQSM."""
+    from qsmprep.dl.nextqsm import VSHARP_PRIOR, NeXtQSM
+    from qsmprep.train.export import export
+
+    small = {"bfr": {**SMALL, "vsharp": VSHARP_PRIOR}, "vn": {**SMALL, "steps": 2}}
+    torch.manual_seed(2)
+    start = NeXtQSM(small)
+    with torch.no_grad():
+        for p in start.bfr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"model": start.state_dict()}, tmp_path / "start.pt")
+    model, _ = train("nextqsm-vn", tmp_path / "run", _stream, [_sample(7)], steps=6, lr=1e-2,
+                     config=small, init=tmp_path / "start.pt", validate_every=6, progress=False)
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    assert np.isfinite(float(rows[-1]["val_nrmse_chi_dipole"]))
+    for key, value in start.state_dict().items():
+        if key.startswith("bfr."):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert not torch.equal(model.alpha_raw, start.alpha_raw)
+    assert float(model.regulariser.head.weight.detach().abs().max()) > 0
+    export("nextqsm-vn", tmp_path / "run", tmp_path / "models")
+    card = (tmp_path / "models" / "nextqsm.md").read_text()
+    assert "trained with `qsmprep-train nextqsm-vn`" in card

@@ -119,6 +119,23 @@ def smooth_noise(shape, voxel_size_mm, fwhm_mm, rng):
     return field / max(float(field.std()), 1e-12)
 
 
+def add_texture(chi, brain, voxel_size_mm, rng, *, floor_ppm=0.005, relative=0.1,
+                fwhm_mm=3.0):
+    """``chi`` (ppm) plus smooth random texture in ``brain``.
+
+    The texture is a unit Gaussian random field smoothed to ``fwhm_mm``
+    (:func:`smooth_noise`) times a local amplitude ``floor_ppm + relative *
+    |chi|`` (ppm): tissue with strong susceptibility varies more than tissue
+    near zero, and no tissue varies by more than a fraction of its contrast to
+    its neighbours. The benchmark phantoms use the defaults; the hybrid
+    training samples draw the three parameters around them
+    (:func:`qsmprep.sim.hybrid.hybrid_sample`). 0 outside ``brain``.
+    """
+    amplitude = floor_ppm + relative * np.abs(chi)
+    return chi + np.where(brain, amplitude * smooth_noise(chi.shape, voxel_size_mm, fwhm_mm, rng),
+                          0)
+
+
 def _ball_offsets(radius_vox):
     r = int(np.ceil(radius_vox.max()))
     g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1].reshape(3, -1).T
@@ -194,8 +211,7 @@ def _decorate(labels, brain, base_chi, vox, rng, *, texture, vessels, lesions):
     labels = labels.copy()
     chi = base_chi.astype(np.float32)
     if texture:
-        amplitude = 0.005 + 0.1 * np.abs(chi)
-        chi += np.where(brain, amplitude * smooth_noise(chi.shape, vox, 3.0, rng), 0)
+        chi = add_texture(chi, brain, vox, rng)
     parenchyma = brain & np.isin(labels, PARENCHYMA)
     if vessels:
         tubes = random_vessels(parenchyma, vox, rng)

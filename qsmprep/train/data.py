@@ -27,6 +27,7 @@ VALIDATION_PATCHES = 8
 DATA = {
     "nextqsm": {"patch_size": 48, "voxel_size_range_mm": (0.85, 1.25)},
     "nextqsm-bfr": {"patch_size": 48, "voxel_size_range_mm": (0.85, 1.25)},
+    "nextqsm-vn": {"patch_size": 48, "voxel_size_range_mm": (0.85, 1.25)},
     "ir2qsm": {"patch_size": 32, "voxel_size_range_mm": (0.85, 1.25)},
     "unet": {"patch_size": 32, "voxel_size_range_mm": (0.85, 1.25)},
 }

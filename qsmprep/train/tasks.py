@@ -62,6 +62,19 @@ def nextqsm_bfr_loss(model, batch, step, total_steps, rng):
     return loss, {"loss_local": float(loss.detach())}
 
 
+def nextqsm_vn_loss(model, batch, step, total_steps, rng):
+    """MAE of chi from the true local field only (the VN trained alone)."""
+    m = batch["mask"]
+    chi = model.invert(batch["local"], m, _dipole(batch, m.device))
+    loss = _normalised_mae(chi, batch["chi"], m)
+    return loss, {"loss_chi": float(loss.detach())}
+
+
+def nextqsm_vn_predict(model, batch):
+    m = batch["mask"]
+    return {"chi_dipole": (model.invert(batch["local"], m, _dipole(batch, m.device)), "chi")}
+
+
 def nextqsm_predict(model, batch):
     """Validation: local field and chi from the total field (joint), and chi
     from the true local field (the dipole stage alone)."""
@@ -142,6 +155,9 @@ TASKS = {
                         "variational network of its `--init` weights (or as pre-training: "
                         "pass the checkpoint to `qsmprep-train nextqsm --init`)",
                         vsharp_prior, _VSHARP_LABEL),
+    "nextqsm-vn": Task("nextqsm-vn", NeXtQSM, nextqsm_vn_loss, nextqsm_vn_predict, "nextqsm",
+                       "NeXtQSM with its variational network trained alone on true local "
+                       "fields, under the background removal of its `--init` weights"),
     "ir2qsm": Task("ir2qsm", IR2QSM, ir2qsm_task_loss, chi_predict, "ir2qsm",
                    "IR2QSM dipole inversion (residual correction of a TKD input channel)",
                    tkd_prior, _TKD_LABEL),
