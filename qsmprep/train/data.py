@@ -60,7 +60,7 @@ def validation_set(seed, options, n=VALIDATION_PATCHES):
 WHOLE_VALIDATION_START = VALIDATION_START + 10**6
 
 
-def whole_validation_set(seed, n=2, voxel_size_mm=1.0, multiple=16):
+def whole_validation_set(seed, n=2, voxel_size_mm=1.0, multiple=16, **sample_options):
     """Held-out *whole* deformed heads (1 mm, random B0 tilt), cropped to the
     brain's bounding box plus 6 voxels and zero-padded to ``multiple``.
 
@@ -68,14 +68,16 @@ def whole_validation_set(seed, n=2, voxel_size_mm=1.0, multiple=16):
     learned on patches need not help (measured: a U-Net better than its TKD
     input on patches was worse on whole heads), so checkpoints are selected
     on these. Still the training anatomy (the Challenge head, deformed),
-    never the MNI benchmark head.
+    never the MNI benchmark head. ``sample_options`` go to
+    :func:`~qsmprep.sim.hybrid.hybrid_sample` (e.g. another texture model,
+    ``benchmarks/training_data.py``).
     """
     from ..qsm.mask import bbox_slices
 
     out = []
     for i in range(n):
         s = hybrid_sample(WHOLE_VALIDATION_START + i, seed=seed, patch_size=None,
-                          voxel_size_mm=voxel_size_mm)
+                          voxel_size_mm=voxel_size_mm, **sample_options)
         box = bbox_slices(s["mask"] > 0, margin=6)
         pads = [(0, -(sl.stop - sl.start) % multiple) for sl in box]
         for key in ("chi", "mask", "local_field", "total_field"):
