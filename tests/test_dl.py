@@ -428,3 +428,61 @@ def test_nextqsm_background_removal_starts_at_vsharp():
         a = model.remove_background(t(total), t(mask), op)
     assert not torch.allclose(a, prior, atol=1e-4)  # a real correction
     assert float(a[t(mask) == 0].abs().max()) == 0.0
+
+
+def _ellipsoids(shape, vox, b0, seed=0):
+    """chi of a few flat ellipsoids in a box mask, its local field (ppm)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    chi = np.zeros(shape, np.float32)
+    for _ in range(6):
+        c, a = rng.uniform(8, np.asarray(shape) - 8), rng.uniform(3, 7, 3)
+        chi[(((grid - c) / a) ** 2).sum(-1) <= 1] = rng.uniform(-0.1, 0.2)
+    mask = np.zeros(shape, bool)
+    mask[3:-3, 3:-3, 3:-3] = True
+    chi *= mask
+    return chi, mask, dipole_convolve(chi, vox, b0) * mask
+
+
+def test_tv_operator_matches_classical_tv_and_starts_the_vn():
+    """The batched TV-ADMM of the VN's start is the registry's ``tv`` (up to
+    the FFT grid), per batch item; an untrained VN (R = 0) starts there and
+    its data-consistency steps are exact gradient steps from it."""
+    from qsmprep.dl.nextqsm import TV_START
+    from qsmprep.qsm.inversion import tv_admm
+    from qsmprep.qsm.metrics import nrmse
+
+    vox, b0, shape = (1.0, 1.1, 0.9), (0.1, 0.2, 0.97), (40, 36, 32)
+    chi, mask, local = _ellipsoids(shape, vox, b0)
+    ref = tv_admm(local, mask, vox, b0_dir=b0)
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))[None, None]  # noqa: E731
+    op = DipoleOperator(shape, vox, b0)
+    out = op.tv(t(local), t(mask), **TV_START)[0, 0].numpy()
+    # the same solution up to the FFT grid (the classical one pads the mask's
+    # bounding box; TV couples the volume to its padding): as close to the
+    # truth, and within 10 % of each other
+    assert abs(nrmse(out, chi, mask) - nrmse(ref, chi, mask)) < 1.0
+    assert nrmse(out, ref, mask) < 10.0
+    assert float(np.abs(out[~mask]).max()) == 0.0
+    assert nrmse(out, chi, mask) < 0.8 * nrmse(op.tkd(t(local))[0, 0].numpy(), chi, mask)
+    # per item: a batch of two fields and two B0 directions gives each one's TV
+    other = _ellipsoids(shape, vox, (0.0, 0.0, 1.0), seed=1)[2]
+    both = DipoleOperator(shape, vox, [b0, (0.0, 0.0, 1.0)])
+    pair = both.tv(torch.cat([t(local), t(other)]), torch.cat([t(mask)] * 2))
+    alone = DipoleOperator(shape, vox, (0.0, 0.0, 1.0)).tv(t(other), t(mask))
+    assert torch.allclose(pair[:1], op.tv(t(local), t(mask)), atol=1e-6)
+    assert torch.allclose(pair[1:], alone, atol=1e-6)
+
+    model = NeXtQSM({"bfr": SMALL, "vn": {**SMALL, "steps": 1}}).eval()
+    assert model.config["vn"]["init_tv"] == TV_START
+    with torch.no_grad():
+        x0 = model.start(t(local), t(mask), op)
+        chi1 = model.invert(t(local), t(mask), op)
+    assert torch.equal(x0, op.tv(t(local), t(mask), **TV_START))
+    alpha, lam = [float(torch.nn.functional.softplus(p[0].detach())) for p in
+                  (model.alpha_raw, model.lambda_raw)]
+    step = (x0 - alpha * lam * op.data_gradient(x0, t(local), t(mask))) * t(mask)
+    assert torch.allclose(chi1, step, atol=1e-6)
+    tikhonov = NeXtQSM({"bfr": SMALL, "vn": {**SMALL, "init_tv": None}})
+    assert torch.allclose(tikhonov.start(t(local), t(mask), op),
+                          op.tikhonov(t(local), 0.01) * t(mask))

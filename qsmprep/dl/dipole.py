@@ -132,6 +132,25 @@ class DipoleOperator:
         """Closed-form Tikhonov inverse ``F^-1{D F f / (D^2 + eps)}`` (ppm)."""
         return self._filter(field, self._spectrum(lambda d: d / (d**2 + eps)))
 
+    def tv(self, field, mask, lam=2e-4, rho=None, max_iter=40, tol=3e-3):
+        """Total-variation dipole inversion by ADMM (Bilgic et al. 2014) of
+        each volume of ``field`` (ppm, ``[B, 1, X, Y, Z]``) on this grid, as
+        :func:`qsmprep.qsm.inversion.tv_admm` with the same options; no
+        gradient; zero outside ``mask``."""
+        from ..qsm.inversion import _admm_tv
+
+        rho = 100.0 * lam if rho is None else float(rho)
+        with torch.no_grad():
+            field_k = self._forward(field.float() * mask)
+            items = []
+            for b in range(field.shape[0]):
+                d = self.kernel[min(b, self.kernel.shape[0] - 1), 0]
+                items.append(_admm_tv(d**2, d * field_k[b, 0], self.padded, lam, rho,
+                                      max_iter, tol))
+            (bx, by, bz), (nx, ny, nz) = self.before, self.shape
+            x = torch.stack(items)[:, None, bx:bx + nx, by:by + ny, bz:bz + nz]
+            return x * mask
+
     def tkd(self, field, threshold=0.15):
         """Thresholded k-space division ``F^-1{F f / D}`` with ``1/D`` replaced by
         ``sign(D)/threshold`` where ``|D| < threshold`` (``D(0) = 0`` gives 0),

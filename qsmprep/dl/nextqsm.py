@@ -17,7 +17,7 @@ Two networks, trainable end to end (total field -> local field -> chi):
 * variational network (VN): ``K`` unrolled gradient steps on
   ``E_i(x) = lambda_i/2 ||M(Dx - f)||^2 + R(x)``::
 
-      x_0 = M . F^-1{D F f / (D^2 + eps)}     (Tikhonov; the paper: x_0 = 0)
+      x_0 = TV-ADMM(f)                       (``init_tv``; the paper: x_0 = 0)
       x_{i+1} = (x_i - alpha_i [lambda_i D^T(M(D x_i - f)) + R(x_i, f)]) . M
 
   with one U-Net regulariser ``R`` shared by all steps and learned positive
@@ -34,9 +34,16 @@ patches' contrast is treated like one with the same contrast (with fixed
 scales, networks trained on high-contrast patches add their learned
 correction at full amplitude to low-contrast brains). Two deviations from the
   paper, both to learn a useful network within a CPU budget: the iterations
-  start from the closed-form Tikhonov solution (``init_eps``; ``None``
-  starts from 0 as published), and ``R`` also sees the local field ``f`` as
-  a second channel.
+  start from a classical solution, and ``R`` also sees the local field ``f``
+  as a second channel. The start is the TV-ADMM solution (Bilgic et al.
+  2014) with the options ``vn.init_tv`` (:data:`TV_START`; the registry's
+  ``tv`` defaults), so that an untrained VN (``R`` = 0) is TV followed by
+  ``K`` data-consistency steps and the network learns a correction of TV,
+  as the background removal corrects V-SHARP; with ``init_tv`` None the
+  closed-form Tikhonov solution ``M . F^-1{D F f / (D^2 + eps)}``
+  (``init_eps``; the weights shipped until 2026-11-27, whose configs lack
+  ``init_tv``: load those with ``"init_tv": None``), with ``init_eps`` None
+  too, 0 as published.
 
 The published network uses 6 steps and 16..512 filters (~39 M parameters);
 the default configuration here is sized for CPU training and a GPU user
@@ -63,13 +70,16 @@ from .unet import UNet, mask_rms
 #: 2026-11-26, whose configs lack the key: load those with ``"vsharp": None``)
 VSHARP_PRIOR = {"max_radius_mm": 12.0, "min_radius_mm": None, "threshold": 0.05}
 
+#: TV-ADMM options of the VN's start (``vn.init_tv``; None: Tikhonov)
+TV_START = {"lam": 2e-4, "max_iter": 40, "tol": 3e-3}
+
 #: Architecture and scales: ``total_scale_ppm`` brings the total field to
 #: order 1; ``local_scale_ppm`` is the background-removal output scale when
 #: ``smv_radius_mm`` is None (otherwise the high-pass RMS is used).
 DEFAULT_CONFIG = {
     "bfr": {"base": 12, "levels": 4, "smv_radius_mm": 5.0, "vsharp": VSHARP_PRIOR},
     "vn": {"base": 12, "levels": 4, "steps": 3, "alpha0": 1.0, "lambda0": 2.0,
-           "init_eps": 0.01},
+           "init_eps": 0.01, "init_tv": TV_START},
     "total_scale_ppm": 1.0,
     "local_scale_ppm": 0.05,
 }
@@ -160,14 +170,23 @@ class NeXtQSM(nn.Module):
         alphas, lambdas = F.softplus(self.alpha_raw), F.softplus(self.lambda_raw)
         f = local * mask
         s = mask_rms(f, mask)
-        eps = self.config["vn"]["init_eps"]
-        x = torch.zeros_like(f) if eps is None else dipole.tikhonov(f, eps) * mask
+        x = self.start(f, mask, dipole)
         steps = []
         for alpha, lam in zip(alphas, lambdas):
             reg = apply(self.regulariser, torch.cat([x / s, f / s], dim=1)) * s
             x = (x - alpha * (lam * dipole.data_gradient(x, f, mask) + reg)) * mask
             steps.append(x)
         return (x, steps) if return_steps else x
+
+    def start(self, local, mask, dipole):
+        """The VN's first iterate ``x_0`` (ppm) from the masked local field:
+        TV-ADMM (``vn.init_tv``), else Tikhonov (``vn.init_eps``), else 0."""
+        vn = self.config["vn"]
+        if vn.get("init_tv") is not None:
+            return dipole.tv(local, mask, **vn["init_tv"])
+        if vn["init_eps"] is not None:
+            return dipole.tikhonov(local, vn["init_eps"]) * mask
+        return torch.zeros_like(local)
 
     def forward(self, total, mask, dipole, apply=_whole):
         """(local field, chi), both ppm, from the total field (ppm)."""
