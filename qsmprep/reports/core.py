@@ -259,14 +259,15 @@ _TEX_ACCENTS = {'{\\"u}': "ü", '{\\"a}': "ä", '{\\"o}': "ö", "{\\'e}": "é", 
 
 
 def parse_bib(text):
-    """Entries of a BibTeX file: ``{key: {"type": ..., field: value}}``.
+    """Entries of a BibTeX file: ``{key: {"type": ..., field: value, "raw": entry}}``.
 
     Handles the plain ``field = {value}`` / ``field = "value"`` style of
-    ``qsmprep/data/boilerplate.bib``; braces inside values are removed.
+    ``qsmprep/data/boilerplate.bib``; braces inside values are removed;
+    ``raw`` is the entry's BibTeX text.
     """
     entries = {}
     for match in re.finditer(r"@(\w+)\s*\{\s*([^,\s]+)\s*,(.*?)\n\}", text, re.DOTALL):
-        fields = {"type": match.group(1).lower()}
+        fields = {"type": match.group(1).lower(), "raw": match.group(0)}
         for fm in re.finditer(r"(\w+)\s*=\s*(\{(?:[^{}]|\{[^{}]*\})*\}|\"[^\"]*\"|\d+)",
                               match.group(3)):
             value = fm.group(2).strip('"')
@@ -287,6 +288,11 @@ def _short_authors(authors):
     return " and ".join([", ".join(last[:-1]), last[-1]]) if len(last) > 1 else last[0]
 
 
+def reference_venue(entry):
+    """Where a work appeared: journal, proceedings (booktitle) or publisher."""
+    return entry.get("journal") or entry.get("booktitle") or entry.get("publisher") or ""
+
+
 def format_reference(entry):
     """One reference as HTML: authors (year). Title. Journal volume:pages. doi."""
     esc = html.escape
@@ -294,7 +300,7 @@ def format_reference(entry):
     title = entry.get("title") or entry.get("note")
     if title:
         parts.append(esc(title) + ("" if title[-1] in ".?!" else "."))
-    venue = entry.get("journal") or entry.get("booktitle") or entry.get("publisher")
+    venue = reference_venue(entry)
     if venue:
         vol = entry.get("volume", "")
         pages = entry.get("pages", "").replace("--", "–")

@@ -22,6 +22,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..__about__ import __url__, __version__
 from ..interfaces.bids import STAGING, DerivativesDataSink
+from ..reports.core import parse_bib, reference_venue
 from ..utils.files import write_text
 
 #: files and folders of the output directory that are not BIDS
@@ -147,23 +148,11 @@ def write_citations(boilerplate, output_dir):
     return logs / "CITATION.md"
 
 
-def parse_bib(text):
-    """``{key: {field: value, ..., "raw": entry}}`` of a simple BibTeX file."""
-    entries = {}
-    for match in re.finditer(r"@\w+\{([^,]+),(.*?)\n\}", text, flags=re.S):
-        key, body = match.group(1).strip(), match.group(2)
-        fields = {
-            f.lower(): re.sub(r"[{}]", "", v).strip()
-            for f, v in re.findall(r"(\w+)\s*=\s*\{((?:[^{}]|\{[^{}]*\})*)\}", body)
-        }
-        fields["raw"] = match.group(0)
-        entries[key] = fields
-    return entries
-
-
 def _format_reference(e):
     authors = e.get("author", "").split(" and ")
     first = authors[0].split(",")[0] if authors and authors[0] else "Anonymous"
     who = first + (" et al." if len(authors) > 1 else "")
     doi = f" doi:{e['doi']}" if e.get("doi") else ""
-    return f"{who} ({e.get('year', 'n.d.')}). {e.get('title', '')}. *{e.get('journal', '')}*.{doi}"
+    venue = reference_venue(e)
+    venue = f" *{venue}*." if venue else ""
+    return f"{who} ({e.get('year', 'n.d.')}). {e.get('title', '')}.{venue}{doi}"
