@@ -43,6 +43,9 @@ DEFAULT_CONFIG = {
     "iterations": 4,
     "aux_weights": [0.0625, 0.125, 0.25, 0.5],
     "tkd_threshold": TKD_THRESHOLD,
+    #: None: the estimate the network corrects is TKD; options of
+    #: :func:`qsmprep.qsm.inversion.tv_admm`: TV-ADMM (:func:`field_inputs`)
+    "init_tv": None,
 }
 
 

@@ -101,7 +101,7 @@ class UNet(nn.Module):
 TKD_THRESHOLD = 0.15
 
 #: Channels of the network input (:func:`normalised_inputs`): local field,
-#: mask, three B0-direction channels, TKD estimate.
+#: mask, three B0-direction channels, TKD (or TV) estimate.
 IN_CHANNELS = 6
 
 
@@ -112,27 +112,50 @@ def mask_rms(x, mask, floor=1e-6):
     return (num / mask.sum(dim=(1, 2, 3, 4), keepdim=True).clamp(min=1)).sqrt().clamp(min=floor)
 
 
-def field_inputs(local, mask, b0_dirs, voxel_size_mm=(1.0, 1.0, 1.0), tkd_threshold=TKD_THRESHOLD):
+def field_inputs(local, mask, b0_dirs, voxel_size_mm=(1.0, 1.0, 1.0), tkd_threshold=TKD_THRESHOLD,
+                 init_tv=None):
     """Model input ``[B, 7, X, Y, Z]``: local field (ppm), mask, the B0
-    direction (voxel axes) as three channels constant inside the mask, the
-    TKD estimate of chi (ppm) from the masked local field, and its RMS over
-    the mask (ppm, constant inside the mask: the input scale).
+    direction (voxel axes) as three channels constant inside the mask, a
+    closed-form estimate of chi (ppm) from the masked local field, and its RMS
+    over the mask (ppm, constant inside the mask: the input scale).
 
+    The estimate is TKD (``tkd_threshold``) or, when ``init_tv`` is a dict of
+    options of :func:`qsmprep.qsm.inversion.tv_admm`, TV-ADMM (the models'
+    ``init_tv`` config, as NeXtQSM's variational network starts from TV).
     ``local`` and ``mask`` are ``[B, 1, X, Y, Z]``; ``b0_dirs`` is ``(3,)`` or
     ``(B, 3)`` (normalised here); ``voxel_size_mm`` ``(3,)`` or ``(B, 3)``.
-    The TKD channel and the scale are computed here, on the whole volume
-    given (true voxel size and B0 direction,
-    :meth:`qsmprep.dl.dipole.DipoleOperator.tkd`), so that tiled inference
-    tiles channels computed once on the whole head.
+    The estimate and the scale are computed here, on the whole volume
+    given (true voxel size and B0 direction), so that tiled inference tiles
+    channels computed once on the whole head.
     """
     b = torch.as_tensor(b0_dirs, dtype=local.dtype).reshape(-1, 3).to(local.device)
     b = b / b.norm(dim=1, keepdim=True)
     field = local * mask
-    dipole = DipoleOperator(local.shape[-3:], np.asarray(voxel_size_mm, dtype=np.float64),
-                            b.detach().cpu().double().numpy(), device=local.device)
-    chi_tkd = dipole.tkd(field, tkd_threshold).to(local.dtype) * mask
+    if init_tv is None:
+        dipole = DipoleOperator(local.shape[-3:], np.asarray(voxel_size_mm, dtype=np.float64),
+                                b.detach().cpu().double().numpy(), device=local.device)
+        chi0 = dipole.tkd(field, tkd_threshold).to(local.dtype) * mask
+    else:
+        chi0 = tv_estimate(field, mask, b, voxel_size_mm, init_tv).to(local.dtype) * mask
     b = b.expand(local.shape[0], 3)[:, :, None, None, None] * mask
-    return torch.cat([field, mask, b, chi_tkd, mask_rms(chi_tkd, mask) * mask], dim=1)
+    return torch.cat([field, mask, b, chi0, mask_rms(chi0, mask) * mask], dim=1)
+
+
+def tv_estimate(field, mask, b0_dirs, voxel_size_mm, options):
+    """TV-ADMM chi (ppm, ``[B, 1, X, Y, Z]``) of each masked field of the batch:
+    :func:`qsmprep.qsm.inversion.tv_admm` (the registry's ``tv``, on the
+    mask's padded bounding box) with ``options``, on the field's device."""
+    from ..qsm.inversion import tv_admm
+
+    n = field.shape[0]
+    dirs = np.broadcast_to(np.asarray(b0_dirs.detach().cpu(), np.float64).reshape(-1, 3), (n, 3))
+    voxels = np.broadcast_to(np.asarray(voxel_size_mm, np.float64).reshape(-1, 3), (n, 3))
+    device = field.device.type if field.device.type == "cpu" else str(field.device)
+    out = [torch.from_numpy(np.ascontiguousarray(tv_admm(
+        field[i, 0].detach().float().cpu().numpy(), mask[i, 0].detach().cpu().numpy() > 0,
+        tuple(voxels[i]), b0_dir=tuple(dirs[i]), device=device, **options)))
+        for i in range(n)]
+    return torch.stack(out)[:, None].to(field.device)
 
 
 def normalised_inputs(x):
@@ -140,7 +163,7 @@ def normalised_inputs(x):
     (``[B, 1, 1, 1, 1]``, ppm): field and TKD divided by ``s``, the RMS of the
     TKD estimate. Dipole inversion is linear, so the networks work in units
     of ``s`` and multiply their output by it: a map with 3x the contrast gives
-    exactly 3x the output, and the low-contrast in-vivo brain is not
+    exactly 3x the output (with a TKD channel; TV is nearly linear), and the low-contrast in-vivo brain is not
     corrected with the amplitude learned on high-contrast training patches.
     """
     s = x[:, 6:7].amax(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
@@ -164,12 +187,13 @@ class UNetQSM(nn.Module):
     ``(TKD + s U-Net(input / s)) * mask`` (:func:`normalised_inputs`): the
     network learns a residual correction of the TKD channel in units of its
     RMS ``s``. Its output conv starts at zero, so the untrained model is
-    exactly TKD.
+    exactly TKD. With ``config["init_tv"]`` (options of
+    :func:`qsmprep.qsm.inversion.tv_admm`) the channel is TV-ADMM instead.
     """
 
     def __init__(self, config=None):
         super().__init__()
-        self.config = {"base": 16, "levels": 4, "tkd_threshold": TKD_THRESHOLD,
+        self.config = {"base": 16, "levels": 4, "tkd_threshold": TKD_THRESHOLD, "init_tv": None,
                        **(config or {})}
         self.net = UNet(IN_CHANNELS, 1, base=self.config["base"], levels=self.config["levels"])
         nn.init.zeros_(self.net.head.weight)

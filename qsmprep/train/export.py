@@ -122,7 +122,7 @@ def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=N
     rows = "\n".join(f"| {k.replace('val_nrmse_', '')} | {v:.2f} | {cell(whole, k)} | "
                      f"{cell(check, k)} |" for k, v in sorted(val.items()))
     if prior is not None:
-        label = TASKS[name].prior_label.format(**ckpt["config"])  # the shipped model's input
+        label = TASKS[name].prior_label(ckpt["config"])  # the shipped model's input
         for key in sorted(prior[0]):
             rows += (f"\n| {key}: {label} | "
                      + " | ".join(f"{scores[key]:.2f}" for scores in prior) + " |")

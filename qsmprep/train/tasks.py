@@ -102,12 +102,12 @@ def vsharp_prior(model, batch):
 
 def _inputs(model, batch):
     return field_inputs(batch["local"], batch["mask"], batch["b0"], batch["voxel_size"],
-                        model.config["tkd_threshold"])
+                        model.config["tkd_threshold"], model.config.get("init_tv"))
 
 
-def tkd_prior(model, batch):
-    """``{"chi": (TKD input channel, "chi")}``: the closed-form input IR2QSM
-    and the U-Net correct (chi, ppm)."""
+def chi_prior(model, batch):
+    """``{"chi": (TKD or TV input channel, "chi")}``: the closed-form input
+    IR2QSM and the U-Net correct (chi, ppm)."""
     return {"chi": (_inputs(model, batch)[:, 5:6], "chi")}
 
 
@@ -125,8 +125,15 @@ def chi_predict(model, batch):
     return {"chi": (model(_inputs(model, batch)), "chi")}
 
 
-_VSHARP_LABEL = "V-SHARP input alone (the untrained background removal)"
-_TKD_LABEL = "TKD input channel alone (threshold {tkd_threshold}; the untrained network)"
+def _vsharp_label(config):
+    return "V-SHARP input alone (the untrained background removal)"
+
+
+def _chi_prior_label(config):
+    if config.get("init_tv"):
+        return (f"TV-ADMM input channel alone (lambda {config['init_tv'].get('lam', 2e-4):g}; "
+                "the untrained network)")
+    return f"TKD input channel alone (threshold {config['tkd_threshold']}; the untrained network)"
 
 
 @dataclass(frozen=True)
@@ -143,27 +150,28 @@ class Task:
     #: ``(model, batch) -> {name: (map, truth key)}`` of the closed-form input
     #: the network corrects (its output when untrained), or None
     prior: Callable | None = None
-    prior_label: str = ""
+    #: ``config -> str``: what the prior is, for the model card
+    prior_label: Callable | None = None
 
 
 TASKS = {
     "nextqsm": Task("nextqsm", NeXtQSM, nextqsm_loss, nextqsm_predict, "nextqsm",
                     "NeXtQSM joint background removal + variational network, end to end",
-                    vsharp_prior, _VSHARP_LABEL),
+                    vsharp_prior, _vsharp_label),
     "nextqsm-bfr": Task("nextqsm-bfr", NeXtQSM, nextqsm_bfr_loss, nextqsm_bfr_predict, "nextqsm",
                         "NeXtQSM with its background-removal U-Net trained alone, on top of the "
                         "variational network of its `--init` weights (or as pre-training: "
                         "pass the checkpoint to `qsmprep-train nextqsm --init`)",
-                        vsharp_prior, _VSHARP_LABEL),
+                        vsharp_prior, _vsharp_label),
     "nextqsm-vn": Task("nextqsm-vn", NeXtQSM, nextqsm_vn_loss, nextqsm_vn_predict, "nextqsm",
                        "NeXtQSM with its variational network trained alone on true local "
                        "fields, under the background removal of its `--init` weights"),
     "ir2qsm": Task("ir2qsm", IR2QSM, ir2qsm_task_loss, chi_predict, "ir2qsm",
-                   "IR2QSM dipole inversion (residual correction of a TKD input channel)",
-                   tkd_prior, _TKD_LABEL),
+                   "IR2QSM dipole inversion (residual correction of a TKD or TV input channel)",
+                   chi_prior, _chi_prior_label),
     "unet": Task("unet", UNetQSM, unet_loss, chi_predict, "unet",
                  "plain 3-D U-Net dipole inversion (IR2QSM's baseline; residual correction "
-                 "of a TKD input channel)", tkd_prior, _TKD_LABEL),
+                 "of a TKD or TV input channel)", chi_prior, _chi_prior_label),
 }
 
 
