@@ -198,11 +198,17 @@ def pipeline(case, methods):
 
 
 #: pipelines compared with the default in every mode (the choice of the
-#: default is argued from them in docs/methods.md): the unweighted V-SHARP +
-#: TV-ADMM chain (the default until 2026-11-22), each half of it, and the
-#: deep-learning chains (the named pipelines ``nextqsm`` and ``ir2qsm``)
-CANDIDATES = ({"bf_removal": "vsharp", "inversion": "tv"}, {"bf_removal": "vsharp"},
-              {"inversion": "tv"}, {"bf_removal": "nextqsm", "inversion": "nextqsm"},
+#: default is argued from them in docs/methods.md), as the pair of
+#: background removal and inversion they use: the classical chain
+#: (``--pipeline classical``, the default from 2026-11-22 to 2026-11-27),
+#: also with the true brain mask, the unweighted V-SHARP + TV-ADMM chain (the
+#: default until 2026-11-22), the two crossings of those, and ``--pipeline
+#: ir2qsm``
+CANDIDATES = ({"bf_removal": "pdf", "inversion": "ilsqr"},
+              {"bf_removal": "pdf", "inversion": "ilsqr", "masking": TRUE_MASK},
+              {"bf_removal": "vsharp", "inversion": "tv"},
+              {"bf_removal": "vsharp", "inversion": "ilsqr"},
+              {"bf_removal": "pdf", "inversion": "tv"},
               {"bf_removal": "vsharp", "inversion": "ir2qsm"})
 
 
@@ -405,6 +411,10 @@ def render(results):
         parts.append(f"Re-run on {u['date']} with `--update` (rows of {rows}"
                      f"; {u['wall_s'] / 60:.1f} min{note}); every other row is from the whole "
                      "run.\n")
+    for r in results.get("relabels", []):
+        parts.append(f"Renamed on {r['date']}: {r['why']}; e.g. "
+                     + "; ".join(f"“{a}” is now “{b}”" for a, b in list(r["mapping"].items())[:3])
+                     + ".\n")
     parts += [LEADERBOARD_NOTE + "\n", hardware_note(results["hardware"]) + "\n"]
     return "\n".join(parts)
 

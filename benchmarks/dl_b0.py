@@ -8,7 +8,7 @@ also with the direction ignored (``(0, 0, 1)``), and TKD and TV-ADMM for
 reference. Training saw tilts up to 30 degrees. Joint stage (true total
 field -> chi, B0 along the third axis, the whole head in a 160x192x160
 grid): NeXtQSM's two networks against V-SHARP + TV (the issue's yardstick), the
-cross pairs, and PDF + iLSQR (the classical default pipeline's pair).
+cross pairs, and PDF + iLSQR (the `classical` pipeline's pair, the default until 2026-11-27).
 
 Writes the table between ``<!-- dl_b0:start -->`` and ``<!-- dl_b0:end -->``
 in docs/deep-learning.md.
@@ -68,7 +68,7 @@ def main():
                            ("NeXtQSM BFR + TV-ADMM", "nextqsm", "tv"),
                            ("V-SHARP + NeXtQSM VN", "vsharp", "nextqsm"),
                            ("V-SHARP + TV-ADMM", "vsharp", "tv"),
-                           ("PDF + iLSQR (classical default, no N_std here)", "pdf", "ilsqr")]:
+                           ("PDF + iLSQR (`classical` pipeline, no N_std here)", "pdf", "ilsqr")]:
         bkw = {"device": "cpu"} if bfr == "nextqsm" else {}
         ikw = {"device": "cpu"} if inv == "nextqsm" else {}
         loc, m = registry.run("bf_removal", bfr, total, mask, vox, b0_dir=(0, 0, 1), **bkw)

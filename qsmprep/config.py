@@ -33,20 +33,24 @@ else:  # pragma: no cover
 from .__about__ import __version__
 
 #: Default method of each stage (names in :mod:`qsmprep.qsm.registry`).
+#: Background removal and inversion are NeXtQSM's (the named pipeline
+#: ``nextqsm``) since 2026-11-27, when it beat the classical chain (PDF +
+#: iLSQR, ``--pipeline classical``) on the simulated benchmark; the reasons
+#: and numbers are in docs/methods.md ("Default pipeline").
 DEFAULT_METHODS = {
     "unwrapping": "romeo",
     "echo_combination": "romeo",
     "masking": "bet",
-    "bf_removal": "pdf",
-    "inversion": "ilsqr",
+    "bf_removal": "nextqsm",
+    "inversion": "nextqsm",
     "referencing": "mean",
 }
 
 #: Named pipelines (``--pipeline``): stage -> method for the stages a preset
 #: sets; the other stages keep :data:`DEFAULT_METHODS`.
 PIPELINES = {
-    "classical": {s: DEFAULT_METHODS[s] for s in ("bf_removal", "inversion")},
-    "nextqsm": {"bf_removal": "nextqsm", "inversion": "nextqsm"},
+    "nextqsm": {s: DEFAULT_METHODS[s] for s in ("bf_removal", "inversion")},
+    "classical": {"bf_removal": "pdf", "inversion": "ilsqr"},
     # V-SHARP, not the default PDF: IR2QSM has no noise weights, and after the
     # N_std-weighted PDF the unweighted inversions amplify the noisy rim
     # (whole pipeline 114-123 % NRMSE, docs/methods.md)
@@ -55,9 +59,10 @@ PIPELINES = {
 
 #: One line per named pipeline, for ``--help`` and the documentation.
 PIPELINE_DESCRIPTIONS = {
-    "classical": "N_std-weighted PDF background removal + iLSQR inversion (the defaults)",
     "nextqsm": "NeXtQSM's learned background removal + variational-network inversion, "
-               "trained end to end",
+               "trained end to end (the defaults)",
+    "classical": "N_std-weighted PDF background removal + iLSQR inversion (the defaults "
+                 "until 2026-11-27)",
     "ir2qsm": "V-SHARP background removal + IR2QSM learned inversion",
 }
 

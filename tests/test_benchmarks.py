@@ -153,18 +153,26 @@ def test_joint_pairs_run_when_one_of_their_methods_is_kept():
 
 
 def test_pipeline_variants_selected_by_the_methods_they_change():
+    from qsmprep.config import DEFAULT_METHODS
+
     variants = accuracy.pipeline_variants(True)
     labels = list(variants)
     assert labels[0].startswith("default:")
-    ir2qsm = "bf_removal=vsharp, inversion=ir2qsm"
-    assert "bf_removal=nextqsm, inversion=nextqsm" in labels and ir2qsm in labels
-    dl = accuracy.selected_variants(variants, accuracy.selection(["nextqsm", "ir2qsm"]))
-    assert list(dl) == ["bf_removal=nextqsm, inversion=nextqsm", ir2qsm]
-    default_only = accuracy.selected_variants(variants, accuracy.selection(["pdf"]))
-    assert list(default_only) == [labels[0]]  # pdf is the default's, not a change
+    assert variants[labels[0]] == {s: DEFAULT_METHODS[s] for s in accuracy.PIPELINE_STAGES}
+    classical, ir2qsm = "bf_removal=pdf, inversion=ilsqr", "bf_removal=vsharp, inversion=ir2qsm"
+    assert classical in labels and ir2qsm in labels
+    assert variants[classical] == {**variants[labels[0]], "bf_removal": "pdf", "inversion": "ilsqr"}
+    dl = accuracy.selected_variants(variants, accuracy.selection(["ir2qsm"]))
+    assert list(dl) == [ir2qsm]
+    pdf = accuracy.selected_variants(variants, accuracy.selection(["pdf"]))
+    assert list(pdf) == [v for v in labels if "bf_removal=pdf" in v]
+    assert classical in pdf and f"{classical}, masking={accuracy.TRUE_MASK}" in pdf
+    # the default is selected by its own methods, not by those it shares
+    default_only = accuracy.selected_variants(variants, accuracy.selection(["mean"]))
+    assert list(default_only) == [labels[0]]
     assert accuracy.selected_variants(variants, lambda m: True) == variants
-    no_dl = accuracy.selected_variants(variants, accuracy.selection(skip=["nextqsm", "ir2qsm"]))
-    assert list(no_dl) == [v for v in labels if "nextqsm" not in v and "ir2qsm" not in v]
+    no_tv = accuracy.selected_variants(variants, accuracy.selection(skip=["tv"]))
+    assert list(no_tv) == [v for v in labels if "inversion=tv" not in v]
 
 
 def test_invivo_high_pass_rms_sees_noise_not_smooth_fields():
@@ -182,3 +190,21 @@ def test_invivo_high_pass_rms_sees_noise_not_smooth_fields():
     assert invivo_echo.high_pass_rms(smooth, mask) < 0.05
     # white noise of std 1: its high-pass part keeps most of the variance
     assert 0.7 < invivo_echo.high_pass_rms(smooth + noise, mask) < 1.0
+
+
+def test_invivo_dipole_misfit_is_the_unexplained_fraction_of_the_field():
+    import invivo_pipelines
+    from qsmprep.sim.forward import dipole_convolve
+
+    grid = np.indices((24, 24, 24)) - 11.5
+    r2 = (grid**2).sum(0)
+    mask = r2 <= 10**2
+    chi = np.where(r2 <= 4**2, 0.1, 0.0).astype(np.float32)
+    field = np.where(mask, dipole_convolve(chi, (1, 1, 1), invivo_pipelines.B0_DIR), 0.0)
+    misfit = invivo_pipelines.dipole_misfit
+    assert misfit(chi, field, mask, (1, 1, 1)) < 1e-3  # the source explains its field
+    assert misfit(np.zeros_like(chi), field, mask, (1, 1, 1)) == pytest.approx(1.0)
+    assert misfit(-chi, field, mask, (1, 1, 1)) == pytest.approx(2.0, abs=1e-3)  # sign error
+    # the field along another axis is not explained: B0 is along the voxel z axis
+    side = np.where(mask, dipole_convolve(chi, (1, 1, 1), (1, 0, 0)), 0.0)
+    assert misfit(chi, side, mask, (1, 1, 1)) > 0.5

@@ -85,6 +85,29 @@ def test_b0_direction_from_affine_unless_sidecar_gives_it(tmp_path):
     assert run.b0_direction == (0, 0, 1)
 
 
+@pytest.mark.parametrize("voxel_mm, pipeline, warned", [
+    ((0.5, 0.5, 1.0), None, True),  # the default (NeXtQSM) on sub-0.8 mm voxels
+    ((1.0, 1.0, 3.0), "ir2qsm", True),  # a learned inversion on thick slices
+    ((0.5, 0.5, 1.0), "classical", False),  # no learned method: nothing to warn about
+    ((1.0, 1.0, 1.5), None, False),  # inside the trained/validated sizes
+])
+def test_learned_methods_warn_on_voxels_they_were_not_trained_for(tmp_path, caplog, voxel_mm,
+                                                                  pipeline, warned):
+    from qsmprep.config import DEFAULT_METHODS, Workflow, pipeline_methods
+    from qsmprep.utils.bids import check_methods
+
+    write_gre(tmp_path, affine=np.diag([*voxel_mm, 1.0]))
+    data = collect_data(tmp_path, validate=False)
+    methods = {**DEFAULT_METHODS, **(pipeline_methods(pipeline) if pipeline else {})}
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        check_methods(data, Workflow(**methods))
+    messages = [r.getMessage() for r in caplog.records if "network(s)" in r.getMessage()]
+    assert bool(messages) == warned, messages
+    if warned:  # names the subject (so the report lists it), the sizes and the way out
+        assert "sub-01" in messages[0] and "--pipeline classical" in messages[0]
+        assert " x ".join(f"{v:.3g}" for v in voxel_mm) in messages[0]
+
+
 # --------------------------------------------------------------------------
 # validation errors
 # --------------------------------------------------------------------------

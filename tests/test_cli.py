@@ -45,17 +45,19 @@ def test_method_choices_come_from_the_registry(tmp_path):
         parse_args(_args(tmp_path, "--inversion", "no-such-method"))
 
 
-def test_pipelines_name_registered_methods_and_classical_is_the_default():
+def test_pipelines_name_registered_methods_and_nextqsm_is_the_default():
     assert set(PIPELINE_DESCRIPTIONS) == set(PIPELINES)
     for methods in PIPELINES.values():
         assert all(method in registry.names(stage) for stage, method in methods.items())
+    assert PIPELINES["nextqsm"] == {"bf_removal": "nextqsm", "inversion": "nextqsm"}
+    assert all(DEFAULT_METHODS[s] == m for s, m in PIPELINES["nextqsm"].items())
+    # the classical chain stays one flag away
     assert PIPELINES["classical"] == {"bf_removal": "pdf", "inversion": "ilsqr"}
-    assert all(DEFAULT_METHODS[s] == m for s, m in PIPELINES["classical"].items())
 
 
 def test_pipeline_sets_its_stages_and_keeps_the_other_defaults(tmp_path):
-    wf = parse_args(_args(tmp_path, "--pipeline", "nextqsm")).workflow
-    assert (wf.bf_removal, wf.inversion, wf.pipeline) == ("nextqsm", "nextqsm", "nextqsm")
+    wf = parse_args(_args(tmp_path, "--pipeline", "classical")).workflow
+    assert (wf.bf_removal, wf.inversion, wf.pipeline) == ("pdf", "ilsqr", "classical")
     assert all(wf.method(s) == DEFAULT_METHODS[s] for s in registry.STAGES
                if s not in ("bf_removal", "inversion"))
     wf = parse_args(_args(tmp_path, "--pipeline", "ir2qsm")).workflow
@@ -64,8 +66,8 @@ def test_pipeline_sets_its_stages_and_keeps_the_other_defaults(tmp_path):
 
 
 def test_stage_option_overrides_the_pipeline(tmp_path):
-    wf = parse_args(_args(tmp_path, "--inversion", "tv", "--pipeline", "nextqsm")).workflow
-    assert (wf.bf_removal, wf.inversion, wf.pipeline) == ("nextqsm", "tv", "nextqsm")
+    wf = parse_args(_args(tmp_path, "--inversion", "tv", "--pipeline", "classical")).workflow
+    assert (wf.bf_removal, wf.inversion, wf.pipeline) == ("pdf", "tv", "classical")
 
 
 def test_unknown_pipeline_is_an_argparse_error(tmp_path, capsys):
@@ -193,6 +195,9 @@ def test_methods_text_of_a_pipeline_describes_the_methods_used(tmp_path, synthet
     citation = (out / "logs" / "CITATION.md").read_text()
     assert "NeXtQSM background-removal U-Net" in citation
     assert "total-variation" in citation and "variational network" not in citation
+    # a conference paper's reference names its proceedings (was an empty "**")
+    assert "*Medical Image Computing and Computer-Assisted Intervention (MICCAI 2015)*" in citation
+    assert "**" not in citation
     (toml,) = (out / "sub-01" / "log").glob("*/qsmprep.toml")
     assert 'pipeline = "nextqsm"' in toml.read_text()
 

@@ -190,6 +190,31 @@ def test_tkd_channel_equals_classical_tkd(vox, b0):
     assert torch.allclose(both[1:], x, atol=1e-6)
 
 
+def test_tv_channel_equals_classical_tv_per_batch_item():
+    """``init_tv``: the estimate the networks correct is the registry's TV-ADMM
+    of each item's field, with that item's voxel size and B0 direction."""
+    from qsmprep.qsm.inversion import tv_admm
+
+    field, mask = _tkd_case()
+    options = {"lam": 2e-4, "max_iter": 8, "tol": 1e-4}
+    vox, b0 = (1.0, 0.8, 1.3), (0.2, -0.3, 0.93)
+    both = field_inputs(torch.from_numpy(np.stack([field, 2 * field]))[:, None],
+                        torch.from_numpy(np.stack([mask, mask]).astype(np.float32))[:, None],
+                        [(0, 0, 1), b0], [(1, 1, 1), vox], 0.15, init_tv=options)
+    for i, (f, v, b) in enumerate([(field, (1, 1, 1), (0, 0, 1)), (2 * field, vox, b0)]):
+        ref = tv_admm(f, mask, v, b0_dir=b, **options) * mask
+        assert np.abs(both[i, 5].numpy() - ref).max() < 1e-5 * np.abs(ref).max()
+        assert np.isclose(both[i, 6][mask].mean().item(), np.sqrt(np.mean(ref[mask] ** 2)),
+                          rtol=1e-5)
+    tkd_input = field_inputs(torch.from_numpy(field)[None, None],
+                             torch.from_numpy(mask.astype(np.float32))[None, None], (0, 0, 1))
+    assert not torch.allclose(tkd_input[0, 5], both[0, 5], atol=1e-3)
+    # an untrained model with the TV channel is exactly TV
+    model = UNetQSM({**SMALL, "init_tv": options}).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(both), both[:, 5:6], atol=1e-7)
+
+
 @pytest.mark.parametrize("cls", [UNetQSM, IR2QSM])
 def test_zero_residual_model_is_tkd(cls):
     field, mask = _tkd_case((16, 16, 12))
@@ -486,3 +511,15 @@ def test_tv_operator_matches_classical_tv_and_starts_the_vn():
     tikhonov = NeXtQSM({"bfr": SMALL, "vn": {**SMALL, "init_tv": None}})
     assert torch.allclose(tikhonov.start(t(local), t(mask), op),
                           op.tikhonov(t(local), 0.01) * t(mask))
+
+
+def test_learned_method_names_are_the_shipped_models():
+    """The input checks' list of learned methods (no torch import there) is the
+    models' registry names, each registered for at least one stage."""
+    from qsmprep.dl import LEARNED_METHODS
+    from qsmprep.dl.methods import MODELS
+    from qsmprep.qsm import registry
+
+    assert set(LEARNED_METHODS) == set(MODELS)
+    for name in LEARNED_METHODS:
+        assert name in registry.names("inversion")

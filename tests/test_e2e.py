@@ -74,14 +74,14 @@ def test_every_output_written_with_units_and_provenance(baseline, qsm_forward_bi
     assert desc["SourceDatasets"][0]["URL"] == qsm_forward_bids.absolute().as_uri()
     assert "sub-*/log/" in (baseline / ".bidsignore").read_text()
     citation = (baseline / "logs" / "CITATION.md").read_text()
-    assert "projection onto dipole fields" in citation and "iLSQR" in citation
+    assert "NeXtQSM background-removal U-Net" in citation and "TV-ADMM" in citation
     assert list((baseline / "sub-1" / "log").glob("*/qsmprep.toml"))
 
     meta = json.loads((anat / "sub-1_Chimap.json").read_text())
     assert meta["Units"] == "ppm" and meta["MagneticFieldStrength"] == 7
     assert meta["EchoTime"] == [0.004, 0.012, 0.02, 0.028]
-    assert meta["QSMMethods"]["inversion"]["Name"] == "ilsqr"
-    assert "threshold" in meta["QSMMethods"]["inversion"]["Parameters"]
+    assert meta["QSMMethods"]["inversion"]["Name"] == "nextqsm"
+    assert meta["QSMMethods"]["inversion"]["Parameters"]["device"] == "cpu"
     assert "bids:raw:sub-1/anat/sub-1_echo-1_part-phase_MEGRE.nii" in meta["Sources"]
     assert json.loads((anat / "sub-1_fieldmap.json").read_text())["Units"] == "Hz"
     assert json.loads((anat / "sub-1_desc-local_fieldmap.json").read_text())["Units"] == "ppm"
@@ -101,18 +101,37 @@ def test_every_output_written_with_units_and_provenance(baseline, qsm_forward_bi
     assert np.abs(nb.load(anat / RUN_FILES[-1]).get_fdata()).max() > 2 * np.pi  # unwrapped
 
 
-def test_chimap_matches_ground_truth(baseline, qsm_forward_bids, tmp_path):
-    truth = qsm_forward_bids / "derivatives" / "qsm-forward" / "sub-1" / "anat"
+def qsm_ci_metrics(out, bids, tmp_path):
+    """QSM-CI's scores of ``out``'s Chimap against the simulator's truth."""
+    truth = bids / "derivatives" / "qsm-forward" / "sub-1" / "anat"
     scores = tmp_path / "scores.json"
     subprocess.run(
         [sys.executable, "-m", "qsm_ci.qsm_eval", "--kind", "chi",
-         "--recon", str(baseline / "sub-1" / "anat" / "sub-1_Chimap.nii.gz"),
+         "--recon", str(out / "sub-1" / "anat" / "sub-1_Chimap.nii.gz"),
          "--truth", str(truth / "sub-1_Chimap.nii"), "--mask", str(truth / "sub-1_mask.nii"),
          "--out", str(scores)],
         check=True, capture_output=True,
     )
-    metrics = json.loads(scores.read_text())["metrics"]
-    assert metrics["correlation"] > 0.8, metrics
+    return json.loads(scores.read_text())["metrics"]
+
+
+def test_chimap_matches_ground_truth(baseline, qsm_forward_bids, tmp_path):
+    # the default (NeXtQSM) chain on qsm-forward's cylinder phantom, geometry it
+    # was never trained on: measured correlation 0.77, NRMSE 67 % (docs/usage.md);
+    # a sign, unit or orientation error gives a correlation near 0 or below
+    metrics = qsm_ci_metrics(baseline, qsm_forward_bids, tmp_path)
+    assert metrics["correlation"] > 0.7 and metrics["nrmse"] < 80, metrics
+
+
+def test_classical_pipeline_matches_ground_truth(qsm_forward_bids, tmp_path):
+    """The classical chain stays one flag away and keeps its accuracy here
+    (measured correlation 0.87, NRMSE 49 %)."""
+    qsmprep(qsm_forward_bids, tmp_path / "out", tmp_path / "work", "--pipeline", "classical")
+    sidecar = json.loads((tmp_path / "out" / "sub-1" / "anat" / "sub-1_Chimap.json").read_text())
+    assert sidecar["QSMMethods"]["inversion"]["Name"] == "ilsqr"
+    assert "threshold" in sidecar["QSMMethods"]["inversion"]["Parameters"]
+    metrics = qsm_ci_metrics(tmp_path / "out", qsm_forward_bids, tmp_path)
+    assert metrics["correlation"] > 0.8 and metrics["nrmse"] < 60, metrics
 
 
 def test_report_of_the_run_opens_in_a_browser(baseline):

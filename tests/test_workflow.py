@@ -234,7 +234,12 @@ def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
     assert ("noise_std", "noise_std") in edges[("total_field", "inversion")]
     desc = wf.visit_desc()
     assert "magnitude- and echo-time-weighted average" in desc and "N_std" in desc
-    assert "weighted the data term" in desc  # the default PDF and iLSQR take N_std
+    # the default NeXtQSM takes no N_std: its methods text must not claim a weighting
+    assert "weighted the data term" not in desc
+    classical = init_qsmprep_wf(_config(tmp_path, synthetic_bids, bf_removal="pdf",
+                                        inversion="ilsqr"),
+                                collect_data(synthetic_bids, validate=False))
+    assert "weighted the data term" in classical.visit_desc()  # PDF and iLSQR take N_std
 
 
 def test_user_mask_replaces_the_masking_stage_in_a_real_run(tmp_path, synthetic_bids):

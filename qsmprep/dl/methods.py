@@ -102,9 +102,9 @@ def _feedforward(name, local, mask, voxel_size_mm, b0_dir, device, max_voxels, p
     precision = resolve_precision(precision, dev, strict=False)
     local, mask = _check(local, mask)
     model = _model(name, dev, precision)
-    # the TKD channel is computed once on the whole volume, before padding and tiling
+    # the TKD (or TV) channel is computed once on the whole volume, before padding and tiling
     x = field_inputs(to_tensor(local, dev), to_tensor(mask, dev), b0_dir, voxel_size_mm,
-                     model.config["tkd_threshold"])
+                     model.config["tkd_threshold"], model.config.get("init_tv"))
     return _run(lambda xp, apply: apply(model, xp), x, model, dev, precision, max_voxels)
 
 
@@ -132,12 +132,13 @@ def bfr_nextqsm(total_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
     "inversion",
     "nextqsm",
     summary="NeXtQSM variational network (unrolled data-consistent steps, U-Net regulariser)",
-    citations=("cognolato2023nextqsm",),
+    citations=("cognolato2023nextqsm", "bilgic2014tv"),
     defaults={"device": "auto", "max_voxels": None, "precision": "fp32"},
     description=(
         "The dipole inversion used the NeXtQSM variational network (unrolled gradient steps "
-        "on a dipole data term with a learned U-Net regulariser), trained on hybrid "
-        "simulated data (device: {device}, precision: {precision})."
+        "on a dipole data term with a learned U-Net regulariser), started from a "
+        "total-variation (TV-ADMM) solution and trained on hybrid simulated data "
+        "(device: {device}, precision: {precision})."
     ),
 )
 def inversion_nextqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",

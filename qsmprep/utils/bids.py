@@ -579,12 +579,33 @@ def check_extent(img, path):
             path, img.shape[axis], extent[axis], axis)
 
 
+def check_learned_voxel_size(run, label, workflow):
+    """Warn when a learned method runs on voxels outside the sizes its networks
+    were trained or validated on (:data:`qsmprep.dl.VALIDATED_VOXEL_SIZE_MM`)."""
+    from ..dl import LEARNED_METHODS, VALIDATED_VOXEL_SIZE_MM
+
+    learned = [m for m in dict.fromkeys((workflow.bf_removal, workflow.inversion))
+               if m in LEARNED_METHODS]
+    if not learned:
+        return
+    vox = np.asarray(voxel_size_from_affine(nb.load(run.phase[0]).affine))
+    low, high = VALIDATED_VOXEL_SIZE_MM
+    if vox.min() < low or vox.max() > high:
+        LOGGER.warning(
+            "%s has %s mm voxels, outside the %g-%g mm on which the %s network(s) were "
+            "trained and validated: the map is unvalidated there. Prefer --pipeline classical "
+            "(PDF + iLSQR) for such data, or compare both", label,
+            " x ".join(f"{v:.3g}" for v in vox), low, high, " and ".join(learned))
+
+
 def check_methods(data, workflow):
     """Refuse method settings that some runs of ``data`` cannot use.
 
     Phase-only runs (no magnitude) need the phase-quality mask, which ROMEO's
     quality map provides; bipolar phase-offset correction needs >= 3 echoes;
-    the nonlinear echo combination needs >= 2 echoes.
+    the nonlinear echo combination needs >= 2 echoes. Learned methods on
+    voxels they were not trained for get a warning
+    (:func:`check_learned_voxel_size`).
     """
     for runs in data.values():
         for run in runs:
@@ -601,6 +622,7 @@ def check_methods(data, workflow):
                     "offset and the field, which needs 2 echoes or more; use "
                     "--echo-combination romeo (or linear) for single-echo data"
                 )
+            check_learned_voxel_size(run, label, workflow)
             bipolar = workflow.stage_params("phase_offset").get("bipolar", False)
             if (bipolar and workflow.phase_offset == "mcpc3ds"
                     and len(run.echo_times) < 3):
