@@ -5,13 +5,16 @@ this test only (training data proper come from qsmprep.sim.hybrid).
 """
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from qsmprep.dl.nextqsm import NeXtQSM
 from qsmprep.qsm.kernels import dipole_convolve
 from qsmprep.train.loop import learning_rate, run_fraction, train
+from qsmprep.train.tasks import TASKS
 
 SHAPE = (16, 16, 16)
 SMALL = {"base": 4, "levels": 2}
@@ -113,6 +116,20 @@ def test_a_time_budget_ends_the_run_validated_and_the_card_says_so(tmp_path):
     assert "--patch 40 --time-budget 2" in card and '"patch_size": 40' in card
     assert "--validate-every 100000" in card  # the run's validation interval, not the default
     assert "--warmup 2" in card and "linear warm-up over 2 steps" in card
+    # and rebuilds its architecture: the config entries that differ from the defaults
+    assert f"--config '{json.dumps(SMALL)}'" in card
+
+
+def test_config_overrides_are_what_differs_from_the_model_defaults():
+    from qsmprep.dl.unet import UNetQSM
+    from qsmprep.train.export import config_overrides
+
+    task = TASKS["unet"]
+    assert config_overrides(task, UNetQSM().config) == {}
+    tv = {"lam": 2e-4, "max_iter": 40, "tol": 3e-3}
+    assert config_overrides(task, UNetQSM({"init_tv": tv, "base": 8}).config) == {
+        "init_tv": tv, "base": 8}
+    assert config_overrides(TASKS["nextqsm"], NeXtQSM().config) == {}
 
 
 def test_init_from_shipped_weights_and_clear_error_on_a_foreign_file(tmp_path):

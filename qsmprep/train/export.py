@@ -91,8 +91,18 @@ def _warmup_text(cfg):
     return f" (linear warm-up over {n} steps)" if n else ""
 
 
+def config_overrides(task, config):
+    """The entries of a model ``config`` that differ from the model's defaults:
+    the ``--config`` that rebuilds it."""
+    default = json.loads(json.dumps(task.build(None).config))
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if default.get(k) != v}
+
+
 def _retrain_command(task, cfg, ckpt):
     opts = [f"--steps {cfg['steps']}", f"--batch {cfg['batch_size']}", f"--seed {cfg['seed']}"]
+    overrides = config_overrides(task, ckpt["config"])
+    if overrides:
+        opts.append(f"--config '{json.dumps(overrides)}'")
     if cfg["data"].get("patch_size") != DATA[task.name].get("patch_size"):
         opts.append(f"--patch {cfg['data']['patch_size']}")
     if cfg.get("time_budget_s"):
