@@ -4,26 +4,28 @@ Four U-Net iterations with separate weights. From the second iteration on,
 the input of each encoder level is concatenated with the previous iteration's
 decoder features at that scale ("reverse concatenation"); a convolutional GRU
 cell in the bottleneck carries a hidden state across iterations. The final
-map is a 1x1x1 convolution over the four iteration outputs and the TKD
-estimate of the input field. Training loss (:func:`ir2qsm_loss`): MSE of the final map plus
-smaller weights on the iteration outputs, decaying towards the first
-iteration. Inference is deterministic (no noise injection).
+map is a 1x1x1 convolution over the four iteration outputs and the
+closed-form chi estimate of the input field. Training loss
+(:func:`ir2qsm_loss`): MSE of the final map plus smaller weights on the
+iteration outputs, decaying towards the first iteration. Inference is
+deterministic (no noise injection).
 
 Input: :func:`qsmprep.dl.unet.field_inputs` (local field ppm, mask, B0
-direction channels, TKD estimate of chi); output chi (ppm). The published
+direction channels, a closed-form estimate of chi: TKD, or TV-ADMM with
+``config["init_tv"]`` as the shipped model); output chi (ppm). The published
 network uses 16/32/64/128 filters (~10 M parameters); the default here is
 sized for CPU training.
 
 Deliberate deviation (physics-informed residual, as :class:`UNetQSM`): each
-iteration outputs the TKD channel plus a learned correction, and the final
-1x1x1 conv fuses the four iteration outputs with the TKD estimate of the
-input field instead of the input field itself. TKD is a fixed linear
-function of the input field, so the fusion still sees the field, but in
-units of chi: the network only has to learn the correction of a
-closed-form inversion (streaking, truncated cone) instead of the dipole
-inverse from scratch, which a CPU training budget cannot reach. The output
-convs start at zero and the fusion at the mean of the iterations, so the
-untrained network is exactly TKD.
+iteration outputs the estimate channel plus a learned correction, and the
+final 1x1x1 conv fuses the four iteration outputs with the estimate instead
+of the input field itself. The estimate is a fixed function of the input
+field, so the fusion still sees the field, but in units of chi: the network
+only has to learn the correction of a closed-form inversion (streaking,
+truncated cone, over-smoothing) instead of the dipole inverse from scratch,
+which a CPU training budget cannot reach. The output convs start at zero and
+the fusion at the mean of the iterations, so the untrained network is
+exactly its estimate channel.
 
 Reference: Li M, Chen C, Wang Z, et al. Quantitative susceptibility mapping
 via deep neural networks with iterative reverse concatenations and recurrent
@@ -67,7 +69,7 @@ class ConvGRUCell(nn.Module):
 
 class IR2QSM(nn.Module):
     """IR2QSM network; ``forward`` takes the 7-channel :func:`field_inputs`
-    and works in units of the TKD channel's RMS (:func:`normalised_inputs`)."""
+    and works in units of the estimate channel's RMS (:func:`normalised_inputs`)."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -96,7 +98,7 @@ class IR2QSM(nn.Module):
     def forward(self, x, return_iterations=False):
         mask = x[:, 1:2]
         inp, s = normalised_inputs(x)
-        tkd = inp[:, 5:6]  # TKD estimate in units of s
+        tkd = inp[:, 5:6]  # the TKD (or TV) estimate in units of s
         h = feats = None
         outs = []
         for t, net in enumerate(self.iterations):

@@ -150,13 +150,13 @@ def inversion_nextqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="a
 @register(
     "inversion",
     "ir2qsm",
-    summary="IR2QSM (iterative U-Nets, reverse concatenations, recurrent bottleneck; TKD residual)",
-    citations=("li2025ir2qsm",),
+    summary="IR2QSM (iterative U-Nets, reverse concatenations, recurrent bottleneck; TV residual)",
+    citations=("li2025ir2qsm", "bilgic2014tv"),
     defaults={"device": "auto", "max_voxels": None, "precision": "fp32"},
     description=(
         "The dipole inversion used IR2QSM (four U-Net iterations with reverse "
         "concatenations and a recurrent bottleneck) as a learned residual correction "
-        "of a TKD estimate, trained on hybrid simulated data (device: {device}, "
+        "of a total-variation (TV-ADMM) estimate, trained on hybrid simulated data (device: {device}, "
         "precision: {precision})."
     ),
 )
@@ -169,12 +169,12 @@ def inversion_ir2qsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="au
 @register(
     "inversion",
     "unet",
-    summary="Plain 3-D U-Net dipole inversion (TKD residual; baseline, shipped weights)",
-    citations=("ronneberger2015unet", "cicek2016unet3d"),
+    summary="Plain 3-D U-Net dipole inversion (TV residual; baseline, shipped weights)",
+    citations=("ronneberger2015unet", "cicek2016unet3d", "bilgic2014tv"),
     defaults={"device": "auto", "max_voxels": None, "precision": "fp32"},
     description=(
         "The dipole inversion used a 3-D U-Net, as a learned residual correction of a "
-        "TKD estimate, trained on hybrid simulated data (device: {device}, "
+        "total-variation (TV-ADMM) estimate, trained on hybrid simulated data (device: {device}, "
         "precision: {precision})."
     ),
 )
