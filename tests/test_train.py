@@ -133,6 +133,7 @@ def test_config_overrides_are_what_differs_from_the_model_defaults():
 
 
 def test_init_from_shipped_weights_and_clear_error_on_a_foreign_file(tmp_path):
+    from qsmprep.dl.unet import UNetQSM
     from qsmprep.dl.weights import load_weights, save_weights
 
     trained, _ = train("unet", tmp_path / "a", _stream, [_sample(7)], steps=3, config=SMALL,
@@ -144,6 +145,16 @@ def test_init_from_shipped_weights_and_clear_error_on_a_foreign_file(tmp_path):
                        init=tmp_path / "models" / "unet.pt", progress=False)
     for key, value in shipped.items():
         assert torch.equal(started.state_dict()[key].float(), value), key
+    # without a config the fine-tune builds the architecture of --init (here
+    # SMALL with a TV channel), and a config updates it
+    tv = {"lam": 2e-4, "max_iter": 5, "tol": 1e-3}
+    save_weights("unet", UNetQSM({**SMALL, "init_tv": tv}), models_dir=tmp_path / "tv")
+    tuned, _ = train("unet", tmp_path / "d", _stream, [_sample(7)], steps=0,
+                     init=tmp_path / "tv" / "unet.pt", progress=False)
+    assert tuned.config == UNetQSM({**SMALL, "init_tv": tv}).config
+    tuned, _ = train("unet", tmp_path / "e", _stream, [_sample(7)], steps=0,
+                     config={"init_tv": None}, init=tmp_path / "tv" / "unet.pt", progress=False)
+    assert tuned.config["init_tv"] is None and tuned.config["base"] == SMALL["base"]
     torch.save({"something": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="no weights of a unet model"):
         train("unet", tmp_path / "c", _stream, [_sample(7)], steps=0, config=SMALL,

@@ -35,7 +35,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
     p.add_argument("--resume", help="checkpoint to continue from")
     p.add_argument("--init", help="checkpoint or shipped weights (e.g. "
-                   "qsmprep/data/models/nextqsm.pt) whose matching weights initialise the model")
+                   "qsmprep/data/models/nextqsm.pt) whose matching weights initialise the model "
+                   "and whose architecture it keeps (--config updates it)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="samples per step")
@@ -45,7 +46,8 @@ def build_parser():
                    help="steps of linear learning-rate warm-up (e.g. 20 when fine-tuning "
                    "with --init)")
     p.add_argument("--config", type=json.loads, default=None,
-                   help='architecture overrides as JSON, e.g. \'{"base": 16}\'')
+                   help='architecture overrides as JSON, e.g. \'{"base": 16}\' (of the '
+                   "defaults, or of the --init file's architecture)")
     p.add_argument("--validation", type=int, default=VALIDATION_PATCHES,
                    help="validation patches")
     p.add_argument("--validation-whole", type=int, default=WHOLE_HEADS,

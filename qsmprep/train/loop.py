@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..dl.inference import autocast, resolve_precision
+from ..dl.nextqsm import merge_config
 from .tasks import TASKS, validation_metrics
 
 
@@ -131,7 +132,10 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         whose matching weights initialise the model (e.g. a ``nextqsm-bfr``
         pre-training run for ``nextqsm``, or the shipped weights to fine-tune);
         each top-level module (NeXtQSM's ``bfr``, ``regulariser``, ...) is
-        taken whole when all its tensors fit, else left as initialised.
+        taken whole when all its tensors fit, else left as initialised. Its
+        saved architecture config, updated by ``config``, builds the model:
+        a fine-tune continues the model it starts from (e.g. the shipped
+        U-Net's TV input channel) without repeating its ``--config``.
     checkpoint_every_s : float
         Seconds of wall time between checkpoints (also written at the end).
     stop_at, time_limit_s : int, float, optional
@@ -164,6 +168,11 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the loss's own draws (teacher forcing)
     precision = resolve_precision(precision, device)
+    src = None
+    if init and not resume:
+        src = torch.load(init, map_location=device, weights_only=False)
+        if isinstance(src.get("config"), dict):  # fine-tune the architecture of --init
+            config = merge_config(src["config"], config)
     model = task.build(config).to(device, memory_format=torch.channels_last_3d)
     bottom = min(val_samples[0]["mask"].shape) // model.multiple
     if precision == "bf16" and bottom < MIN_BF16_BOTTOM:
@@ -184,7 +193,6 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
         if state.get("selected_on", "patches") != selected_on:
             best = math.inf  # scores on another validation set do not compare
     elif init:
-        src = torch.load(init, map_location=device, weights_only=False)
         src = {k: v.float() if v.is_floating_point() else v
                for k, v in src.get("model", src.get("state_dict", {})).items()}
         own = model.state_dict()
