@@ -124,7 +124,8 @@ def _retrain_command(task, cfg, ckpt):
     return f"qsmprep-train {task.name} --out runs/{task.name} {' '.join(opts)} --export"
 
 
-def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=None):
+def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=None,
+          whole_heads=WHOLE_HEADS):
 
     def cell(scores, key):
         return f"{scores[key]:.2f}" if key in scores else "–"
@@ -157,7 +158,7 @@ def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=N
 
 Validation NRMSE (%, QSM-CI convention, in the mask) of the shipped float16 weights:
 
-| output | validation patches ({cfg['validation']} held-out samples) | held-out whole heads (1 mm, {WHOLE_HEADS}) | check case (`check_case.npz`) |
+| output | validation patches ({cfg['validation']} held-out samples) | held-out whole heads (1 mm, {whole_heads}) | check case (`check_case.npz`) |
 |---|---|---|---|
 {rows}
 
@@ -166,8 +167,10 @@ Retrain: `{_retrain_command(task, cfg, ckpt)}`
 """
 
 
-def export(task_name, run_dir, models_dir=None, device="cpu"):
-    """Ship the best checkpoint of ``run_dir`` (else its latest) and its card.
+def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=WHOLE_HEADS):
+    """Ship the best checkpoint of ``run_dir`` (else its latest) and its card,
+    scored on the run's validation patches, ``whole_heads`` held-out whole
+    1 mm heads and the check case.
 
     Returns the validation and check-case metrics of the shipped weights.
     """
@@ -190,7 +193,7 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
                    for s in validation_set(cfg["seed"], cfg["data"], cfg["validation"])]
     val = validation_metrics(scored, shipped, val_batches)
     check = check_nrmse(name, shipped, models_dir)
-    whole_batches = [to_batch([s], device) for s in whole_validation_set(cfg["seed"], WHOLE_HEADS)]
+    whole_batches = [to_batch([s], device) for s in whole_validation_set(cfg["seed"], whole_heads)]
     whole = validation_metrics(scored, shipped, whole_batches)
     meta.update(validation_nrmse=val, whole_head_nrmse=whole, check_case_nrmse=check)
     path = save_weights(name, shipped, meta, models_dir)
@@ -201,6 +204,6 @@ def export(task_name, run_dir, models_dir=None, device="cpu"):
         prior = (prior, prior_nrmse(name, shipped, whole_batches),
                  prior_nrmse(name, shipped, [check_batch]))
     card = _card(name, task, run, cfg, ckpt, n_params, path.stat().st_size, val, check, whole,
-                 prior)
+                 prior, whole_heads)
     save_file(f"{name}.md", card.encode(), models_dir)
     return val, check
