@@ -67,21 +67,31 @@ def load(data_dir):
     return phase, magnitude, vox
 
 
+def front_end(data_dir):
+    """The app's steps before the echo combination, on the crop: the phase
+    (rad) after MCPC-3D-S, the ROMEO-unwrapped echoes, the magnitude, the voxel
+    size (mm), the echo times (s) and the BET mask (with ROMEO's quality map,
+    as the app computes it)."""
+    from qsmprep.qsm.unwrap import mcpc3ds
+
+    phase, magnitude, vox = load(data_dir)
+    te = np.asarray(ECHO_TIMES_S)
+    phase, _ = mcpc3ds(phase, magnitude, te, voxel_size_mm=vox)
+    unwrapped, quality = call("unwrapping", "romeo", phase, magnitude=magnitude,
+                              echo_times_s=te, voxel_size_mm=vox)
+    rss = np.sqrt(np.sum(magnitude**2, axis=-1))
+    mask = np.asarray(call("masking", "bet", rss, quality=quality, voxel_size_mm=vox), bool)
+    return phase, unwrapped, magnitude, vox, te, mask
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "romeo-invivo")
     args = p.parse_args(argv)
     from qsmprep.qsm import registry
     from qsmprep.qsm.units import hz_to_ppm
-    from qsmprep.qsm.unwrap import mcpc3ds
 
-    phase, magnitude, vox = load(args.data)
-    te = np.asarray(ECHO_TIMES_S)
-    phase, _ = mcpc3ds(phase, magnitude, te, voxel_size_mm=vox)
-    unwrapped, _ = call("unwrapping", "romeo", phase, magnitude=magnitude,
-                        echo_times_s=te, voxel_size_mm=vox)
-    rss = np.sqrt(np.sum(magnitude**2, axis=-1))
-    mask = np.asarray(call("masking", "bet", rss, voxel_size_mm=vox), bool)
+    phase, unwrapped, magnitude, vox, te, mask = front_end(args.data)
 
     results, chis, b0s = {}, {}, {}
     for method in registry.names("echo_combination"):
@@ -121,7 +131,7 @@ def main(argv=None):
     info = hardware()
     body = (
         "## Echo combination in vivo (no ground truth)\n\n"
-        f"The real 3-echo brain crop `romeo-invivo` ({' × '.join(map(str, rss.shape))} voxels, "
+        f"The real 3-echo brain crop `romeo-invivo` ({' × '.join(map(str, mask.shape))} voxels, "
         f"{' × '.join(f'{v:.2f}' for v in vox)} mm; TE 4/8/12 ms and 3 T assumed), the app's "
         "steps: MCPC-3D-S → ROMEO → echo combination → BET mask "
         f"({mask.mean():.0%} of the crop) → PDF + iLSQR (`benchmarks/invivo_echo.py`). "

@@ -41,7 +41,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, fmt, hardware, hardware_note, markdown_table, publish  # noqa: E402
 from accuracy import call  # noqa: E402
-from invivo_echo import ECHO_TIMES_S, FIELD_STRENGTH_T, high_pass_rms, load  # noqa: E402
+from invivo_echo import FIELD_STRENGTH_T, high_pass_rms  # noqa: E402
+from invivo_echo import front_end as echo_front_end  # noqa: E402
 
 SECTION = "invivo_pipelines"
 B0_DIR = (0.0, 0.0, 1.0)  # the crop's voxel axes are the scanner's (identity rotation)
@@ -57,21 +58,12 @@ def dipole_misfit(chi, local, mask, voxel_size_mm):
 
 
 def front_end(data_dir):
-    """Total field (ppm), its noise (ppm), the BET mask, magnitude and voxel size."""
-    from qsmprep.config import DEFAULT_METHODS
+    """Total field (ppm), its noise (ppm), the BET mask, magnitude and voxel
+    size: :func:`invivo_echo.front_end` and ROMEO's B0 combination."""
     from qsmprep.qsm.units import hz_to_ppm
-    from qsmprep.qsm.unwrap import mcpc3ds
 
-    phase, magnitude, vox = load(data_dir)
-    te = np.asarray(ECHO_TIMES_S)
-    phase, _ = mcpc3ds(phase, magnitude, te, voxel_size_mm=vox)
-    unwrapped, quality = call("unwrapping", DEFAULT_METHODS["unwrapping"], phase,
-                              magnitude=magnitude, echo_times_s=te, voxel_size_mm=vox)
-    b0, n_std = call("echo_combination", DEFAULT_METHODS["echo_combination"], unwrapped,
-                     magnitude, te)
-    rss = np.sqrt(np.sum(magnitude**2, axis=-1))
-    mask = np.asarray(call("masking", DEFAULT_METHODS["masking"], rss, quality=quality,
-                           voxel_size_mm=vox), bool)
+    _, unwrapped, magnitude, vox, te, mask = echo_front_end(data_dir)
+    b0, n_std = call("echo_combination", "romeo", unwrapped, magnitude, te)
     return (hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T), mask,
             magnitude, vox)
 
