@@ -293,10 +293,12 @@ def reference_venue(entry):
     return entry.get("journal") or entry.get("booktitle") or entry.get("publisher") or ""
 
 
-def format_reference(entry):
-    """One reference as HTML: authors (year). Title. Journal volume:pages. doi."""
-    esc = html.escape
-    parts = [f"{esc(_short_authors(entry.get('author', '')))} ({esc(entry.get('year', 'n.d.'))})."]
+def format_reference(entry, markdown=False):
+    """One reference, as HTML (the report) or ``markdown`` (CITATION.md):
+    authors (year). Title. *Journal* volume:pages. doi."""
+    esc = (lambda t: t) if markdown else html.escape
+    parts = [f"{esc(_short_authors(entry.get('author', '')) or 'Anonymous')} "
+             f"({esc(entry.get('year', 'n.d.'))})."]
     title = entry.get("title") or entry.get("note")
     if title:
         parts.append(esc(title) + ("" if title[-1] in ".?!" else "."))
@@ -304,13 +306,14 @@ def format_reference(entry):
     if venue:
         vol = entry.get("volume", "")
         pages = entry.get("pages", "").replace("--", "–")
-        parts.append(f"<em>{esc(venue)}</em>" + (f" {esc(vol)}" if vol else "")
-                     + (f":{esc(pages)}" if pages else "") + ".")
-    if entry.get("doi"):
-        doi = esc(entry["doi"])
-        parts.append(f'<a href="https://doi.org/{doi}">doi:{doi}</a>')
-    elif entry.get("url"):
-        parts.append(f'<a href="{esc(entry["url"])}">{esc(entry["url"])}</a>')
+        parts.append((f"*{venue}*" if markdown else f"<em>{esc(venue)}</em>")
+                     + (f" {esc(vol)}" if vol else "") + (f":{esc(pages)}" if pages else "") + ".")
+    link = entry.get("doi") and f"doi:{entry['doi']}"
+    url = f"https://doi.org/{entry['doi']}" if entry.get("doi") else entry.get("url")
+    if url:
+        text = link or url
+        parts.append(f"[{text}]({url})" if markdown
+                     else f'<a href="{esc(url)}">{esc(text)}</a>')
     return " ".join(parts)
 
 

@@ -22,7 +22,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..__about__ import __url__, __version__
 from ..interfaces.bids import STAGING, DerivativesDataSink
-from ..reports.core import parse_bib, reference_venue
+from ..reports.core import format_reference, parse_bib
 from ..utils.files import write_text
 
 #: files and folders of the output directory that are not BIDS
@@ -140,19 +140,10 @@ def write_citations(boilerplate, output_dir):
     logs.mkdir(parents=True, exist_ok=True)
     entries = parse_bib((resources.files("qsmprep") / "data" / "boilerplate.bib").read_text())
     keys = list(dict.fromkeys(re.findall(r"@([A-Za-z0-9_:-]+)", boilerplate)))
-    refs = [f"- {_format_reference(entries[k])}" if k in entries else f"- {k}" for k in keys]
+    refs = [f"- {format_reference(entries[k], markdown=True)}" if k in entries else f"- {k}"
+            for k in keys]
     text = boilerplate.strip() + "\n\n### References\n\n" + "\n".join(refs) + "\n"
     write_text(logs / "CITATION.md", text)
     write_text(logs / "CITATION.bib", "\n\n".join(entries[k]["raw"] for k in keys
                                                    if k in entries) + "\n")
     return logs / "CITATION.md"
-
-
-def _format_reference(e):
-    authors = e.get("author", "").split(" and ")
-    first = authors[0].split(",")[0] if authors and authors[0] else "Anonymous"
-    who = first + (" et al." if len(authors) > 1 else "")
-    doi = f" doi:{e['doi']}" if e.get("doi") else ""
-    venue = reference_venue(e)
-    venue = f" *{venue}*." if venue else ""
-    return f"{who} ({e.get('year', 'n.d.')}). {e.get('title', '')}.{venue}{doi}"
