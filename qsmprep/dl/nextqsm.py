@@ -56,13 +56,12 @@ trained with hybrid data. Med Image Anal 2023;84:102700.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..qsm.bgremove import default_radii_mm
+from . import merge_config
 from .unet import UNet, mask_rms
 
 #: V-SHARP options of the background removal's closed-form input
@@ -83,17 +82,6 @@ DEFAULT_CONFIG = {
     "total_scale_ppm": 1.0,
     "local_scale_ppm": 0.05,
 }
-
-
-def merge_config(default, config):
-    """``default`` updated (recursively) by ``config``."""
-    out = copy.deepcopy(default)
-    for key, value in (config or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_config(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _inverse_softplus(y):

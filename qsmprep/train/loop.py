@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..dl.inference import autocast, resolve_precision
-from ..dl.nextqsm import merge_config
+from ..dl import merge_config
 from .tasks import TASKS, validation_metrics
 
 
