@@ -104,3 +104,21 @@ def test_texture_ranges_reach_the_sample():
     tv = [np.abs(np.diff(s["chi"], axis=0))[(s["mask"][1:] * s["mask"][:-1]) > 0].mean()
           for s in (flat, rough, strong)]
     assert tv[0] < tv[1] < tv[2]
+
+
+def test_lesions_add_the_benchmark_bleeds_and_calcifications():
+    """``lesions=True`` stamps the phantoms' lesion model into the brain after
+    the random shapes: the brain's chi differs from the same sample without
+    lesions only where a bleed (0.4-1.2 ppm) or calcification (-3 to -0.2 ppm)
+    now is, and there is at least one of each."""
+    flat = dict(patch_size=None, voxel_size_mm=3.0, texture_floor_ppm=(0.0, 0.0),
+                texture_relative=(0.0, 0.0), noise_ppm=(0.0, 0.0))
+    plain = hybrid_sample(5, seed=0, **flat)
+    les = hybrid_sample(5, seed=0, lesions=True, **flat)
+    np.testing.assert_array_equal(plain["mask"], les["mask"])
+    changed = les["chi"] != plain["chi"]
+    new = les["chi"][changed]
+    assert changed.any() and (les["mask"][changed] > 0).all()
+    bleed, calc = (new >= 0.4) & (new <= 1.2), (new >= -3.0) & (new <= -0.2)
+    assert (bleed | calc).all()
+    assert len(np.unique(new[bleed])) >= 1 and len(np.unique(new[calc])) >= 1

@@ -371,3 +371,20 @@ def test_a_variational_network_run_trains_the_vn_alone_and_ships_as_nextqsm(tmp_
     card = (tmp_path / "models" / "nextqsm.md").read_text()
     assert "trained with `qsmprep-train nextqsm-vn`" in card
     assert "held-out whole heads (1 mm, 1)" in card
+
+
+def test_data_overrides_are_checked_and_reach_the_retrain_line(tmp_path):
+    from qsmprep.train.data import DATA, content_options, sample_options
+    from qsmprep.train.export import _retrain_command, run_config
+
+    with pytest.raises(ValueError, match="lesion.*hybrid_sample takes"):
+        sample_options("unet", {"lesion": True})
+    options = sample_options("unet", {"lesions": True})
+    assert options == {**DATA["unet"], "lesions": True}
+    assert content_options(options) == {"lesions": True}  # whole heads: no patch options
+    train("unet", tmp_path / "run", _stream, [_sample(7)], steps=2, config=SMALL,
+          progress=False, data_options={**options, "patch_size": 40})
+    cfg = run_config(tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    line = _retrain_command(TASKS["unet"], cfg, ckpt)
+    assert "--patch 40" in line and """--data '{"lesions": true}'""" in line

@@ -42,7 +42,7 @@ from ..qsm.kernels import dipole_kernel
 from .acquisition import tilted_b0
 from .forward import random_harmonic_field, smooth_outside
 from .phantoms import (AIR, BONE, CSF, MUSCLE, PARENCHYMA, _challenge_arrays, _lookup,
-                       _M0, _R2STAR_3T, add_texture, chi_reference)
+                       _M0, _R2STAR_3T, add_lesions, add_texture, chi_reference)
 from .signal import magnitude_phase, multi_echo_signal, smooth_phase_offset
 
 
@@ -114,7 +114,7 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
                   snr=(40.0, 200.0), pad_factor=1.5, local_sources="patch",
                   background_sigma_mm=1.0, background_clearance_mm=3.0,
                   texture_floor_ppm=(0.0, 0.01), texture_relative=(0.0, 0.2),
-                  texture_fwhm_mm=(2.0, 8.0)):
+                  texture_fwhm_mm=(2.0, 8.0), lesions=False):
     """One hybrid training sample, a pure function of ``(seed, index)``.
 
     Parameters
@@ -161,6 +161,11 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
         structure any inversion can recover (TV-ADMM left 34.3 % NRMSE on six
         held-out whole heads, 31.2 % with this model, 26.9 % without texture:
         ``benchmarks/training_data.py``, docs/simulation.md).
+    lesions : also stamp the benchmark phantoms' bleeds and calcifications
+        (:func:`~qsmprep.sim.phantoms.add_lesions`: uniform spheres of 0.4-1.2
+        and -3 to -0.2 ppm, up to 8 mm radius) into the brain, after the
+        random shapes. The random shapes alone left IR2QSM (TV channel)
+        overshooting a large uniform bleed by 4-11 % (docs/deep-learning.md).
 
     Returns
     -------
@@ -209,6 +214,8 @@ def hybrid_sample(index, *, seed=0, patch_size=64, margin=16, voxel_size_mm=(1.0
         strong = rng.random() < 0.15
         value = rng.uniform(-2.0, 1.5) if strong else rng.uniform(-0.2, 0.4)
         chi[blob & mask] = value
+    if lesions:
+        add_lesions(chi, labels, mask & np.isin(labels, PARENCHYMA), mask, vox, rng)
     clear = ndimage.distance_transform_edt(~mask, sampling=vox) > background_clearance_mm
     for _ in range(rng.integers(0, 8)):  # background sources outside the brain
         blob = _random_shape(region, vox, rng, (3.0, 25.0))

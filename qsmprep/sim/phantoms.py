@@ -206,6 +206,21 @@ def _draw_tissue_chi(rng, vary):
     return chi
 
 
+def add_lesions(chi, labels, parenchyma, brain, voxel_size_mm, rng):
+    """Stamp bleed- and calcification-like spheres into ``chi`` (ppm) and
+    ``labels``, in place: 1-4 small (radius 1-2.5 mm) and 0-1 large (4-8 mm)
+    haemorrhages of 0.4-1.2 ppm, 1-3 calcifications (1-3 mm) of -3 to -0.2
+    ppm, centred in ``parenchyma`` and clipped to ``brain``."""
+    bleeds = random_spheres(parenchyma, voxel_size_mm, rng, rng.integers(1, 5), (1.0, 2.5))
+    bleeds += random_spheres(parenchyma, voxel_size_mm, rng, rng.integers(0, 2), (4.0, 8.0))
+    for ball in bleeds:
+        labels[ball & brain] = HAEMORRHAGE
+        chi[ball & brain] = rng.uniform(0.4, 1.2)
+    for ball in random_spheres(parenchyma, voxel_size_mm, rng, rng.integers(1, 4), (1.0, 3.0)):
+        labels[ball & brain] = CALCIFICATION
+        chi[ball & brain] = rng.uniform(-3.0, -0.2)
+
+
 def _decorate(labels, brain, base_chi, vox, rng, *, texture, vessels, lesions):
     """Add texture, vessels and lesions to a base chi map; build M0 and R2*."""
     labels = labels.copy()
@@ -218,14 +233,7 @@ def _decorate(labels, brain, base_chi, vox, rng, *, texture, vessels, lesions):
         labels[tubes] = BLOOD
         chi[tubes] = rng.uniform(0.25, 0.45)
     if lesions:
-        bleeds = random_spheres(parenchyma, vox, rng, rng.integers(1, 5), (1.0, 2.5))
-        bleeds += random_spheres(parenchyma, vox, rng, rng.integers(0, 2), (4.0, 8.0))
-        for ball in bleeds:
-            labels[ball & brain] = HAEMORRHAGE
-            chi[ball & brain] = rng.uniform(0.4, 1.2)
-        for ball in random_spheres(parenchyma, vox, rng, rng.integers(1, 4), (1.0, 3.0)):
-            labels[ball & brain] = CALCIFICATION
-            chi[ball & brain] = rng.uniform(-3.0, -0.2)
+        add_lesions(chi, labels, parenchyma, brain, vox, rng)
     m0 = _lookup(_M0, labels)
     if texture:
         m0 *= 1 + 0.03 * smooth_noise(chi.shape, vox, 3.0, rng)

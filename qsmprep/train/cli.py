@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 from ..dl.inference import PRECISIONS, select_device  # noqa: E402
 from .data import (  # noqa: E402
-    DATA, VALIDATION_PATCHES, training_stream, validation_set, whole_validation_set,
+    VALIDATION_PATCHES, content_options, sample_options, training_stream, validation_set,
+    whole_validation_set,
 )
 from .export import WHOLE_HEADS, export  # noqa: E402
 from .loop import VALIDATE_EVERY, train  # noqa: E402
@@ -48,6 +49,9 @@ def build_parser():
     p.add_argument("--config", type=json.loads, default=None,
                    help='architecture overrides as JSON, e.g. \'{"base": 16}\' (of the '
                    "defaults, or of the --init file's architecture)")
+    p.add_argument("--data", type=json.loads, default=None,
+                   help='training-data (hybrid sample) overrides as JSON, e.g. '
+                   '\'{"lesions": true}\' (validation patches and whole heads get them too)')
     p.add_argument("--validation", type=int, default=VALIDATION_PATCHES,
                    help="validation patches")
     p.add_argument("--validation-whole", type=int, default=WHOLE_HEADS,
@@ -80,7 +84,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    options = dict(DATA[args.model])
+    options = sample_options(args.model, args.data)
     if args.patch:
         options["patch_size"] = args.patch
     train(args.model, args.out, training_stream(args.seed, options, workers=args.workers),
@@ -91,7 +95,8 @@ def main(argv=None):
           time_limit_s=args.time_limit, time_budget_s=args.time_budget,
           progress=not args.no_progress, data_options=options, precision=args.precision,
           warmup_steps=args.warmup,
-          whole_samples=whole_validation_set(args.seed, args.validation_whole))
+          whole_samples=whole_validation_set(args.seed, args.validation_whole,
+                                             **content_options(options)))
     if args.export:
         val, check = export(args.model, args.out, args.models_dir, device)
         print(json.dumps({"validation": val, "check_case": check}, indent=2))

@@ -33,6 +33,29 @@ DATA = {
 }
 
 
+#: Sample options that shape patches, not content: whole heads leave them out.
+PATCH_OPTIONS = ("patch_size", "voxel_size_range_mm")
+
+
+def sample_options(task_name, overrides=None):
+    """The :func:`~qsmprep.sim.hybrid.hybrid_sample` options of a model's
+    training data: :data:`DATA` updated by ``overrides`` (``qsmprep-train
+    --data``, e.g. ``{"lesions": true}``)."""
+    import inspect
+
+    known = set(inspect.signature(hybrid_sample).parameters) - {"index", "seed"}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown sample option(s) {unknown} in --data; "
+                         f"hybrid_sample takes {sorted(known)}")
+    return {**DATA[task_name], **(overrides or {})}
+
+
+def content_options(options):
+    """``options`` without :data:`PATCH_OPTIONS`: those of the whole heads."""
+    return {k: v for k, v in options.items() if k not in PATCH_OPTIONS}
+
+
 def training_stream(seed, options, *, workers=1):
     """``start -> iterator`` over the hybrid samples ``start, start + 1, ...``,
     simulated by ``workers`` background processes (0: in this process).

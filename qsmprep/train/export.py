@@ -19,7 +19,8 @@ import torch
 
 from ..dl.weights import MODELS_DIR, load_weights, save_file, save_weights, verify
 from ..sim.hybrid import hybrid_sample
-from .data import DATA, VALIDATION_PATCHES, VALIDATION_START, validation_set, whole_validation_set
+from .data import (DATA, PATCH_OPTIONS, VALIDATION_PATCHES, VALIDATION_START, content_options,
+                   validation_set, whole_validation_set)
 from .loop import VALIDATE_EVERY, to_batch
 from .tasks import TASKS, validation_metrics
 
@@ -105,6 +106,10 @@ def _retrain_command(task, cfg, ckpt):
         opts.append(f"--config '{json.dumps(overrides)}'")
     if cfg["data"].get("patch_size") != DATA[task.name].get("patch_size"):
         opts.append(f"--patch {cfg['data']['patch_size']}")
+    data = {k: v for k, v in cfg["data"].items()
+            if k not in PATCH_OPTIONS and DATA[task.name].get(k) != v}
+    if data:
+        opts.append(f"--data '{json.dumps(data)}'")
     if cfg.get("time_budget_s"):
         opts.append(f"--time-budget {cfg['time_budget_s']:.0f}")
     if cfg["lr"] != 1e-3:
@@ -193,7 +198,8 @@ def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=WHOLE_
                    for s in validation_set(cfg["seed"], cfg["data"], cfg["validation"])]
     val = validation_metrics(scored, shipped, val_batches)
     check = check_nrmse(name, shipped, models_dir)
-    whole_batches = [to_batch([s], device) for s in whole_validation_set(cfg["seed"], whole_heads)]
+    whole_batches = [to_batch([s], device) for s in whole_validation_set(
+        cfg["seed"], whole_heads, **content_options(cfg["data"]))]
     whole = validation_metrics(scored, shipped, whole_batches)
     meta.update(validation_nrmse=val, whole_head_nrmse=whole, check_case_nrmse=check)
     path = save_weights(name, shipped, meta, models_dir)
