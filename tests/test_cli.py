@@ -198,6 +198,8 @@ def test_methods_text_of_a_pipeline_describes_the_methods_used(tmp_path, synthet
     # a conference paper's reference names its proceedings (was an empty "**")
     assert "*Medical Image Computing and Computer-Assisted Intervention (MICCAI 2015)*" in citation
     assert "**" not in citation
+    # BibTeX dashes become typographic ones (the NeXtQSM title has "---")
+    assert "NeXtQSM—A complete deep learning pipeline" in citation and "---" not in citation
     (toml,) = (out / "sub-01" / "log").glob("*/qsmprep.toml")
     assert 'pipeline = "nextqsm"' in toml.read_text()
 

@@ -299,7 +299,7 @@ def format_reference(entry, markdown=False):
     esc = (lambda t: t) if markdown else html.escape
     parts = [f"{esc(_short_authors(entry.get('author', '')) or 'Anonymous')} "
              f"({esc(entry.get('year', 'n.d.'))})."]
-    title = entry.get("title") or entry.get("note")
+    title = (entry.get("title") or entry.get("note") or "").replace("---", "—").replace("--", "–")
     if title:
         parts.append(esc(title) + ("" if title[-1] in ".?!" else "."))
     venue = reference_venue(entry)
