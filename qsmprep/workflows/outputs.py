@@ -12,7 +12,6 @@ Per run (see docs/outputs.md)::
 from __future__ import annotations
 
 import json
-import re
 from importlib import resources
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..__about__ import __url__, __version__
 from ..interfaces.bids import STAGING, DerivativesDataSink
-from ..reports.core import format_reference, parse_bib
+from ..reports.core import cited_keys, format_reference, parse_bib
 from ..utils.files import write_text
 
 #: files and folders of the output directory that are not BIDS
@@ -139,7 +138,7 @@ def write_citations(boilerplate, output_dir):
     logs = Path(output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     entries = parse_bib((resources.files("qsmprep") / "data" / "boilerplate.bib").read_text())
-    keys = list(dict.fromkeys(re.findall(r"@([A-Za-z0-9_:-]+)", boilerplate)))
+    keys = cited_keys(boilerplate)
     refs = [f"- {format_reference(entries[k], markdown=True)}" if k in entries else f"- {k}"
             for k in keys]
     text = boilerplate.strip() + "\n\n### References\n\n" + "\n".join(refs) + "\n"
