@@ -388,3 +388,7 @@ def test_data_overrides_are_checked_and_reach_the_retrain_line(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     line = _retrain_command(TASKS["unet"], cfg, ckpt)
     assert "--patch 40" in line and """--data '{"lesions": true}'""" in line
+    # every sample option that differs from the model's data reaches --data, voxel sizes too
+    cfg["data"]["voxel_size_range_mm"] = [0.7, 1.5]
+    line = _retrain_command(TASKS["unet"], cfg, ckpt)
+    assert """--data '{"voxel_size_range_mm": [0.7, 1.5], "lesions": true}'""" in line

@@ -19,8 +19,8 @@ import torch
 
 from ..dl.weights import MODELS_DIR, load_weights, save_file, save_weights, verify
 from ..sim.hybrid import hybrid_sample
-from .data import (DATA, PATCH_OPTIONS, VALIDATION_PATCHES, VALIDATION_START, content_options,
-                   validation_set, whole_validation_set)
+from .data import (DATA, VALIDATION_PATCHES, VALIDATION_START, content_options, validation_set,
+                   whole_validation_set)
 from .loop import VALIDATE_EVERY, to_batch
 from .tasks import TASKS, validation_metrics
 
@@ -106,8 +106,8 @@ def _retrain_command(task, cfg, ckpt):
         opts.append(f"--config '{json.dumps(overrides)}'")
     if cfg["data"].get("patch_size") != DATA[task.name].get("patch_size"):
         opts.append(f"--patch {cfg['data']['patch_size']}")
-    data = {k: v for k, v in cfg["data"].items()
-            if k not in PATCH_OPTIONS and DATA[task.name].get(k) != v}
+    default = json.loads(json.dumps(DATA[task.name]))  # tuples as config.json has them
+    data = {k: v for k, v in cfg["data"].items() if k != "patch_size" and default.get(k) != v}
     if data:
         opts.append(f"--data '{json.dumps(data)}'")
     if cfg.get("time_budget_s"):
