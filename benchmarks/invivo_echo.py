@@ -69,18 +69,20 @@ def load(data_dir):
 
 def front_end(data_dir):
     """The app's steps before the echo combination, on the crop: the phase
-    (rad) after MCPC-3D-S, the ROMEO-unwrapped echoes, the magnitude, the voxel
-    size (mm), the echo times (s) and the BET mask (with ROMEO's quality map,
-    as the app computes it)."""
+    (rad) after MCPC-3D-S, the echoes unwrapped by the default method (ROMEO),
+    the magnitude, the voxel size (mm), the echo times (s) and the default
+    mask (BET, with the unwrapping's quality map, as the app computes it)."""
+    from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm.unwrap import mcpc3ds
 
     phase, magnitude, vox = load(data_dir)
     te = np.asarray(ECHO_TIMES_S)
     phase, _ = mcpc3ds(phase, magnitude, te, voxel_size_mm=vox)
-    unwrapped, quality = call("unwrapping", "romeo", phase, magnitude=magnitude,
-                              echo_times_s=te, voxel_size_mm=vox)
+    unwrapped, quality = call("unwrapping", DEFAULT_METHODS["unwrapping"], phase,
+                              magnitude=magnitude, echo_times_s=te, voxel_size_mm=vox)
     rss = np.sqrt(np.sum(magnitude**2, axis=-1))
-    mask = np.asarray(call("masking", "bet", rss, quality=quality, voxel_size_mm=vox), bool)
+    mask = np.asarray(call("masking", DEFAULT_METHODS["masking"], rss, quality=quality,
+                           voxel_size_mm=vox), bool)
     return phase, unwrapped, magnitude, vox, te, mask
 
 

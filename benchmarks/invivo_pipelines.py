@@ -59,11 +59,13 @@ def dipole_misfit(chi, local, mask, voxel_size_mm):
 
 def front_end(data_dir):
     """Total field (ppm), its noise (ppm), the BET mask, magnitude and voxel
-    size: :func:`invivo_echo.front_end` and ROMEO's B0 combination."""
+    size: :func:`invivo_echo.front_end` and the default echo combination."""
+    from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm.units import hz_to_ppm
 
     _, unwrapped, magnitude, vox, te, mask = echo_front_end(data_dir)
-    b0, n_std = call("echo_combination", "romeo", unwrapped, magnitude, te)
+    b0, n_std = call("echo_combination", DEFAULT_METHODS["echo_combination"], unwrapped,
+                     magnitude, te)
     return (hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T), mask,
             magnitude, vox)
 
