@@ -98,7 +98,7 @@ class IR2QSM(nn.Module):
     def forward(self, x, return_iterations=False):
         mask = x[:, 1:2]
         inp, s = normalised_inputs(x)
-        tkd = inp[:, 5:6]  # the TKD (or TV) estimate in units of s
+        estimate = inp[:, 5:6]  # the TKD or TV chi estimate, in units of s
         h = feats = None
         outs = []
         for t, net in enumerate(self.iterations):
@@ -106,8 +106,8 @@ class IR2QSM(nn.Module):
             skips, bottom = net.encode(xin, extra=None if feats is None else feats + [None])
             h = self.gru(bottom, h)
             out, feats = net.decode(h, skips)
-            outs.append(tkd + out)
-        chi = self.fuse(torch.cat(outs + [tkd], dim=1)) * s * mask
+            outs.append(estimate + out)
+        chi = self.fuse(torch.cat(outs + [estimate], dim=1)) * s * mask
         if return_iterations:
             return chi, [o * s * mask for o in outs]
         return chi

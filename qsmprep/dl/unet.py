@@ -160,12 +160,12 @@ def tv_estimate(field, mask, b0_dirs, voxel_size_mm, options):
 
 def normalised_inputs(x):
     """The network's view of :func:`field_inputs` and the scale ``s``
-    (``[B, 1, 1, 1, 1]``, ppm): field and TKD divided by ``s``, the RMS of the
-    TKD estimate. Dipole inversion is linear, so the networks work in units
-    of ``s`` and multiply their output by it: a map with 3x the contrast gives
-    exactly 3x the output (with a TKD channel; TV is nearly linear), and the
-    low-contrast in-vivo brain is not corrected with the amplitude learned on
-    high-contrast training patches.
+    (``[B, 1, 1, 1, 1]``, ppm): field and chi estimate (TKD or TV) divided by
+    ``s``, the RMS of the estimate. Dipole inversion is linear, so the networks
+    work in units of ``s`` and multiply their output by it: a map with 3x the
+    contrast gives exactly 3x the output (with a TKD channel; TV is nearly
+    linear), and the low-contrast in-vivo brain is not corrected with the
+    amplitude learned on high-contrast training patches.
     """
     s = x[:, 6:7].amax(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
     return torch.cat([x[:, :1] / s, x[:, 1:5], x[:, 5:6] / s], dim=1), s
