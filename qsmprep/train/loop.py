@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..dl.inference import autocast, resolve_precision
 from ..dl import merge_config
+from ..dl.inference import autocast, resolve_precision
 from .tasks import TASKS, validation_metrics
 
 
