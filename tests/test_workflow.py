@@ -272,3 +272,29 @@ def test_user_mask_replaces_the_masking_stage_in_a_real_run(tmp_path, synthetic_
     (saved,) = (out / "sub-01" / "log").glob("*/qsmprep.toml")
     assert Config.from_toml(saved).execution.mask_file == str(mask_file)
     assert "user-supplied mask" in (out / "sub-01.html").read_text()
+
+
+def test_every_file_qsmprep_writes_is_written_atomically():
+    """Outputs, reports, checkpoints and shipped weights are written under a
+    temporary name and renamed (``qsmprep.utils.files.atomic_write``, or the
+    sink's staging folder), so a killed run never leaves a half-written file
+    where a complete one is expected. A direct write to a final path is a
+    regression; ``qsmprep.sim`` (demo and package input data) and logs
+    appended line by line (marked ``# log``) are exempt."""
+    import re
+    from pathlib import Path
+
+    import qsmprep
+
+    write = re.compile(r"\.write_text\(|\.write_bytes\(|\.to_filename\(|torch\.save\(|nib\.save\(|"
+                       r"np\.save|open\([^)]*['\"][wa]b?['\"]")
+    root = Path(qsmprep.__file__).parent
+    direct = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("sim/") or rel == "utils/files.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if write.search(line) and not re.search(r"\btmp\b|\bbuf\b|# log$", line):
+                direct.append(f"{rel}:{number}: {line.strip()}")
+    assert not direct, "direct writes to final paths:\n" + "\n".join(direct)

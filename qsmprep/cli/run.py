@@ -175,6 +175,7 @@ def _add_run_info(config, subject, runs, started):
 
     from ..reports.core import figure_name
     from ..utils.bids import ENTITY_KEYS
+    from ..utils.files import write_text
     from ..utils.runinfo import step_timings, subject_warnings
     from ..workflows.qsm import _safe
 
@@ -194,7 +195,7 @@ def _add_run_info(config, subject, runs, started):
         info["warnings"] = warnings + (
             [f"{len(reused)} step(s) reused from the work folder: {', '.join(reused)}"]
             if reused else [])
-        summary.write_text(json.dumps(info, indent=2))
+        write_text(summary, json.dumps(info, indent=2))
 
 
 def _warnings_file(config):

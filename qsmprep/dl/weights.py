@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.files import atomic_write, write_text
+
 MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 MANIFEST = "manifest.json"
 
@@ -75,10 +77,10 @@ def save_file(filename, data, models_dir=None):
     models_dir = Path(models_dir or MODELS_DIR)
     models_dir.mkdir(parents=True, exist_ok=True)
     path = models_dir / filename
-    path.write_bytes(data)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     manifest = read_manifest(models_dir)
     manifest[filename] = {"sha256": sha256(path), "bytes": path.stat().st_size}
-    (models_dir / MANIFEST).write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
+    write_text(models_dir / MANIFEST, json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     return path
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.files import write_text
 from . import reportlets
 
 LOGGER = logging.getLogger("qsmprep.reports")
@@ -118,8 +119,7 @@ def render_reportlet(kind, out_file, in_file, *, mask_file=None, wrapped_file=No
         svg = draw(data, vox, mask=mask)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(svg)
-    return out_file
+    return write_text(out_file, svg)
 
 
 def render_figures_from_derivatives(output_dir, subject_label, *, overwrite=False):
@@ -219,7 +219,7 @@ def write_summary_json(info, out_file):
     """Write a run summary dict as JSON (the workflow writes one per run)."""
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(info, indent=2, default=_json_default))
+    write_text(out_file, json.dumps(info, indent=2, default=_json_default))
     return out_file
 
 
@@ -234,7 +234,7 @@ def _render_summaries(figures):
     runs = []
     for js in sorted(Path(figures).glob("*_desc-summary_*.json")):
         info = json.loads(js.read_text())
-        js.with_suffix(".html").write_text(summary_html(info))
+        write_text(js.with_suffix(".html"), summary_html(info))
         runs.append(info)
     return runs
 
@@ -398,7 +398,8 @@ def write_citation_files(logs_dir, bib_file=BIB_FILE):
     text = re.split(r"^#+\s*References\s*$", md_file.read_text(), flags=re.M)[0]
     bib_text = Path(bib_file).read_text()
     html_file = logs_dir / "CITATION.html"
-    html_file.write_text(
+    write_text(
+        html_file,
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<title>qsmprep citation boilerplate</title></head>\n"
         f"<body>\n{citation_html(text, parse_bib(bib_text))}\n</body></html>\n")
@@ -407,9 +408,9 @@ def write_citation_files(logs_dir, bib_file=BIB_FILE):
     if not bib_out.exists():
         keys = set(cited_keys(text))
         chunks = re.split(r"\n(?=@)", bib_text)
-        bib_out.write_text("\n".join(c.strip() + "\n" for c in chunks
-                                     if (m := re.match(r"@\w+\s*\{\s*([^,\s]+)", c.strip()))
-                                     and m.group(1) in keys))
+        write_text(bib_out, "\n".join(c.strip() + "\n" for c in chunks
+                                      if (m := re.match(r"@\w+\s*\{\s*([^,\s]+)", c.strip()))
+                                      and m.group(1) in keys))
         written.append(bib_out)
     return written
 
@@ -469,8 +470,8 @@ def generate_report(output_dir, subject_label, run_uuid, *, spec_file=SPEC_FILE)
     figures = output_dir / f"sub-{subject_label}" / "figures"
     figures.mkdir(exist_ok=True)
     runs = _render_summaries(figures)
-    (figures / f"sub-{subject_label}_desc-overview_qsm.html").write_text(
-        _overview_html(subject_label, runs, run_uuid))
+    write_text(figures / f"sub-{subject_label}_desc-overview_qsm.html",
+               _overview_html(subject_label, runs, run_uuid))
     write_citation_files(output_dir / "logs")
 
     report = Report(output_dir, run_uuid, bootstrap_file=spec_file,

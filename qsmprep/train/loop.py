@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..dl import merge_config
 from ..dl.inference import autocast, resolve_precision
+from ..utils.files import atomic_write, write_text
 from .tasks import TASKS, validation_metrics
 
 
@@ -90,9 +91,7 @@ def _csv_writer(fh, path, keys, new_log, resumed_step=0):
 
 
 def _save(path, state):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def hardware():
@@ -207,11 +206,12 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
                              f"(expected a qsmprep-train checkpoint or shipped weights)")
         own.update(matching)
         model.load_state_dict(own)
-    (out / "config.json").write_text(json.dumps(
+    write_text(out / "config.json", json.dumps(
         {"task": task_name, "config": model.config, "steps": steps, "batch_size": batch_size,
          "seed": seed, "lr": lr, "init": str(init) if init else None,
          "time_budget_s": time_budget_s, "data": data_options,
-         "validation": len(val_samples), "validate_every": validate_every,
+         "validation": len(val_samples), "validation_whole": len(whole_samples or []),
+         "validate_every": validate_every,
          "precision": precision, "warmup_steps": warmup_steps}, indent=2))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: pick the fastest kernels
@@ -240,7 +240,8 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
     def done():
         return run_fraction(step, steps, wall, time_budget_s) >= 1.0
 
-    with open(log_path, "w" if new_log else "a", newline="") as fh:
+    # metrics.csv is a log, appended row by row (a resume drops rows past its checkpoint)
+    with open(log_path, "w" if new_log else "a", newline="") as fh:  # log
         writer = None
         while step < stop_at and not done():
             t0 = time.monotonic()

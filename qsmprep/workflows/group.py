@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 
+from ..utils.files import atomic_write, write_text
 from .qsm import PIPELINE_STAGES
 
 #: one column per pipeline stage: the method name from the sidecar's QSMMethods
@@ -44,13 +44,15 @@ def write_group_table(output_dir):
     group = output_dir / "group"
     group.mkdir(exist_ok=True)
     tsv = group / "qsmprep_runs.tsv"
-    tmp = tsv.with_name(f".{tsv.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, tsv)
-    (group / "qsmprep_runs.json").write_text(json.dumps({
+
+    def write_rows(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(tsv, write_rows)
+    write_text(group / "qsmprep_runs.json", json.dumps({
         "chimap": {"Description": "Chimap path relative to the output folder"},
         "magnetic_field_strength_t": {"Units": "T"},
         "mask_voxels": {"Description": "voxels in the run's desc-brain_mask"},
