@@ -375,7 +375,7 @@ def test_a_variational_network_run_trains_the_vn_alone_and_ships_as_nextqsm(tmp_
 
 def test_data_overrides_are_checked_and_reach_the_retrain_line(tmp_path):
     from qsmprep.train.data import DATA, content_options, sample_options
-    from qsmprep.train.export import _retrain_command, run_config
+    from qsmprep.train.export import WHOLE_HEADS, _retrain_command, run_config
 
     with pytest.raises(ValueError, match="lesion.*hybrid_sample takes"):
         sample_options("unet", {"lesion": True})
@@ -392,3 +392,8 @@ def test_data_overrides_are_checked_and_reach_the_retrain_line(tmp_path):
     cfg["data"]["voxel_size_range_mm"] = [0.7, 1.5]
     line = _retrain_command(TASKS["unet"], cfg, ckpt)
     assert """--data '{"voxel_size_range_mm": [0.7, 1.5], "lesions": true}'""" in line
+    # the held-out heads best.pt was selected on: none in this run (patches), so the
+    # line repeats it; the default number of heads needs no option
+    assert cfg["validation_whole"] == 0 and "--validation-whole 0" in line
+    cfg["validation_whole"] = WHOLE_HEADS
+    assert "--validation-whole" not in _retrain_command(TASKS["unet"], cfg, ckpt)

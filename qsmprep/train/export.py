@@ -70,6 +70,7 @@ def run_config(run_dir):
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
     cfg["data"] = cfg.get("data") or DATA[cfg["task"]]
     cfg["validation"] = cfg.get("validation") or VALIDATION_PATCHES
+    cfg.setdefault("validation_whole", WHOLE_HEADS)  # recorded since 2026-11-27
     return cfg
 
 
@@ -120,6 +121,8 @@ def _retrain_command(task, cfg, ckpt):
         opts.append(f"--init {cfg['init']}")
     if cfg["validation"] != VALIDATION_PATCHES:
         opts.append(f"--validation {cfg['validation']}")
+    if cfg["validation_whole"] != WHOLE_HEADS:  # the heads best.pt was selected on
+        opts.append(f"--validation-whole {cfg['validation_whole']}")
     if cfg.get("validate_every", VALIDATE_EVERY) != VALIDATE_EVERY:  # recorded since 2026-11-26
         opts.append(f"--validate-every {cfg['validate_every']}")
     if str(ckpt.get("hardware", "")).startswith("CUDA"):
@@ -172,10 +175,11 @@ Retrain: `{_retrain_command(task, cfg, ckpt)}`
 """
 
 
-def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=WHOLE_HEADS):
+def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=None):
     """Ship the best checkpoint of ``run_dir`` (else its latest) and its card,
     scored on the run's validation patches, ``whole_heads`` held-out whole
-    1 mm heads and the check case.
+    1 mm heads (default: the run's ``--validation-whole``, or
+    :data:`WHOLE_HEADS` for a run that selected on patches) and the check case.
 
     Returns the validation and check-case metrics of the shipped weights.
     """
@@ -188,6 +192,7 @@ def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=WHOLE_
     model = task.build(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     cfg = run_config(run)
+    whole_heads = whole_heads or cfg["validation_whole"] or WHOLE_HEADS
     meta = {"step": ckpt["step"], "wall_s": ckpt["wall_s"], "hardware": ckpt.get("hardware")}
     save_weights(name, model, meta, models_dir)
     # measure with the shipped (float16-rounded) weights, as a user gets them
