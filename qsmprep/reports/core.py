@@ -278,6 +278,12 @@ def parse_bib(text):
     return entries
 
 
+def cited_bib(keys, entries):
+    """BibTeX text of the ``entries`` (:func:`parse_bib`) cited as ``keys``, in
+    that order; keys without an entry are left out."""
+    return "\n\n".join(entries[k]["raw"] for k in keys if k in entries) + "\n"
+
+
 def _short_authors(authors):
     names = [a.strip() for a in authors.split(" and ") if a.strip()]
     last = [n.split(",")[0].strip() if "," in n else n.split()[-1] for n in names]
@@ -396,21 +402,17 @@ def write_citation_files(logs_dir, bib_file=BIB_FILE):
     if not md_file.exists():
         return []
     text = re.split(r"^#+\s*References\s*$", md_file.read_text(), flags=re.M)[0]
-    bib_text = Path(bib_file).read_text()
+    entries = parse_bib(Path(bib_file).read_text())
     html_file = logs_dir / "CITATION.html"
     write_text(
         html_file,
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<title>qsmprep citation boilerplate</title></head>\n"
-        f"<body>\n{citation_html(text, parse_bib(bib_text))}\n</body></html>\n")
+        f"<body>\n{citation_html(text, entries)}\n</body></html>\n")
     written = [html_file]
     bib_out = logs_dir / "CITATION.bib"
     if not bib_out.exists():
-        keys = set(cited_keys(text))
-        chunks = re.split(r"\n(?=@)", bib_text)
-        write_text(bib_out, "\n".join(c.strip() + "\n" for c in chunks
-                                      if (m := re.match(r"@\w+\s*\{\s*([^,\s]+)", c.strip()))
-                                      and m.group(1) in keys))
+        write_text(bib_out, cited_bib(cited_keys(text), entries))
         written.append(bib_out)
     return written
 

@@ -21,7 +21,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..__about__ import __url__, __version__
 from ..interfaces.bids import STAGING, DerivativesDataSink
-from ..reports.core import cited_keys, format_reference, parse_bib
+from ..reports.core import cited_bib, cited_keys, format_reference, parse_bib
 from ..utils.files import write_text
 
 #: files and folders of the output directory that are not BIDS
@@ -143,6 +143,5 @@ def write_citations(boilerplate, output_dir):
             for k in keys]
     text = boilerplate.strip() + "\n\n### References\n\n" + "\n".join(refs) + "\n"
     write_text(logs / "CITATION.md", text)
-    write_text(logs / "CITATION.bib", "\n\n".join(entries[k]["raw"] for k in keys
-                                                   if k in entries) + "\n")
+    write_text(logs / "CITATION.bib", cited_bib(keys, entries))
     return logs / "CITATION.md"
