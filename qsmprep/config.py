@@ -34,9 +34,9 @@ from .__about__ import __version__
 
 #: Default method of each stage (names in :mod:`qsmprep.qsm.registry`).
 #: Background removal and inversion are NeXtQSM's (the named pipeline
-#: ``nextqsm``) since 2026-11-27, when it beat the classical chain (PDF +
-#: iLSQR, ``--pipeline classical``) on the simulated benchmark; the reasons
-#: and numbers are in docs/methods.md ("Default pipeline").
+#: ``nextqsm``): it beat the classical chain (PDF + iLSQR, ``--pipeline
+#: classical``) on the simulated benchmark; the reasons and numbers are in
+#: docs/methods.md ("Default pipeline"), the history in CHANGELOG.md.
 DEFAULT_METHODS = {
     "unwrapping": "romeo",
     "echo_combination": "romeo",
@@ -57,12 +57,13 @@ PIPELINES = {
     "ir2qsm": {"bf_removal": "vsharp", "inversion": "ir2qsm"},
 }
 
-#: One line per named pipeline, for ``--help`` and the documentation.
+#: One line per named pipeline, for ``--help`` and the documentation (no dates:
+#: the history of the defaults is in CHANGELOG.md).
 PIPELINE_DESCRIPTIONS = {
     "nextqsm": "NeXtQSM's learned background removal + variational-network inversion, "
-               "trained end to end (the defaults)",
-    "classical": "N_std-weighted PDF background removal + iLSQR inversion (the defaults "
-                 "until 2026-11-27)",
+               "trained on simulated adult human heads",
+    "classical": "N_std-weighted PDF background removal + iLSQR inversion; no trained "
+                 "weights: the choice for phantoms, animals and other organs",
     "ir2qsm": "V-SHARP background removal + IR2QSM learned inversion",
 }
 

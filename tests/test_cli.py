@@ -82,10 +82,10 @@ def test_help_lists_the_pipelines(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     out = capsys.readouterr().out
-    assert "--pipeline NAME" in out
+    assert "--pipeline {" + ",".join(PIPELINES) + "}" in out
     for name, description in PIPELINE_DESCRIPTIONS.items():
         assert f"{name} (" in out and description in out
-    assert "nextqsm (bf_removal=nextqsm, inversion=nextqsm)" in out
+    assert "nextqsm (--bf-removal nextqsm, --inversion nextqsm) = the stage defaults" in out
 
 
 def test_pipeline_in_config_file_and_its_precedence(tmp_path):

@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 
 from ..__about__ import __version__
-from ..config import DEFAULT_METHODS, PIPELINE_DESCRIPTIONS, PIPELINES, Config
+from ..config import (
+    DEFAULT_METHODS,
+    PIPELINE_DESCRIPTIONS,
+    PIPELINES,
+    Config,
+    Execution,
+    Nipype,
+    Workflow,
+)
 from ..qsm.registry import STAGES
 
 _STAGE_TITLES = {"unwrapping": "phase unwrapping",
@@ -15,6 +23,15 @@ _STAGE_TITLES = {"unwrapping": "phase unwrapping",
                  "bf_removal": "background field removal",
                  "inversion": "dipole inversion", "masking": "brain masking",
                  "referencing": "susceptibility referencing"}
+
+
+#: the stages in processing order (their options are listed so in ``--help``)
+_PROCESSING_ORDER = ("unwrapping", "echo_combination", "masking", "bf_removal", "inversion",
+                     "referencing")
+
+
+def _processing_rank(stage):
+    return _PROCESSING_ORDER.index(stage) if stage in _PROCESSING_ORDER else len(STAGES)
 
 
 def _label(value):
@@ -53,11 +70,31 @@ def _derivatives(value):
     return name, str(path.absolute())
 
 
+def _flag(stage):
+    """The command-line option of a stage, e.g. ``--bf-removal``."""
+    return f"--{stage.replace('_', '-')}"
+
+
+def _default_pipeline():
+    """The named pipeline whose methods are the stage defaults, or None."""
+    for name, methods in PIPELINES.items():
+        if all(DEFAULT_METHODS[stage] == method for stage, method in methods.items()):
+            return name
+    return None
+
+
+def _default_pipeline_note():
+    default = _default_pipeline()
+    return f" are those of {default}" if default else ""
+
+
 def _pipelines_help():
     """``--pipeline`` help: each named pipeline with its stage methods and description."""
+    default = _default_pipeline()
     return "; ".join(
-        f"{name} ({', '.join(f'{s}={m}' for s, m in methods.items())}): "
-        f"{PIPELINE_DESCRIPTIONS[name]}" for name, methods in PIPELINES.items())
+        f"{name} ({', '.join(f'{_flag(s)} {m}' for s, m in methods.items())})"
+        f"{' = the stage defaults' if name == default else ''}: {PIPELINE_DESCRIPTIONS[name]}"
+        for name, methods in PIPELINES.items())
 
 
 def _positive_int(value):
@@ -67,16 +104,33 @@ def _positive_int(value):
     return n
 
 
+#: Titles of the option groups of ``--help``, in fMRIPrep's order and wording.
+GROUPS = {
+    "bids": "Options for filtering BIDS queries",
+    "performance": "Options to handle performance",
+    "subset": "Options for performing only a subset of the workflow",
+    "workflow": "Workflow configuration",
+    "outputs": "Options for modulating outputs",
+    "other": "Other options",
+}
+
+
 def build_parser():
     """The argparse parser; option defaults are None so that a ``--config-file``
-    can supply them (see :func:`parse_args`)."""
+    can supply them (see :func:`parse_args`). The defaults shown in ``--help``
+    come from :mod:`qsmprep.config` and the choices from the method registry."""
     from ..qsm import registry
 
+    ex, wf, ny = Execution(), Workflow(), Nipype()
     p = argparse.ArgumentParser(
         prog="qsmprep",
-        description="qsmprep: quantitative susceptibility mapping from multi-echo GRE "
-        "MRI in BIDS, written as BIDS derivatives.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="qsmprep: quantitative susceptibility mapping (QSM) from multi-echo "
+        "gradient-echo (GRE) MRI. It reads the magnitude and phase images of a BIDS "
+        "dataset and writes susceptibility maps (ppm), field maps and an HTML report "
+        "as BIDS derivatives.",
+        epilog="Example: qsmprep /data/bids /data/bids/derivatives/qsmprep participant "
+        "--participant-label 01. Documentation: docs/usage.md; every error message: "
+        "docs/troubleshooting.md.",
     )
     p.add_argument("bids_dir", type=Path, help="root folder of the input BIDS dataset")
     p.add_argument("output_dir", type=Path, help="folder for the BIDS derivatives")
@@ -85,71 +139,81 @@ def build_parser():
                    "already processed in output_dir")
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
 
-    g = p.add_argument_group("Selecting the input")
+    g = p.add_argument_group(GROUPS["bids"])
     g.add_argument("--participant-label", "--participant_label", nargs="+", type=_label,
-                   metavar="LABEL", help="subjects to process (with or without 'sub-'); "
-                   "default: all")
+                   metavar="LABEL", help="subjects to process (with or without 'sub-') "
+                   "(default: all subjects with GRE images)")
     g.add_argument("--session-label", nargs="+", type=_label, metavar="LABEL",
-                   help="sessions to process (with or without 'ses-'); default: all")
+                   help="sessions to process (with or without 'ses-') (default: all)")
     g.add_argument("--bids-filter-file", type=_existing_file, metavar="FILE",
                    help="JSON file of pybids entity filters applied to the MEGRE/T2starw "
                    'query, e.g. {"acquisition": "highres"}')
     g.add_argument("--skip-bids-validation", action="store_true", default=None,
-                   help="index the dataset without checking file names against BIDS "
-                   "(qsmprep's own checks of echoes and metadata always run)")
-
+                   help="index the dataset without checking file names against BIDS, "
+                   "e.g. for 4-D MEGRE files (qsmprep's own checks of echoes and metadata "
+                   "always run)")
     g.add_argument("--derivatives", nargs="+", action="append", type=_derivatives,
                    metavar="NAME=PATH",
                    help="BIDS derivatives dataset(s) searched (pybids) for each run's brain "
                    "mask, sub-X/[ses-Y/]anat/sub-X[_ses-Y][_acq-..][_run-..]"
                    "[_desc-brain]_mask.nii.gz (e.g. an earlier qsmprep output); the mask "
                    "replaces the masking method for the runs that have one; repeatable")
-    g.add_argument("--mask", type=_existing_file, metavar="FILE",
-                   help="a brain mask (NIfTI, on the GRE grid) used instead of the masking "
-                   "method, for every run processed (meant for a single run)")
 
-    g = p.add_argument_group("Methods (choices come from the method registry)")
-    g.add_argument("--pipeline", choices=list(PIPELINES), metavar="NAME",
-                   help="named pipeline: sets the methods of its stages; a stage option "
-                   "(e.g. --inversion tv) overrides it for that stage, and the stages it "
-                   f"does not name keep their defaults. {_pipelines_help()}")
-    for stage in STAGES:
-        g.add_argument(f"--{stage.replace('_', '-')}", dest=stage,
-                       choices=registry.names(stage),
-                       help=f"{_STAGE_TITLES[stage]} method (default: {DEFAULT_METHODS[stage]})")
+    g = p.add_argument_group(GROUPS["performance"])
+    g.add_argument("--nprocs", "--nthreads", type=_positive_int, metavar="N",
+                   help="processes run at the same time (default: all cores)")
+    g.add_argument("--omp-nthreads", type=_positive_int, metavar="N",
+                   help="threads per process (default: min(8, nprocs))")
+    g.add_argument("--mem", "--mem-gb", dest="mem_gb", type=float, metavar="GB",
+                   help="memory limit for the scheduler, in GB; also sizes the tiles of "
+                   "deep-learning steps (default: no limit)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="torch device of deep-learning methods; auto: CUDA when a GPU is "
+                   f"visible (default: {ex.device})")
+    g.add_argument("--use-plugin", type=_existing_file, metavar="FILE",
+                   help="YAML file with a Nipype 'plugin' and its 'plugin_args' "
+                   f"(default: {ny.plugin})")
 
-    g.add_argument("--phase-offset", choices=["mcpc3ds", "none"],
-                   help="removal of the echo-independent phase offset before unwrapping "
-                   "(MCPC-3D-S; skipped for single-echo data) (default: mcpc3ds)")
-
-    g = p.add_argument_group("Outputs")
-    g.add_argument("--output-intermediates", action="store_true", default=None,
-                   help="also write the unwrapped phase (rad) of every echo")
-    g.add_argument("--boilerplate-only", action="store_true", default=None,
-                   help="write logs/CITATION.md and stop")
+    g = p.add_argument_group(GROUPS["subset"])
+    g.add_argument("--boilerplate-only", "--boilerplate_only", action="store_true",
+                   default=None, help="check the input, write logs/CITATION.md and stop")
     g.add_argument("--reports-only", action="store_true", default=None,
                    help="only rebuild the HTML reports (sub-<label>.html) from existing "
                    "outputs; nothing is recomputed")
 
-    g = p.add_argument_group("Performance and execution")
-    g.add_argument("-w", "--work-dir", type=Path,
-                   help="Nipype work folder (cache; re-running resumes from it); "
-                   "default: ./work")
-    g.add_argument("--nprocs", "--nthreads", type=_positive_int,
-                   help="processes run at the same time (default: all cores)")
-    g.add_argument("--omp-nthreads", type=_positive_int,
-                   help="threads per process (default: min(8, nprocs))")
-    g.add_argument("--mem", "--mem-gb", dest="mem_gb", type=float, metavar="GB",
-                   help="memory limit for the scheduler, in GB")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="torch device of deep-learning methods (default: auto)")
-    g.add_argument("--use-plugin", type=_existing_file, metavar="FILE",
-                   help="YAML file with a Nipype 'plugin' and its 'plugin_args'")
-    g.add_argument("--stop-on-first-crash", action="store_true", default=None,
-                   help="stop at the first node that fails")
+    g = p.add_argument_group(
+        GROUPS["workflow"],
+        "The method of each processing stage, by name (qsmprep.qsm.registry). Order: "
+        "phase offset, unwrapping, echo combination, masking, background field removal, "
+        "dipole inversion, referencing.")
+    g.add_argument("--pipeline", choices=list(PIPELINES),
+                   help="a named pipeline: sets the methods of the stages it names; a stage "
+                   "option (e.g. --inversion tv) overrides it for that stage, and the other "
+                   f"stages keep their defaults. {_pipelines_help()} (default: none; the "
+                   f"stage defaults below{_default_pipeline_note()})")
+    g.add_argument("--phase-offset", choices=["mcpc3ds", "none"],
+                   help="removal of the echo-independent phase offset before unwrapping "
+                   f"(MCPC-3D-S; skipped for single-echo data) (default: {wf.phase_offset})")
+    for stage in sorted(STAGES, key=_processing_rank):
+        g.add_argument(_flag(stage), dest=stage, choices=registry.names(stage),
+                       help=f"{_STAGE_TITLES[stage]} method (default: {DEFAULT_METHODS[stage]})")
+    g.add_argument("--mask", type=_existing_file, metavar="FILE",
+                   help="a brain mask (NIfTI, on the GRE grid) used instead of the masking "
+                   "method, for every run processed (meant for a single run)")
+
+    g = p.add_argument_group(GROUPS["outputs"])
+    g.add_argument("--output-intermediates", action="store_true", default=None,
+                   help="also write the unwrapped phase (rad) of every echo")
+
+    g = p.add_argument_group(GROUPS["other"])
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                   help="Nipype work folder (cache; re-running resumes from it) "
+                   "(default: ./work)")
     g.add_argument("--config-file", type=_existing_file, metavar="FILE",
                    help="TOML settings (as written in the work folder); command-line "
                    "options override it")
+    g.add_argument("--stop-on-first-crash", action="store_true", default=None,
+                   help="stop at the first node that fails")
     g.add_argument("-v", "--verbose", dest="verbosity", action="count",
                    help="more log output (-vv for debug)")
     return p
@@ -163,7 +227,7 @@ def parse_args(argv=None):
     file's stage keys > its ``pipeline`` key > :data:`~qsmprep.config.DEFAULT_METHODS`.
     """
     opts = build_parser().parse_args(argv)
-    config = Config.from_toml(opts.config_file) if opts.config_file else Config()
+    config = _read_config(opts.config_file) if opts.config_file else Config()
 
     ex = config.execution
     ex.bids_dir = str(opts.bids_dir.expanduser().absolute())
@@ -198,6 +262,7 @@ def parse_args(argv=None):
         if getattr(opts, name) is not None:
             setattr(config.workflow, name, getattr(opts, name))
 
+    _check_methods(config.workflow, opts.config_file)
     ny = config.nipype
     for name, dest in (("nprocs", "nprocs"), ("omp_nthreads", "omp_nthreads"),
                        ("mem_gb", "mem_gb")):
@@ -206,6 +271,32 @@ def parse_args(argv=None):
     if opts.use_plugin is not None:
         ny.plugin, ny.plugin_args = _read_plugin(opts.use_plugin)
     return config
+
+
+def _read_config(path):
+    """The settings of a ``--config-file``; a broken file is a one-line error."""
+    from ..config import tomllib
+
+    try:
+        return Config.from_toml(path)
+    except (ValueError, TypeError, tomllib.TOMLDecodeError) as err:
+        raise SystemExit(f"qsmprep: error: --config-file {path}: {err}") from None
+
+
+def _check_methods(workflow, config_file):
+    """Every stage's method is registered (a settings file can name any)."""
+    from ..qsm import registry
+
+    for stage in STAGES:
+        name = workflow.method(stage)
+        if name not in registry.names(stage):
+            raise SystemExit(
+                f"qsmprep: error: unknown {stage} method {name!r} in --config-file "
+                f"{config_file}; choose one of: {', '.join(registry.names(stage))}")
+    if workflow.phase_offset not in ("mcpc3ds", "none"):
+        raise SystemExit(
+            f"qsmprep: error: unknown phase_offset {workflow.phase_offset!r} in "
+            f"--config-file {config_file}; choose mcpc3ds or none")
 
 
 def _read_filters(path):

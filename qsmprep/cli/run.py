@@ -61,52 +61,58 @@ def main(argv=None):
 
 
 def _run_participant(config):
+    """Check the input, build the graph, then (only then) create the work and
+    output folders and run it. A run that stops on an input error creates
+    nothing: the warnings of the checks are held in memory until the work
+    folder exists."""
+    import logging.handlers
+    import time
+
     from ..utils.bids import attach_masks, check_methods, check_output_dir, collect_data
+    from ..utils.runinfo import record_warnings
     from ..workflows.outputs import write_derivatives_description
     from .workflow import build_workflow, write_boilerplate
 
     ex = config.execution
-    check_output_dir(ex.bids_dir, ex.output_dir)
-    if Path(ex.work_dir).resolve().is_relative_to(Path(ex.bids_dir).resolve()):
-        from ..utils.bids import QSMPrepInputError
-
-        raise QSMPrepInputError(
-            f"The work folder {ex.work_dir} is inside the input dataset; qsmprep never "
-            "writes into it: give -w a folder outside the dataset"
-        )
-    import time
-
-    from ..utils.runinfo import record_warnings
-
     started = time.time()
-    record_warnings(_warnings_file(config))
-    data = collect_data(
-        ex.bids_dir,
-        participant_label=ex.participant_label,
-        session_label=ex.session_label,
-        bids_filters=ex.bids_filters,
-        validate=not ex.skip_bids_validation,
-    )
-    if not ex.reports_only:  # user-supplied masks: found and checked before any work
-        data = attach_masks(data, mask_file=ex.mask_file or None, derivatives=ex.derivatives)
-    check_methods(data, config.workflow)
-    if ex.reports_only:
-        from ..reports.core import reports_only
+    held = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+    held.setLevel(logging.WARNING)
+    LOGGER.addHandler(held)
+    try:
+        check_output_dir(ex.bids_dir, ex.output_dir)
+        check_work_dir(ex.bids_dir, ex.work_dir)
+        data = collect_data(
+            ex.bids_dir,
+            participant_label=ex.participant_label,
+            session_label=ex.session_label,
+            bids_filters=ex.bids_filters,
+            validate=not ex.skip_bids_validation,
+        )
+        if not ex.reports_only:  # user-supplied masks: found and checked before any work
+            data = attach_masks(data, mask_file=ex.mask_file or None,
+                                derivatives=ex.derivatives)
+        check_methods(data, config.workflow)
+        if ex.reports_only:
+            from ..reports.core import reports_only
 
-        failed = reports_only(ex.output_dir, list(data))
-        if failed:
-            print(f"qsmprep: error: {failed} report(s) could not be built; see the log above",
-                  file=sys.stderr)
-        return 1 if failed else 0
-    ex.device = resolve_device(ex.device)
+            failed = reports_only(ex.output_dir, list(data))
+            if failed:
+                print(f"qsmprep: error: {failed} report(s) could not be built; see the log "
+                      "above", file=sys.stderr)
+            return 1 if failed else 0
+        ex.device = resolve_device(ex.device)
+        _configure_nipype(config)
+        workflow = build_workflow(config, data)  # in memory: writes nothing
+        # the input is valid and the graph built: from here on, folders are made
+        held.setTarget(record_warnings(_warnings_file(config)))
+        held.flush()
+    finally:
+        LOGGER.removeHandler(held)
+        held.close()
 
-    Path(ex.work_dir).mkdir(parents=True, exist_ok=True)
     config.to_toml(Path(ex.work_dir) / f"config-{ex.run_uuid}.toml")
     for subject in data:
         config.to_toml(ex.log_dir(subject) / "qsmprep.toml")
-
-    _configure_nipype(config)
-    workflow = build_workflow(config, data)
     write_derivatives_description(ex.bids_dir, ex.output_dir, derivatives=ex.derivatives)
     write_boilerplate(workflow, ex.output_dir)
     if ex.boilerplate_only:
@@ -124,6 +130,17 @@ def _run_participant(config):
     _write_reports(config, data, started)
     LOGGER.info("qsmprep finished; outputs in %s", ex.output_dir)
     return 0
+
+
+def check_work_dir(bids_dir, work_dir):
+    """Refuse a work folder inside the input dataset (qsmprep never writes there)."""
+    from ..utils.bids import QSMPrepInputError
+
+    if Path(work_dir).resolve().is_relative_to(Path(bids_dir).resolve()):
+        raise QSMPrepInputError(
+            f"The work folder {work_dir} is inside the input dataset; qsmprep never "
+            "writes into it: give -w a folder outside the dataset"
+        )
 
 
 def failure_summary(config, data, err):

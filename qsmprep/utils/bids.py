@@ -283,14 +283,15 @@ def _make_run(subject, key, files):
             )
     phase_files, echo_times = _order_echoes(second, names[1])
     mag_files, mag_times = _order_echoes(first, names[0]) if first else ([], [])
-    if first and (len(mag_times) != len(echo_times) or not np.allclose(
-        sorted(mag_times), sorted(echo_times), rtol=1e-4, atol=1e-7
-    )):
-        raise QSMPrepInputError(
-            f"The {names[0]} echo times {_fmt(mag_times)} s ({Path(mag_files[0]).name}) do "
-            f"not match the {names[1]} echo times {_fmt(echo_times)} s "
-            f"({Path(phase_files[0]).name}); each echo needs both parts"
-        )
+    if first:
+        unpaired = _unpaired_echoes(first, mag_files, mag_times, second, phase_files,
+                                    echo_times, names)
+        if unpaired:
+            raise QSMPrepInputError(
+                f"{'; '.join(unpaired)}. Each echo needs its {names[0]} and its {names[1]} "
+                "file, with the same EchoTime: add the missing file (or correct the EchoTime "
+                "in its sidecar), or remove the unpaired one"
+            )
     meta = second[0][2]
     return QSMRun(
         subject=subject,
@@ -304,6 +305,40 @@ def _make_run(subject, key, files):
         b0_dir=b0_dir_from_sidecar(meta, second[0][0]),
         complex_parts=complex_parts,
     )
+
+
+def _unpaired_echoes(first, first_files, first_times, second, second_files, second_times,
+                     names):
+    """One phrase per echo found in one part only, e.g. ``echo 3 (0.012 s) has a
+    magnitude but no phase: <path>``, in echo-time order.
+
+    Echo times match within a relative 1e-4 (absolute 1e-7 s). An echo is
+    numbered by its ``echo-`` entity, or by its position in echo-time order
+    in a 4-D file.
+    """
+    def numbers(files, found):
+        entity = {str(path): ents.get("echo") for path, ents, _ in found}
+        if len(files) == 1 and entity.get(str(files[0])) is None:  # one 4-D file
+            return None
+        return [entity.get(str(path)) for path in files]
+
+    def unmatched(times, other):
+        return [i for i, t in enumerate(times)
+                if not np.any(np.isclose(t, other, rtol=1e-4, atol=1e-7))]
+
+    part = {"real": "real part", "imaginary": "imaginary part"}
+    phrases = []
+    for have, files, times, found, other, missing in (
+            (names[0], first_files, first_times, first, second_times, names[1]),
+            (names[1], second_files, second_times, second, first_times, names[0])):
+        echo_numbers = numbers(files, found)
+        for i in unmatched(times, other):
+            number = i + 1 if echo_numbers is None else echo_numbers[i]
+            path = files[0] if echo_numbers is None else files[i]
+            phrases.append((times[i], f"echo {number} ({times[i]:g} s) has a "
+                                      f"{part.get(have, have)} but no "
+                                      f"{part.get(missing, missing)}: {path}"))
+    return [phrase for _, phrase in sorted(phrases, key=lambda item: item[0])]
 
 
 def _check_duplicates(files):
