@@ -190,8 +190,17 @@ def collect_messages(package=PACKAGE):
 
 def doc_quotes(doc=DOC):
     """The backticked spans of the page, whitespace collapsed."""
-    text = doc.read_text()
-    return [" ".join(q.split()) for q in re.findall(r"`([^`\n]+)`", text)]
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)  # code blocks
+    spans = []
+    for block in text.split("\n\n"):
+        lines = block.splitlines()
+        if all(line.lstrip().startswith("|") for line in lines if line.strip()):
+            units = lines  # a table: each row on its own
+        else:
+            units = [" ".join(lines)]  # a paragraph: a span may wrap onto the next line
+        for unit in units:
+            spans += re.findall(r"`([^`]+)`", unit)
+    return [" ".join(q.split()) for q in spans]
 
 
 def documented(message, quotes, others):

@@ -280,7 +280,7 @@ def _read_config(path):
     try:
         return Config.from_toml(path)
     except (ValueError, TypeError, tomllib.TOMLDecodeError) as err:
-        raise SystemExit(f"qsmprep: error: --config-file {path}: {err}") from None
+        raise SystemExit(f"qsmprep: error: cannot read --config-file {path}: {err}") from None
 
 
 def _check_methods(workflow, config_file):
@@ -291,12 +291,13 @@ def _check_methods(workflow, config_file):
         name = workflow.method(stage)
         if name not in registry.names(stage):
             raise SystemExit(
-                f"qsmprep: error: unknown {stage} method {name!r} in --config-file "
-                f"{config_file}; choose one of: {', '.join(registry.names(stage))}")
+                f"qsmprep: error: --config-file {config_file} sets {stage} = {name!r}, "
+                "which is not a registered method; the choices are: "
+                f"{', '.join(registry.names(stage))}")
     if workflow.phase_offset not in ("mcpc3ds", "none"):
         raise SystemExit(
-            f"qsmprep: error: unknown phase_offset {workflow.phase_offset!r} in "
-            f"--config-file {config_file}; choose mcpc3ds or none")
+            f"qsmprep: error: --config-file {config_file} sets phase_offset = "
+            f"{workflow.phase_offset!r}; choose mcpc3ds or none")
 
 
 def _read_filters(path):

@@ -90,8 +90,8 @@ def get(stage, name):
     table = methods(stage)
     if name not in table:
         raise KeyError(
-            f"Unknown {stage.replace('_', ' ')} method {name!r}; "
-            f"choose one of: {', '.join(sorted(table))}"
+            f"Unknown {stage.replace('_', ' ')} method {name!r}; the registered methods "
+            f"are: {', '.join(sorted(table))}"
         )
     return table[name]
 

@@ -76,7 +76,7 @@ def _check_volume(volume, name, shape=None):
     if volume.ndim != 3:
         raise ValueError(f"{name} must be a 3D (X, Y, Z) array; got shape {volume.shape}")
     if shape is not None and volume.shape != shape:
-        raise ValueError(f"{name} has shape {volume.shape}; expected {shape}")
+        raise ValueError(f"{name} has shape {volume.shape}; the reportlet expects {shape}")
     return volume
 
 

@@ -141,7 +141,8 @@ def collect_data(bids_dir, *, participant_label=(), session_label=(), bids_filte
     try:
         layout = BIDSLayout(str(bids_dir), validate=validate)
     except Exception as err:  # pybids raises several types for a broken dataset
-        raise QSMPrepInputError(f"pybids could not index {bids_dir}: {err}") from err
+        raise QSMPrepInputError(
+            f"pybids could not index the dataset {bids_dir}: {err}") from err
 
     available = layout.get_subjects()
     if participant_label:
@@ -518,8 +519,8 @@ def check_run(run):
             what = "magnitude and phase" if part == "magnitude" else "phase echoes"
             if img.shape[:3] != ref.shape[:3]:
                 raise QSMPrepInputError(
-                    f"{path} has shape {img.shape[:3]} but {ref_path} has "
-                    f"{ref.shape[:3]}: the {what} of a run must share one voxel grid"
+                    f"{path} has shape {img.shape[:3]}, not the shape {ref.shape[:3]} of "
+                    f"{ref_path}: the {what} of a run must share one voxel grid"
                     f"{_grid_fix(part)}"
                 )
             if not np.allclose(img.affine, ref.affine, atol=1e-4):
@@ -744,7 +745,8 @@ def _derivatives_layout(name, root):
 
     root = Path(root)
     if not root.is_dir():
-        raise QSMPrepInputError(f"--derivatives {name}={root}: folder not found")
+        raise QSMPrepInputError(f"--derivatives {name}={root}: this derivatives folder "
+                                "does not exist")
     if not (root / "dataset_description.json").is_file():
         raise QSMPrepInputError(
             f"--derivatives {name}={root} is not a BIDS derivatives dataset: it has no "

@@ -41,7 +41,7 @@ def atomic_write(path, write):
         if isinstance(err, OSError) and err.errno in NO_SPACE:
             raise OutputSpaceError(
                 err.errno,
-                f"No space to write {path} ({os.strerror(err.errno)}): free space on that "
+                f"No space to write the file {path} ({os.strerror(err.errno)}): free space on that "
                 "disk (or raise the quota / file-size limit) and run the same command "
                 "again; files written before are intact",
             ) from err
