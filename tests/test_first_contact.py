@@ -3,7 +3,6 @@ message for an unpaired echo, and a failed run that leaves nothing behind."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -24,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def help_text():
-    os.environ.setdefault("COLUMNS", "100")
     return build_parser().format_help()
 
 
