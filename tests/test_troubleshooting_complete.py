@@ -28,6 +28,7 @@ phrase shared by several messages (a common fix) documents none of them.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -212,6 +213,12 @@ def collect_messages(package=PACKAGE):
     return found
 
 
+@functools.lru_cache(maxsize=1)
+def _messages():
+    """:func:`collect_messages` once per test session (it parses every module)."""
+    return collect_messages()
+
+
 def doc_quotes(doc=None):
     """The backticked spans of the page, whitespace collapsed."""
     doc = Path(doc or DOC)
@@ -247,7 +254,7 @@ def documented(message, quotes, others):
 
 
 def undocumented(kind):
-    messages = collect_messages()
+    messages = _messages()
     quotes = doc_quotes()
     texts = {key: " ".join(m.text.split()) for key, m in messages.items()}
     missing = []
@@ -272,7 +279,7 @@ def _report(missing, kind):
 
 def test_collector_finds_the_known_kinds_of_message():
     """The collector sees each way a message is raised or logged in qsmprep."""
-    messages = collect_messages()
+    messages = _messages()
     shown = [m.shown for m in messages.values()]
 
     def has(kind, piece):
@@ -295,7 +302,7 @@ def test_collector_finds_the_known_kinds_of_message():
 def test_every_own_error_has_a_text_the_test_can_read():
     """A QSMPrepInputError (or another error class of qsmprep) whose text is built
     where this test cannot see it would escape the check below."""
-    collect_messages()
+    _messages()
     assert project_errors() >= {"QSMPrepInputError", "OutputSpaceError", "WeightsError"}
     assert not UNRESOLVED, (
         "these raises of qsmprep's own errors have no literal text this test can read "
@@ -317,7 +324,7 @@ def test_a_shared_phrase_documents_no_message(tmp_path):
     """A quote of a phrase two messages share does not count for either."""
     doc = tmp_path / "t.md"
     doc.write_text("| `re-export it from the scanner/converter or copy it again` | ... |\n")
-    messages = collect_messages()
+    messages = _messages()
     texts = [" ".join(m.text.split()) for m in messages.values()]
     empty = next(m for m in messages.values() if "is empty (0 bytes)" in m.text)
     others = [t for t in texts if t != " ".join(empty.text.split())]
