@@ -25,7 +25,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..utils.images import load_stack, phase_in_rad, save_like, zero_nonfinite
+from ..utils.images import interpret_phase, load_stack, save_like, zero_nonfinite
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -152,6 +152,8 @@ class _LoadEchoesOutputSpec(TraitedSpec):
     valid = File(exists=True, desc="voxels finite in every input")
     echo_times = traits.List(traits.Float, desc="s, sorted")
     phase_units = traits.Str(desc="units applied to the stored phase")
+    phase_scaling = traits.Dict(desc="how the stored phase became rad (see "
+                                "qsmprep.utils.images.interpret_phase)")
 
 
 class LoadEchoes(SimpleInterface):
@@ -184,14 +186,22 @@ class LoadEchoes(SimpleInterface):
         if self.inputs.complex_parts:  # mag holds the real part, raw the imaginary part
             signal = mag + 1j * raw
             phase, mag, units = np.angle(signal), np.abs(signal).astype(np.float32), "rad"
+            record = {"units": "rad", "convention": "complex",
+                      "description": "angle of the real and imaginary parts"}
         else:
-            phase, units = phase_in_rad(raw, self.inputs.phase_units, sources[0])
+            proxy = nb.load(self.inputs.phase[0]).dataobj  # nibabel keeps scl_* here
+            phase, record = interpret_phase(
+                raw, self.inputs.phase_units, sources[0],
+                header_scaling=(float(getattr(proxy, "slope", 1.0)),
+                                float(getattr(proxy, "inter", 0.0))))
+            units = record["units"]
         self._results.update(
             magnitude=save_like(mag, ref, _out("magnitude.nii.gz", runtime)),
             phase=save_like(phase, ref, _out("phase.nii.gz", runtime)),
             valid=save_like(valid, ref, _out("valid.nii.gz", runtime), dtype=np.uint8),
             echo_times=tes,
             phase_units=units,
+            phase_scaling=record,
         )
         return runtime
 
