@@ -121,6 +121,10 @@ def build_parser():
     g.add_argument("--phase-offset", choices=["mcpc3ds", "none"],
                    help="removal of the echo-independent phase offset before unwrapping "
                    "(MCPC-3D-S; skipped for single-echo data) (default: mcpc3ds)")
+    g.add_argument("--phase-sign", choices=["auto", "1", "-1"],
+                   help="sign of the stored phase: auto checks it on the field of the air "
+                   "around the head and negates it (with a warning) only when clearly "
+                   "inverted; 1 keeps it, -1 negates it (default: auto)")
 
     g = p.add_argument_group("Outputs")
     g.add_argument("--output-intermediates", action="store_true", default=None,
@@ -194,7 +198,7 @@ def parse_args(argv=None):
 
     if opts.pipeline is not None:
         config.workflow.use_pipeline(opts.pipeline)
-    for name in STAGES + ("phase_offset",):
+    for name in STAGES + ("phase_offset", "phase_sign"):
         if getattr(opts, name) is not None:
             setattr(config.workflow, name, getattr(opts, name))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
@@ -20,6 +21,7 @@ from ..interfaces.qsm import (
     LoadEchoes,
     Mask,
     PhaseOffset,
+    PhaseSign,
     Reference,
     TotalField,
     Unwrap,
@@ -76,6 +78,63 @@ def method_description(stage, name, params=None):
     if method.citations:
         text = text.rstrip(".") + " [" + "; ".join(f"@{c}" for c in method.citations) + "]."
     return text
+
+
+#: values of ``--phase-sign`` / ``[workflow] phase_sign``
+PHASE_SIGNS = ("auto", "1", "-1")
+
+
+def phase_sign_setting(value):
+    """``--phase-sign`` as one of :data:`PHASE_SIGNS` (a TOML file may give 1 or -1)."""
+    text = str(value).strip().lower()
+    text = {"+1": "1", "1.0": "1", "-1.0": "-1"}.get(text, text)
+    if text not in PHASE_SIGNS:
+        raise ValueError(f"phase_sign = {value!r} in the settings; expected one of "
+                         f"{', '.join(PHASE_SIGNS)}")
+    return text
+
+
+def b0_direction_source(run):
+    """Where the B0 direction of ``run`` comes from, in words."""
+    import nibabel as nb
+
+    if run.b0_dir is not None:
+        return "sidecar B0_dir"
+    header = nb.load(run.phase[0]).header
+    scode, qcode = int(header["sform_code"]), int(header["qform_code"])
+    if scode > 0:
+        return f"sform of the header (sform_code {scode})"
+    if qcode > 0:
+        return f"qform of the header (qform_code {qcode})"
+    return "none in the header: assumed along the third voxel axis"
+
+
+def input_interpretation(run):
+    """How the input of ``run`` was read, as known before processing (the phase
+    scale and sign are added at run time, :func:`merge_interpretation`)."""
+    info = {"MagneticFieldStrengthUsed": run.field_strength,
+            "FieldStrengthSource": run.field_strength_source}
+    if run.imaging_frequency_mhz is not None:
+        info["ImagingFrequency"] = run.imaging_frequency_mhz
+    if run.nominal_field_strength is not None:
+        info["MagneticFieldStrengthNominal"] = run.nominal_field_strength
+    info["B0DirectionSource"] = b0_direction_source(run)
+    info["EchoTimesUsed"] = list(run.sorted_echo_times)
+    return info
+
+
+def merge_interpretation(static, phase_scaling, phase_sign):
+    """The sidecar fields of the input interpretation: ``static``
+    (:func:`input_interpretation`), the phase scaling of the load step and the
+    phase sign record of the sign check."""
+    names = {"units": "Units", "declared_units": "DeclaredUnits", "convention": "Convention",
+             "description": "Description", "stored_range": "StoredRange",
+             "rad_per_unit": "RadiansPerUnit", "verified": "VerifiedByWraps",
+             "max_jump_periods": "MaxJumpPeriods", "header_scaling": "HeaderScaling"}
+    out = dict(static)
+    out["PhaseScaling"] = {names.get(k, k): v for k, v in (phase_scaling or {}).items()}
+    out.update(phase_sign or {})
+    return out
 
 
 def init_qsm_wf(config, run, *, name=None):
@@ -141,6 +200,13 @@ def init_qsm_wf(config, run, *, name=None):
     unwrap = stage_node(Unwrap, "unwrapping", "unwrap")
     combine = pe.Node(EchoCombine(method=methods["echo_combination"],
                                   params=params["echo_combination"]), name="echo_combine")
+    sign = pe.Node(PhaseSign(b0_dir=b0_dir,
+                             phase_sign=phase_sign_setting(config.workflow.phase_sign),
+                             source=str(run.phase[0])), name="phase_sign")
+    interpretation = pe.Node(niu.Function(
+        function=merge_interpretation, input_names=["static", "phase_scaling", "phase_sign"],
+        output_names=["interpretation"]), name="interpretation")
+    interpretation.inputs.static = input_interpretation(run)
     total = pe.Node(TotalField(field_strength=run.field_strength), name="total_field")
     mask = stage_node(Mask, "masking", "mask", heavy=False)
     bfr = stage_node(BackgroundRemoval, "bf_removal", "bf_removal")
@@ -173,7 +239,14 @@ def init_qsm_wf(config, run, *, name=None):
                         ("echo_times", "echo_times")]),
         (load, combine, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
         (unwrap, combine, [("unwrapped", "unwrapped")]),
-        (combine, total, [("fieldmap", "fieldmap"), ("noise_std", "noise_std")]),
+        (combine, sign, [("fieldmap", "fieldmap")]),
+        (load, sign, [("magnitude", "magnitude")]),
+        (mask, sign, [("mask", "mask")]),
+        (sign, total, [("fieldmap", "fieldmap")]),
+        (combine, total, [("noise_std", "noise_std")]),
+        (load, interpretation, [("phase_scaling", "phase_scaling")]),
+        (sign, interpretation, [("record", "phase_sign")]),
+        (interpretation, outputs, [("interpretation", "inputnode.interpretation")]),
         (load, mask, [("magnitude", "magnitude"), ("valid", "valid")]),
         (unwrap, mask, [("quality", "quality")]),
         (total, bfr, [("total_field", "total_field"), ("noise_std", "noise_std")]),
@@ -186,7 +259,7 @@ def init_qsm_wf(config, run, *, name=None):
         (bfr, reference, [("mask", "mask")]),
         (reference, outputs, [("chi", "inputnode.chi")]),
         (bfr, outputs, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
-        (combine, outputs, [("fieldmap", "inputnode.fieldmap")]),
+        (sign, outputs, [("fieldmap", "inputnode.fieldmap")]),
     ])  # fmt: skip
     if config.execution.output_intermediates:
         wf.connect(unwrap, "unwrapped", outputs, "inputnode.unwrapped")
@@ -199,7 +272,8 @@ def init_qsm_wf(config, run, *, name=None):
         (load, reports, [("magnitude", "inputnode.magnitude"), ("phase", "inputnode.phase")]),
         (unwrap, reports, [("unwrapped", "inputnode.unwrapped"),
                            ("quality", "inputnode.quality")]),
-        (combine, reports, [("fieldmap", "inputnode.fieldmap")]),
+        (sign, reports, [("fieldmap", "inputnode.fieldmap")]),
+        (interpretation, reports, [("interpretation", "inputnode.interpretation")]),
         (bfr, reports, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
         (reference, reports, [("chi", "inputnode.chi")]),
     ])  # fmt: skip
