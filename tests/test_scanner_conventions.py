@@ -240,7 +240,10 @@ def _head(field_strength_t=3.0, *, seed=0):
     return np.angle(s).astype(np.float32), np.abs(s).astype(np.float32), affine, brain, hz
 
 
-def _write_run(root, subject, phase, mag, affine, meta):
+def _write_run(root, subject, phase, mag, affine, meta, *, units="rad", dtype=None):
+    """One run as dcm2niix writes it: an echo per file, qform = sform (scanner),
+    the phase sidecar with ``Units`` (left out when None) and the phase stored as
+    given, or as ``dtype`` with nibabel's scl_slope/scl_inter (GE/Philips style)."""
     anat = root / f"sub-{subject}" / "anat"
     anat.mkdir(parents=True, exist_ok=True)
     for n, te in enumerate(HEAD_TES, start=1):
@@ -249,9 +252,11 @@ def _write_run(root, subject, phase, mag, affine, meta):
             img = nb.Nifti1Image(data[..., n - 1], affine)
             img.set_qform(affine, code=1)
             img.set_sform(affine, code=1)
+            if part == "phase" and dtype is not None:
+                img.set_data_dtype(dtype)
             img.to_filename(f"{stem}.nii.gz")
-            sidecar = {"EchoTime": te, **meta, **({"Units": "rad"} if part == "phase" else {})}
-            stem.with_suffix(".json").write_text(json.dumps(sidecar))
+            extra = {"Units": units} if part == "phase" and units is not None else {}
+            stem.with_suffix(".json").write_text(json.dumps({"EchoTime": te, **meta, **extra}))
 
 
 def test_phase_sign_check_on_a_head_in_air():
@@ -276,7 +281,9 @@ def head_runs(tmp_path_factory):
     """One qsmprep run (the real Nipype graph, CLI) over three subjects made of
     the same simulated head: ``nominal`` declares only MagneticFieldStrength 3,
     ``freq`` also ImagingFrequency 123.2 MHz (2.894 T), ``flipped`` holds the
-    negated phase (another vendor's sign convention)."""
+    negated phase (another vendor's sign convention); ``siemens`` (int16
+    -4096..4095), ``ge`` (int16 with scl_slope/scl_inter) and ``mrad`` (int16
+    milliradians) are ``freq`` stored as dcm2niix hands them over, without Units."""
     from qsmprep.cli.run import main
 
     root = tmp_path_factory.mktemp("heads")
@@ -289,6 +296,13 @@ def head_runs(tmp_path_factory):
     _write_run(bids, "freq", phase, mag, affine,
                {"MagneticFieldStrength": 3, "ImagingFrequency": 123.2})
     _write_run(bids, "flipped", -phase, mag, affine, {"MagneticFieldStrength": 3})
+    # dcm2niix-style vendor conventions, no Units (as dcm2niix writes), ImagingFrequency
+    dcm2niix = {"MagneticFieldStrength": 3, "ImagingFrequency": 123.2}
+    siemens = np.clip(np.round(phase / (2 * np.pi) * 8192), -4096, 4095).astype(np.int16)
+    _write_run(bids, "siemens", siemens, mag, affine, dcm2niix, units=None)
+    _write_run(bids, "ge", phase, mag, affine, dcm2niix, units=None, dtype=np.int16)
+    _write_run(bids, "mrad", np.round(phase * 1000).astype(np.int16), mag, affine, dcm2niix,
+               units=None)
     plugin = root / "plugin.yml"
     plugin.write_text("plugin: Linear\n")
     out = root / "out"
@@ -350,3 +364,129 @@ def test_sign_flipped_phase_is_detected_and_flipped_back(head_runs):
     scaling = meta["PhaseScaling"]
     assert scaling["Convention"] == "rad" and scaling["VerifiedByWraps"] is True
     assert meta["B0DirectionSource"].startswith("sform")
+
+
+# ---------------------------------------------------------------------------
+# field strength from the sidecar; --phase-sign settings; real phase of unknown scale
+# ---------------------------------------------------------------------------
+
+
+def _collect(root):
+    from qsmprep.utils.bids import collect_data
+
+    return collect_data(root, validate=False)["01"][0]
+
+
+def test_imaging_frequency_is_preferred_over_the_nominal_field_strength(tmp_path):
+    from conftest import write_gre
+
+    write_gre(tmp_path, meta={"MagneticFieldStrength": 3, "ImagingFrequency": 123.259})
+    run = _collect(tmp_path)
+    assert run.field_strength == pytest.approx(123.259 / GAMMA_BAR_MHZ_PER_T)  # 2.895 T
+    assert run.field_strength_source == "ImagingFrequency"
+    assert run.nominal_field_strength == 3 and run.imaging_frequency_mhz == 123.259
+
+
+def test_nominal_field_strength_is_used_without_imaging_frequency(tmp_path):
+    from conftest import write_gre
+
+    write_gre(tmp_path, meta={"MagneticFieldStrength": "7"})
+    run = _collect(tmp_path)
+    assert run.field_strength == 7 and run.field_strength_source == "MagneticFieldStrength"
+
+
+@pytest.mark.parametrize("frequency, match", [
+    (123259000.0, "expected the proton frequency in MHz"),          # in Hz
+    (49.9, "cannot both be right"),                                # 31P at 3 T, or wrong field
+])
+def test_implausible_imaging_frequency_is_an_error_naming_the_file(tmp_path, frequency, match):
+    from conftest import write_gre
+
+    from qsmprep.utils.bids import QSMPrepInputError
+
+    write_gre(tmp_path, meta={"MagneticFieldStrength": 3, "ImagingFrequency": frequency})
+    with pytest.raises(QSMPrepInputError, match=match) as err:
+        _collect(tmp_path)
+    assert "sub-01_echo-1_part-phase_MEGRE.nii.gz" in str(err.value)
+
+
+def test_phase_sign_option_reaches_the_config_and_the_graph(tmp_path):
+    from conftest import write_gre
+
+    from qsmprep.cli.parser import parse_args
+    from qsmprep.config import Config
+    from qsmprep.utils.bids import collect_data
+    from qsmprep.workflows.base import init_qsmprep_wf
+    from qsmprep.workflows.qsm import phase_sign_setting
+
+    bids = tmp_path / "bids"
+    write_gre(bids)
+    assert parse_args([str(bids), str(tmp_path / "o"), "participant"]).workflow.phase_sign \
+        == "auto"
+    config = parse_args([str(bids), str(tmp_path / "o"), "participant", "--phase-sign", "-1",
+                         "-w", str(tmp_path / "w"), "--bf-removal", "vsharp", "--inversion",
+                         "tkd", "--device", "cpu"])
+    assert config.workflow.phase_sign == "-1"
+    config.to_toml(tmp_path / "c.toml")
+    assert Config.from_toml(tmp_path / "c.toml").workflow.phase_sign == "-1"
+    wf = init_qsmprep_wf(config, collect_data(bids, validate=False))
+    node = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf").get_node("phase_sign")
+    assert node.inputs.phase_sign == "-1"
+    assert phase_sign_setting(1) == "1" and phase_sign_setting(-1) == "-1"
+    with pytest.raises(ValueError, match="expected one of auto, 1, -1"):
+        phase_sign_setting("negative")
+
+
+def test_phase_sign_interface_given_sign_and_contradiction(tmp_path, monkeypatch, caplog):
+    from qsmprep.interfaces.qsm import PhaseSign
+
+    _, mag, affine, brain, hz = _head()
+    for name, data in (("hz", -hz), ("mag", mag), ("mask", brain.astype(np.uint8))):
+        nb.Nifti1Image(data, affine).to_filename(tmp_path / f"{name}.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        res = PhaseSign(fieldmap=str(tmp_path / "hz.nii.gz"),
+                        magnitude=str(tmp_path / "mag.nii.gz"),
+                        mask=str(tmp_path / "mask.nii.gz"), b0_dir=[0.0, 0.0, 1.0],
+                        phase_sign="1", source="p.nii.gz").run()
+    assert res.outputs.phase_sign == 1 and res.outputs.record["PhaseSignDecision"].startswith(
+        "given")
+    np.testing.assert_allclose(nb.load(res.outputs.fieldmap).get_fdata(), -hz, rtol=1e-6)
+    assert "--phase-sign 1 was given but the phase sign check finds the opposite" in caplog.text
+    res = PhaseSign(fieldmap=str(tmp_path / "hz.nii.gz"), magnitude=str(tmp_path / "mag.nii.gz"),
+                    mask=str(tmp_path / "mask.nii.gz"), b0_dir=[0.0, 0.0, 1.0],
+                    phase_sign="-1").run()
+    np.testing.assert_allclose(nb.load(res.outputs.fieldmap).get_fdata(), hz, rtol=1e-6)
+
+
+def test_real_phase_of_unknown_scale_is_rescaled_by_its_wraps():
+    """ROMEO's in-vivo phase is stored as +-0.00367 without Units: within -pi..pi,
+    so once taken for radians; its wraps (jumps of 0.0073) show the scale."""
+    from _data import shared_data_dir
+
+    from qsmprep.utils.images import interpret_phase
+
+    path = shared_data_dir() / "romeo-invivo" / "Phase.nii"
+    raw = np.asanyarray(nb.load(path).dataobj, dtype=np.float32)
+    out, record = interpret_phase(raw, None, str(path))
+    assert record["convention"] == "range" and record["verified"]
+    assert out.min() == pytest.approx(-np.pi, abs=1e-4) and out.max() <= np.pi + 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vendor, convention", [
+    ("siemens", "int-4096..4095"), ("ge", "rad"), ("mrad", "mrad")])
+def test_vendor_phase_conventions_give_the_chi_of_float_radians(head_runs, vendor, convention):
+    """Each dcm2niix-style convention recovers chi within 5 % (NRMSE in the mask) of
+    the same data in float radians."""
+    out, _ = head_runs
+    ref, mask, _ = _chi_and_sidecar(out, "freq")
+    chi, mask_v, meta = _chi_and_sidecar(out, vendor)
+    both = mask & mask_v
+    assert both.sum() > 0.95 * mask.sum()
+    nrmse = np.linalg.norm(chi[both] - ref[both]) / np.linalg.norm(ref[both])
+    assert nrmse < 0.05, nrmse
+    assert meta["PhaseScaling"]["Convention"] == convention
+    assert meta["PhaseScaling"]["VerifiedByWraps"] is True
+    assert meta["PhaseScaling"]["DeclaredUnits"] is None
+    assert meta["FieldStrengthSource"] == "ImagingFrequency"
