@@ -72,6 +72,8 @@ def phase_range(phase):
     return lo, hi
 
 
+_SCANNER_NAMES = {(-4096, 4096): " (Siemens, signed)", (0, 4096): " (Siemens 12-bit)"}
+
 #: a wrapped phase has its largest neighbour jumps at one period (2 pi in rad)
 #: less the true phase step across the wrap; accepted: [0.85, 1.02] periods
 #: (a smooth field changes by well under 0.15 * 2 pi ~ 0.9 rad per voxel at a
@@ -113,10 +115,9 @@ def _phase_candidates(lo, hi, integer, units, jump):
     if integer:
         for a, b in SCANNER_PHASE_RANGES:
             if a <= lo and hi < b and (lo < 0) == (a < 0):
-                bits = int(np.log2(b - a))
-                kind = "signed" if a < 0 else "unsigned"
-                out.append((f"int{bits}-{kind}", f"{kind} {bits}-bit integers "
-                            f"({a}..{b - 1}) rescaled to -pi..pi", float(a), float(b - a)))
+                out.append((f"int{a}..{b - 1}", f"integers {a}..{b - 1}"
+                            f"{_SCANNER_NAMES.get((a, b), '')} rescaled to -pi..pi",
+                            float(a), float(b - a)))
     if -MILLIRAD_LIMIT <= lo and hi <= MILLIRAD_LIMIT and lo < 0:
         out.append(("mrad", "milliradians (-3142..3142) divided by 1000", None, 2000 * np.pi))
     if hi > lo:

@@ -177,7 +177,9 @@ def init_qsm_wf(config, run, *, name=None):
                   if "device" in registry.get(s, methods[s]).defaults else params[s]
                   for s in PIPELINE_STAGES}
     wf.__desc__ = _describe(methods, run_params, config.workflow.phase_offset == "mcpc3ds",
-                            user_mask=run.mask_source)
+                            user_mask=run.mask_source,
+                            phase_sign=phase_sign_setting(config.workflow.phase_sign),
+                            field_source=run.field_strength_source)
     b0_dir = list(run.b0_direction)
 
     def stage_node(interface, stage, node_name, heavy=True):
@@ -280,7 +282,8 @@ def init_qsm_wf(config, run, *, name=None):
     return wf
 
 
-def _describe(methods, params, correct_offset, user_mask=None):
+def _describe(methods, params, correct_offset, user_mask=None, phase_sign="auto",
+              field_source="MagneticFieldStrength"):
     text = {s: method_description(s, methods[s], params[s]) for s in PIPELINE_STAGES}
     if user_mask:
         name = user_mask.rsplit("/", 1)[-1]
@@ -305,7 +308,9 @@ def _describe(methods, params, correct_offset, user_mask=None):
 
 For each multi-echo gradient-echo run, magnitude and phase echoes were
 stacked in order of echo time and the phase was expressed in radians
-(images stored in arbitrary units were rescaled to the range −π to π).
+(images stored in arbitrary units were rescaled to the range −π to π,
+with the scale checked against the phase's 2π wraps).
+{_SIGN_TEXT[phase_sign]} {_FIELD_TEXT[field_source]}
 The direction of the main magnetic field relative to the voxel axes was
 taken from the image orientation (or from the `B0_dir` sidecar field when
 present), so that oblique acquisitions were modelled without resampling.
@@ -314,6 +319,19 @@ a total field in ppm of the main field.{weights} {rest}
 """
 
 
+_SIGN_TEXT = {
+    "auto": "The sign of the phase was checked against the field expected from the air "
+    "around and inside the head, and the phase was negated when that field came out "
+    "clearly inverted.",
+    "1": "The phase was used with its stored sign.",
+    "-1": "The phase was negated (its sign convention is opposite to qsmprep's).",
+}
+_FIELD_TEXT = {
+    "ImagingFrequency": "The main field strength was computed from the imaging frequency "
+    "(f / γ̄), not taken from its nominal value.",
+    "MagneticFieldStrength": "The main field strength was its nominal value "
+    "(MagneticFieldStrength).",
+}
 _STAGE_NAMES = {"bf_removal": "background field removal", "inversion": "dipole inversion"}
 
 
