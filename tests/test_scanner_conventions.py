@@ -79,6 +79,15 @@ def test_fill_mask_holes_closes_holes_open_at_a_face_but_not_concave_outlines():
     assert filled[8:11, 8:11, :].all() and filled[4:6, 12:15, :2].all()
     assert not filled[14:17, 8:12, :].any()
     assert (filled >= mask).all() and not filled[:3].any()
+    # not a slab (20 x 20 x 12): a bay closed in its slice but open through the next
+    # slice to the outside stays out; a hole closed in 3-D is filled
+    cube = np.zeros((20, 20, 12), bool)
+    cube[3:17, 3:17, :] = True
+    cube[8:11, 8:11, 4:7] = False    # enclosed
+    cube[4:6, 4:6, 2:5] = False      # a channel to the side, below the surface:
+    cube[3:6, 3, 2] = False          # open to the outside through slice 2 only
+    filled = fill_mask_holes(cube)
+    assert filled[8:11, 8:11, 4:7].all() and not filled[4:6, 4:6, 3:5].any()
 
 
 # ---------------------------------------------------------------------------

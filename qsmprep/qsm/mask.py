@@ -71,11 +71,14 @@ def fill_mask_holes(mask):
     slice) stays open. Here every face that the mask touches is first
     closed with a lid: the face slice itself with its 2-D holes filled,
     added just outside the grid; the holes are filled in 3-D and the lids
-    removed. Along an axis where the object is cut at both faces (a slab
-    spans it), the holes of every slice across that axis are filled too: a
-    few slices say too little about 3-D connectivity, and a bay that is
-    closed in its slice but reaches the outside through the next slice is
-    the same hole seen by the slab. Background that is connected to the
+    removed. Along a slab axis (at most half as many voxels as every other
+    axis) that the object spans from face to face, the holes of every slice
+    across that axis are filled too: a few slices say too little about 3-D
+    connectivity, and a bay that is closed in its slice but reaches the
+    outside through the next slice is the same hole seen by the slab. A
+    whole-head grid cut at the neck and the vertex is not a slab: there only
+    holes closed in 3-D (with the lids) are filled, so air open to the
+    outside (nasal cavity, airway) stays out. Background that is connected to the
     outside within a slice (a concave outline) is not a hole and stays out.
     Works for any slab orientation (all six faces are treated alike).
     """
@@ -92,7 +95,9 @@ def fill_mask_holes(mask):
         crop[axis] = slice(1, -1)
     filled = ndimage.binary_fill_holes(padded)[tuple(crop)]
     for axis in range(3):
-        if np.take(mask, 0, axis=axis).any() and np.take(mask, -1, axis=axis).any():
+        others = min(n for a, n in enumerate(mask.shape) if a != axis)
+        if 2 * mask.shape[axis] <= others and np.take(mask, 0, axis=axis).any() \
+                and np.take(mask, -1, axis=axis).any():
             structure = np.zeros((3, 3, 3), bool)
             structure[tuple(1 if a == axis else slice(None) for a in range(3))] = True
             structure = structure & ndimage.generate_binary_structure(3, 1)
