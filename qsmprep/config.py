@@ -119,6 +119,10 @@ class Workflow:
     #: "mcpc3ds": remove the echo-independent phase offset before unwrapping
     #: (multi-echo only); "none": keep the phase as acquired
     phase_offset: str = "mcpc3ds"
+    #: sign of the stored phase: "auto" (checked on the field of the air around
+    #: the head; negated with a warning only when clearly inverted), "1" (as
+    #: stored) or "-1" (negate); see docs/usage.md
+    phase_sign: str = "auto"
     unwrapping: str = DEFAULT_METHODS["unwrapping"]
     echo_combination: str = DEFAULT_METHODS["echo_combination"]
     masking: str = DEFAULT_METHODS["masking"]

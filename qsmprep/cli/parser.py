@@ -184,8 +184,8 @@ def build_parser():
     g = p.add_argument_group(
         GROUPS["workflow"],
         "The method of each processing stage, by name (qsmprep.qsm.registry). Order: "
-        "phase offset, unwrapping, echo combination, masking, background field removal, "
-        "dipole inversion, referencing.")
+        "phase offset, unwrapping, echo combination, phase sign check, masking, background "
+        "field removal, dipole inversion, referencing.")
     g.add_argument("--pipeline", choices=list(PIPELINES),
                    help="a named pipeline: sets the methods of the stages it names; a stage "
                    "option (e.g. --inversion tv) overrides it for that stage, and the other "
@@ -194,6 +194,10 @@ def build_parser():
     g.add_argument("--phase-offset", choices=["mcpc3ds", "none"],
                    help="removal of the echo-independent phase offset before unwrapping "
                    f"(MCPC-3D-S; skipped for single-echo data) (default: {wf.phase_offset})")
+    g.add_argument("--phase-sign", choices=["auto", "1", "-1"],
+                   help="sign of the stored phase: auto checks it on the field of the air "
+                   "around the head and negates it (with a warning) only when clearly "
+                   f"inverted; 1 keeps it, -1 negates it (default: {wf.phase_sign})")
     for stage in sorted(STAGES, key=_processing_rank):
         g.add_argument(_flag(stage), dest=stage, choices=registry.names(stage),
                        help=f"{_STAGE_TITLES[stage]} method (default: {DEFAULT_METHODS[stage]})")
@@ -258,7 +262,7 @@ def parse_args(argv=None):
 
     if opts.pipeline is not None:
         config.workflow.use_pipeline(opts.pipeline)
-    for name in STAGES + ("phase_offset",):
+    for name in STAGES + ("phase_offset", "phase_sign"):
         if getattr(opts, name) is not None:
             setattr(config.workflow, name, getattr(opts, name))
 

@@ -25,7 +25,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..utils.images import load_stack, phase_in_rad, save_like, zero_nonfinite
+from ..utils.images import interpret_phase, load_stack, save_like, zero_nonfinite
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -152,6 +152,8 @@ class _LoadEchoesOutputSpec(TraitedSpec):
     valid = File(exists=True, desc="voxels finite in every input")
     echo_times = traits.List(traits.Float, desc="s, sorted")
     phase_units = traits.Str(desc="units applied to the stored phase")
+    phase_scaling = traits.Dict(desc="how the stored phase became rad (see "
+                                "qsmprep.utils.images.interpret_phase)")
 
 
 class LoadEchoes(SimpleInterface):
@@ -184,14 +186,22 @@ class LoadEchoes(SimpleInterface):
         if self.inputs.complex_parts:  # mag holds the real part, raw the imaginary part
             signal = mag + 1j * raw
             phase, mag, units = np.angle(signal), np.abs(signal).astype(np.float32), "rad"
+            record = {"units": "rad", "convention": "complex",
+                      "description": "angle of the real and imaginary parts"}
         else:
-            phase, units = phase_in_rad(raw, self.inputs.phase_units, sources[0])
+            proxy = nb.load(self.inputs.phase[0]).dataobj  # nibabel keeps scl_* here
+            phase, record = interpret_phase(
+                raw, self.inputs.phase_units, sources[0],
+                header_scaling=(float(getattr(proxy, "slope", 1.0)),
+                                float(getattr(proxy, "inter", 0.0))))
+            units = record["units"]
         self._results.update(
             magnitude=save_like(mag, ref, _out("magnitude.nii.gz", runtime)),
             phase=save_like(phase, ref, _out("phase.nii.gz", runtime)),
             valid=save_like(valid, ref, _out("valid.nii.gz", runtime), dtype=np.uint8),
             echo_times=tes,
             phase_units=units,
+            phase_scaling=record,
         )
         return runtime
 
@@ -298,6 +308,79 @@ class EchoCombine(SimpleInterface):
         self._results["fieldmap"] = save_like(b0_hz, ref, _out("fieldmap_hz.nii.gz", runtime))
         self._results["noise_std"] = save_like(noise_hz, ref,
                                                _out("noise_std_hz.nii.gz", runtime))
+        return runtime
+
+
+class _PhaseSignInputSpec(BaseInterfaceInputSpec):
+    fieldmap = File(exists=True, mandatory=True, desc="B0 map, Hz, sign as stored")
+    magnitude = File(exists=True, mandatory=True, desc="(X, Y, Z, E) magnitude")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    b0_dir = traits.List(traits.Float, mandatory=True)
+    phase_sign = traits.Enum("auto", "1", "-1", usedefault=True,
+                             desc="auto: check and flip when clearly inverted; 1/-1: given")
+    source = traits.Str("the phase", usedefault=True, desc="phase file(s), for messages")
+
+
+class _PhaseSignOutputSpec(TraitedSpec):
+    fieldmap = File(exists=True, desc="B0 map, Hz, in qsmprep's sign convention")
+    phase_sign = traits.Int(desc="the sign applied: 1 (as stored) or -1 (inverted)")
+    record = traits.Dict(desc="decision and evidence, for the sidecars and the report")
+
+
+class PhaseSign(SimpleInterface):
+    """Check the sign of the phase on the B0 map (:mod:`qsmprep.qsm.phase_sign`)
+    and apply ``phase_sign``: given (1, -1), or with ``auto`` -1 when the
+    evidence clearly shows an inverted phase (a warning), else 1."""
+
+    input_spec = _PhaseSignInputSpec
+    output_spec = _PhaseSignOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..qsm.phase_sign import CLEAR_CORRELATION, decide_phase_sign, phase_sign_evidence
+
+        hz, ref = _load(self.inputs.fieldmap)
+        mag, _ = _load(self.inputs.magnitude)
+        mask, _ = _load(self.inputs.mask, bool)
+        evidence = phase_sign_evidence(hz, mag, mask, _voxel_size(ref), self.inputs.b0_dir)
+        shown = decide_phase_sign(evidence["correlation"])
+        r = evidence["correlation"]
+        r_text = "n/a" if r is None else f"{r:+.2f}"
+        setting = self.inputs.phase_sign
+        if setting == "auto":
+            sign = -1 if shown == -1 else 1
+            if sign == -1:
+                LOGGER.warning(
+                    "%s: the phase sign looks inverted (the field correlates with the field "
+                    "of the air around the head at r = %s, <= -%g): the phase was negated, so "
+                    "that veins and iron come out paramagnetic. If this is wrong, run again "
+                    "with --phase-sign 1", self.inputs.source, r_text, CLEAR_CORRELATION)
+                decision = "inverted by the check (auto)"
+            elif shown == 1:
+                decision = "confirmed by the check (auto)"
+            else:
+                LOGGER.info(
+                    "%s: the phase sign could not be checked (correlation with the air model "
+                    "field r = %s, |r| < %g: no clear air-tissue field in the brain, e.g. a "
+                    "slab); the phase is used as stored. Give --phase-sign 1 or -1 to state it",
+                    self.inputs.source, r_text, CLEAR_CORRELATION)
+                decision = "not determined by the check (auto): used as stored"
+        else:
+            sign = int(setting)
+            decision = "given (--phase-sign)"
+            if shown and shown != sign:
+                LOGGER.warning(
+                    "%s: --phase-sign %s was given but the phase sign check finds the "
+                    "opposite (r = %s with the air model field); check the sign convention of "
+                    "the scanner/converter", self.inputs.source, setting, r_text)
+        out = hz if sign == 1 else -hz
+        self._results.update(
+            fieldmap=save_like(out, ref, _out("fieldmap_signed_hz.nii.gz", runtime)),
+            phase_sign=sign,
+            record={"PhaseSign": sign, "PhaseSignSetting": setting,
+                    "PhaseSignDecision": decision,
+                    "PhaseSignCheck": {**evidence, "threshold": CLEAR_CORRELATION,
+                                       "shown_sign": shown}},
+        )
         return runtime
 
 

@@ -60,6 +60,8 @@ class QSMReportlet(SimpleInterface):
 
 class _RunSummaryInputSpec(BaseInterfaceInputSpec):
     info = traits.Dict(mandatory=True, desc="run summary (see qsmprep.reports.core.summary_html)")
+    interpretation = traits.Dict(desc="how the input was read (qsmprep.workflows.qsm."
+                                 "merge_interpretation): added as 'input: ...' rows")
     out_report = File("summary.json", usedefault=True, desc="output JSON file name")
 
 
@@ -78,8 +80,49 @@ class RunSummary(SimpleInterface):
     output_spec = _RunSummaryOutputSpec
 
     def _run_interface(self, runtime):
-        core.summary_html(self.inputs.info)  # fail early on an unusable summary
+        info = dict(self.inputs.info)
+        if isdefined(self.inputs.interpretation):
+            info.update(interpretation_rows(self.inputs.interpretation))
+        core.summary_html(info)  # fail early on an unusable summary
         out = os.path.join(runtime.cwd, os.path.basename(self.inputs.out_report))
-        core.write_summary_json(self.inputs.info, out)
+        core.write_summary_json(info, out)
         self._results["out_report"] = out
         return runtime
+
+
+def interpretation_rows(interp):
+    """Rows of the run summary (one table of the report) saying how the input
+    was read: field strength and its source, phase scale, phase sign, B0
+    direction source, echo times. Keys start with ``input_`` so that they are
+    listed together."""
+    rows = {}
+    source = interp.get("FieldStrengthSource")
+    if interp.get("MagneticFieldStrengthUsed") is not None:
+        used = f"{float(interp['MagneticFieldStrengthUsed']):.4g} T"
+        if source == "ImagingFrequency":
+            used += f" from ImagingFrequency {interp.get('ImagingFrequency'):g} MHz"
+            if interp.get("MagneticFieldStrengthNominal") is not None:
+                used += f" (nominal {interp['MagneticFieldStrengthNominal']:g} T)"
+        else:
+            used += " from MagneticFieldStrength (nominal; no ImagingFrequency)"
+        rows["input_field_strength"] = used
+    scaling = interp.get("PhaseScaling") or {}
+    if scaling:
+        text = str(scaling.get("Description", scaling.get("Convention", "")))
+        if "VerifiedByWraps" in scaling:
+            text += ("; verified by its 2pi wraps" if scaling["VerifiedByWraps"]
+                     else "; not verified (no phase wraps)")
+        declared = scaling.get("DeclaredUnits", "n/a")
+        rows["input_phase_scale"] = f"{text} (sidecar Units: {declared or 'none'})"
+    if "PhaseSign" in interp:
+        check = interp.get("PhaseSignCheck") or {}
+        r = check.get("correlation")
+        rows["input_phase_sign"] = (
+            f"{int(interp['PhaseSign']):+d}, {interp.get('PhaseSignDecision', '')}"
+            f" (air-model correlation r = {'n/a' if r is None else f'{r:+.2f}'})")
+    if interp.get("B0DirectionSource"):
+        rows["input_B0_direction"] = str(interp["B0DirectionSource"])
+    if interp.get("EchoTimesUsed"):
+        rows["input_echo_times"] = ", ".join(f"{t * 1e3:.4g}" for t in
+                                             interp["EchoTimesUsed"]) + " ms"
+    return rows

@@ -45,7 +45,7 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.spatial import cKDTree
 
-from .mask import _as_3d_magnitude, largest_component, robust_magnitude_mask
+from .mask import _as_3d_magnitude, fill_mask_holes, largest_component, robust_magnitude_mask
 from .registry import register
 
 _R_MIN_MM, _R_MAX_MM = 3.33, 10.0
@@ -184,7 +184,7 @@ def fill_surface(verts_mm, faces, shape, voxel_size_mm):
     idx = np.clip(np.rint(points).astype(np.intp), 0, np.asarray(shape) - 1)
     surface = np.zeros(shape, dtype=bool)
     surface[idx[:, 0], idx[:, 1], idx[:, 2]] = True
-    inside = ndimage.binary_fill_holes(surface)
+    inside = fill_mask_holes(surface)
     # a surface voxel is inside when its centre is behind the tangent plane
     # of the nearest vertex
     centres = np.argwhere(surface) * vox
@@ -270,4 +270,5 @@ def bet_mask(magnitude, *, quality=None, fractional_threshold=0.75, iterations=1
                                   fractional_threshold=fractional_threshold,
                                   iterations=iterations)
     brain = fill_surface(verts, faces, mag.shape, vox) & head
-    return ndimage.binary_fill_holes(largest_component(brain))
+    # holes open at a cut face of a slab (a dark vein in the first slice) too
+    return fill_mask_holes(largest_component(brain))

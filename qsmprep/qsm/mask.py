@@ -61,6 +61,50 @@ def largest_component(mask):
     return labels == int(np.argmax(sizes))
 
 
+def fill_mask_holes(mask):
+    """Fill the holes of a 3-D mask, also those open at a face of the grid.
+
+    ``scipy.ndimage.binary_fill_holes`` fills only background that does not
+    reach the array border, so in an object cut by the grid (a slab of a
+    few slices, or a field of view smaller than the head) a hole that opens
+    at a cut face (a dark vein, sinus or signal void in the first or last
+    slice) stays open. Here every face that the mask touches is first
+    closed with a lid: the face slice itself with its 2-D holes filled,
+    added just outside the grid; the holes are filled in 3-D and the lids
+    removed. Along a slab axis (at most half as many voxels as every other
+    axis) that the object spans from face to face, the holes of every slice
+    across that axis are filled too: a few slices say too little about 3-D
+    connectivity, and a bay that is closed in its slice but reaches the
+    outside through the next slice is the same hole seen by the slab. A
+    whole-head grid cut at the neck and the vertex is not a slab: there only
+    holes closed in 3-D (with the lids) are filled, so air open to the
+    outside (nasal cavity, airway) stays out. Background that is connected to the
+    outside within a slice (a concave outline) is not a hole and stays out.
+    Works for any slab orientation (all six faces are treated alike).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        return ndimage.binary_fill_holes(mask)
+    padded, crop = mask, [slice(None)] * 3
+    for axis in range(3):
+        lids = []
+        for index in (0, -1):
+            face = np.take(padded, index, axis=axis)
+            lids.append(np.expand_dims(ndimage.binary_fill_holes(face), axis))
+        padded = np.concatenate([lids[0], padded, lids[1]], axis=axis)
+        crop[axis] = slice(1, -1)
+    filled = ndimage.binary_fill_holes(padded)[tuple(crop)]
+    for axis in range(3):
+        others = min(n for a, n in enumerate(mask.shape) if a != axis)
+        if 2 * mask.shape[axis] <= others and np.take(mask, 0, axis=axis).any() \
+                and np.take(mask, -1, axis=axis).any():
+            structure = np.zeros((3, 3, 3), bool)
+            structure[tuple(1 if a == axis else slice(None) for a in range(3))] = True
+            structure = structure & ndimage.generate_binary_structure(3, 1)
+            filled = ndimage.binary_fill_holes(filled, structure=structure)
+    return filled
+
+
 def erode(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     """Erode by a ball of ``radius_mm``: keep voxels farther than the radius
     from any voxel outside the mask (the array border counts as outside)."""
@@ -163,7 +207,7 @@ def _clean(mask, fill_holes, erode_mm, voxel_size_mm):
     mask = ndimage.uniform_filter(mask.astype(np.float32), size=5) > 0.4
     mask = largest_component(mask)
     if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+        mask = fill_mask_holes(mask)
     # undo the slight growth of the closing: two 3-voxel box averages above 0.6
     smooth = ndimage.uniform_filter(mask.astype(np.float32), size=3)
     mask = ndimage.uniform_filter(smooth, size=3) > 0.6

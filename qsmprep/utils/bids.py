@@ -61,12 +61,18 @@ class QSMRun:
     phase: tuple
     echo_times: tuple
     magnitude_echo_times: tuple
-    field_strength: float  # T
+    field_strength: float  # T, used for the ppm conversion (see field_strength())
     phase_units: str | None  # "rad", "arbitrary" or None (infer from the range)
     b0_dir: tuple | None  # from the sidecar's B0_dir, else None (use the affine)
     complex_parts: bool = False  # magnitude/phase hold the part-real/part-imag files
     mask: str | None = None  # user-supplied brain mask (--mask / --derivatives), checked
     mask_source: str | None = None  # how to cite it: the path, or bids:<name>:<relative path>
+    #: sidecar key the field strength came from: "ImagingFrequency" or "MagneticFieldStrength"
+    field_strength_source: str = "MagneticFieldStrength"
+    #: the sidecar's nominal MagneticFieldStrength (T), None when it has none
+    nominal_field_strength: float | None = None
+    #: the sidecar's ImagingFrequency (MHz), None when it has none
+    imaging_frequency_mhz: float | None = None
 
     @property
     def entity_dict(self):
@@ -294,6 +300,7 @@ def _make_run(subject, key, files):
                 "in its sidecar), or remove the unpaired one"
             )
     meta = second[0][2]
+    strength, strength_source = field_strength(meta, second[0][0], with_source=True)
     return QSMRun(
         subject=subject,
         entities=key,
@@ -301,7 +308,10 @@ def _make_run(subject, key, files):
         phase=tuple(phase_files),
         echo_times=tuple(echo_times),
         magnitude_echo_times=tuple(mag_times),
-        field_strength=field_strength(meta, second[0][0]),
+        field_strength=strength,
+        field_strength_source=strength_source,
+        nominal_field_strength=_optional_number(meta, "MagneticFieldStrength", second[0][0]),
+        imaging_frequency_mhz=_optional_number(meta, "ImagingFrequency", second[0][0]),
         phase_units="rad" if complex_parts else phase_units({p: m for p, _, m in second}),
         b0_dir=b0_dir_from_sidecar(meta, second[0][0]),
         complex_parts=complex_parts,
@@ -440,14 +450,44 @@ def echo_times(meta, path):
     return times
 
 
-def field_strength(meta, path):
-    """Main field in tesla: ``MagneticFieldStrength``, else ``ImagingFrequency`` (MHz)/γ̄."""
-    if meta.get("MagneticFieldStrength") is not None:
-        value = _number(meta["MagneticFieldStrength"], "MagneticFieldStrength", path)
-    elif meta.get("ImagingFrequency") is not None:
-        value = field_strength_from_frequency(
-            _number(meta["ImagingFrequency"], "ImagingFrequency", path)
-        )
+#: relative difference between ImagingFrequency / gamma_bar and the nominal
+#: MagneticFieldStrength above which the two cannot describe the same scanner
+#: (a "3 T" Siemens runs at 2.89 T, 3.6 % below; a frequency of another
+#: nucleus, or one in Hz or kHz, is far off)
+FIELD_STRENGTH_MISMATCH = 0.10
+
+
+def _optional_number(meta, key, path):
+    return None if meta.get(key) is None else _number(meta[key], key, path)
+
+
+def field_strength(meta, path, *, with_source=False):
+    """Main field in tesla from a sidecar, and (``with_source``) the key it came from.
+
+    ``ImagingFrequency`` (MHz, the proton resonance the scanner measured) /
+    γ̄ is preferred: ``MagneticFieldStrength`` is the nominal value (3, 7),
+    and a Siemens "3 T" scanner runs at 2.89 T, so χ from the nominal value
+    would be about 3.6 % too low. Without ``ImagingFrequency`` the nominal
+    ``MagneticFieldStrength`` is used. Both present but more than
+    :data:`FIELD_STRENGTH_MISMATCH` apart is an error (one of them is wrong).
+    """
+    nominal = _optional_number(meta, "MagneticFieldStrength", path)
+    frequency = _optional_number(meta, "ImagingFrequency", path)
+    if frequency is not None:
+        value, source = field_strength_from_frequency(frequency), "ImagingFrequency"
+        if not 0 < value < 30:
+            raise QSMPrepInputError(
+                f"ImagingFrequency {frequency:g} in the sidecar of {path} gives a field of "
+                f"{value:.4g} T; expected the proton frequency in MHz (e.g. 123.25 at 3 T, "
+                "297.2 at 7 T): fix or remove it")
+        if nominal is not None and abs(value - nominal) > FIELD_STRENGTH_MISMATCH * nominal:
+            raise QSMPrepInputError(
+                f"The sidecar of {path} has MagneticFieldStrength {nominal:g} T but "
+                f"ImagingFrequency {frequency:g} MHz, i.e. {value:.4g} T: they cannot both "
+                "be right (a frequency of another nucleus, or not in MHz?). Fix the wrong "
+                "one, or remove ImagingFrequency to use the nominal field strength")
+    elif nominal is not None:
+        value, source = nominal, "MagneticFieldStrength"
     else:
         raise QSMPrepInputError(
             f"{path} has neither MagneticFieldStrength (T) nor ImagingFrequency (MHz) in "
@@ -458,7 +498,7 @@ def field_strength(meta, path):
             f"The field strength from the sidecar of {path} is {value} T; expected "
             "MagneticFieldStrength in tesla (e.g. 3 or 7)"
         )
-    return value
+    return (value, source) if with_source else value
 
 
 def phase_units(metas):

@@ -72,30 +72,163 @@ def phase_range(phase):
     return lo, hi
 
 
-def phase_in_rad(phase, units, source):
-    """Phase in rad from stored values.
+_SCANNER_NAMES = {(-4096, 4096): " (Siemens, signed)", (0, 4096): " (Siemens 12-bit)"}
 
-    ``units`` is "rad" (kept), "arbitrary" (all echoes rescaled together from
-    :func:`phase_range` to -pi..pi) or None: then phase within -pi..pi is
-    taken as rad and anything else as arbitrary, with a warning naming
-    ``source``. Returns the phase and the units actually applied.
+#: a wrapped phase has its largest neighbour jumps at one period (2 pi in rad)
+#: less the true phase step across the wrap; accepted: [0.85, 1.02] periods
+#: (a smooth field changes by well under 0.15 * 2 pi ~ 0.9 rad per voxel at a
+#: wrap, and 1.02 leaves room for integer quantisation)
+WRAP_JUMP_RANGE = (0.85, 1.02)
+#: milliradian integers: the period 2 pi * 1000, range about -3142..3142
+MILLIRAD_LIMIT = 1000 * np.pi + 1.0
+
+
+class PhaseScaleError(ValueError):
+    """The declared phase units or scaling disagree with the phase values."""
+
+
+def max_neighbour_jump(phase):
+    """Largest absolute difference between neighbouring voxels along the
+    three spatial axes (each echo of a 4-D array on its own)."""
+    phase = np.asarray(phase)
+    jump = 0.0
+    for axis in range(min(3, phase.ndim)):
+        if phase.shape[axis] > 1:
+            jump = max(jump, float(np.abs(np.diff(phase, axis=axis)).max()))
+    return jump
+
+
+def _phase_candidates(lo, hi, integer, units, jump):
+    """The conventions whose range holds [lo, hi], as (name, description, offset,
+    period): stored value v maps to ``(v - offset) / period * 2 pi - pi``.
+    Declared radians may lie beyond -pi..2pi (an unwrapped phase) as long as
+    no neighbour jump exceeds a 2pi wrap."""
+    out = []
+    in_range = (lo >= -np.pi - _RAD_TOLERANCE and hi <= 2 * np.pi + _RAD_TOLERANCE
+                and hi - lo <= 2 * np.pi + _RAD_TOLERANCE)
+    if units == "rad":
+        if in_range or jump <= WRAP_JUMP_RANGE[1] * 2 * np.pi:
+            out.append(("rad", "radians", None, 2 * np.pi))
+        return out
+    if units is None and in_range:
+        out.append(("rad", "radians", None, 2 * np.pi))
+    if integer:
+        for a, b in SCANNER_PHASE_RANGES:
+            if a <= lo and hi < b and (lo < 0) == (a < 0):
+                out.append((f"int{a}..{b - 1}", f"integers {a}..{b - 1}"
+                            f"{_SCANNER_NAMES.get((a, b), '')} rescaled to -pi..pi",
+                            float(a), float(b - a)))
+    if -MILLIRAD_LIMIT <= lo and hi <= MILLIRAD_LIMIT and lo < 0:
+        out.append(("mrad", "milliradians (-3142..3142) divided by 1000", None, 2000 * np.pi))
+    if hi > lo:
+        step = 1.0 if integer else 0.0  # integers: hi is the last value below the period
+        out.append(("range", f"the stored range {lo:g}..{hi:g} rescaled to -pi..pi",
+                    lo, hi - lo + step))
+    return out
+
+
+def interpret_phase(phase, units, source, *, header_scaling=None):
+    """Phase in rad from stored values, with the scale decided and checked.
+
+    The convention is decided from the sidecar ``units`` ("rad",
+    "arbitrary" or None), the stored values (after the header's
+    ``scl_slope``/``scl_inter``, given as ``header_scaling`` for messages)
+    and their range, and verified with the data: the wrapped phase of a
+    smooth field has its largest neighbour jumps at one period (2 pi after
+    scaling; :data:`WRAP_JUMP_RANGE`). Candidates, in order: radians (values
+    within -pi..2pi), scanner integers (Siemens 12-bit -4096..4095 and
+    0..4095, 16-bit; :data:`SCANNER_PHASE_RANGES`), milliradians (integers
+    or not, within +-3142; only when the wraps show them) and the stored min..max. When the phase jumps
+    across its whole range (wraps or noise) the first candidate whose
+    period matches the jumps is used; otherwise (no wraps: nothing to verify)
+    the first candidate in range, as before this check (radians, the nominal
+    integer range, min..max).
+
+    Returns ``(phase_rad float32, record)``; ``record`` holds ``units``
+    ("rad" or "arbitrary", as applied), ``convention``, ``description``,
+    ``stored_range``, ``rad_per_unit``, ``verified`` (True, or False when
+    the data had no wraps) and ``max_jump_periods``.
+
+    Raises :class:`PhaseScaleError` naming ``source`` when ``units`` is "rad"
+    but the values are not radians (e.g. +-4096 integers), or when the
+    phase jumps by more than a period of every convention.
     """
-    if units is None:
-        finite = phase[np.isfinite(phase)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        in_rad = lo >= -np.pi - _RAD_TOLERANCE and hi <= np.pi + _RAD_TOLERANCE
-        units = "rad" if in_rad else "arbitrary"
+    phase = np.asarray(phase, dtype=np.float32)
+    finite = phase[np.isfinite(phase)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    integer = bool(finite.size) and np.array_equal(finite, np.round(finite))
+    jump = max_neighbour_jump(np.where(np.isfinite(phase), phase, 0))
+    span = hi - lo
+    wrapped = span > 0 and jump >= WRAP_JUMP_RANGE[0] * span
+    header = ""
+    if header_scaling and tuple(header_scaling) != (1.0, 0.0):
+        header = (f" (after the header's scl_slope {header_scaling[0]:g} and scl_inter "
+                  f"{header_scaling[1]:g})")
+    candidates = _phase_candidates(lo, hi, integer, units, jump)
+    if units == "rad" and (not candidates or jump > WRAP_JUMP_RANGE[1] * 2 * np.pi):
+        raise PhaseScaleError(
+            f"{source}: the sidecar says the phase is in radians (\"Units\": \"rad\") but "
+            f"its values{header} range over [{lo:.5g}, {hi:.5g}]"
+            f"{' (integers)' if integer else ''} with jumps of up to {jump:.5g} between "
+            "neighbours, more than one 2pi wrap: they are not radians. If the phase is "
+            "stored as scanner integers, set \"Units\": \"arbitrary\" in the phase "
+            "sidecars (or remove Units); if it is in radians, re-export it")
+    if not candidates or span <= 0:
+        raise PhaseScaleError(f"{source}: the phase is constant ({lo:g}); re-export it")
+    chosen, verified = None, False
+    if units == "rad":
+        chosen = candidates[0]
+        verified = bool(wrapped and jump >= WRAP_JUMP_RANGE[0] * 2 * np.pi)
+    elif wrapped:
+        for cand in candidates:
+            if WRAP_JUMP_RANGE[0] <= jump / cand[3] <= WRAP_JUMP_RANGE[1]:
+                chosen, verified = cand, True
+                break
+        if chosen is None:
+            raise PhaseScaleError(
+                f"{source}: the phase{header} ranges over [{lo:.5g}, {hi:.5g}] with "
+                f"neighbour jumps of up to {jump:.5g}, which matches no phase convention "
+                f"({', '.join(c[0] for c in candidates)}; jumps must be one period, 2pi "
+                "in radians): check the sidecar Units and the header's scl_slope/scl_inter,"
+                " or convert the phase to radians")
+    else:  # nothing to verify: the conventions of old (mrad only when its wraps show it)
+        chosen = next(c for c in candidates if c[0] != "mrad")
+    name, description, offset, period = chosen
+    if name == "rad":
+        out = phase
+    elif name == "mrad":
+        out = (phase / 1000.0).astype(np.float32)
+    else:
+        out = rescale_phase(phase, lo=offset, hi=offset + period)
+    applied = "rad" if name == "rad" else "arbitrary"
+    record = {
+        "units": applied, "declared_units": units, "convention": name,
+        "description": description, "stored_range": [lo, hi],
+        "rad_per_unit": float(2 * np.pi / period), "verified": verified,
+        "max_jump_periods": round(jump / period, 4) if period else None,
+    }
+    if header:
+        record["header_scaling"] = [float(v) for v in header_scaling]
+    if units is None or name == "mrad":
         LOGGER.warning(
-            "%s: the phase sidecar has no Units; its range [%.4g, %.4g] was taken as %s%s. "
-            "Add \"Units\": \"rad\" or \"arbitrary\" to the sidecar to silence this.",
-            source, lo, hi, units, "" if in_rad else " (rescaled to -pi..pi)",
-        )
-    if units == "arbitrary":
-        lo, hi = phase_range(phase)
-        LOGGER.info("%s: phase in arbitrary units, [%g, %g) mapped onto [-pi, pi)",
-                    source, lo, hi)
-        return rescale_phase(phase, lo=lo, hi=hi), units
-    return np.asarray(phase, dtype=np.float32), units
+            "%s: the phase sidecar has %s; its values%s [%.5g, %.5g] were taken as %s%s. %s",
+            source, "no Units" if units is None else f"Units {units!r}", header, lo, hi,
+            description, " (verified by its 2pi wraps)" if verified else
+            " (not verified: no phase wraps in the data)",
+            "Add \"Units\": \"rad\" or \"arbitrary\" to the sidecar to silence this."
+            if units is None else "If that is wrong, convert the phase to radians and set "
+            "\"Units\": \"rad\".")
+    else:
+        LOGGER.info("%s: phase in %s%s", source, description,
+                    "" if verified else " (not verified: no phase wraps)")
+    return out.astype(np.float32, copy=False), record
+
+
+def phase_in_rad(phase, units, source):
+    """Phase in rad from stored values (:func:`interpret_phase`); returns the
+    phase and the units applied ("rad" or "arbitrary")."""
+    out, record = interpret_phase(phase, units, source)
+    return out, record["units"]
 
 
 def zero_nonfinite(arrays, sources):

@@ -33,17 +33,21 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
 
     ``methods`` maps each stage to :func:`qsmprep.workflows.qsm.method_record`.
     Inputs (``inputnode``): ``chi`` (ppm), ``mask``, ``fieldmap`` (Hz),
-    ``local_field`` (ppm) and, when connected, ``unwrapped`` (rad).
+    ``local_field`` (ppm), ``interpretation`` (how the input was read, from
+    :func:`qsmprep.workflows.qsm.merge_interpretation`: added to the sidecars
+    of the Chimap and the field maps) and, when connected, ``unwrapped`` (rad).
     """
     wf = Workflow(name=name)
     inputnode = pe.Node(
-        niu.IdentityInterface(["chi", "mask", "fieldmap", "local_field", "unwrapped"]),
+        niu.IdentityInterface(["chi", "mask", "fieldmap", "local_field", "unwrapped",
+                               "interpretation"]),
         name="inputnode",
     )
     bids_dir = Path(config.execution.bids_dir)
     common = {
         "Sources": [bids_uri(p, bids_dir) for p in run.sources],
-        "MagneticFieldStrength": run.field_strength,
+        # nominal, as in the input sidecar; the value used is MagneticFieldStrengthUsed
+        "MagneticFieldStrength": run.nominal_field_strength or run.field_strength,
         "EchoTime": list(run.sorted_echo_times),
         "B0Direction": list(run.b0_direction),
     }
@@ -92,7 +96,19 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
             run_without_submitting=True,
         )
         wf.connect(inputnode, field, sink, "in_file")
+        if key != "mask":  # the maps derived from the phase carry its interpretation
+            merge = pe.Node(niu.Function(function=_merge_meta, input_names=["meta", "extra"],
+                                         output_names=["meta"]), name=f"meta_{key}",
+                            run_without_submitting=True)
+            merge.inputs.meta = meta
+            wf.connect([(inputnode, merge, [("interpretation", "extra")]),
+                        (merge, sink, [("meta", "meta_dict")])])
     return wf
+
+
+def _merge_meta(meta, extra):
+    """``meta`` updated with ``extra`` (the input interpretation)."""
+    return {**meta, **(extra or {})}
 
 
 def bids_uri(path, bids_dir):

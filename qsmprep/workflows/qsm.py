@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
@@ -20,6 +21,7 @@ from ..interfaces.qsm import (
     LoadEchoes,
     Mask,
     PhaseOffset,
+    PhaseSign,
     Reference,
     TotalField,
     Unwrap,
@@ -78,6 +80,63 @@ def method_description(stage, name, params=None):
     return text
 
 
+#: values of ``--phase-sign`` / ``[workflow] phase_sign``
+PHASE_SIGNS = ("auto", "1", "-1")
+
+
+def phase_sign_setting(value):
+    """``--phase-sign`` as one of :data:`PHASE_SIGNS` (a TOML file may give 1 or -1)."""
+    text = str(value).strip().lower()
+    text = {"+1": "1", "1.0": "1", "-1.0": "-1"}.get(text, text)
+    if text not in PHASE_SIGNS:
+        raise ValueError(f"phase_sign = {value!r} in the settings; expected one of "
+                         f"{', '.join(PHASE_SIGNS)}")
+    return text
+
+
+def b0_direction_source(run):
+    """Where the B0 direction of ``run`` comes from, in words."""
+    import nibabel as nb
+
+    if run.b0_dir is not None:
+        return "sidecar B0_dir"
+    header = nb.load(run.phase[0]).header
+    scode, qcode = int(header["sform_code"]), int(header["qform_code"])
+    if scode > 0:
+        return f"sform of the header (sform_code {scode})"
+    if qcode > 0:
+        return f"qform of the header (qform_code {qcode})"
+    return "none in the header: assumed along the third voxel axis"
+
+
+def input_interpretation(run):
+    """How the input of ``run`` was read, as known before processing (the phase
+    scale and sign are added at run time, :func:`merge_interpretation`)."""
+    info = {"MagneticFieldStrengthUsed": run.field_strength,
+            "FieldStrengthSource": run.field_strength_source}
+    if run.imaging_frequency_mhz is not None:
+        info["ImagingFrequency"] = run.imaging_frequency_mhz
+    if run.nominal_field_strength is not None:
+        info["MagneticFieldStrengthNominal"] = run.nominal_field_strength
+    info["B0DirectionSource"] = b0_direction_source(run)
+    info["EchoTimesUsed"] = list(run.sorted_echo_times)
+    return info
+
+
+def merge_interpretation(static, phase_scaling, phase_sign):
+    """The sidecar fields of the input interpretation: ``static``
+    (:func:`input_interpretation`), the phase scaling of the load step and the
+    phase sign record of the sign check."""
+    names = {"units": "Units", "declared_units": "DeclaredUnits", "convention": "Convention",
+             "description": "Description", "stored_range": "StoredRange",
+             "rad_per_unit": "RadiansPerUnit", "verified": "VerifiedByWraps",
+             "max_jump_periods": "MaxJumpPeriods", "header_scaling": "HeaderScaling"}
+    out = dict(static)
+    out["PhaseScaling"] = {names.get(k, k): v for k, v in (phase_scaling or {}).items()}
+    out.update(phase_sign or {})
+    return out
+
+
 def init_qsm_wf(config, run, *, name=None):
     """Workflow computing the susceptibility map of one :class:`~qsmprep.utils.bids.QSMRun`.
 
@@ -118,7 +177,9 @@ def init_qsm_wf(config, run, *, name=None):
                   if "device" in registry.get(s, methods[s]).defaults else params[s]
                   for s in PIPELINE_STAGES}
     wf.__desc__ = _describe(methods, run_params, config.workflow.phase_offset == "mcpc3ds",
-                            user_mask=run.mask_source)
+                            user_mask=run.mask_source,
+                            phase_sign=phase_sign_setting(config.workflow.phase_sign),
+                            field_source=run.field_strength_source)
     b0_dir = list(run.b0_direction)
 
     def stage_node(interface, stage, node_name, heavy=True):
@@ -141,6 +202,13 @@ def init_qsm_wf(config, run, *, name=None):
     unwrap = stage_node(Unwrap, "unwrapping", "unwrap")
     combine = pe.Node(EchoCombine(method=methods["echo_combination"],
                                   params=params["echo_combination"]), name="echo_combine")
+    sign = pe.Node(PhaseSign(b0_dir=b0_dir,
+                             phase_sign=phase_sign_setting(config.workflow.phase_sign),
+                             source=str(run.phase[0])), name="phase_sign")
+    interpretation = pe.Node(niu.Function(
+        function=merge_interpretation, input_names=["static", "phase_scaling", "phase_sign"],
+        output_names=["interpretation"]), name="interpretation")
+    interpretation.inputs.static = input_interpretation(run)
     total = pe.Node(TotalField(field_strength=run.field_strength), name="total_field")
     mask = stage_node(Mask, "masking", "mask", heavy=False)
     bfr = stage_node(BackgroundRemoval, "bf_removal", "bf_removal")
@@ -173,7 +241,14 @@ def init_qsm_wf(config, run, *, name=None):
                         ("echo_times", "echo_times")]),
         (load, combine, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
         (unwrap, combine, [("unwrapped", "unwrapped")]),
-        (combine, total, [("fieldmap", "fieldmap"), ("noise_std", "noise_std")]),
+        (combine, sign, [("fieldmap", "fieldmap")]),
+        (load, sign, [("magnitude", "magnitude")]),
+        (mask, sign, [("mask", "mask")]),
+        (sign, total, [("fieldmap", "fieldmap")]),
+        (combine, total, [("noise_std", "noise_std")]),
+        (load, interpretation, [("phase_scaling", "phase_scaling")]),
+        (sign, interpretation, [("record", "phase_sign")]),
+        (interpretation, outputs, [("interpretation", "inputnode.interpretation")]),
         (load, mask, [("magnitude", "magnitude"), ("valid", "valid")]),
         (unwrap, mask, [("quality", "quality")]),
         (total, bfr, [("total_field", "total_field"), ("noise_std", "noise_std")]),
@@ -186,7 +261,7 @@ def init_qsm_wf(config, run, *, name=None):
         (bfr, reference, [("mask", "mask")]),
         (reference, outputs, [("chi", "inputnode.chi")]),
         (bfr, outputs, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
-        (combine, outputs, [("fieldmap", "inputnode.fieldmap")]),
+        (sign, outputs, [("fieldmap", "inputnode.fieldmap")]),
     ])  # fmt: skip
     if config.execution.output_intermediates:
         wf.connect(unwrap, "unwrapped", outputs, "inputnode.unwrapped")
@@ -199,14 +274,16 @@ def init_qsm_wf(config, run, *, name=None):
         (load, reports, [("magnitude", "inputnode.magnitude"), ("phase", "inputnode.phase")]),
         (unwrap, reports, [("unwrapped", "inputnode.unwrapped"),
                            ("quality", "inputnode.quality")]),
-        (combine, reports, [("fieldmap", "inputnode.fieldmap")]),
+        (sign, reports, [("fieldmap", "inputnode.fieldmap")]),
+        (interpretation, reports, [("interpretation", "inputnode.interpretation")]),
         (bfr, reports, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
         (reference, reports, [("chi", "inputnode.chi")]),
     ])  # fmt: skip
     return wf
 
 
-def _describe(methods, params, correct_offset, user_mask=None):
+def _describe(methods, params, correct_offset, user_mask=None, phase_sign="auto",
+              field_source="MagneticFieldStrength"):
     text = {s: method_description(s, methods[s], params[s]) for s in PIPELINE_STAGES}
     if user_mask:
         name = user_mask.rsplit("/", 1)[-1]
@@ -231,7 +308,9 @@ def _describe(methods, params, correct_offset, user_mask=None):
 
 For each multi-echo gradient-echo run, magnitude and phase echoes were
 stacked in order of echo time and the phase was expressed in radians
-(images stored in arbitrary units were rescaled to the range −π to π).
+(images stored in arbitrary units were rescaled to the range −π to π,
+with the scale checked against the phase's 2π wraps).
+{_SIGN_TEXT[phase_sign]} {_FIELD_TEXT[field_source]}
 The direction of the main magnetic field relative to the voxel axes was
 taken from the image orientation (or from the `B0_dir` sidecar field when
 present), so that oblique acquisitions were modelled without resampling.
@@ -240,6 +319,19 @@ a total field in ppm of the main field.{weights} {rest}
 """
 
 
+_SIGN_TEXT = {
+    "auto": "The sign of the phase was checked against the field expected from the air "
+    "around and inside the head, and the phase was negated when that field came out "
+    "clearly inverted.",
+    "1": "The phase was used with its stored sign.",
+    "-1": "The phase was negated (its sign convention is opposite to qsmprep's).",
+}
+_FIELD_TEXT = {
+    "ImagingFrequency": "The main field strength was computed from the imaging frequency "
+    "(f / γ̄), not taken from its nominal value.",
+    "MagneticFieldStrength": "The main field strength was its nominal value "
+    "(MagneticFieldStrength).",
+}
 _STAGE_NAMES = {"bf_removal": "background field removal", "inversion": "dipole inversion"}
 
 

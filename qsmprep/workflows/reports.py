@@ -48,7 +48,7 @@ def init_qsm_reports_wf(config, run, *, methods, name="qsm_reports_wf"):
     wf = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         ["magnitude", "phase", "unwrapped", "quality", "mask", "fieldmap", "local_field",
-         "chi"]), name="inputnode")
+         "chi", "interpretation"]), name="inputnode")
     kinds = dict(REPORTLETS)
     if "quality" not in registry.get("unwrapping", methods["unwrapping"]).provides:
         kinds.pop("quality")
@@ -72,6 +72,7 @@ def init_qsm_reports_wf(config, run, *, methods, name="qsm_reports_wf"):
         wf.connect(draw, "out_report", ds, "in_file")
 
     summary = pe.Node(RunSummary(info=run_summary(config, run, methods)), name="summary")
+    wf.connect(inputnode, "interpretation", summary, "interpretation")
     wf.connect(summary, "out_report", sink("summary", ".json"), "in_file")
     return wf
 
