@@ -92,6 +92,10 @@ def _run_participant(config):
             data = attach_masks(data, mask_file=ex.mask_file or None,
                                 derivatives=ex.derivatives)
         check_methods(data, config.workflow)
+        if not ex.reports_only:  # templates of --regions/--output-spaces, on disk
+            from ..workflows.regions import check_templates
+
+            check_templates(config)
         if ex.reports_only:
             from ..reports.core import reports_only
 
