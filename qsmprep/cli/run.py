@@ -224,14 +224,15 @@ def _warnings_file(config):
 
 
 def _run_group(config):
-    from ..workflows.group import write_group_table
+    from ..workflows.group import write_group_outputs
 
     try:
-        tsv = write_group_table(config.execution.output_dir)
+        paths = write_group_outputs(config.execution.output_dir)
     except FileNotFoundError as err:
         print(f"qsmprep: error: {err}", file=sys.stderr)
         return 1
-    LOGGER.info("Group table of all processed runs written to %s", tsv)
+    LOGGER.info("Group table of all processed runs written to %s; regions %s; report %s",
+                paths["runs"], paths["regions"], paths["report"])
     return 0
 
 
