@@ -191,3 +191,34 @@ def test_embedded_atlas_is_small_and_labels_every_deep_nucleus():
     mag = np.asanyarray(template.dataobj, dtype=float)
     # GRE-like contrast: iron-rich pallidum darker than the caudate (shorter T2*)
     assert mag[labels == 2].mean() < mag[labels == 1].mean()
+
+
+def test_qsm_workflow_gets_regions_and_template_spaces_only_when_asked(tmp_path):
+    from conftest import write_gre
+
+    from qsmprep.cli.parser import parse_args
+    from qsmprep.utils.bids import collect_data
+    from qsmprep.workflows.base import init_qsmprep_wf
+
+    bids = tmp_path / "bids"
+    write_gre(bids, "01")
+    data = collect_data(bids, validate=False)
+    base = [str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work")]
+    plain = init_qsmprep_wf(parse_args(base), data)
+    assert not any("regions_wf" in n for n in plain.list_node_names())
+
+    config = parse_args(base + ["--regions", "--output-spaces", "native", "QSMChallenge",
+                                "QSMChallenge"])
+    assert config.workflow.output_spaces == ["native", "QSMChallenge"]
+    names = set(init_qsmprep_wf(config, data).list_node_names())
+    run = "sub_01_wf.qsm_MEGRE_wf.regions_wf"
+    for node in ("gre_reference", "register_QSMChallenge", "labels_to_native", "region_stats",
+                 "ds_regions_stats", "ds_regions_dseg", "ds_regions_lut",
+                 "ds_xfm_QSMChallenge_forward_xfm", "ds_xfm_QSMChallenge_inverse_xfm",
+                 "chi_to_QSMChallenge", "ds_chimap_QSMChallenge"):
+        assert f"{run}.{node}" in names, node
+    # one registration serves both the regions and the QSMChallenge output space
+    assert sum("register_" in n for n in names) == 1
+
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--output-spaces", "MNI152NLin2009cAsym:foo-2"])
