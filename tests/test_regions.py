@@ -29,6 +29,9 @@ from qsmprep.sim.deform import deformed_head, random_transform
 from qsmprep.sim.phantoms import chi_reference
 
 BIG = ("caudate", "putamen", "thalamus")
+#: the tests on ``registered_run`` share one real ANTs registration (fast preset, 2 mm,
+#: ~35 s of CPU in all): marked slow, as it may pass 30 s on a busy 2-core machine
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,7 @@ def registered_run(tmp_path_factory):
 
     run = Run()
     run.phase = [str(phase)]
+    run.suffix = "MEGRE"
     wf = init_regions_wf(config, run, referencing="mean")
     wf.base_dir = str(tmp / "work")
     wf.inputs.inputnode.magnitude = str(mag_file)
@@ -72,6 +76,7 @@ def registered_run(tmp_path_factory):
     return head, tmp / "out" / "sub-01" / "anat"
 
 
+@slow
 def test_warped_atlas_reaches_dice_targets_on_a_deformed_head(registered_run):
     head, anat = registered_run
     labels = np.asanyarray(nb.load(anat / "sub-01_desc-regions_dseg.nii.gz").dataobj)
@@ -81,6 +86,7 @@ def test_warped_atlas_reaches_dice_targets_on_a_deformed_head(registered_run):
         assert score >= (0.75 if name in BIG else 0.5), (name, score)
 
 
+@slow
 def test_regional_means_match_the_truth_where_the_map_is_exact(registered_run):
     head, anat = registered_run
     with open(anat / "sub-01_desc-regions_stats.tsv") as f:
@@ -99,6 +105,7 @@ def test_regional_means_match_the_truth_where_the_map_is_exact(registered_run):
     assert lut[0] == "index\tname\tabbreviation" and len(lut) == 8
 
 
+@slow
 def test_transforms_and_template_space_chimap_are_written(registered_run):
     head, anat = registered_run
     for name in ("sub-01_from-GRE_to-QSMChallenge_mode-image_xfm.h5",
@@ -222,3 +229,15 @@ def test_qsm_workflow_gets_regions_and_template_spaces_only_when_asked(tmp_path)
 
     with pytest.raises(SystemExit):
         parse_args(base + ["--output-spaces", "MNI152NLin2009cAsym:foo-2"])
+
+
+@slow
+def test_registration_and_regions_reportlets_are_drawn(registered_run):
+    head, anat = registered_run
+    figures = anat.parent / "figures"
+    for kind, colours in (("registration", ("#ffd700", "#00e5ff")),
+                          ("regions", ("#1f77b4", "#2ca02c", "#17becf"))):
+        svg = (figures / f"sub-01_desc-{kind}_MEGRE.svg").read_text()
+        assert svg.lstrip().startswith(("<?xml", "<svg"))
+        for colour in colours:  # the overlay contours are drawn, in their colours
+            assert colour in svg, (kind, colour)

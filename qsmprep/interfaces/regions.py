@@ -184,3 +184,39 @@ def write_tsv(path, rows, columns):
                 f.write("\t".join(fmt(row.get(c, "n/a")) for c in columns) + "\n")
 
     return atomic_write(path, write)
+
+
+class _RegionsReportletInputSpec(BaseInterfaceInputSpec):
+    kind = traits.Enum("registration", "regions", mandatory=True)
+    in_file = File(exists=True, mandatory=True, desc="GRE reference or chi map")
+    overlay = File(exists=True, mandatory=True, desc="warped template or native labels")
+    mask_file = File(exists=True, desc="brain mask")
+
+
+class _RegionsReportletOutputSpec(TraitedSpec):
+    out_report = File(exists=True)
+
+
+class RegionsReportlet(SimpleInterface):
+    """The registration (template contours on the run) or regions (labels over chi) SVG."""
+
+    input_spec = _RegionsReportletInputSpec
+    output_spec = _RegionsReportletOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..reports.core import load_canonical
+        from ..reports.reportlets import registration_svg, regions_svg
+        from ..utils.files import write_text
+
+        data, vox = load_canonical(self.inputs.in_file)
+        overlay = load_canonical(self.inputs.overlay)[0]
+        mask = (load_canonical(self.inputs.mask_file)[0] > 0.5
+                if isdefined(self.inputs.mask_file) else None)
+        if self.inputs.kind == "registration":
+            svg = registration_svg(data, overlay, vox, mask=mask)
+        else:
+            svg = regions_svg(data, np.rint(overlay).astype(int), vox, mask=mask)
+        out = _out(f"{self.inputs.kind}.svg", runtime)
+        write_text(out, svg)
+        self._results["out_report"] = out
+        return runtime

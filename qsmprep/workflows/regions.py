@@ -24,8 +24,8 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..interfaces.bids import DerivativesDataSink
-from ..interfaces.regions import ApplyTransform, RegionStats, RegisterToTemplate, \
-    RegistrationReference
+from ..interfaces.regions import ApplyTransform, RegionsReportlet, RegionStats, \
+    RegisterToTemplate, RegistrationReference
 from ..regions.templates import DEFAULT_TEMPLATE, embedded_atlas, find_template, parse_space
 
 #: what each referencing method makes chi relative to (for the stats sidecar)
@@ -136,6 +136,26 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
         wf.add_nodes([ds_lut])
         wf.connect([(stats, ds_stats, [("stats", "in_file")]),
                     (stats, ds_dseg, [("labels", "in_file")])])
+
+        # reportlets: template contours on the run; the regions over chi
+        warped = pe.Node(ApplyTransform(interpolation="linear", num_threads=omp),
+                         name="template_to_native")
+        draw_reg = pe.Node(RegionsReportlet(kind="registration"), name="report_registration")
+        draw_regions = pe.Node(RegionsReportlet(kind="regions"), name="report_regions")
+        wf.connect([
+            (registered[DEFAULT_TEMPLATE], warped, [("template_grid", "in_file"),
+                                                    ("inverse_xfm", "transform")]),
+            (gre_ref, warped, [("reference", "reference")]),
+            (gre_ref, draw_reg, [("reference", "in_file")]),
+            (warped, draw_reg, [("out_file", "overlay")]),
+            (inputnode, draw_reg, [("mask", "mask_file")]),
+            (inputnode, draw_regions, [("chi", "in_file"), ("mask", "mask_file")]),
+            (stats, draw_regions, [("labels", "overlay")]),
+        ])  # fmt: skip
+        for kind, node in (("registration", draw_reg), ("regions", draw_regions)):
+            ds = sink(f"ds_report_{kind}", datatype="figures", desc=kind, suffix=run.suffix,
+                      extension=".svg")
+            wf.connect(node, "out_report", ds, "in_file")
 
     for space in spaces:
         key = str(space).replace(":", "_").replace("-", "")
