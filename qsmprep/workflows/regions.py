@@ -86,6 +86,26 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
         [s.name for s in spaces if s.name != DEFAULT_TEMPLATE or not config.workflow.regions]
     targets = list(dict.fromkeys(targets))
 
+    spaces_text = ", ".join(str(s) for s in spaces)
+    wf.__desc__ = (
+        "\n#### Template registration and regions\n\n"
+        "The magnitude of each run, averaged over echoes, was registered to "
+        + (f"the template(s) {', '.join(targets)}" if len(targets) > 1 else f"the {targets[0]} "
+           "template") +
+        " with ANTs (rigid, affine and symmetric normalization (SyN) stages, mutual "
+        f"information; preset '{preset}') [@avants2008syn]."
+        + (" Seven deep grey matter regions (caudate, globus pallidus, putamen, red nucleus, "
+           "dentate nucleus, substantia nigra with the subthalamic nucleus, thalamus) of the "
+           "QSMChallenge atlas, built from the QSM Challenge 2.0 head model "
+           "[@marques2021challenge], were brought onto each run's grid through the inverse "
+           "transform (majority-vote label interpolation) and restricted to the brain mask; "
+           "the voxel count, mean, median, standard deviation and 5th/95th percentiles of "
+           "the susceptibility map were computed in each region, relative to the reference "
+           f"region of the referencing step ({reference_region(referencing)})."
+           if config.workflow.regions else "")
+        + (f" The susceptibility map was resampled to {spaces_text} with a Lanczos windowed "
+           "sinc kernel." if spaces else "") + "\n")
+
     gre_ref = pe.Node(RegistrationReference(), name="gre_reference")
     wf.connect(inputnode, "magnitude", gre_ref, "magnitude")
 
