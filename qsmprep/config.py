@@ -138,6 +138,8 @@ class Workflow:
     output_spaces: list = field(default_factory=lambda: ["native"])
     #: iteration schedule of the ANTs registration (qsmprep.regions.registration.PRESETS)
     registration: str = "default"
+    #: register to TemplateFlow templates through the subject's T1w when the dataset has one
+    t1w_intermediate: bool = True
 
     def method(self, stage):
         """Name of the method chosen for ``stage``."""

@@ -241,3 +241,53 @@ def test_registration_and_regions_reportlets_are_drawn(registered_run):
         assert svg.lstrip().startswith(("<?xml", "<svg"))
         for colour in colours:  # the overlay contours are drawn, in their colours
             assert colour in svg, (kind, colour)
+
+
+def test_find_t1w_prefers_the_same_session(tmp_path):
+    from qsmprep.workflows.regions import find_t1w
+
+    for rel in ("sub-01/ses-1/anat/sub-01_ses-1_acq-mp2rage_T1w.nii.gz",
+                "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz",
+                "sub-01/ses-1/anat/sub-01_ses-1_T1map.nii.gz",
+                "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert find_t1w(tmp_path, "01", "1").name == "sub-01_ses-1_T1w.nii.gz"
+    assert find_t1w(tmp_path, "01", "2").name == "sub-01_ses-2_T1w.nii.gz"
+    assert find_t1w(tmp_path, "01", "3") is None
+    assert find_t1w(tmp_path, "02") is None
+
+
+@slow
+def test_registration_through_the_t1w_composes_into_one_transform(tmp_path):
+    """GRE -> T1w (rigid) -> a T1w template: one .h5 each way, labels land on the GRE."""
+    from qsmprep.regions.registration import apply_transform, register_via_intermediate
+    from qsmprep.sim.deform import IDENTITY, T1W_CONTRAST
+
+    rng = np.random.default_rng(11)
+    anatomy = random_transform(rng)
+    t1w = deformed_head(3.0, anatomy, rng=1, contrast=T1W_CONTRAST, bias=0.05)
+    moved = dict(anatomy, shift_mm=anatomy["shift_mm"] + np.array([5.0, -4.0, 3.0]))
+    gre = deformed_head(3.0, moved, rng=2)  # same head, moved between the scans
+    template = deformed_head(3.0, IDENTITY, rng=3, contrast=T1W_CONTRAST, bias=0, noise=0)
+    files = {}
+    for name, img in (("t1w", t1w.magnitude), ("gre", gre.magnitude),
+                      ("tpl", template.magnitude), ("labels", template.labels)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        affine = {"t1w": t1w.affine, "gre": gre.affine}.get(name, template.affine)
+        nb.save(nb.Nifti1Image(img.astype(np.float32), affine), files[name])
+    fwd, inv = register_via_intermediate(files["gre"], files["t1w"], files["tpl"],
+                                         tmp_path / "fwd.h5", tmp_path / "inv.h5",
+                                         preset="fast", threads=2)
+    labels = np.rint(apply_transform(files["labels"], files["gre"], inv, None,
+                                     interpolation="label").numpy())
+    for value, (name, _) in DEEP_GM.items():
+        if name in BIG:
+            assert dice(labels == value, gre.labels == value) >= 0.75, name
+    # the forward transform brings GRE-space images (here its true labels) onto the template
+    nb.save(nb.Nifti1Image(gre.labels, gre.affine), tmp_path / "gre_labels.nii.gz")
+    warped = np.rint(apply_transform(tmp_path / "gre_labels.nii.gz", files["tpl"], fwd, None,
+                                     interpolation="label").numpy())
+    for value, (name, _) in DEEP_GM.items():
+        if name in BIG:
+            assert dice(warped == value, template.labels == value) >= 0.75, name

@@ -56,6 +56,8 @@ class RegistrationReference(SimpleInterface):
 class _RegisterInputSpec(BaseInterfaceInputSpec):
     moving = File(exists=True, mandatory=True, desc="subject GRE reference")
     template = File(exists=True, mandatory=True, desc="template image")
+    intermediate = File(exists=True, desc="T1w of the same subject: GRE -> T1w rigid, "
+                        "T1w -> template")
     preset = traits.Str("default", usedefault=True, desc="iteration schedule (PRESETS)")
     num_threads = traits.Int(1, usedefault=True)
     seed = traits.Int(1, usedefault=True)
@@ -75,14 +77,20 @@ class RegisterToTemplate(SimpleInterface):
     output_spec = _RegisterOutputSpec
 
     def _run_interface(self, runtime):
-        from ..regions.registration import register, template_on_grid
+        from ..regions.registration import register, register_via_intermediate, \
+            template_on_grid
 
-        vox = float(max(nb.load(self.inputs.moving).header.get_zooms()[:3]))
+        via = self.inputs.intermediate if isdefined(self.inputs.intermediate) else None
+        vox = float(max(nb.load(via or self.inputs.moving).header.get_zooms()[:3]))
         grid = template_on_grid(self.inputs.template, vox, _out("template_grid.nii.gz", runtime))
-        fwd, inv = register(self.inputs.moving, grid, _out("from-GRE_to-template_xfm.h5", runtime),
-                            _out("from-template_to-GRE_xfm.h5", runtime),
-                            preset=self.inputs.preset, threads=self.inputs.num_threads,
-                            seed=self.inputs.seed)
+        paths = (_out("from-GRE_to-template_xfm.h5", runtime),
+                 _out("from-template_to-GRE_xfm.h5", runtime))
+        kwargs = dict(preset=self.inputs.preset, threads=self.inputs.num_threads,
+                      seed=self.inputs.seed)
+        if via:
+            fwd, inv = register_via_intermediate(self.inputs.moving, via, grid, *paths, **kwargs)
+        else:
+            fwd, inv = register(self.inputs.moving, grid, *paths, **kwargs)
         self._results.update(forward_xfm=str(fwd), inverse_xfm=str(inv),
                              template_grid=str(grid))
         return runtime

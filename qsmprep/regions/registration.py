@@ -147,3 +147,59 @@ def template_on_grid(template_file, voxel_size_mm, out_file, *, interpolation="l
     out = ants.resample_image(img, (voxel_size_mm,) * 3, use_voxels=False, interp_type=interp)
     ants.image_write(out, str(out_file))
     return Path(out_file)
+
+
+def register_via_intermediate(moving_file, intermediate_file, fixed_file, forward_xfm,
+                              inverse_xfm, *, preset="default", threads=1, seed=1):
+    """Register ``moving_file`` (GRE) to ``fixed_file`` through an image of the
+    same subject and session (``intermediate_file``, a T1w): GRE → T1w rigid
+    (mutual information: same head, other contrast), T1w → template with
+    :func:`register`. The chain is written as one displacement-field transform
+    per direction (``forward_xfm`` on the template grid, ``inverse_xfm`` on the
+    GRE grid; ITK ``.h5``), usable like those of :func:`register`.
+    """
+    from ants.internal import get_lib_fn, process_arguments
+
+    _threads(threads)
+    with tempfile.TemporaryDirectory(prefix="qsmprep-reg-") as tmp:
+        tmp = Path(tmp)
+        rigid = str(tmp / "gre2t1_")
+        mi = f"MI[{intermediate_file},{moving_file},1,32,Regular,0.25]"
+        args = ["--dimensionality", "3", "--float", "1", "--collapse-output-transforms", "1",
+                "--write-composite-transform", "1", "--output", f"[{rigid}]",
+                "--interpolation", "Linear", "--winsorize-image-intensities", "[0.005,0.995]",
+                "--initial-moving-transform", f"[{intermediate_file},{moving_file},1]",
+                "--random-seed", str(seed),
+                "--transform", "Rigid[0.1]", "--metric", mi,
+                "--convergence", "[500x250x100,1e-6,10]", "--shrink-factors", "4x2x1",
+                "--smoothing-sigmas", "2x1x0vox"]
+        code = get_lib_fn("antsRegistration")(process_arguments(args))
+        if code != 0:
+            raise RuntimeError(f"antsRegistration failed (exit {code}) registering "
+                               f"{moving_file} to {intermediate_file}")
+        t1_fwd, t1_inv = register(intermediate_file, fixed_file, tmp / "t1_fwd.h5",
+                                  tmp / "t1_inv.h5", preset=preset, threads=threads, seed=seed)
+        # one composite per direction: antsRegistration started from the chain
+        # (the transform next to the output grid first, as antsApplyTransforms
+        # takes them) and run with zero iterations writes it as an ITK composite
+        chains = (
+            (forward_xfm, fixed_file, moving_file, [str(t1_fwd), rigid + "Composite.h5"]),
+            (inverse_xfm, moving_file, fixed_file, [rigid + "InverseComposite.h5", str(t1_inv)]),
+        )
+        for i, (dest, grid, source, chain) in enumerate(chains):
+            out = str(tmp / f"chain{i}_")
+            args = ["--dimensionality", "3", "--float", "1",
+                    "--collapse-output-transforms", "1", "--write-composite-transform", "1",
+                    "--output", f"[{out}]"]
+            for tx in chain:
+                args += ["--initial-moving-transform", tx]
+            args += ["--transform", "Translation[0.1]", "--metric", f"MI[{grid},{source},1,32]",
+                     "--convergence", "[0,1e-6,10]", "--shrink-factors", "1",
+                     "--smoothing-sigmas", "0vox"]
+            code = get_lib_fn("antsRegistration")(process_arguments(args))
+            if code != 0:
+                raise RuntimeError(f"antsRegistration failed (exit {code}) composing the "
+                                   f"transforms of {moving_file} through {intermediate_file}")
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(out + "Composite.h5", dest)
+    return Path(forward_xfm), Path(inverse_xfm)

@@ -49,8 +49,16 @@ def random_transform(rng, *, rotation_deg=6.0, scale=0.06, shift_mm=6.0,
             "warp_seed": int(rng.integers(2**31))}
 
 
+#: a T1-weighted contrast per label (MPRAGE-like: white matter bright, CSF dark)
+T1W_CONTRAST = {1: 0.65, 2: 0.75, 3: 0.65, 4: 0.7, 5: 0.7, 6: 0.7, 7: 0.7, 8: 1.0, 9: 0.55,
+                10: 0.12, 11: 0.3, 12: 1.0, 13: 0.05, 14: 0.0, 15: 0.45, 16: 0.05}
+#: no deformation (the head as shipped, on a grid of any voxel size)
+IDENTITY = {"linear": np.eye(3), "shift_mm": np.zeros(3), "warp_mm": 0.0, "warp_fwhm_mm": 30.0,
+            "warp_seed": 0}
+
+
 def deformed_head(voxel_size_mm=2.0, transform=None, *, rng=None, echo_times_s=(0.004, 0.012),
-                  gain=1.0, bias=0.15, noise=0.01):
+                  gain=1.0, bias=0.15, noise=0.01, contrast=None):
     """Sample the Challenge head through ``transform`` (:func:`random_transform`).
 
     Subject point ``x`` (mm) shows the head at ``T(x) = L x + t + u(L x + t)``:
@@ -58,6 +66,7 @@ def deformed_head(voxel_size_mm=2.0, transform=None, *, rng=None, echo_times_s=(
     The magnitude has its own contrast (mean over ``echo_times_s`` of
     ``M0 exp(-R2* TE)``, times ``gain``), a smooth multiplicative ``bias``
     field and Gaussian noise (``noise`` × the maximum), unlike the template.
+    ``contrast`` (label -> intensity, e.g. :data:`T1W_CONTRAST`) replaces the GRE one.
     """
     rng = as_rng(rng)
     transform = transform or random_transform(rng)
@@ -93,6 +102,7 @@ def deformed_head(voxel_size_mm=2.0, transform=None, *, rng=None, echo_times_s=(
                                     cval=0).reshape(shape) >= 0.5
     te = np.asarray(echo_times_s)
     tissue = np.array([_M0.get(k, 0) * np.exp(-_R2STAR_3T.get(k, 0) * te).mean()
+                       if contrast is None else contrast.get(k, 0.0)
                        for k in range(256)], np.float32)
     # partial volumes: the magnitude of the 1 mm head, linearly interpolated
     mag1 = tissue[labels1]

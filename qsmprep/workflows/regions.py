@@ -52,6 +52,23 @@ def reference_region(referencing):
                                  "referencing method")
 
 
+def find_t1w(bids_dir, subject, session=None):
+    """A T1w image of the subject in the same session (first in name order), or None.
+
+    Plain file search in ``sub-<s>/[ses-<s>/]anat/``; qsmprep's pybids query
+    covers only GRE images.
+    """
+    from pathlib import Path
+
+    folder = Path(bids_dir) / f"sub-{subject}"
+    prefix = f"sub-{subject}"
+    if session:
+        folder, prefix = folder / f"ses-{session}", f"{prefix}_ses-{session}"
+    found = sorted(p for p in (folder / "anat").glob(f"{prefix}_*T1w.nii*")
+                   if p.name.endswith(("_T1w.nii", "_T1w.nii.gz")))
+    return found[0] if found else None
+
+
 def check_templates(config):
     """Every template of ``--output-spaces`` (and the regions' atlas) is on this
     machine, and the registration preset exists; a QSMPrepInputError otherwise,
@@ -94,6 +111,9 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
            "template") +
         " with ANTs (rigid, affine and symmetric normalization (SyN) stages, mutual "
         f"information; preset '{preset}') [@avants2008syn]."
+        + (" For the TemplateFlow templates, the registration went through the subject's "
+           "T1-weighted image (GRE to T1w rigid, T1w to template as above), composed into "
+           "one transform." if t1w is not None and set(targets) - {DEFAULT_TEMPLATE} else "")
         + (" Seven deep grey matter regions (caudate, globus pallidus, putamen, red nucleus, "
            "dentate nucleus, substantia nigra with the subthalamic nucleus, thalamus) of the "
            "QSMChallenge atlas, built from the QSM Challenge 2.0 head model "
@@ -115,11 +135,17 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
             dismiss_entities=["echo", "part"], check_hdr=False, **kwargs),
             name=node_name, run_without_submitting=True)
 
+    t1w = (find_t1w(config.execution.bids_dir, run.subject, run.entity_dict.get("session"))
+           if config.workflow.t1w_intermediate and config.execution.bids_dir else None)
     registered = {}
     for target in targets:
         reg = pe.Node(RegisterToTemplate(template=str(find_template(parse_space(target))),
                                          preset=preset, num_threads=omp),
                       name=f"register_{target}", n_procs=omp)
+        if t1w is not None and target != DEFAULT_TEMPLATE:
+            # TemplateFlow templates have T1w/T2w contrast: the T1w registers better
+            # to them; the GRE-like QSMChallenge is registered from the GRE itself
+            reg.inputs.intermediate = str(t1w)
         wf.connect(gre_ref, "reference", reg, "moving")
         registered[target] = reg
         for field, src, dst in (("forward_xfm", "GRE", target), ("inverse_xfm", target, "GRE")):
