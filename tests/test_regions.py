@@ -291,3 +291,17 @@ def test_registration_through_the_t1w_composes_into_one_transform(tmp_path):
     for value, (name, _) in DEEP_GM.items():
         if name in BIG:
             assert dice(warped == value, template.labels == value) >= 0.75, name
+
+
+def test_no_code_path_can_call_the_templateflow_client():
+    """templateflow.api.get downloads missing files: qsmprep must find templates on disk
+    only (qsmprep.regions.templates), so no module may import the client."""
+    import re
+    from pathlib import Path
+
+    import qsmprep
+
+    uses = re.compile(r"^\s*(from\s+templateflow|import\s+templateflow)", re.M)
+    found = [p.name for p in Path(qsmprep.__file__).parent.rglob("*.py")
+             if uses.search(p.read_text())]
+    assert not found, found

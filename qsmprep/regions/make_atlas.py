@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from ..sim.make_package_data import _output_grid, _resample_fraction
+from ..utils.files import atomic_write, write_text
 from ..sim.phantoms import _M0, _R2STAR_3T
 
 SOURCE = Path("/work/shared/data/challenge2-head")
@@ -95,9 +96,9 @@ def main(argv=None):
         img.header.set_xyzt_units("mm")
         img.header.set_sform(affine, code=4)  # MNI-like "template" code
         img.header.set_qform(affine, code=4)
-        nib.save(img, target / name)
+        atomic_write(target / name, lambda tmp, img=img: nib.save(img, tmp))
     rows = ["index\tname\tabbreviation"] + [f"{k}\t{n}\t{a}" for k, (n, a) in DEEP_GM.items()]
-    (target / LUT).write_text("\n".join(rows) + "\n")
+    write_text(target / LUT, "\n".join(rows) + "\n")
     shutil.copyfile(source / "LICENSE", target / "LICENSE")
     print(f"wrote {target} ({shape}, {VOXEL_MM} mm)")
 
