@@ -227,7 +227,8 @@ def _run_group(config):
     from ..workflows.group import write_group_outputs
 
     try:
-        paths = write_group_outputs(config.execution.output_dir)
+        paths = write_group_outputs(config.execution.output_dir,
+                                    nprocs=config.nipype.resolved()[0])
     except FileNotFoundError as err:
         print(f"qsmprep: error: {err}", file=sys.stderr)
         return 1

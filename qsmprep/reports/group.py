@@ -87,7 +87,26 @@ def _strip_svg(region, points, width=260, height=220):
     return "".join(parts)
 
 
-def write_group_report(group_dir, runs, regions_rows, processing):
+def make_thumbnails(jobs, *, nprocs=None):
+    """``{run_id: (chimap, png)}`` -> ``{run_id: png}``, thumbnails not yet up to
+    date drawn in ``nprocs`` processes (default: all cores; reading the
+    compressed Chimaps dominates, about 0.1-0.2 s per 1 mm map)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = {k: v for k, v in jobs.items()
+            if not (v[1].is_file() and v[1].stat().st_mtime >= Path(v[0]).stat().st_mtime)}
+    nprocs = nprocs or os.cpu_count() or 1
+    if len(todo) > 4 and nprocs > 1:
+        with ProcessPoolExecutor(max_workers=nprocs) as pool:
+            list(pool.map(thumbnail, *zip(*todo.values()), chunksize=8))
+    else:
+        for chimap, png in todo.values():
+            thumbnail(chimap, png)
+    return {k: v[1] for k, v in jobs.items()}
+
+
+def write_group_report(group_dir, runs, regions_rows, processing, *, nprocs=None):
     """Write ``group_dir/qsmprep_group.html``.
 
     ``runs``: one dict per run (``run_id``, ``subject``, ``chimap``,
@@ -97,12 +116,15 @@ def write_group_report(group_dir, runs, regions_rows, processing):
     """
     group_dir = Path(group_dir)
     figures = group_dir / "figures"
+    pngs = make_thumbnails(
+        {run["run_id"]: (run["chimap_path"], figures / f"{run['run_id']}_desc-chi_thumb.png")
+         for run in runs if run.get("chimap_path") and Path(run["chimap_path"]).is_file()},
+        nprocs=nprocs)
     cards = []
     for run in runs:
         src = None
-        if run.get("chimap_path") and Path(run["chimap_path"]).is_file():
-            png = thumbnail(run["chimap_path"], figures / f"{run['run_id']}_desc-chi_thumb.png")
-            src = png.relative_to(group_dir).as_posix()
+        if run["run_id"] in pngs:
+            src = pngs[run["run_id"]].relative_to(group_dir).as_posix()
         flag = (' <span class="flag">settings differ</span>'
                 if run["settings_group"] != 1 else "")
         img = (f'<img src="{html.escape(src)}" alt="chi of {html.escape(run["run_id"])}" '

@@ -42,7 +42,9 @@ def write_synthetic_outputs(output_dir, n_subjects, *, runs_per_subject=1, shape
         for r in range(1, runs_per_subject + 1):
             run_id = f"sub-{s:03d}_run-{r}"
             ids.append(run_id)
-            chi = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+            chi = np.zeros(shape, np.float32)  # a noisy "brain" box in an empty field of view
+            box = tuple(slice(n // 4, n - n // 4) for n in shape)
+            chi[box] = 0.05 * rng.standard_normal(chi[box].shape)
             nb.save(nb.Nifti1Image(chi, affine), anat / f"{run_id}_Chimap.nii.gz")
             nb.save(nb.Nifti1Image(np.ones(shape, np.uint8), affine),
                     anat / f"{run_id}_desc-brain_mask.nii.gz")

@@ -36,19 +36,25 @@ _SHORT = {"sub": "subject", "ses": "session", "acq": "acquisition",
           "rec": "reconstruction", "run": "run"}
 
 
-def write_group_table(output_dir):
+def write_group_table(output_dir, *, nprocs=1):
     """Write ``group/qsmprep_runs.tsv`` (+ ``.json`` column descriptions).
 
     Returns the TSV path; raises ``FileNotFoundError`` when no participant
-    level output is found.
+    level output is found. ``nprocs`` processes read the maps.
     """
     output_dir = Path(output_dir)
-    sidecars = sorted(output_dir.glob("sub-*/**/anat/*_Chimap.json"))
+    sidecars = native_chimaps(output_dir)
     if not sidecars:
         raise FileNotFoundError(
             f"No *_Chimap.json in {output_dir}; run the participant level first"
         )
-    rows = [_row(path, output_dir) for path in sidecars]
+    if nprocs > 1 and len(sidecars) > 4:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=nprocs) as pool:
+            rows = list(pool.map(_row, sidecars, [output_dir] * len(sidecars), chunksize=8))
+    else:
+        rows = [_row(path, output_dir) for path in sidecars]
     group = output_dir / "group"
     group.mkdir(exist_ok=True)
     tsv = group / "qsmprep_runs.tsv"
@@ -69,6 +75,12 @@ def write_group_table(output_dir):
                         "Units": "ppm"},
     }, indent=2) + "\n")
     return tsv
+
+
+def native_chimaps(output_dir):
+    """The ``*_Chimap.json`` of every run, on its own grid (not ``space-<template>``)."""
+    return [p for p in sorted(Path(output_dir).glob("sub-*/**/anat/*_Chimap.json"))
+            if "_space-" not in p.name]
 
 
 def _row(sidecar, output_dir):
@@ -101,18 +113,20 @@ REGION_COLUMNS = ("subject", "session", "acquisition", "reconstruction", "run", 
 _RUN_SPECIFIC = ("File", "Description")
 
 
-def write_group_outputs(output_dir):
+def write_group_outputs(output_dir, *, nprocs=None):
     """``qsmprep_runs.tsv`` plus the regional table, the processing metadata and
-    the group report. Returns the paths written."""
+    the group report (thumbnails drawn in ``nprocs`` processes; default all
+    cores). Returns the paths written."""
     from ..reports.group import OUTLIER_Z, write_group_report
     from ..regions.stats import robust_z
 
+    import os
+
     output_dir = Path(output_dir)
-    runs_tsv = write_group_table(output_dir)
+    nprocs = nprocs or os.cpu_count() or 1
+    runs_tsv = write_group_table(output_dir, nprocs=nprocs)
     group = output_dir / "group"
-    runs = [_run_info(p, output_dir) for p in
-            sorted(output_dir.glob("sub-*/**/anat/*_Chimap.json"))
-            if "_space-" not in p.name]
+    runs = [_run_info(p, output_dir) for p in native_chimaps(output_dir)]
     processing = processing_metadata(runs)
     groups = processing["settings_group_of_run"]
     rows = []
@@ -161,7 +175,7 @@ def write_group_outputs(output_dir):
     meta_json = write_text(group / "qsmprep_processing.json",
                            json.dumps({k: v for k, v in processing.items()
                                        if k != "settings_group_of_run"}, indent=2) + "\n")
-    report = write_group_report(group, runs, rows, processing)
+    report = write_group_report(group, runs, rows, processing, nprocs=nprocs)
     return {"runs": runs_tsv, "regions": regions_tsv, "processing": meta_json, "report": report}
 
 

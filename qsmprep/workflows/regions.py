@@ -103,6 +103,8 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
         [s.name for s in spaces if s.name != DEFAULT_TEMPLATE or not config.workflow.regions]
     targets = list(dict.fromkeys(targets))
 
+    t1w = (find_t1w(config.execution.bids_dir, run.subject, run.entity_dict.get("session"))
+           if config.workflow.t1w_intermediate and config.execution.bids_dir else None)
     spaces_text = ", ".join(str(s) for s in spaces)
     wf.__desc__ = (
         "\n#### Template registration and regions\n\n"
@@ -135,8 +137,6 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
             dismiss_entities=["echo", "part"], check_hdr=False, **kwargs),
             name=node_name, run_without_submitting=True)
 
-    t1w = (find_t1w(config.execution.bids_dir, run.subject, run.entity_dict.get("session"))
-           if config.workflow.t1w_intermediate and config.execution.bids_dir else None)
     registered = {}
     for target in targets:
         reg = pe.Node(RegisterToTemplate(template=str(find_template(parse_space(target))),
