@@ -305,3 +305,34 @@ def test_no_code_path_can_call_the_templateflow_client():
     found = [p.name for p in Path(qsmprep.__file__).parent.rglob("*.py")
              if uses.search(p.read_text())]
     assert not found, found
+
+
+def test_templateflow_space_goes_through_the_t1w_to_the_t1w_template(tmp_path, monkeypatch):
+    from conftest import write_gre
+
+    from qsmprep.cli.parser import parse_args
+    from qsmprep.utils.bids import collect_data
+    from qsmprep.workflows.base import init_qsmprep_wf
+
+    home = tmp_path / "tf" / "tpl-MNI152NLin2009cAsym"
+    home.mkdir(parents=True)
+    img = nb.Nifti1Image(np.random.default_rng(0).random((12, 12, 12)).astype(np.float32),
+                         np.eye(4))
+    for suffix in ("T1w", "T2w"):
+        nb.save(img, home / f"tpl-MNI152NLin2009cAsym_res-02_{suffix}.nii.gz")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "tf"))
+    bids = tmp_path / "bids"
+    write_gre(bids, "01")
+    write_gre(bids, "02")
+    nb.save(img, bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    config = parse_args([str(bids), str(tmp_path / "out"), "participant", "-w",
+                         str(tmp_path / "work"), "--output-spaces", "MNI152NLin2009cAsym:res-2",
+                         "--skip-bids-validation"])
+    wf = init_qsmprep_wf(config, collect_data(bids, validate=False))
+    regs = {s: wf.get_node(f"sub_{s}_wf.qsm_MEGRE_wf.regions_wf.register_MNI152NLin2009cAsym")
+            for s in ("01", "02")}
+    assert regs["01"].inputs.intermediate.endswith("sub-01_T1w.nii.gz")
+    assert regs["01"].inputs.template.endswith("_T1w.nii.gz")
+    assert not isinstance(regs["02"].inputs.intermediate, str)  # no T1w: from the GRE
+    assert regs["02"].inputs.template.endswith("_T2w.nii.gz")
+    assert "T1-weighted" in wf.get_node("sub_01_wf.qsm_MEGRE_wf.regions_wf").__desc__

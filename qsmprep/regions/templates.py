@@ -83,8 +83,9 @@ def templateflow_home():
                 or Path.home() / ".cache" / "templateflow").expanduser()
 
 
-def find_template(space):
-    """The registration target of ``space`` (a :class:`Space` or its name), on disk.
+def find_template(space, suffixes=TEMPLATEFLOW_SUFFIXES):
+    """The registration target of ``space`` (a :class:`Space` or its name), on disk:
+    its image of the first of ``suffixes`` found (T1w first when a T1w is registered).
 
     Raises :class:`TemplateNotFoundError` naming the folder searched and the fix.
     """
@@ -96,7 +97,7 @@ def find_template(space):
     cohort = f"cohort-{space.spec['cohort']}" if "cohort" in space.spec else None
     res = space.spec.get("res")
     candidates = []
-    for suffix in TEMPLATEFLOW_SUFFIXES:
+    for suffix in suffixes:
         for path in sorted(folder.glob(f"**/tpl-{space.name}_*{suffix}.nii.gz")):
             parts = path.name.split("_")
             if "desc-brain" in path.name or (cohort and cohort not in parts):

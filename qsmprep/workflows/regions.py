@@ -26,7 +26,13 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.regions import ApplyTransform, RegionsReportlet, RegionStats, \
     RegisterToTemplate, RegistrationReference
-from ..regions.templates import DEFAULT_TEMPLATE, embedded_atlas, find_template, parse_space
+from ..regions.templates import (
+    DEFAULT_TEMPLATE,
+    TEMPLATEFLOW_SUFFIXES,
+    embedded_atlas,
+    find_template,
+    parse_space,
+)
 
 #: what each referencing method makes chi relative to (for the stats sidecar)
 REFERENCE_REGIONS = {
@@ -139,13 +145,16 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
 
     registered = {}
     for target in targets:
-        reg = pe.Node(RegisterToTemplate(template=str(find_template(parse_space(target))),
+        # TemplateFlow templates have T1w/T2w contrast: a T1w registers better to
+        # their T1w; the GRE-like QSMChallenge is registered from the GRE itself
+        via = t1w if t1w is not None and target != DEFAULT_TEMPLATE else None
+        suffixes = ("T1w",) + TEMPLATEFLOW_SUFFIXES if via else TEMPLATEFLOW_SUFFIXES
+        reg = pe.Node(RegisterToTemplate(template=str(find_template(parse_space(target),
+                                                                    suffixes)),
                                          preset=preset, num_threads=omp),
                       name=f"register_{target}", n_procs=omp)
-        if t1w is not None and target != DEFAULT_TEMPLATE:
-            # TemplateFlow templates have T1w/T2w contrast: the T1w registers better
-            # to them; the GRE-like QSMChallenge is registered from the GRE itself
-            reg.inputs.intermediate = str(t1w)
+        if via is not None:
+            reg.inputs.intermediate = str(via)
         wf.connect(gre_ref, "reference", reg, "moving")
         registered[target] = reg
         for field, src, dst in (("forward_xfm", "GRE", target), ("inverse_xfm", target, "GRE")):
