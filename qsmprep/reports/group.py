@@ -24,6 +24,8 @@ OUTLIER_Z = 3.5
 #: chi window of the thumbnails (ppm), the same for every run
 THUMB_WINDOW_PPM = (-0.15, 0.15)
 THUMB_PX = 96
+#: smallest chi range (ppm) spanned by a strip plot's axis
+MIN_SPAN_PPM = 0.02
 
 
 def thumbnail(chimap, out_png):
@@ -53,7 +55,10 @@ def _strip_svg(region, points, width=260, height=220):
     if not finite.size:
         return f'<p class="empty">{html.escape(region)}: no values</p>'
     lo, hi = float(finite.min()), float(finite.max())
-    pad = 0.1 * (hi - lo) or 0.01
+    if hi - lo < MIN_SPAN_PPM:  # do not blow small differences up to the full height
+        centre = (hi + lo) / 2
+        lo, hi = centre - MIN_SPAN_PPM / 2, centre + MIN_SPAN_PPM / 2
+    pad = 0.1 * (hi - lo)
     lo, hi = lo - pad, hi + pad
     top, bottom, left = 24, 20, 48
 
@@ -69,7 +74,7 @@ def _strip_svg(region, points, width=260, height=220):
         parts.append(f'<line x1="{left}" x2="{width - 6}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
                      'stroke="#ddd"/>'
                      f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end" '
-                     f'font-size="10">{v:.3f}</text>')
+                     f'font-size="10">{v:.4g}</text>')
     for p in points:
         if not np.isfinite(p["mean_ppm"]):
             continue
