@@ -37,9 +37,6 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="module")
 def registered_run(tmp_path_factory):
     """init_regions_wf run for real (Nipype, ANTs) on a deformed 2 mm head."""
-    from nipype.pipeline import engine as pe  # noqa: F401
-
-    from qsmprep.utils.bids import QSMRun  # noqa: F401
     from qsmprep.workflows.regions import init_regions_wf
 
     tmp = tmp_path_factory.mktemp("regions")
