@@ -99,8 +99,8 @@ def register(moving_file, fixed_file, forward_xfm, inverse_xfm, *, preset="defau
 
         code = get_lib_fn("antsRegistration")(process_arguments(args))
         if code != 0:
-            raise RuntimeError(f"antsRegistration failed (exit {code}) registering "
-                               f"{moving_file} to {fixed_file}")
+            raise RuntimeError(f"ANTs registration of {moving_file} to {fixed_file} failed "
+                               f"(antsRegistration exit {code})")
         for name, dest in (("Composite.h5", forward_xfm), ("InverseComposite.h5", inverse_xfm)):
             Path(dest).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(prefix + name, dest)
@@ -122,7 +122,8 @@ def apply_transform(moving_file, reference_file, transform, out_file, *,
     names = {"linear": "linear", "lanczos": "lanczosWindowedSinc",
              "nearest": "nearestNeighbor", "label": "genericLabel"}
     if interpolation not in names:
-        raise ValueError(f"interpolation {interpolation!r}: expected one of {sorted(names)}")
+        raise ValueError(f"apply_transform: unknown interpolation {interpolation!r}; "
+                         f"expected one of {sorted(names)}")
     moving = ants.image_read(str(moving_file))
     reference = ants.image_read(str(reference_file))
     out = ants.apply_transforms(reference, moving, [str(transform)],
@@ -175,8 +176,8 @@ def register_via_intermediate(moving_file, intermediate_file, fixed_file, forwar
                 "--smoothing-sigmas", "2x1x0vox"]
         code = get_lib_fn("antsRegistration")(process_arguments(args))
         if code != 0:
-            raise RuntimeError(f"antsRegistration failed (exit {code}) registering "
-                               f"{moving_file} to {intermediate_file}")
+            raise RuntimeError(f"ANTs rigid registration of the GRE {moving_file} to the "
+                               f"T1w {intermediate_file} failed (antsRegistration exit {code})")
         t1_fwd, t1_inv = register(intermediate_file, fixed_file, tmp / "t1_fwd.h5",
                                   tmp / "t1_inv.h5", preset=preset, threads=threads, seed=seed)
         # one composite per direction: antsRegistration started from the chain
@@ -198,8 +199,8 @@ def register_via_intermediate(moving_file, intermediate_file, fixed_file, forwar
                      "--smoothing-sigmas", "0vox"]
             code = get_lib_fn("antsRegistration")(process_arguments(args))
             if code != 0:
-                raise RuntimeError(f"antsRegistration failed (exit {code}) composing the "
-                                   f"transforms of {moving_file} through {intermediate_file}")
+                raise RuntimeError(f"ANTs could not compose the transforms of {moving_file} "
+                                   f"through {intermediate_file} (antsRegistration exit {code})")
             Path(dest).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(out + "Composite.h5", dest)
     return Path(forward_xfm), Path(inverse_xfm)

@@ -23,7 +23,8 @@ def region_stats(chi_ppm, labels, names, *, mask=None):
     chi_ppm = np.asarray(chi_ppm, np.float64)
     labels = np.asarray(labels)
     if chi_ppm.shape != labels.shape:
-        raise ValueError(f"chi map {chi_ppm.shape} and labels {labels.shape} differ in shape")
+        raise ValueError("region_stats: the chi map and the labels differ in shape: "
+                         f"{chi_ppm.shape} vs {labels.shape}")
     valid = np.isfinite(chi_ppm)
     if mask is not None:
         valid &= np.asarray(mask, bool)

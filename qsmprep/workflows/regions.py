@@ -91,7 +91,7 @@ def check_templates(config):
         for space in template_spaces(config):
             find_template(space)
     except (TemplateNotFoundError, ValueError) as err:
-        raise QSMPrepInputError(str(err)) from None
+        raise QSMPrepInputError(f"--output-spaces cannot be used as given: {err}") from None
 
 
 def init_regions_wf(config, run, *, referencing, name="regions_wf"):
