@@ -134,6 +134,16 @@ class Workflow:
     pipeline: str = ""
     #: stage -> {parameter: value}, overriding the registry defaults
     params: dict = field(default_factory=dict)
+    #: deep grey matter regions (--regions): register each run to the embedded
+    #: QSMChallenge template and write *_desc-regions_stats.tsv and _dseg
+    regions: bool = False
+    #: --output-spaces (fMRIPrep syntax): "native" and/or template spaces
+    #: ("MNI152NLin2009cAsym:res-2", "QSMChallenge"); chi is resampled to each template
+    output_spaces: list = field(default_factory=lambda: ["native"])
+    #: iteration schedule of the ANTs registration (qsmprep.regions.registration.PRESETS)
+    registration: str = "default"
+    #: register to TemplateFlow templates through the subject's T1w when the dataset has one
+    t1w_intermediate: bool = True
 
     def method(self, stage):
         """Name of the method chosen for ``stage``."""

@@ -88,6 +88,16 @@ def _default_pipeline_note():
     return f" are those of {default}" if default else ""
 
 
+def _output_space(value):
+    """One ``--output-spaces`` entry, checked for syntax (templates are found later)."""
+    from ..regions.templates import parse_space
+
+    try:
+        return str(parse_space(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _pipelines_help():
     """``--pipeline`` help: each named pipeline with its stage methods and description."""
     default = _default_pipeline()
@@ -204,6 +214,16 @@ def build_parser():
     g.add_argument("--mask", type=_existing_file, metavar="FILE",
                    help="a brain mask (NIfTI, on the GRE grid) used instead of the masking "
                    "method, for every run processed (meant for a single run)")
+    # group studies (docs/usage.md, "Group studies: regions and template space")
+    g.add_argument("--regions", action="store_true", default=None,
+                   help="register each run to the embedded QSMChallenge template (ANTs) and "
+                   "write deep grey matter statistics (*_desc-regions_stats.tsv) and labels "
+                   "(*_desc-regions_dseg.nii.gz) in native space (default: off)")
+    g.add_argument("--output-spaces", nargs="+", type=_output_space, metavar="SPACE",
+                   help="spaces of the Chimap (fMRIPrep syntax): native and/or templates, "
+                   "e.g. QSMChallenge or MNI152NLin2009cAsym:res-1 (TemplateFlow templates "
+                   "must already be under $TEMPLATEFLOW_HOME: nothing is downloaded) "
+                   "(default: native)")
 
     g = p.add_argument_group(GROUPS["outputs"])
     g.add_argument("--output-intermediates", action="store_true", default=None,
@@ -260,6 +280,10 @@ def parse_args(argv=None):
                              f"{', '.join(names)}; write NAME=PATH")
         ex.derivatives = dict(pairs)
 
+    if opts.regions is not None:
+        config.workflow.regions = opts.regions
+    if opts.output_spaces is not None:
+        config.workflow.output_spaces = list(dict.fromkeys(opts.output_spaces))
     if opts.pipeline is not None:
         config.workflow.use_pipeline(opts.pipeline)
     for name in STAGES + ("phase_offset", "phase_sign"):

@@ -92,6 +92,10 @@ def _run_participant(config):
             data = attach_masks(data, mask_file=ex.mask_file or None,
                                 derivatives=ex.derivatives)
         check_methods(data, config.workflow)
+        if not ex.reports_only:  # templates of --regions/--output-spaces, on disk
+            from ..workflows.regions import check_templates
+
+            check_templates(config)
         if ex.reports_only:
             from ..reports.core import reports_only
 
@@ -220,14 +224,16 @@ def _warnings_file(config):
 
 
 def _run_group(config):
-    from ..workflows.group import write_group_table
+    from ..workflows.group import write_group_outputs
 
     try:
-        tsv = write_group_table(config.execution.output_dir)
+        paths = write_group_outputs(config.execution.output_dir,
+                                    nprocs=config.nipype.resolved()[0])
     except FileNotFoundError as err:
         print(f"qsmprep: error: {err}", file=sys.stderr)
         return 1
-    LOGGER.info("Group table of all processed runs written to %s", tsv)
+    LOGGER.info("Group table of all processed runs written to %s; regions %s; report %s",
+                paths["runs"], paths["regions"], paths["report"])
     return 0
 
 

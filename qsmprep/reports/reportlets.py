@@ -202,6 +202,13 @@ def _draw_block(fig, block, rows, mask, box, step, vox, y, total_h, block_title_
             if masks is not None and masks[i].any() and not masks[i].all():
                 ax.contour(masks[i].T.astype(np.float32), levels=[0.5], colors=["#ff4040"],
                            linewidths=0.8, extent=extent, origin="lower")
+            for overlay in block.get("overlays", ()):
+                over = _panels(np.asarray(overlay["volume"], np.float32), axis, [pos[i]], box,
+                               step)[0]
+                for level, colour in zip(overlay["levels"], overlay["colors"]):
+                    if over.min() < level < over.max():
+                        ax.contour(over.T, levels=[level], colors=[colour], linewidths=0.8,
+                                   extent=extent, origin="lower")
         ax.set_xlim(0, row_w)
         ax.set_ylim(0, h_mm)
         ax.set_aspect("equal", anchor="C")
@@ -268,3 +275,34 @@ def chi_svg(chi_ppm, voxel_size_mm, *, mask=None, n_slices=6,
          "title": f"χ map, wide window {wide_window[0]:+g}..{wide_window[1]:+g} ppm"},
     ]
     return mosaic_svg(blocks, voxel_size_mm, mask=mask, n_slices=n_slices)
+
+
+#: one colour per deep grey matter label (1..7) of the regions reportlet
+LABEL_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#e377c2", "#17becf")
+
+
+def registration_svg(reference, warped_template, voxel_size_mm, *, mask=None, n_slices=6):
+    """The run's GRE reference (mean magnitude) with contours of the template
+    brought onto it (two iso-levels: head outline and tissue boundaries)."""
+    inside = warped_template[warped_template > 0]
+    levels = list(np.percentile(inside, [10, 60])) if inside.size else []
+    block = {"volume": reference, "label": "GRE magnitude, mean over echoes (a.u.)",
+             "title": "Registration: template contours (yellow, cyan) on the run",
+             "window": robust_window(reference, None, percentiles=(0.5, 99.5)),
+             "overlays": [{"volume": warped_template, "levels": levels,
+                           "colors": ["#ffd700", "#00e5ff"]}]}
+    return mosaic_svg([block], voxel_size_mm, mask=mask, n_slices=n_slices)
+
+
+def regions_svg(chi_ppm, labels, voxel_size_mm, *, mask=None, n_slices=6,
+                window=CHI_WINDOW_PPM):
+    """χ with the outline of each deep grey matter region (colours: LABEL_COLOURS)."""
+    labels = np.asarray(labels)
+    support = labels > 0
+    overlays = [{"volume": (labels == k).astype(np.float32), "levels": [0.5],
+                 "colors": [LABEL_COLOURS[(k - 1) % len(LABEL_COLOURS)]]}
+                for k in range(1, int(labels.max()) + 1) if (labels == k).any()]
+    block = {"volume": chi_ppm, "label": "χ (ppm)", "window": tuple(window),
+             "title": "Deep grey matter regions over χ", "overlays": overlays}
+    return mosaic_svg([block], voxel_size_mm, mask=support if support.any() else mask,
+                      n_slices=n_slices)

@@ -28,6 +28,7 @@ from ..interfaces.qsm import (
 )
 from ..qsm import registry
 from .outputs import init_qsm_derivatives_wf
+from .regions import init_regions_wf, needs_registration
 from .reports import init_qsm_reports_wf
 
 #: processing order of the registry stages
@@ -265,6 +266,14 @@ def init_qsm_wf(config, run, *, name=None):
     ])  # fmt: skip
     if config.execution.output_intermediates:
         wf.connect(unwrap, "unwrapped", outputs, "inputnode.unwrapped")
+
+    if needs_registration(config):
+        regions = init_regions_wf(config, run, referencing=methods["referencing"])
+        wf.connect([
+            (load, regions, [("magnitude", "inputnode.magnitude")]),
+            (reference, regions, [("chi", "inputnode.chi")]),
+            (bfr, regions, [("mask", "inputnode.mask")]),
+        ])  # fmt: skip
 
     summary_methods = dict(methods)
     if run.mask:
