@@ -114,6 +114,20 @@ class Execution:
         return Path(self.output_dir) / f"sub-{subject}" / "log" / self.run_uuid
 
 
+#: values of ``--phase-sign`` / ``[workflow] phase_sign``
+PHASE_SIGNS = ("auto", "1", "-1")
+
+
+def phase_sign_setting(value):
+    """``--phase-sign`` as one of :data:`PHASE_SIGNS` (a TOML file may give 1 or -1)."""
+    text = str(value).strip().lower()
+    text = {"+1": "1", "1.0": "1", "-1.0": "-1"}.get(text, text)
+    if text not in PHASE_SIGNS:
+        raise ValueError(f"phase_sign = {value!r} in the settings; expected one of "
+                         f"{', '.join(PHASE_SIGNS)}")
+    return text
+
+
 @dataclass
 class Workflow:
     #: "mcpc3ds": remove the echo-independent phase offset before unwrapping

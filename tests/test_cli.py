@@ -147,6 +147,25 @@ def test_config_file_supplies_defaults_and_command_line_wins(tmp_path):
     assert config.nipype.nprocs == 5
 
 
+@pytest.mark.parametrize("value, expected", [('"-1"', "-1"), ("-1", "-1"), ("1", "1"),
+                                             ('"auto"', "auto")])
+def test_phase_sign_in_config_file_is_checked_and_normalised(tmp_path, value, expected):
+    """A settings file may write the sign as a number; it is stored as the option's text."""
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"[workflow]\nphase_sign = {value}\n")
+    assert parse_args(_args(tmp_path, "--config-file", str(toml))).workflow.phase_sign \
+        == expected
+
+
+def test_bad_phase_sign_in_config_file_is_a_one_line_error(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[workflow]\nphase_sign = "negative"\n')
+    with pytest.raises(SystemExit) as err:
+        parse_args(_args(tmp_path, "--config-file", str(toml)))
+    assert str(err.value) == (f"qsmprep: error: --config-file {toml} sets phase_sign = "
+                              "'negative'; choose auto, 1 or -1")
+
+
 def test_unknown_config_key_is_an_error(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[workflow]\ninvertion = 'tkd'\n")

@@ -9,12 +9,14 @@ from pathlib import Path
 from ..__about__ import __version__
 from ..config import (
     DEFAULT_METHODS,
+    PHASE_SIGNS,
     PIPELINE_DESCRIPTIONS,
     PIPELINES,
     Config,
     Execution,
     Nipype,
     Workflow,
+    phase_sign_setting,
 )
 from ..qsm.registry import STAGES
 
@@ -204,7 +206,7 @@ def build_parser():
     g.add_argument("--phase-offset", choices=["mcpc3ds", "none"],
                    help="removal of the echo-independent phase offset before unwrapping "
                    f"(MCPC-3D-S; skipped for single-echo data) (default: {wf.phase_offset})")
-    g.add_argument("--phase-sign", choices=["auto", "1", "-1"],
+    g.add_argument("--phase-sign", choices=list(PHASE_SIGNS),
                    help="sign of the stored phase: auto checks it on the field of the air "
                    "around the head and negates it (with a warning) only when clearly "
                    f"inverted; 1 keeps it, -1 negates it (default: {wf.phase_sign})")
@@ -326,6 +328,12 @@ def _check_methods(workflow, config_file):
         raise SystemExit(
             f"qsmprep: error: --config-file {config_file} sets phase_offset = "
             f"{workflow.phase_offset!r}; choose mcpc3ds or none")
+    try:  # a settings file may give 1 or -1 as numbers: stored as the option's text
+        workflow.phase_sign = phase_sign_setting(workflow.phase_sign)
+    except ValueError:
+        raise SystemExit(
+            f"qsmprep: error: --config-file {config_file} sets phase_sign = "
+            f"{workflow.phase_sign!r}; choose auto, 1 or -1") from None
 
 
 def _read_filters(path):

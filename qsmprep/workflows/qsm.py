@@ -14,6 +14,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from ..config import phase_sign_setting
 from ..interfaces.qsm import (
     BackgroundRemoval,
     EchoCombine,
@@ -78,20 +79,6 @@ def method_description(stage, name, params=None):
         pass  # a placeholder without a parameter: keep the sentence as written
     if method.citations:
         text = text.rstrip(".") + " [" + "; ".join(f"@{c}" for c in method.citations) + "]."
-    return text
-
-
-#: values of ``--phase-sign`` / ``[workflow] phase_sign``
-PHASE_SIGNS = ("auto", "1", "-1")
-
-
-def phase_sign_setting(value):
-    """``--phase-sign`` as one of :data:`PHASE_SIGNS` (a TOML file may give 1 or -1)."""
-    text = str(value).strip().lower()
-    text = {"+1": "1", "1.0": "1", "-1.0": "-1"}.get(text, text)
-    if text not in PHASE_SIGNS:
-        raise ValueError(f"phase_sign = {value!r} in the settings; expected one of "
-                         f"{', '.join(PHASE_SIGNS)}")
     return text
 
 
