@@ -80,3 +80,28 @@ def test_quality_masks(head):
                              quality=quality_bad_noise), brain) > 0.95
     with pytest.raises(ValueError, match="quality map"):
         registry.run("masking", "quality", mag)
+
+
+def test_masks_that_cover_the_skull_of_a_whole_head_are_refused():
+    """On a whole-head magnitude (brain, dark skull, bright scalp, air), a mask
+    that takes in the scalp is refused with a message naming the fix; the
+    BET brain and a brain-only image pass (independent benchmark: such masks
+    gave 130-500 % NRMSE silently)."""
+    from qsmprep.qsm.bet import bet_mask, check_brain_coverage
+
+    shape, vox = (56, 64, 56), (3.0, 3.0, 3.0)
+    grid = np.indices(shape, dtype=np.float32)
+    r = np.sqrt(sum(((g - c) / s) ** 2 for g, c, s in
+                    zip(grid, (28, 32, 28), (17, 21, 17))))
+    mag = np.where(r < 1.0, 1.0, 0.0) + np.where((r >= 1.12) & (r < 1.45), 0.9, 0.0)
+    mag = mag + 0.02 * np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    brain = r < 1.0
+    whole_head = r < 1.45
+    with pytest.raises(ValueError, match=r"'magnitude' brain mask of x\.nii covers .* "
+                       r"--masking bet .* --mask"):
+        check_brain_coverage(whole_head, mag, voxel_size_mm=vox, method="magnitude",
+                             source="x.nii")
+    check_brain_coverage(bet_mask(mag, voxel_size_mm=vox), mag, voxel_size_mm=vox)
+    brain_only = np.where(brain, mag, 0)
+    check_brain_coverage(brain, brain_only, voxel_size_mm=vox, method="magnitude")
+    check_brain_coverage(whole_head, np.ones(shape), voxel_size_mm=vox, method="quality")

@@ -445,6 +445,11 @@ class Mask(SimpleInterface):
                            params=self.inputs.params,
                            context={"voxel_size_mm": _voxel_size(ref)})
         mask = np.asarray(mask, dtype=bool) & _load(self.inputs.valid, bool)[0]
+        if self.inputs.method != "bet" and mask.any():
+            from ..qsm.bet import check_brain_coverage
+
+            check_brain_coverage(mask, rss, voxel_size_mm=_voxel_size(ref),
+                                 method=self.inputs.method, source=self.inputs.magnitude)
         if not mask.any():
             raise ValueError(
                 f"The '{self.inputs.method}' brain mask is empty (from {self.inputs.magnitude}"

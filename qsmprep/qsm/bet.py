@@ -272,3 +272,44 @@ def bet_mask(magnitude, *, quality=None, fractional_threshold=0.75, iterations=1
     brain = fill_surface(verts, faces, mag.shape, vox) & head
     # holes open at a cut face of a slab (a dark vein in the first slice) too
     return fill_mask_holes(largest_component(brain))
+
+
+#: a mask larger than this times the extracted brain covers more than the brain
+BRAIN_COVERAGE_LIMIT = 1.25
+
+
+def check_brain_coverage(mask, magnitude, *, voxel_size_mm=(1.0, 1.0, 1.0), method="",
+                         source=""):
+    """Raise ``ValueError`` when ``mask`` covers much more than the brain of a
+    whole-head ``magnitude``.
+
+    The head (:func:`robust_magnitude_mask`) is compared with the brain that
+    :func:`bet_mask` extracts: when the brain is less than 80 % of the head
+    (the image shows scalp, skull, face or neck) and ``mask`` is more than
+    :data:`BRAIN_COVERAGE_LIMIT` times the brain, the mask includes tissue
+    and air whose phase is not the brain's: background removal cannot remove
+    their field, and the whole χ map is wrong (130-1090 % NRMSE on the
+    independent benchmark's heads, docs/benchmarks.md). Images of the brain
+    only (skull-stripped, or a crop inside the brain) are never refused.
+    """
+    mag = _as_3d_magnitude(magnitude)
+    mask = np.asarray(mask, dtype=bool)
+    if np.ptp(mag) == 0:        # a phase-only run (magnitude 1): nothing to compare with
+        return
+    head = robust_magnitude_mask(mag)
+    try:
+        brain = bet_mask(mag, voxel_size_mm=voxel_size_mm)
+    except ValueError:          # no head in the image: the mask method's own checks apply
+        return
+    n_brain, n_head, n_mask = int(brain.sum()), int(head.sum()), int(mask.sum())
+    if n_brain == 0 or n_brain >= 0.8 * n_head or n_mask <= BRAIN_COVERAGE_LIMIT * n_brain:
+        return
+    litres = float(np.prod(voxel_size_mm)) / 1e6
+    where = f" of {source}" if source else ""
+    raise ValueError(
+        f"The '{method}' brain mask{where} covers {n_mask * litres:.2f} L, "
+        f"{n_mask / n_brain:.1f} times the brain that brain extraction finds "
+        f"({n_brain * litres:.2f} L): on this whole-head image it takes in scalp, skull or air, "
+        "whose phase is not brain tissue, and the χ map would be wrong everywhere. Use "
+        "--masking bet (the default), or give a brain mask with --mask"
+    )
