@@ -61,7 +61,8 @@ def main(argv=None):
 
 
 def _run_participant(config):
-    from ..utils.bids import attach_masks, check_methods, check_output_dir, collect_data
+    from ..utils.bids import (attach_masks, check_methods, check_output_dir,
+                              check_writable_dir, collect_data)
     from ..workflows.outputs import write_derivatives_description
     from .workflow import build_workflow, write_boilerplate
 
@@ -74,6 +75,8 @@ def _run_participant(config):
             f"The work folder {ex.work_dir} is inside the input dataset; qsmprep never "
             "writes into it: give -w a folder outside the dataset"
         )
+    check_writable_dir(ex.output_dir, "output folder")
+    check_writable_dir(ex.work_dir, "work folder")
     import time
 
     from ..utils.runinfo import record_warnings
@@ -121,6 +124,12 @@ def _run_participant(config):
         _write_reports(config, data, started)
         print(failure_summary(config, data, err), file=sys.stderr)
         return 1
+    if settings["plugin"].endswith("Graph"):  # SLURMGraph, SGEGraph, PBSGraph, ...
+        # these plugins submit the whole graph as scheduler jobs and return at once
+        LOGGER.info("The workflow was submitted to the scheduler (%s): outputs appear in %s "
+                    "as the jobs finish; then run the same command with --reports-only "
+                    "to write the reports", settings["plugin"], ex.output_dir)
+        return 0
     _write_reports(config, data, started)
     LOGGER.info("qsmprep finished; outputs in %s", ex.output_dir)
     return 0
