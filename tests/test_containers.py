@@ -68,6 +68,37 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     assert run.returncode != 0 and "DL3013" in run.stdout
 
 
+def _stages(dockerfile):
+    """{stage name: its text} of a multi-stage Dockerfile."""
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", dockerfile, flags=re.M | re.I)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_build_time_secrets_and_wheels_never_reach_a_layer():
+    """The CA bundle is a BuildKit secret and local wheels a bind mount: only RUN
+    --mount uses them, the runtime image copies nothing from the `wheels` stage, and
+    the build context / git keep work folders, venvs and wheels out."""
+    text = (REPO / "Dockerfile").read_text()
+    stages = _stages(text)
+    assert list(stages)[-1] == "runtime" and {"base", "wheels", "builder", "test"} <= set(stages)
+    for name, body in stages.items():
+        for line in body.splitlines():
+            if "from=wheels" in line or "pip_cert" in line:
+                assert "--mount=type=" in line, f"{name}: {line}"
+        if name != "wheels":
+            assert not re.search(r"^COPY\b.*\.docker-wheel", body, re.M), name
+    runtime = stages["runtime"]
+    assert "COPY --from=wheels" not in runtime and "/run/secrets" not in runtime
+    assert re.search(r"^USER\s+(?!0\b|root\b)\S+", runtime, re.M)  # not root
+    assert 'ENTRYPOINT ["qsmprep"]' in runtime
+    assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M)  # a public default
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "work", "demo", "out"} <= set(ignored)
+    assert ".docker-wheels" not in ignored  # the wheels stage reads it
+    gitignore = (REPO / ".gitignore").read_text().split()
+    assert {".docker-wheels/", ".container-test/", "*.sif", "*.tar"} <= set(gitignore)
+
+
 def _check_circleci(path):
     return subprocess.run(
         [_tool("check-jsonschema"), "--builtin-schema", "vendor.circle-ci", str(path)],
