@@ -12,6 +12,7 @@ Exit code 1 with the differences otherwise.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,11 +23,16 @@ TOLERANCE = {"Chimap": 1e-4, "desc-local_fieldmap": 1e-4, "fieldmap": 1e-3}
 VOLATILE = {"Sources", "RawSources", "SoftwareVersions", "GeneratedBy", "QSMMethods"}
 
 
-def _one(folder, pattern):
-    files = sorted(Path(folder).glob(pattern))
+def _one(folder, pattern, exclude=None):
+    files = sorted(f for f in Path(folder).glob(pattern) if not exclude or exclude not in f.name)
     if len(files) != 1:
         raise SystemExit(f"compare_runs: expected one {pattern} in {folder}, found {files}")
     return files[0]
+
+
+def _figures(report):
+    """The figure files an HTML report shows (img src), sorted."""
+    return sorted(set(re.findall(r'<img[^>]*src="\./([^"]+)"', report.read_text(errors="replace"))))
 
 
 def compare(host, container):
@@ -38,10 +44,9 @@ def compare(host, container):
         failures.append("brain masks differ")
     for suffix, tol in TOLERANCE.items():
         pattern = f"sub-*/anat/*_{suffix}.nii.gz"
-        if suffix == "fieldmap":
-            pattern = "sub-*/anat/*_[!d]*fieldmap.nii.gz"
-        a = nb.load(_one(host, pattern))
-        b = nb.load(_one(container, pattern))
+        exclude = "desc-" if suffix == "fieldmap" else None  # B0, not the local field
+        a = nb.load(_one(host, pattern, exclude))
+        b = nb.load(_one(container, pattern, exclude))
         if a.shape != b.shape or not np.allclose(a.affine, b.affine):
             failures.append(f"{suffix}: grids differ")
             continue
@@ -61,10 +66,15 @@ def compare(host, container):
         if side_h[key] != side_c.get(key):
             failures.append(f"Chimap sidecar {key}: {side_h[key]!r} vs {side_c.get(key)!r}")
     report = _one(container, "sub-*.html")
-    if report.stat().st_size < 10_000 or "Chimap" not in report.read_text(errors="replace"):
-        failures.append(f"{report} is not a full report")
+    figures = _figures(report)
+    missing = [f for f in figures if not (report.parent / f).is_file()
+               or (report.parent / f).stat().st_size == 0]
+    if not figures or missing:
+        failures.append(f"{report}: figures missing or empty: {missing or 'none referenced'}")
+    if figures != _figures(_one(host, "sub-*.html")):
+        failures.append(f"{report} shows other figures than the host run's report")
     print(f"sidecar fields compared: {sorted(set(side_h) - VOLATILE)}; report {report.name} "
-          f"{report.stat().st_size} bytes")
+          f"{report.stat().st_size} bytes, {len(figures)} figures")
     for line in failures:
         print(f"compare_runs: FAIL {line}", file=sys.stderr)
     return 1 if failures else 0
