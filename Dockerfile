@@ -71,15 +71,15 @@ RUN python /opt/qsmprep-bootstrap/verify_weights.py \
 # test: the builder plus the test dependencies and the test suite (CI runs
 # `docker build --target test` and pytest inside it; never pushed).
 FROM builder AS test
+RUN --mount=type=secret,id=pip_cert \
+    --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    /opt/qsmprep-bootstrap/pip_install.sh "/src[test]"
 COPY tests/ /src/tests/
 COPY benchmarks/ /src/benchmarks/
 COPY docs/ /src/docs/
 COPY bids_app_bootstrap/ /src/bids_app_bootstrap/
 COPY .circleci/ /src/.circleci/
-COPY Dockerfile Singularity.def Makefile /src/
-RUN --mount=type=secret,id=pip_cert \
-    --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    /opt/qsmprep-bootstrap/pip_install.sh "/src[test]"
+COPY Dockerfile Singularity.def Makefile .dockerignore .gitignore /src/
 WORKDIR /src
 ENV NUMBA_CACHE_DIR=/tmp/numba-cache \
     MPLCONFIGDIR=/tmp/matplotlib
