@@ -169,8 +169,9 @@ def test_entrypoint_prints_environment_and_runs_qsmprep(tmp_path):
     env = {**os.environ, "QSMPREP_REAL": real, "HOME": str(tmp_path / "missing")}
     env.pop("OMP_NUM_THREADS", None)
     run = subprocess.run([sys.executable, str(BOOT / "entrypoint.py"), str(tmp_path / "nope"),
-                          str(tmp_path / "out"), "participant", "--omp-nthreads", "1"],
-                         env=env, capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "out"), "participant", "--omp-nthreads", "1",
+                          "-w", str(tmp_path / "work")],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 1
     assert "qsmprep-container | device: " in run.stderr
     assert "OMP_NUM_THREADS=1" in run.stderr
