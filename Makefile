@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 DEMO   ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test browser clean-demo benchmarks
+.PHONY: venv demo test browser clean-demo benchmarks test-container
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,13 @@ browser:
 # (qsm-forward, qsmprep, ...) even when the venv is not activated.
 test: venv browser
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Build the Docker image (from a local debootstrapped Debian base when no registry is
+# reachable), run the demo in it and compare its Chimap with a host run; also checks the
+# read-only input, output ownership and the error for a read-only output folder. Needs
+# root (or a docker group member) and Debian's docker.io; see docs/containers.md.
+test-container: venv
+	BIN="$(abspath $(BIN))" bash bids_app_bootstrap/host/test_container.sh
 
 benchmarks: venv
 	$(BIN)/python benchmarks/accuracy.py --quick

@@ -68,7 +68,8 @@ def _run_participant(config):
     import logging.handlers
     import time
 
-    from ..utils.bids import attach_masks, check_methods, check_output_dir, collect_data
+    from ..utils.bids import (attach_masks, check_methods, check_output_dir,
+                              check_writable_dir, collect_data)
     from ..utils.runinfo import record_warnings
     from ..workflows.outputs import write_derivatives_description
     from .workflow import build_workflow, write_boilerplate
@@ -81,6 +82,8 @@ def _run_participant(config):
     try:
         check_output_dir(ex.bids_dir, ex.output_dir)
         check_work_dir(ex.bids_dir, ex.work_dir)
+        check_writable_dir(ex.output_dir, "output folder")
+        check_writable_dir(ex.work_dir, "work folder")
         data = collect_data(
             ex.bids_dir,
             participant_label=ex.participant_label,
@@ -131,6 +134,12 @@ def _run_participant(config):
         _write_reports(config, data, started)
         print(failure_summary(config, data, err), file=sys.stderr)
         return 1
+    if settings["plugin"].endswith("Graph"):  # SLURMGraph, SGEGraph, PBSGraph, ...
+        # these plugins submit the whole graph as scheduler jobs and return at once
+        LOGGER.info("The workflow was submitted to the scheduler (%s): outputs appear in %s "
+                    "as the jobs finish; then run the same command with --reports-only "
+                    "to write the reports", settings["plugin"], ex.output_dir)
+        return 0
     _write_reports(config, data, started)
     LOGGER.info("qsmprep finished; outputs in %s", ex.output_dir)
     return 0

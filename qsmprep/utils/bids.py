@@ -128,6 +128,27 @@ def check_output_dir(bids_dir, output_dir):
             )
 
 
+def check_writable_dir(folder, what="output folder"):
+    """Check, without writing anything, that ``folder`` can be written (or created):
+    the folder, or else its nearest existing parent, must be writable by this user.
+    :class:`QSMPrepInputError` naming the folder and the fix otherwise (a read-only
+    mount, a container user without permission)."""
+    import os
+
+    folder = Path(folder).absolute()
+    existing = folder
+    while not os.path.exists(existing) and existing != existing.parent:  # never raises
+        existing = existing.parent
+    if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK):
+        return
+    where = "" if existing == folder else f" (its parent {existing} cannot be written)"
+    raise QSMPrepInputError(
+        f"The {what} {folder} is not writable{where}: give a folder this user "
+        f"(uid {os.getuid()}) may write to; in a container, mount it without ':ro' and "
+        "run as the folder's owner (docker run --user $(id -u):$(id -g) ...)"
+    )
+
+
 def collect_data(bids_dir, *, participant_label=(), session_label=(), bids_filters=None,
                  validate=True):
     """All GRE runs to process, as ``{subject: [QSMRun, ...]}``.
