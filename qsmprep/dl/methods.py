@@ -18,12 +18,13 @@ import torch
 from ..qsm.registry import register
 from .dipole import DipoleOperator
 from .inference import autocast, resolve_precision, run_network, select_device, to_numpy, to_tensor
+from .dmqsm import ScoreUNet
 from .ir2qsm import IR2QSM
 from .nextqsm import NeXtQSM
 from .unet import UNetQSM, field_inputs
 from .weights import load_weights
 
-MODELS = {"nextqsm": NeXtQSM, "ir2qsm": IR2QSM, "unet": UNetQSM}
+MODELS = {"nextqsm": NeXtQSM, "ir2qsm": IR2QSM, "unet": UNetQSM, "dmqsm": ScoreUNet}
 
 
 def load_model(name, device="cpu", models_dir=None):
