@@ -9,6 +9,8 @@ from pathlib import Path
 from ..__about__ import __version__
 from ..config import DEFAULT_METHODS, PIPELINE_DESCRIPTIONS, PIPELINES, Config
 from ..qsm.registry import STAGES
+from .dmqsm_options import add_options as add_dmqsm_options
+from .dmqsm_options import apply_options as apply_dmqsm_options
 
 _STAGE_TITLES = {"unwrapping": "phase unwrapping",
                  "echo_combination": "echo combination (B0 map and its noise map N_std)",
@@ -152,6 +154,7 @@ def build_parser():
                    "options override it")
     g.add_argument("-v", "--verbose", dest="verbosity", action="count",
                    help="more log output (-vv for debug)")
+    add_dmqsm_options(p)
     return p
 
 
@@ -197,6 +200,7 @@ def parse_args(argv=None):
     for name in STAGES + ("phase_offset",):
         if getattr(opts, name) is not None:
             setattr(config.workflow, name, getattr(opts, name))
+    apply_dmqsm_options(opts, config)
 
     ny = config.nipype
     for name, dest in (("nprocs", "nprocs"), ("omp_nthreads", "omp_nthreads"),
