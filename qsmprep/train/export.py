@@ -51,6 +51,53 @@ def check_nrmse(task_name, model, models_dir=None):
     return validation_metrics(TASKS[task_name], model, [batch])
 
 
+#: DM-QSM's sampling on the check case, scored on its card (fewer steps than
+#: the default 20, so that the test suite can check them in seconds).
+CHECK_SAMPLING = {"steps": 8, "seed": 0}
+
+
+def dmqsm_check_scores(model=None, models_dir=None):
+    """NRMSE (%) on the check case of DM-QSM's dipole inversion and x2
+    super-resolution (k-space) with :data:`CHECK_SAMPLING`, and of their
+    closed-form starts (TKD 0.1; zero-filled up-sampling)."""
+    from ..dl import dmqsm
+    from ..dl.dipole import DipoleOperator
+    from ..dl.inference import to_numpy, to_tensor
+    from ..dl.methods import load_model
+    from ..qsm.metrics import nrmse
+
+    case = check_case(models_dir)
+    model = model if model is not None else load_model("dmqsm", "cpu", models_dir)
+    model = model.cpu().eval()
+    mask, chi = case["mask"] > 0, case["chi"]
+    vox, b0 = tuple(case["voxel_size_mm"]), tuple(case["b0_dir"])
+    field = case["local_field"] * mask
+    inv = dmqsm.invert(field, mask, vox, b0, device="cpu", model=model, **CHECK_SAMPLING)
+    tkd = to_numpy(DipoleOperator(chi.shape, vox, b0).tkd(
+        to_tensor(field, "cpu"), dmqsm.TKD_THRESHOLD)) * mask
+    down = dmqsm.Downsample(chi.shape, 2)
+    lowres = down(to_tensor(chi, "cpu"))
+    zero_filled = to_numpy(down.zero_filled(lowres)) * mask
+    sr = dmqsm.super_resolve(to_numpy(lowres), 2, mask=mask, device="cpu", model=model,
+                             **CHECK_SAMPLING)
+    return {"inversion": nrmse(inv, chi, mask), "inversion_tkd_start": nrmse(tkd, chi, mask),
+            "sr2": nrmse(sr, chi, mask), "sr2_zero_filled": nrmse(zero_filled, chi, mask)}
+
+
+def _sampling_section(scores):
+    rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in scores.items())
+    return f"""
+Posterior sampling on the check case (`check_case.npz`, 1 mm, 48^3), NRMSE (%) in the
+mask, `{json.dumps(CHECK_SAMPLING)}` (other settings the defaults of
+`qsmprep.dl.dmqsm.SAMPLING`; ×2 super-resolution with xi 2 from the k-space
+down-sampled truth):
+
+| task | NRMSE |
+|---|---|
+{rows}
+"""
+
+
 def prior_nrmse(task_name, model, batches):
     """Mean NRMSE (%) of the closed-form input that the network corrects (the
     TKD channel of IR2QSM and the U-Net, NeXtQSM's V-SHARP local field) over
@@ -207,6 +254,9 @@ def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=None):
         cfg["seed"], whole_heads, **content_options(cfg["data"]))]
     whole = validation_metrics(scored, shipped, whole_batches)
     meta.update(validation_nrmse=val, whole_head_nrmse=whole, check_case_nrmse=check)
+    sampling = dmqsm_check_scores(shipped, models_dir) if name == "dmqsm" else None
+    if sampling is not None:
+        meta["check_case_sampling_nrmse"] = sampling
     path = save_weights(name, shipped, meta, models_dir)
     n_params = sum(p.numel() for p in shipped.parameters())
     prior = prior_nrmse(name, shipped, val_batches)
@@ -216,5 +266,7 @@ def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=None):
                  prior_nrmse(name, shipped, [check_batch]))
     card = _card(name, task, run, cfg, ckpt, n_params, path.stat().st_size, val, check, whole,
                  prior, whole_heads)
+    if sampling is not None:
+        card += _sampling_section(sampling)
     save_file(f"{name}.md", card.encode(), models_dir)
     return val, check
