@@ -179,6 +179,25 @@ def _retrain_command(task, cfg, ckpt):
     return f"qsmprep-train {task.name} --out runs/{task.name} {' '.join(opts)} --export"
 
 
+def _data_text(name, cfg):
+    if name == "dmqsm":
+        from .data import MAX_BACKGROUND, PATCH_STRIDE, PATCHES_PER_HEAD
+
+        opts = {k: v for k, v in cfg["data"].items() if k != "patch_size"}
+        return (f"chi only (no field enters the loss): {cfg['data']['patch_size']}^3 patches cut "
+                f"with stride {PATCH_STRIDE} from whole heads of "
+                f"`qsmprep.sim.hybrid.hybrid_sample(patch_size=None)` (seed {cfg['seed']}, options "
+                f"`{json.dumps(opts)}`), patches over {MAX_BACKGROUND:.0%} background dropped, "
+                f"{PATCHES_PER_HEAD} per head in a random order "
+                "(`qsmprep.train.data.ChiPatchDataset`): the deformed QSM Challenge 2.0 head with "
+                "random tissue chi, texture, random shapes and lesions. The MNI head (benchmark "
+                "anatomy) was never used.")
+    return (f"hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options "
+            f"`{json.dumps(cfg['data'])}`): the deformed QSM Challenge 2.0 head with random tissue "
+            "chi, texture, random shapes and background sources, random B0 tilt up to 30 "
+            "degrees. The MNI head (benchmark anatomy) was never used.")
+
+
 def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=None,
           whole_heads=WHOLE_HEADS):
 
@@ -205,7 +224,7 @@ def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=N
 |---|---|
 | architecture | `{json.dumps(ckpt['config'])}` |
 | parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
-| training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(cfg['data'])}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
+| training data | {_data_text(name, cfg)} |
 | steps | {start}{ckpt['step']}: the checkpoint with {selected} of {_run_length(run, cfg)} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']}{_warmup_text(cfg)} cosine-decayed over the run, {_PRECISION_TEXT[cfg.get('precision', 'fp32')]}) |
 | wall time | {ckpt['wall_s'] / 3600:.2f} h of training steps up to this checkpoint |
 | hardware | {ckpt.get('hardware', 'unknown')} |
