@@ -189,15 +189,16 @@ def test_data_consistency_falls_during_sampling():
     chi, brain, field = _phantom(32)
     model = load_model("dmqsm")
     maps, hist = {}, {}
-    for xi in (0.5, 0.0):
+    default = dmqsm.SAMPLING["xi"]
+    for xi in (default, 0.0):
         hist[xi] = []
         maps[xi] = dmqsm.invert(field, brain, (1, 1, 1), device="cpu", model=model, steps=8,
                                 xi=xi, history=hist[xi])
-    h = hist[0.5]
+    h = hist[default]
     assert len(h) == 8 and h[-1] < 0.8 * h[0]
     assert all(b < a + 1e-3 for a, b in zip(h, h[1:]))  # falls at every step
     assert h[-1] < hist[0.0][-1]
-    assert nrmse(maps[0.5], chi, brain) < nrmse(maps[0.0], chi, brain)
+    assert nrmse(maps[default], chi, brain) < nrmse(maps[0.0], chi, brain)
 
 
 @pytest.mark.skipif(not SHIPPED, reason="no shipped dmqsm weights")
@@ -223,7 +224,7 @@ def test_registry_method_and_super_resolution_run():
 
     chi, brain, field = _phantom(32)
     method = registry.get("inversion", "dmqsm")
-    assert method.defaults["xi"] == 0.5 and "xiong2024dmqsm" in method.citations
+    assert method.defaults["xi"] == dmqsm.SAMPLING["xi"] and "xiong2024dmqsm" in method.citations
     out = registry.run("inversion", "dmqsm", field, brain, (1, 1, 1), b0_dir=(0, 0, 1),
                        device="cpu", steps=3, patch=16, overlap=8)
     assert out.shape == chi.shape and out.dtype == np.float32 and np.all(out[~brain] == 0)

@@ -32,8 +32,8 @@ OPTIONS = {
                       "reverse diffusion (DDIM) steps of DM-QSM's posterior sampling; run time "
                       "grows linearly (default: 20)"),
     "--dmqsm-xi": ("xi", _non_negative_float,
-                   "DM-QSM's data-consistency step xi on ||y - A x0||^2 (default: 0.5, the "
-                   "paper's value for dipole inversion)"),
+                   "DM-QSM's data-consistency step xi on ||y - A x0||^2, chi in units of "
+                   "0.1 ppm (default: 1.5)"),
     "--dmqsm-seed": ("seed", int, "seed of DM-QSM's noise: the same seed gives the same map "
                      "(default: 0)"),
 }
