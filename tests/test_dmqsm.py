@@ -9,7 +9,7 @@ import torch
 
 from qsmprep.dl import dmqsm
 from qsmprep.dl.dmqsm import (Composed, Downsample, Masked, MaskedDipole, ScoreUNet, ddim_times,
-                              dps_sample, dsm_loss, patch_average, patch_grid)
+                              dsm_loss, patch_average, patch_grid)
 from qsmprep.dl.weights import MODELS_DIR, read_manifest
 from qsmprep.qsm.kernels import dipole_convolve
 from qsmprep.qsm.metrics import nrmse
