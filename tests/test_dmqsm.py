@@ -222,7 +222,7 @@ def test_shipped_weights_reproduce_the_cards_sampling_scores():
 def test_registry_method_and_super_resolution_run():
     from qsmprep.qsm import registry
 
-    chi, brain, field = _phantom(32)
+    chi, brain, field = _phantom(24)
     method = registry.get("inversion", "dmqsm")
     assert method.defaults["xi"] == dmqsm.SAMPLING["xi"] and "xiong2024dmqsm" in method.citations
     out = registry.run("inversion", "dmqsm", field, brain, (1, 1, 1), b0_dir=(0, 0, 1),
