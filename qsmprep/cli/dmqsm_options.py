@@ -15,14 +15,14 @@ import argparse
 def _positive_int(text):
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
 def _non_negative_float(text):
     value = float(text)
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
