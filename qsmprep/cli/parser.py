@@ -19,6 +19,8 @@ from ..config import (
     phase_sign_setting,
 )
 from ..qsm.registry import STAGES
+from .dmqsm_options import add_options as add_dmqsm_options
+from .dmqsm_options import apply_options as apply_dmqsm_options
 
 _STAGE_TITLES = {"unwrapping": "phase unwrapping",
                  "echo_combination": "echo combination (B0 map and its noise map N_std)",
@@ -242,6 +244,7 @@ def build_parser():
                    help="stop at the first node that fails")
     g.add_argument("-v", "--verbose", dest="verbosity", action="count",
                    help="more log output (-vv for debug)")
+    add_dmqsm_options(p)
     return p
 
 
@@ -291,6 +294,7 @@ def parse_args(argv=None):
     for name in STAGES + ("phase_offset", "phase_sign"):
         if getattr(opts, name) is not None:
             setattr(config.workflow, name, getattr(opts, name))
+    apply_dmqsm_options(opts, config)
 
     _check_methods(config.workflow, opts.config_file)
     ny = config.nipype

@@ -5,7 +5,7 @@ import copy
 #: Registry names of the learned methods (``bf_removal`` and/or ``inversion``),
 #: one per shipped model (:data:`qsmprep.dl.methods.MODELS`); here, so that
 #: input checks need not import torch.
-LEARNED_METHODS = ("nextqsm", "ir2qsm", "unet")
+LEARNED_METHODS = ("nextqsm", "ir2qsm", "unet", "dmqsm")
 
 #: Voxel sizes (mm, every axis) on which the shipped networks were trained
 #: (0.85-1.25 mm, ``qsmprep.train.data.DATA``) or measured against a ground

@@ -1,6 +1,7 @@
 """Deep-learning methods in the algorithm registry (shipped weights).
 
-``bf_removal``: ``nextqsm``. ``inversion``: ``nextqsm``, ``ir2qsm``, ``unet``.
+``bf_removal``: ``nextqsm``. ``inversion``: ``nextqsm``, ``ir2qsm``, ``unet``, ``dmqsm``
+(diffusion posterior sampling, :mod:`qsmprep.dl.dmqsm`; its own sampling parameters).
 Each takes the registry's stage signature plus ``device="auto"``,
 ``max_voxels`` (tile above this many voxels; None: the default cap on the CPU,
 none on CUDA) and ``precision`` (``"fp32"``, the default; ``"bf16"``:
@@ -18,12 +19,13 @@ import torch
 from ..qsm.registry import register
 from .dipole import DipoleOperator
 from .inference import autocast, resolve_precision, run_network, select_device, to_numpy, to_tensor
+from .dmqsm import ScoreUNet
 from .ir2qsm import IR2QSM
 from .nextqsm import NeXtQSM
 from .unet import UNetQSM, field_inputs
 from .weights import load_weights
 
-MODELS = {"nextqsm": NeXtQSM, "ir2qsm": IR2QSM, "unet": UNetQSM}
+MODELS = {"nextqsm": NeXtQSM, "ir2qsm": IR2QSM, "unet": UNetQSM, "dmqsm": ScoreUNet}
 
 
 def load_model(name, device="cpu", models_dir=None):
@@ -182,3 +184,33 @@ def inversion_unet(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto
                    max_voxels=None, precision="fp32"):
     return _feedforward("unet", local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels,
                         precision)
+
+
+@register(
+    "inversion",
+    "dmqsm",
+    summary="DM-QSM diffusion prior, dipole-guided posterior sampling from TKD (shipped weights)",
+    citations=("xiong2024dmqsm", "ho2020ddpm", "song2021ddim", "meng2022sdedit",
+               "chung2023dps"),
+    defaults={"device": "auto", "steps": 20, "xi": 1.5, "seed": 0, "t_start": 150, "eta": 0.0,
+              "patch": 48, "overlap": 8, "jacobian": False, "precision": "fp32"},
+    description=(
+        "The dipole inversion used DM-QSM: a diffusion prior of susceptibility maps (a 3-D "
+        "U-Net trained by denoising score matching on simulated chi patches) sampled by "
+        "diffusion posterior sampling with the masked dipole convolution as forward model, "
+        "starting from a TKD estimate (threshold 0.1) noised to step {t_start} of 1000 and "
+        "running {steps} DDIM steps with data-consistency step {xi}, on {patch}^3 patches "
+        "overlapping by {overlap} voxels (seed {seed}, device: {device})."
+    ),
+)
+def inversion_dmqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto", steps=20,
+                    xi=1.5, seed=0, t_start=150, eta=0.0, patch=48, overlap=8, jacobian=False,
+                    precision="fp32"):
+    from .dmqsm import invert
+
+    dev = select_device(device)
+    precision = resolve_precision(precision, dev, strict=False)
+    return invert(local_field_ppm, mask, voxel_size_mm, b0_dir, device=dev,
+                  model=_model("dmqsm", dev, precision), steps=int(steps), xi=float(xi),
+                  seed=int(seed), t_start=int(t_start), eta=float(eta), patch=int(patch),
+                  overlap=int(overlap), jacobian=bool(jacobian), precision=precision)

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from ..dl.inference import PRECISIONS, select_device  # noqa: E402
 from .data import (  # noqa: E402
-    VALIDATION_PATCHES, content_options, sample_options, training_stream, validation_set,
-    whole_validation_set,
+    VALIDATION_PATCHES, chi_patch_stream, content_options, sample_options, training_stream,
+    validation_set, whole_validation_set,
 )
 from .export import WHOLE_HEADS, export  # noqa: E402
 from .loop import VALIDATE_EVERY, train  # noqa: E402
@@ -87,7 +87,8 @@ def main(argv=None):
     options = sample_options(args.model, args.data)
     if args.patch:
         options["patch_size"] = args.patch
-    train(args.model, args.out, training_stream(args.seed, options, workers=args.workers),
+    make_stream = chi_patch_stream if args.model == "dmqsm" else training_stream
+    train(args.model, args.out, make_stream(args.seed, options, workers=args.workers),
           validation_set(args.seed, options, args.validation), steps=args.steps,
           batch_size=args.batch, device=device, seed=args.seed, config=args.config,
           lr=args.lr, resume=args.resume, init=args.init,

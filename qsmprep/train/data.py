@@ -30,7 +30,15 @@ DATA = {
     "nextqsm-vn": {"patch_size": 48, "voxel_size_range_mm": (0.85, 1.25)},
     "ir2qsm": {"patch_size": 32, "voxel_size_range_mm": (0.85, 1.25)},
     "unet": {"patch_size": 32, "voxel_size_range_mm": (0.85, 1.25)},
+    # DM-QSM's prior: chi patches cut from whole deformed heads (chi_patch_stream);
+    # 32^3 on the CPU (the paper: 48^3), a step ~3.4x cheaper, sampling still on 48^3
+    "dmqsm": {"patch_size": 32, "voxel_size_range_mm": (0.85, 1.25), "lesions": True},
 }
+
+#: DM-QSM's patches: cut with this stride from whole heads, those with more
+#: than :data:`MAX_BACKGROUND` of background dropped (the paper's 30 and 80 %),
+#: :data:`PATCHES_PER_HEAD` of them (in a random order) per simulated head.
+PATCH_STRIDE, MAX_BACKGROUND, PATCHES_PER_HEAD = 30, 0.8, 64
 
 
 #: Sample options that shape patches, not content: whole heads leave them out.
@@ -70,6 +78,73 @@ def training_stream(seed, options, *, workers=1):
         loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                              prefetch_factor=2, persistent_workers=False)
         return iter(loader)
+
+    return stream
+
+
+def chi_patches(mask, size, stride=PATCH_STRIDE, max_background=MAX_BACKGROUND):
+    """Slices of the ``size``^3 patches of a volume cut with ``stride``
+    whose background (``mask`` 0) is at most ``max_background`` of the patch."""
+    mask = np.asarray(mask) > 0
+    starts = [range(0, max(n - size, 0) + 1, stride) for n in mask.shape]
+    out = []
+    for i in starts[0]:
+        for j in starts[1]:
+            for k in starts[2]:
+                sl = (slice(i, i + size), slice(j, j + size), slice(k, k + size))
+                if mask[sl].shape == (size,) * 3 and mask[sl].mean() >= 1 - max_background:
+                    out.append(sl)
+    return out
+
+
+class ChiPatchDataset(torch.utils.data.IterableDataset):
+    """DM-QSM's training stream: position ``i`` is patch ``i % K`` (in a
+    random order of the :func:`chi_patches`) of the whole deformed head
+    ``hybrid_sample(start // K + i // K, patch_size=None)``, K =
+    :data:`PATCHES_PER_HEAD`: a pure function of ``(seed, i)``, so a resumed
+    run sees the same patches. Each item is a sample dict as
+    :func:`~qsmprep.sim.hybrid.hybrid_sample` (fields cut too, unused)."""
+
+    def __init__(self, seed=0, start=0, patch_size=32, **options):
+        super().__init__()
+        self.seed, self.start, self.size, self.options = seed, start, int(patch_size), options
+
+    def head_patches(self, head):
+        s = hybrid_sample(head, seed=self.seed, patch_size=None, **self.options)
+        slices = chi_patches(s["mask"], self.size)
+        rng = np.random.default_rng([self.seed, head, 30])
+        order = rng.permutation(len(slices))
+        if len(order) < PATCHES_PER_HEAD:
+            order = np.resize(order, PATCHES_PER_HEAD)
+        return s, [slices[k] for k in order[:PATCHES_PER_HEAD]]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        pos, cache = self.start + worker, (None, None)
+        while True:
+            head, j = divmod(pos, PATCHES_PER_HEAD)
+            if cache[0] != head:
+                cache = (head, self.head_patches(head))
+            s, slices = cache[1]
+            sl = slices[j]
+            item = {k: np.ascontiguousarray(s[k][sl]) for k in
+                    ("chi", "mask", "local_field", "total_field")}
+            item.update(b0_dir=s["b0_dir"], voxel_size_mm=s["voxel_size_mm"],
+                        index=np.int64(pos))
+            yield item
+            pos += workers
+
+
+def chi_patch_stream(seed, options, *, workers=1):
+    """``start -> iterator`` over :class:`ChiPatchDataset` (as
+    :func:`training_stream`)."""
+    def stream(start):
+        data = ChiPatchDataset(seed=seed, start=start, **options)
+        if workers == 0:
+            return iter(data)
+        return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
+                                                prefetch_factor=2, persistent_workers=False))
 
     return stream
 

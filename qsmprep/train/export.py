@@ -51,6 +51,53 @@ def check_nrmse(task_name, model, models_dir=None):
     return validation_metrics(TASKS[task_name], model, [batch])
 
 
+#: DM-QSM's sampling on the check case, scored on its card (fewer steps than
+#: the default 20, so that the test suite can check them in seconds).
+CHECK_SAMPLING = {"steps": 8, "seed": 0}
+
+
+def dmqsm_check_scores(model=None, models_dir=None):
+    """NRMSE (%) on the check case of DM-QSM's dipole inversion and x2
+    super-resolution (k-space) with :data:`CHECK_SAMPLING`, and of their
+    closed-form starts (TKD 0.1; zero-filled up-sampling)."""
+    from ..dl import dmqsm
+    from ..dl.dipole import DipoleOperator
+    from ..dl.inference import to_numpy, to_tensor
+    from ..dl.methods import load_model
+    from ..qsm.metrics import nrmse
+
+    case = check_case(models_dir)
+    model = model if model is not None else load_model("dmqsm", "cpu", models_dir)
+    model = model.cpu().eval()
+    mask, chi = case["mask"] > 0, case["chi"]
+    vox, b0 = tuple(case["voxel_size_mm"]), tuple(case["b0_dir"])
+    field = case["local_field"] * mask
+    inv = dmqsm.invert(field, mask, vox, b0, device="cpu", model=model, **CHECK_SAMPLING)
+    tkd = to_numpy(DipoleOperator(chi.shape, vox, b0).tkd(
+        to_tensor(field, "cpu"), dmqsm.TKD_THRESHOLD)) * mask
+    down = dmqsm.Downsample(chi.shape, 2)
+    lowres = down(to_tensor(chi, "cpu"))
+    zero_filled = to_numpy(down.zero_filled(lowres)) * mask
+    sr = dmqsm.super_resolve(to_numpy(lowres), 2, mask=mask, device="cpu", model=model,
+                             **CHECK_SAMPLING)
+    return {"inversion": nrmse(inv, chi, mask), "inversion_tkd_start": nrmse(tkd, chi, mask),
+            "sr2": nrmse(sr, chi, mask), "sr2_zero_filled": nrmse(zero_filled, chi, mask)}
+
+
+def _sampling_section(scores):
+    rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in scores.items())
+    return f"""
+Posterior sampling on the check case (`check_case.npz`, 1 mm, 48^3), NRMSE (%) in the
+mask, `{json.dumps(CHECK_SAMPLING)}` (other settings the defaults of
+`qsmprep.dl.dmqsm.SAMPLING`; ×2 super-resolution with xi 2 from the k-space
+down-sampled truth):
+
+| task | NRMSE |
+|---|---|
+{rows}
+"""
+
+
 def prior_nrmse(task_name, model, batches):
     """Mean NRMSE (%) of the closed-form input that the network corrects (the
     TKD channel of IR2QSM and the U-Net, NeXtQSM's V-SHARP local field) over
@@ -132,6 +179,25 @@ def _retrain_command(task, cfg, ckpt):
     return f"qsmprep-train {task.name} --out runs/{task.name} {' '.join(opts)} --export"
 
 
+def _data_text(name, cfg):
+    if name == "dmqsm":
+        from .data import MAX_BACKGROUND, PATCH_STRIDE, PATCHES_PER_HEAD
+
+        opts = {k: v for k, v in cfg["data"].items() if k != "patch_size"}
+        return (f"chi only (no field enters the loss): {cfg['data']['patch_size']}^3 patches cut "
+                f"with stride {PATCH_STRIDE} from whole heads of "
+                f"`qsmprep.sim.hybrid.hybrid_sample(patch_size=None)` (seed {cfg['seed']}, options "
+                f"`{json.dumps(opts)}`), patches over {MAX_BACKGROUND:.0%} background dropped, "
+                f"{PATCHES_PER_HEAD} per head in a random order "
+                "(`qsmprep.train.data.ChiPatchDataset`): the deformed QSM Challenge 2.0 head with "
+                "random tissue chi, texture, random shapes and lesions. The MNI head (benchmark "
+                "anatomy) was never used.")
+    return (f"hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options "
+            f"`{json.dumps(cfg['data'])}`): the deformed QSM Challenge 2.0 head with random tissue "
+            "chi, texture, random shapes and background sources, random B0 tilt up to 30 "
+            "degrees. The MNI head (benchmark anatomy) was never used.")
+
+
 def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=None,
           whole_heads=WHOLE_HEADS):
 
@@ -158,7 +224,7 @@ def _card(name, task, run, cfg, ckpt, n_params, size, val, check, whole, prior=N
 |---|---|
 | architecture | `{json.dumps(ckpt['config'])}` |
 | parameters | {n_params:,} ({size / 1e6:.1f} MB as float16) |
-| training data | hybrid samples of `qsmprep.sim.hybrid.hybrid_sample` (seed {cfg['seed']}, options `{json.dumps(cfg['data'])}`): the deformed QSM Challenge 2.0 head with random tissue chi, texture, random shapes and background sources, random B0 tilt up to 30 degrees. The MNI head (benchmark anatomy) was never used. |
+| training data | {_data_text(name, cfg)} |
 | steps | {start}{ckpt['step']}: the checkpoint with {selected} of {_run_length(run, cfg)} (batch {cfg['batch_size']}, Adam, lr {cfg['lr']}{_warmup_text(cfg)} cosine-decayed over the run, {_PRECISION_TEXT[cfg.get('precision', 'fp32')]}) |
 | wall time | {ckpt['wall_s'] / 3600:.2f} h of training steps up to this checkpoint |
 | hardware | {ckpt.get('hardware', 'unknown')} |
@@ -207,6 +273,9 @@ def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=None):
         cfg["seed"], whole_heads, **content_options(cfg["data"]))]
     whole = validation_metrics(scored, shipped, whole_batches)
     meta.update(validation_nrmse=val, whole_head_nrmse=whole, check_case_nrmse=check)
+    sampling = dmqsm_check_scores(shipped, models_dir) if name == "dmqsm" else None
+    if sampling is not None:
+        meta["check_case_sampling_nrmse"] = sampling
     path = save_weights(name, shipped, meta, models_dir)
     n_params = sum(p.numel() for p in shipped.parameters())
     prior = prior_nrmse(name, shipped, val_batches)
@@ -216,5 +285,7 @@ def export(task_name, run_dir, models_dir=None, device="cpu", whole_heads=None):
                  prior_nrmse(name, shipped, [check_batch]))
     card = _card(name, task, run, cfg, ckpt, n_params, path.stat().st_size, val, check, whole,
                  prior, whole_heads)
+    if sampling is not None:
+        card += _sampling_section(sampling)
     save_file(f"{name}.md", card.encode(), models_dir)
     return val, check

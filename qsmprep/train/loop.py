@@ -278,7 +278,7 @@ def train(task_name, out_dir, stream, val_samples, *, steps, batch_size=1, devic
                 if writer is None:
                     keys = fields + sorted(k for k in row if k not in fields)
                     keys += [f"val{w}_nrmse_{k}" for w in ("", "_whole")
-                             for k in ("local", "chi", "chi_dipole")
+                             for k in ("local", "chi", "chi_dipole", "chi_denoised")
                              if f"val{w}_nrmse_{k}" not in keys]
                     writer = _csv_writer(fh, log_path, keys, new_log, resumed_step)
                 writer.writerow(row)

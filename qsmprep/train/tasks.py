@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..dl.dipole import DipoleOperator
+from ..dl.dmqsm import ScoreUNet, denoise_check, dsm_loss
 from ..dl.ir2qsm import IR2QSM, ir2qsm_loss
 from ..dl.nextqsm import NeXtQSM
 from ..dl.unet import UNetQSM, field_inputs, mask_rms, normalised_mse
@@ -125,6 +126,18 @@ def chi_predict(model, batch):
     return {"chi": (model(_inputs(model, batch)), "chi")}
 
 
+def dmqsm_task_loss(model, batch, step, total_steps, rng):
+    """Denoising score matching on the chi patches alone (the prior is
+    unsupervised: no field enters the loss)."""
+    return dsm_loss(model, batch["chi"], rng), {}
+
+
+def dmqsm_predict(model, batch):
+    """Validation: the one-step denoised chi at a fixed timestep and noise
+    (:func:`qsmprep.dl.dmqsm.denoise_check`), zero outside the mask."""
+    return {"chi_denoised": (denoise_check(model, batch["chi"]) * batch["mask"], "chi")}
+
+
 def _vsharp_label(config):
     return "V-SHARP input alone (the untrained background removal)"
 
@@ -172,6 +185,10 @@ TASKS = {
     "unet": Task("unet", UNetQSM, unet_loss, chi_predict, "unet",
                  "plain 3-D U-Net dipole inversion (IR2QSM's baseline; residual correction "
                  "of a TKD or TV input channel)", chi_prior, _chi_prior_label),
+    "dmqsm": Task("dmqsm", ScoreUNet, dmqsm_task_loss, dmqsm_predict, "dmqsm",
+                  "DM-QSM diffusion prior of chi (3-D U-Net with time embedding, denoising "
+                  "score matching / DDPM epsilon-prediction on chi patches only; dipole "
+                  "inversion and super-resolution by diffusion posterior sampling)"),
 }
 
 
