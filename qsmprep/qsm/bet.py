@@ -276,6 +276,15 @@ def bet_mask(magnitude, *, quality=None, fractional_threshold=0.75, iterations=1
 
 #: a mask larger than this times the extracted brain covers more than the brain
 BRAIN_COVERAGE_LIMIT = 1.25
+#: the check applies to images whose head spans at least this along every axis (mm)
+HEAD_EXTENT_MM = 80.0
+
+
+def _extent_mm(mask, voxel_size_mm):
+    """Extent (mm) of the mask's bounding box along each axis."""
+    vox = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
+    return [float(np.ptp(np.nonzero(mask.any(axis=tuple(j for j in range(3) if j != i)))[0])
+                  + 1) * vox[i] for i in range(3)]
 
 
 def check_brain_coverage(mask, magnitude, *, voxel_size_mm=(1.0, 1.0, 1.0), method="",
@@ -290,13 +299,18 @@ def check_brain_coverage(mask, magnitude, *, voxel_size_mm=(1.0, 1.0, 1.0), meth
     and air whose phase is not the brain's: background removal cannot remove
     their field, and the whole χ map is wrong (130-1090 % NRMSE on the
     independent benchmark's heads, docs/benchmarks.md). Images of the brain
-    only (skull-stripped, or a crop inside the brain) are never refused.
+    only (skull-stripped, or a crop inside the brain), phase-only runs
+    (constant magnitude) and images whose head spans less than
+    :data:`HEAD_EXTENT_MM` along an axis (slabs, crops, phantoms, where BET
+    is no reference) are never refused.
     """
     mag = _as_3d_magnitude(magnitude)
     mask = np.asarray(mask, dtype=bool)
     if np.ptp(mag) == 0:        # a phase-only run (magnitude 1): nothing to compare with
         return
     head = robust_magnitude_mask(mag)
+    if not head.any() or min(_extent_mm(head, voxel_size_mm)) < HEAD_EXTENT_MM:
+        return                  # a slab, a crop or a phantom: BET is no reference there
     try:
         brain = bet_mask(mag, voxel_size_mm=voxel_size_mm)
     except ValueError:          # no head in the image: the mask method's own checks apply
