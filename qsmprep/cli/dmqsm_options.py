@@ -33,7 +33,7 @@ OPTIONS = {
                       "grows linearly (default: 20)"),
     "--dmqsm-xi": ("xi", _non_negative_float,
                    "DM-QSM's data-consistency step xi on ||y - A x0||^2, chi in units of "
-                   "0.1 ppm (default: 1.5)"),
+                   "0.1 ppm (default: 2.0)"),
     "--dmqsm-seed": ("seed", int, "seed of DM-QSM's noise: the same seed gives the same map "
                      "(default: 0)"),
 }

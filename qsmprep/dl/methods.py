@@ -192,7 +192,7 @@ def inversion_unet(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto
     summary="DM-QSM diffusion prior, dipole-guided posterior sampling from TKD (shipped weights)",
     citations=("xiong2024dmqsm", "ho2020ddpm", "song2021ddim", "meng2022sdedit",
                "chung2023dps"),
-    defaults={"device": "auto", "steps": 20, "xi": 1.5, "seed": 0, "t_start": 150, "eta": 0.0,
+    defaults={"device": "auto", "steps": 20, "xi": 2.0, "seed": 0, "t_start": 150, "eta": 0.0,
               "patch": 48, "overlap": 8, "jacobian": False, "precision": "fp32"},
     description=(
         "The dipole inversion used DM-QSM: a diffusion prior of susceptibility maps (a 3-D "
@@ -204,7 +204,7 @@ def inversion_unet(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto
     ),
 )
 def inversion_dmqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto", steps=20,
-                    xi=1.5, seed=0, t_start=150, eta=0.0, patch=48, overlap=8, jacobian=False,
+                    xi=2.0, seed=0, t_start=150, eta=0.0, patch=48, overlap=8, jacobian=False,
                     precision="fp32"):
     from .dmqsm import invert
 
