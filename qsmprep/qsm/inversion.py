@@ -15,7 +15,7 @@ import torch
 
 from . import torch_ops as T
 from .fft import fftn, ifftn
-from .kernels import dipole_kernel, tkd_inverse
+from .kernels import dipole_kernel, even_part, tkd_inverse
 from .mask import MaskBox
 from .bgremove import _data_weights
 from .registry import register
@@ -280,8 +280,7 @@ def _cone(shape, voxel_size_mm, b0_dir, threshold, device):
     from the even part ``(D(k) + D(-k)) / 2`` of the kernel, so that
     ``F^-1 M_ic F`` is an exact (real, symmetric) projection also with an
     oblique B0 on even grids (see :func:`qsmprep.qsm.kernels.dipole_kernel`)."""
-    d = dipole_kernel(shape, voxel_size_mm, b0_dir)
-    d_even = 0.5 * (d + np.roll(np.flip(d), 1, axis=(0, 1, 2)))
+    d_even = even_part(dipole_kernel(shape, voxel_size_mm, b0_dir))
     return T.as_tensor(T.half(np.abs(d_even) < threshold), device)
 
 
