@@ -78,10 +78,11 @@ def _call(stage, name, d, box=(slice(None),) * 3):
     if stage == "masking":
         rss = np.sqrt(np.sum(mag**2, axis=-1))
         return registry.run(stage, name, rss, quality=d["quality"][box], voxel_size_mm=vox)
+    b0 = {"b0_dir": (0.0, 0.0, 1.0)}  # the phantom's B0 (unseen_head: third voxel axis)
     if stage == "bf_removal":
-        return registry.run(stage, name, d["total"][box], d["mask"][box], vox)
+        return registry.run(stage, name, d["total"][box], d["mask"][box], vox, **b0)
     kwargs = {"magnitude": mag} if name == "medi" else {}
-    return registry.run(stage, name, d["local"][box], d["mask"][box], vox, **kwargs)
+    return registry.run(stage, name, d["local"][box], d["mask"][box], vox, **b0, **kwargs)
 
 
 def child(stage, name, inputs, repeats):

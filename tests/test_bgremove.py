@@ -76,3 +76,10 @@ def test_pdf_noise_weights_discount_corrupted_voxels(fields):
     weighted = registry.run("bf_removal", "pdf", corrupted, brain, VOX, b0_dir=B0,
                             noise_std=noise_std)[0]
     assert corr(weighted, local, inner) > corr(plain, local, inner) + 0.02
+
+
+def test_pdf_needs_an_explicit_b0_direction():
+    # issue 24: the only background removal whose kernel depends on B0 has no default
+    field = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(TypeError, match="b0_dir"):
+        registry.get("bf_removal", "pdf").func(field, np.ones((8, 8, 8), bool), VOX)

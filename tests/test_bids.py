@@ -85,6 +85,32 @@ def test_b0_direction_from_affine_unless_sidecar_gives_it(tmp_path):
     assert run.b0_direction == (0, 0, 1)
 
 
+def test_b0_direction_from_the_scanner_qform_when_a_rotated_sform_disagrees(tmp_path, caplog):
+    # issue 24: a sform rotated 20 deg (registration/resampling) beside the scanner
+    # qform must not tilt the dipole kernel; the choice is logged and recorded
+    from qsmprep.workflows.qsm import input_interpretation
+
+    angle = np.radians(20)
+    rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
+                    [0, np.sin(angle), np.cos(angle)]])
+    qform = np.diag([1.0, 1.0, 1.5, 1.0])
+    sform = qform.copy()
+    sform[:3, :3] = rot @ qform[:3, :3]
+    files = write_gre(tmp_path, affine=qform)
+    for path in files["phase"] + files["mag"]:
+        img = nb.load(path)
+        img.set_qform(qform, code=1)
+        img.set_sform(sform, code=2)
+        img.to_filename(path)
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        (run,) = _runs(tmp_path)
+    np.testing.assert_allclose(run.b0_direction, [0, 0, 1], atol=1e-6)
+    assert files["phase"][0].name in caplog.text
+    assert "the qform is used for the B0 direction" in caplog.text
+    source = input_interpretation(run)["B0DirectionSource"]
+    assert source.startswith("qform of the header (qform_code 1") and "sform_code 2" in source
+
+
 @pytest.mark.parametrize("voxel_mm, pipeline, warned", [
     ((0.5, 0.5, 1.0), None, True),  # the default (NeXtQSM) on sub-0.8 mm voxels
     ((1.0, 1.0, 3.0), "ir2qsm", True),  # a learned inversion on thick slices

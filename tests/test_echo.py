@@ -175,3 +175,22 @@ def test_echo_combination_stage_and_two_echo_and_one_echo_cases():
         nonlinear_complex_fit(phase[..., :1], mag[..., :1], TE4[:1])
     b0, n_std = registry.run("echo_combination", "romeo", phase[..., :1], mag[..., :1], TE4[:1])
     assert np.isfinite(n_std).all() and (n_std > 0).all()
+
+
+@pytest.mark.parametrize("name", ["romeo", "linear", "nonlinear"])
+def test_echo_times_in_milliseconds_are_refused(linear_phase, name):
+    # issue 24: TE in ms would divide every B0 map by 1000 without a word
+    from qsmprep.qsm import registry
+
+    _, phase, mag = linear_phase
+    with pytest.raises(ValueError, match=r"look like milliseconds: give seconds \(0.004, not 4\)"):
+        registry.run("echo_combination", name, phase, mag, TE * 1000)
+    # seconds up to the bound pass (a long-TE T2* acquisition)
+    registry.run("echo_combination", name, phase, mag, np.array([0.1, 0.2, 0.4]))
+
+
+def test_romeo_noise_std_refuses_milliseconds():
+    from qsmprep.qsm.echo import romeo_b0_noise_std
+
+    with pytest.raises(ValueError, match="look like milliseconds"):
+        romeo_b0_noise_std(np.ones((2, 2, 2, 3)), [4, 8, 12])

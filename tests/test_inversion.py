@@ -42,7 +42,7 @@ def test_tkd_recovers_sphere_chi(b0_dir):
 
 def test_tkd_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
-        tkd(np.zeros((8, 8, 8)), np.ones((8, 8, 9), bool), VOX)
+        tkd(np.zeros((8, 8, 8)), np.ones((8, 8, 9), bool), VOX, b0_dir=(0, 0, 1))
 
 
 def test_tv_beats_tkd_on_piecewise_constant_phantom(noisy_phantom):
@@ -162,3 +162,14 @@ def test_ilsqr_runs_on_cuda(noisy_phantom):
     gpu = registry.run("inversion", "ilsqr", field, brain, VOX, b0_dir=b0, device="cuda")
     assert gpu.dtype == np.float32
     assert np.linalg.norm(gpu - cpu) < 1e-2 * np.linalg.norm(cpu)
+
+
+@pytest.mark.parametrize("name", registry.names("inversion"))
+def test_inversions_need_an_explicit_b0_direction(name):
+    # issue 24: no silent B0 along the third axis in the Python API; the
+    # registry/workflow always pass b0_dir, by keyword
+    func = registry.get("inversion", name).func
+    field = np.zeros((8, 8, 8), np.float32)
+    mask = np.ones((8, 8, 8), bool)
+    with pytest.raises(TypeError, match="b0_dir"):
+        func(field, mask, VOX)

@@ -107,3 +107,93 @@ def test_dipole_kernel_is_the_float64_formula_bit_for_bit(b0):
                     / (kx**2 + ky**2 + kz**2)).astype(np.float32)
     expected[0, 0, 0] = 0.0
     assert np.array_equal(dipole_kernel(shape, vox, b0), expected)
+
+
+ANGLES_DEG = (0.0, 20.0, 45.0)
+
+
+def _tilted(deg):
+    a = np.radians(deg)
+    return (0.0, float(np.sin(a)), float(np.cos(a)))
+
+
+def _torch_forward(chi, vox, b0, pad_factor=2.0):
+    """The dipole forward operator of the torch solvers (PDF, TV, LSQR, iLSQR,
+    RTS, MEDI): half-spectrum kernel of :func:`torch_ops.dipole_kernel_t`."""
+    from qsmprep.qsm import torch_ops as T
+    from qsmprep.qsm.fft import fast_shape, pad
+
+    shape = fast_shape(chi.shape, factor=pad_factor) if pad_factor else chi.shape
+    padded, crop = pad(np.asarray(chi, np.float32), shape)
+    d = T.dipole_kernel_t(shape, vox, b0)
+    return T.to_numpy(T.irfft3(d * T.rfft3(T.as_tensor(padded)), shape))[crop]
+
+
+def _dl_forward(chi, vox, b0):
+    """The dipole operator of the learned methods (:class:`qsmprep.dl.dipole.DipoleOperator`)."""
+    import torch
+
+    from qsmprep.dl.dipole import DipoleOperator
+
+    op = DipoleOperator(chi.shape, vox, b0, pad_factor=2.0)
+    return op(torch.from_numpy(np.asarray(chi, np.float32))[None, None])[0, 0].numpy()
+
+
+@pytest.mark.parametrize("deg", ANGLES_DEG)
+@pytest.mark.parametrize("shape", [(24, 20, 16), (23, 21, 15)])
+def test_half_spectrum_paths_are_the_real_part_of_the_full_product(deg, shape):
+    # issue 24: the rfft half of an oblique kernel taken without symmetrising
+    # was off by 10 % (white noise, 20 deg) on even grids; every half-spectrum
+    # path must equal Re F^-1{D F{x}} (kernels.half_spectrum)
+    from qsmprep.qsm import torch_ops as T
+    from qsmprep.qsm.fft import fftn, ifftn
+
+    vox, b0 = (0.9, 1.2, 2.0), _tilted(deg)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    d = dipole_kernel(shape, vox, b0)
+    ref = np.real(ifftn(d * fftn(x)))
+    half = T.irfft3(T.dipole_kernel_t(shape, vox, b0) * T.rfft3(T.as_tensor(x)), shape)
+    assert np.linalg.norm(T.to_numpy(half) - ref) < 1e-5 * np.linalg.norm(ref)
+    from qsmprep.qsm.kernels import half_spectrum
+
+    assert half_spectrum(d).shape == shape[:2] + (shape[2] // 2 + 1,)
+    # the real part of the half spectrum is the real part of the full FFT's half
+    np.testing.assert_allclose(np.fft.irfftn(half_spectrum(d) * np.fft.rfftn(x), s=shape, axes=(0, 1, 2)),
+                               ref, atol=1e-5 * np.abs(ref).max())
+
+
+def partial_volume_sphere_mm(shape, vox, radius_mm, supersample=3):
+    """Fraction of each (anisotropic) voxel inside a sphere centred on the grid centre."""
+    frac = np.zeros(shape, dtype=np.float32)
+    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+    axes = [(np.arange(n) - (n - 1) / 2.0) for n in shape]
+    for dx in offsets:
+        for dy in offsets:
+            for dz in offsets:
+                g = [(a + o) * v for a, o, v in zip(axes, (dx, dy, dz), vox)]
+                x, y, z = np.meshgrid(*g, indexing="ij", sparse=True)
+                frac += x**2 + y**2 + z**2 <= radius_mm**2
+    return frac / supersample**3
+
+
+@pytest.mark.parametrize("deg", ANGLES_DEG)
+def test_forward_operators_match_the_analytic_sphere_field(deg):
+    # the numpy, torch-solver and learned-method operators against the field
+    # of a uniformly magnetised sphere, anisotropic voxels, B0 at 0/20/45 deg
+    shape, vox, radius, chi = (48, 40, 28), (0.8, 1.0, 1.4), 5.0, 0.5
+    b0 = _tilted(deg)
+    truth, inside = sphere_field(shape, vox, radius, chi, b0)
+    source = chi * partial_volume_sphere_mm(shape, vox, radius)
+    far = erode(~inside, 3.0, vox) & erode(np.ones(shape, bool), 8.0, vox)
+    assert far.sum() > 1000
+    reference = dipole_convolve(source, vox, b0)
+    for name, field in (("numpy", reference),
+                        ("torch_ops", _torch_forward(source, vox, b0)),
+                        ("dl", _dl_forward(source, vox, b0))):
+        # the voxelised surface (1.4 mm slices) leaves Gibbs ringing of 1 % at
+        # 0 deg to 3.5 % at 45 deg (measured; the same in all three operators)
+        err = np.linalg.norm(field[far] - truth[far]) / np.linalg.norm(truth[far])
+        assert err < 0.05, (name, err)
+        assert np.abs(field[erode(inside, 2.0, vox)]).max() < 0.05 * chi, name
+        # and the three operators are one: the same field to float32 precision
+        assert np.abs(field - reference).max() < 1e-5 * np.abs(reference).max(), name

@@ -263,3 +263,16 @@ def test_rejects_unknown_weights_and_missing_echo_times():
         romeo_unwrap(np.zeros((4, 4, 4)), weights=("nope",))
     with pytest.raises(ValueError, match="echo_times"):
         romeo_unwrap(np.zeros((4, 4, 4, 2)))
+
+
+@pytest.mark.parametrize("name", ["romeo", "laplacian"])
+def test_unwrapping_refuses_echo_times_in_milliseconds(name):
+    # issue 24: a check with a clear error, the same in every unwrapping entry point
+    phase = np.zeros((6, 6, 6, 2), np.float32)
+    with pytest.raises(ValueError, match=r"look like milliseconds: give seconds \(0.004, not 4\)"):
+        registry.run("unwrapping", name, phase, magnitude=np.ones_like(phase),
+                     echo_times_s=(4.0, 8.0))
+    with pytest.raises(ValueError, match="look like milliseconds"):
+        romeo_unwrap(phase, echo_times=[4, 8])
+    with pytest.raises(ValueError, match="look like milliseconds"):
+        mcpc3ds(phase, np.ones_like(phase), [4, 8], voxel_size_mm=(1, 1, 1))

@@ -16,19 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from ..qsm.fft import fast_shape
-from ..qsm.kernels import dipole_kernel, smv_kernel, tkd_inverse
+from ..qsm.kernels import dipole_kernel, half_spectrum, smv_kernel, tkd_inverse
 
 
 def _half_spectrum(d):
-    """The rfft half of ``(H(k) + H(-k)) / 2`` for a real k-space filter ``H``.
-
-    The dipole kernel is even in k, but on an even-sized FFT grid the Nyquist
-    bins of an oblique kernel are not (``+N/2`` and ``-N/2`` are one bin);
-    symmetrising gives exactly the real part of the full complex product, as
-    in :func:`qsmprep.qsm.kernels.dipole_convolve`.
+    """The rfft half of ``(H(k) + H(-k)) / 2`` for a real k-space filter ``H``
+    (:func:`qsmprep.qsm.kernels.half_spectrum`, the helper of every half-spectrum
+    path). The dipole kernel is even in k, but on an even-sized FFT grid the
+    Nyquist bins of an oblique kernel are not (``+N/2`` and ``-N/2`` are one
+    bin); symmetrising gives exactly the real part of the full complex product,
+    as in :func:`qsmprep.qsm.kernels.dipole_convolve`.
     """
-    mirrored = np.roll(np.flip(d, axis=(0, 1, 2)), 1, axis=(0, 1, 2))
-    return (0.5 * (d + mirrored))[:, :, : d.shape[2] // 2 + 1]
+    return half_spectrum(d)
 
 
 class DipoleOperator:

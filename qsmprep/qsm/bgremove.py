@@ -189,7 +189,7 @@ def _data_weights(mask, noise_std):
         "fitting dipole sources outside the brain by conjugate gradients (tolerance {tol})."
     ),
 )
-def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise_std=None,
+def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
         pad_factor=1.5, max_iter=50, tol=1e-3, device="cpu"):
     """Projection onto dipole fields (Liu et al. 2011).
 

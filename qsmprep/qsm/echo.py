@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .units import check_echo_times_s
+
 
 def _as_echoes(unwrapped, magnitude, echo_times_s):
     """Float32 (X, Y, Z, E) phase and magnitude, and the echo times (s) as (E,)."""
@@ -19,7 +21,7 @@ def _as_echoes(unwrapped, magnitude, echo_times_s):
         phase = phase[..., None]
     if phase.ndim != 4:
         raise ValueError(f"unwrapped phase must be (X, Y, Z) or (X, Y, Z, E), got {phase.shape}")
-    te = np.asarray(echo_times_s, dtype=np.float32).reshape(-1)
+    te = check_echo_times_s(echo_times_s).astype(np.float32)
     if te.size != phase.shape[-1]:
         raise ValueError(f"Got {te.size} echo times for {phase.shape[-1]} echoes")
     if np.any(te <= 0):
@@ -149,7 +151,7 @@ def romeo_b0_noise_std(magnitude, echo_times_s, sigma=None):
     ``sigma`` None gives the map for ``sigma = 1`` (relative values only).
     Voxels without signal get 0 (no estimate).
     """
-    te = np.asarray(echo_times_s, dtype=np.float64).reshape(-1)
+    te = check_echo_times_s(echo_times_s)
     mag = np.asarray(magnitude, dtype=np.float32)
     if mag.ndim == 3:
         mag = mag[..., None]

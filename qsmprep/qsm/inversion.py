@@ -15,7 +15,7 @@ import torch
 
 from . import torch_ops as T
 from .fft import fftn, ifftn
-from .kernels import dipole_kernel, tkd_inverse
+from .kernels import dipole_kernel, even_part, tkd_inverse
 from .mask import MaskBox
 from .bgremove import _data_weights
 from .registry import register
@@ -42,7 +42,7 @@ def _check_field(field, mask):
         "{threshold}."
     ),
 )
-def tkd(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), threshold=0.15,
+def tkd(local_field_ppm, mask, voxel_size_mm, *, b0_dir, threshold=0.15,
         pad_factor=1.5):
     """Thresholded k-space division (Shmueli 2009; Wharton 2010).
 
@@ -104,7 +104,7 @@ def _admm_tv(a_k, b_k, shape, lam, rho, max_iter, tol):
         "(Bilgic et al. 2014; lambda {lam}, at most {max_iter} iterations)."
     ),
 )
-def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam=2e-4,
+def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=2e-4,
             rho=None, max_iter=40, tol=3e-3, pad_factor=1.3, device="cpu"):
     """Total-variation dipole inversion by ADMM (Bilgic et al. 2014).
 
@@ -149,7 +149,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam
         "({regularizer} penalty, lambda {lam})."
     ),
 )
-def tikhonov(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), lam=1e-2,
+def tikhonov(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=1e-2,
              regularizer="gradient", pad_factor=1.5):
     """Tikhonov inversion ``X = D F{f} / (D^2 + lam |G|^2)`` in one step.
 
@@ -197,7 +197,7 @@ def _masked_lsq(f, w2, d, shape, max_iter, tol):
         "iterations)."
     ),
 )
-def lsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise_std=None,
+def lsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
          max_iter=10, tol=1e-2, pad_factor=1.2, device="cpu"):
     """``min ||W M (D chi - f)||^2`` by CG on the normal equations, stopped early
     (the LSQR step of Li et al. 2011/2015; without their streaking removal).
@@ -280,8 +280,7 @@ def _cone(shape, voxel_size_mm, b0_dir, threshold, device):
     from the even part ``(D(k) + D(-k)) / 2`` of the kernel, so that
     ``F^-1 M_ic F`` is an exact (real, symmetric) projection also with an
     oblique B0 on even grids (see :func:`qsmprep.qsm.kernels.dipole_kernel`)."""
-    d = dipole_kernel(shape, voxel_size_mm, b0_dir)
-    d_even = 0.5 * (d + np.roll(np.flip(d), 1, axis=(0, 1, 2)))
+    d_even = even_part(dipole_kernel(shape, voxel_size_mm, b0_dir))
     return T.as_tensor(T.half(np.abs(d_even) < threshold), device)
 
 
@@ -334,7 +333,7 @@ def _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std, threshold, lsqr_iter, 
         "iterations)."
     ),
 )
-def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise_std=None,
+def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
           threshold=0.1, lsqr_iter=10, lsqr_tol=1e-2, max_iter=30, tol=1e-2, pad_factor=1.2,
           device="cpu"):
     """iLSQR: LSQR followed by streaking-artefact estimation and removal.
@@ -401,7 +400,7 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), noise
         "threshold {delta}, TV weight {lam})."
     ),
 )
-def rts(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), delta=0.15, lam=5e-3,
+def rts(local_field_ppm, mask, voxel_size_mm, *, b0_dir, delta=0.15, lam=5e-3,
         rho=None, lsqr_iter=20, max_iter=20, tol=1e-3, pad_factor=1.2, device="cpu"):
     """Rapid two-step dipole inversion (Kames et al. 2018).
 
@@ -452,7 +451,7 @@ def gradient_mask(magnitude, mask, fraction=0.9):
         "diffusivity) steps of at most {cg_iter} CG iterations."
     ),
 )
-def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir=(0.0, 0.0, 1.0), magnitude=None,
+def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir, magnitude=None,
          noise_std=None, lam=2000.0, edge_fraction=0.9, max_outer=10, cg_iter=50, tol=1e-2,
          pad_factor=1.2, device="cpu"):
     """MEDI (Liu et al. 2011, 2012) with a linear data term in ppm:

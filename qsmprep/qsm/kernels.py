@@ -65,6 +65,36 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
     return d
 
 
+def even_part(kspace):
+    """``(H(k) + H(-k)) / 2`` of a real k-space array ``H`` on an FFT grid.
+
+    ``-k`` of bin ``i`` is bin ``(-i) mod N`` on every axis. A real, even
+    filter in k (the dipole kernel, an SMV kernel) is unchanged, except on
+    the Nyquist planes of even-sized axes, where an oblique dipole kernel is
+    not even (see :func:`dipole_kernel`). The real part of ``F^-1{H F{x}}``
+    for real ``x`` equals ``F^-1{even_part(H) F{x}}``.
+    """
+    kspace = np.asarray(kspace)
+    if not np.issubdtype(kspace.dtype, np.floating):
+        kspace = kspace.astype(np.float32)  # an indicator (bool): True + True is not 2
+    axes = tuple(range(kspace.ndim))
+    mirrored = np.roll(np.flip(kspace, axis=axes), 1, axis=axes)
+    return 0.5 * (kspace + mirrored)
+
+
+def half_spectrum(kspace):
+    """The ``rfftn`` half (last axis ``N // 2 + 1``) of a real k-space filter,
+    symmetrised (:func:`even_part`) so that ``irfftn(half * rfftn(x))`` is
+    exactly the real part of the full complex product ``F^-1{H F{x}}``, the
+    field of :func:`dipole_convolve`, for an oblique B0 on even grids too.
+
+    The one helper of every half-spectrum k-space filter in qsmprep (the
+    torch solvers of :mod:`qsmprep.qsm.torch_ops` and
+    :mod:`qsmprep.qsm.inversion`, and :class:`qsmprep.dl.dipole.DipoleOperator`).
+    """
+    return even_part(kspace)[..., : np.shape(kspace)[-1] // 2 + 1]
+
+
 def tkd_inverse(d, threshold):
     """The thresholded inverse of a dipole kernel ``d`` (TKD; Shmueli 2009,
     Wharton 2010): ``1/D`` where ``|D| >= threshold``, ``sign(D)/threshold``

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kernels import dipole_kernel, smv_kernel
+from .kernels import dipole_kernel, half_spectrum, smv_kernel
 
 
 def as_tensor(x, device="cpu", dtype=torch.float32):
@@ -35,8 +35,12 @@ def irfft3(xk, shape):
 
 
 def half(kspace):
-    """The half spectrum (last axis ``Z // 2 + 1``) of a full real-symmetric k-space array."""
-    return kspace[:, :, : kspace.shape[2] // 2 + 1]
+    """The half spectrum (last axis ``Z // 2 + 1``) of a full real k-space filter,
+    symmetrised (:func:`qsmprep.qsm.kernels.half_spectrum`): without that, the
+    half of an oblique dipole kernel on an even grid is not the real part of
+    the full product, and the forward operator of white noise was off by 10 %
+    at 20 degrees (issue 24)."""
+    return half_spectrum(kspace)
 
 
 def dipole_kernel_t(shape, voxel_size_mm, b0_dir, device="cpu"):

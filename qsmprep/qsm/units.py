@@ -14,6 +14,26 @@ import numpy as np
 GAMMA_BAR_MHZ_PER_T = 42.57747892
 
 
+#: an echo time (s) above this is taken for milliseconds: GRE echo times are
+#: a few to ~100 ms, and no MR signal is left after half a second
+MAX_ECHO_TIME_S = 0.5
+
+
+def check_echo_times_s(echo_times_s):
+    """``echo_times_s`` as a float64 (E,) array, checked to be in seconds.
+
+    Raises :class:`ValueError` when an echo time exceeds
+    :data:`MAX_ECHO_TIME_S` (0.5 s): echo times given in milliseconds would
+    otherwise scale every B0 map (Hz) down by 1000 without any error.
+    """
+    te = np.asarray(echo_times_s, dtype=np.float64).reshape(-1)
+    if te.size and np.nanmax(te) > MAX_ECHO_TIME_S:
+        raise ValueError(
+            f"echo times {te.tolist()} look like milliseconds: give seconds (0.004, not 4); "
+            f"no echo time may exceed {MAX_ECHO_TIME_S} s")
+    return te
+
+
 def hz_to_ppm(field_hz, field_strength_t):
     """Convert a frequency offset (Hz) into a relative field (ppm).
 

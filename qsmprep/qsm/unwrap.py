@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from .fft import workers
 from .registry import register
+from .units import check_echo_times_s
 
 TWO_PI = 2 * np.pi
 
@@ -414,7 +415,9 @@ def romeo_unwrap(
     if echo_times is None:
         if n_echo > 1:
             raise ValueError("echo_times (s) are required to unwrap more than one echo")
-        echo_times = (1.0,)
+        echo_times = (1.0,)  # any: a single echo is unwrapped in space only
+    else:
+        check_echo_times_s(echo_times)
     te = np.asarray(echo_times, dtype=np.float64).reshape(-1)
     if te.size != n_echo:
         raise ValueError(f"Got {te.size} echo times for {n_echo} echoes")
@@ -591,7 +594,7 @@ def mcpc3ds(phase, magnitude, echo_times_s, *, voxel_size_mm, sigma_mm=3.0, bipo
     """
     phase = _finite(phase)
     mag = _finite(magnitude)
-    te = np.asarray(echo_times_s, dtype=np.float64)
+    te = check_echo_times_s(echo_times_s)
     if phase.ndim != 4 or phase.shape[-1] < 2 or mag.shape != phase.shape:
         raise ValueError(
             f"mcpc3ds needs phase and magnitude of shape (X, Y, Z, E>=2), got {phase.shape} "
@@ -673,7 +676,10 @@ def romeo(phase, *, magnitude=None, echo_times_s, mask=None, mode="template", te
     description="The phase of each echo was unwrapped with the Laplacian method (Schofield and Zhu 2003).",
 )
 def laplacian(phase, *, magnitude=None, echo_times_s, mask=None, voxel_size_mm=None):
-    """Registry wrapper of :func:`laplacian_unwrap` (voxel size defaults to 1 mm)."""
+    """Registry wrapper of :func:`laplacian_unwrap` (voxel size defaults to 1 mm).
+    The echo times are not used, only checked to be seconds like every method's."""
+    if echo_times_s is not None:
+        check_echo_times_s(echo_times_s)
     phase = np.asarray(phase)
     vox = (1.0, 1.0, 1.0) if voxel_size_mm is None else voxel_size_mm
     unwrapped = laplacian_unwrap(phase, vox, mask=mask)

@@ -94,8 +94,15 @@ class QSMRun:
         else from the affine of the first phase image."""
         if self.b0_dir is not None:
             return self.b0_dir
-        affine = nb.load(self.phase[0]).affine
+        affine, _ = b0_affine(nb.load(self.phase[0]).header)
         return tuple(float(v) for v in b0_direction_from_affine(affine))
+
+    @property
+    def b0_direction_source(self):
+        """Where :attr:`b0_direction` comes from, in words (``B0DirectionSource``)."""
+        if self.b0_dir is not None:
+            return "sidecar B0_dir"
+        return b0_affine(nb.load(self.phase[0]).header)[1]
 
     @property
     def sorted_echo_times(self):
@@ -568,7 +575,8 @@ def check_run(run):
 
     Every file must be a complete NIfTI image (not empty, not truncated) and
     all echoes, magnitude and phase, must share shape and affine. A header
-    whose qform and sform disagree gets a warning (the sform is used).
+    whose qform and sform disagree gets a warning (:func:`b0_affine` says which
+    one gives the B0 direction).
     """
     ref_path = run.phase[0]
     ref = read_header(ref_path)
@@ -647,6 +655,39 @@ def _gzip_complete(path):
     return True
 
 
+#: NIfTI ``qform_code``/``sform_code`` of scanner coordinates (NIFTI_XFORM_SCANNER_ANAT)
+XFORM_SCANNER = 1
+
+
+def _forms_disagree(header):
+    qform, _ = header.get_qform(coded=True)
+    sform, _ = header.get_sform(coded=True)
+    return qform is not None and sform is not None and not np.allclose(qform, sform, atol=1e-3)
+
+
+def b0_affine(header):
+    """The affine whose rotation gives the B0 direction, and its source in words.
+
+    B0 lies along the scanner's z axis, which only the scanner-coordinate
+    transform knows. The sform is used when set (as by nibabel and FSL),
+    except when it disagrees with a qform whose ``qform_code`` is 1
+    (scanner): then the sform was most likely rewritten by a registration
+    or resampling (to a template, another session, a T1w) and its rotation
+    is no longer the scanner's, so the qform's is used. Without either, the
+    nibabel fallback (B0 along the third voxel axis) is returned.
+    """
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if sform is not None:
+        if qform is not None and int(qcode) == XFORM_SCANNER and _forms_disagree(header):
+            return qform, (f"qform of the header (qform_code {int(qcode)}; the sform, "
+                           f"sform_code {int(scode)}, disagrees with it)")
+        return sform, f"sform of the header (sform_code {int(scode)})"
+    if qform is not None:
+        return qform, f"qform of the header (qform_code {int(qcode)})"
+    return header.get_base_affine(), "none in the header: assumed along the third voxel axis"
+
+
 def check_orientation(img, path):
     """Warn when the qform and sform of ``img`` disagree or neither is set."""
     header = img.header
@@ -657,11 +698,19 @@ def check_orientation(img, path):
             "%s has neither qform nor sform set: its orientation is unknown and B0 is "
             "assumed along the third voxel axis. Fix the header (e.g. re-convert with "
             "dcm2niix) or give \"B0_dir\" in the sidecar", path)
-    elif qform is not None and sform is not None and not np.allclose(qform, sform, atol=1e-3):
+    elif _forms_disagree(header) and int(qcode) == XFORM_SCANNER:
+        LOGGER.warning(
+            "%s: the qform and sform of the header disagree and the qform is the scanner's "
+            "(qform_code 1): the qform is used for the B0 direction (a registered or "
+            "resampled sform would give the wrong dipole kernel), the sform for the voxel "
+            "grid. If the sform is the scanner's, copy it to the qform (e.g. fslorient "
+            "-copysform2qform) or give \"B0_dir\" in the sidecar", path)
+    elif _forms_disagree(header):
         LOGGER.warning(
             "%s: the qform and sform of the header disagree; the sform is used (as by "
-            "nibabel and FSL) for the voxel size and the B0 direction. If the qform is "
-            "the right one, copy it to the sform (e.g. fslorient -copyqform2sform)", path)
+            "nibabel and FSL) for the voxel size and the B0 direction (the qform, "
+            "qform_code %d, is not the scanner's). If the qform is the right one, copy it "
+            "to the sform (e.g. fslorient -copyqform2sform)", path, int(qcode))
 
 
 def check_extent(img, path):

@@ -84,17 +84,7 @@ def method_description(stage, name, params=None):
 
 def b0_direction_source(run):
     """Where the B0 direction of ``run`` comes from, in words."""
-    import nibabel as nb
-
-    if run.b0_dir is not None:
-        return "sidecar B0_dir"
-    header = nb.load(run.phase[0]).header
-    scode, qcode = int(header["sform_code"]), int(header["qform_code"])
-    if scode > 0:
-        return f"sform of the header (sform_code {scode})"
-    if qcode > 0:
-        return f"qform of the header (qform_code {qcode})"
-    return "none in the header: assumed along the third voxel axis"
+    return run.b0_direction_source
 
 
 def input_interpretation(run):

@@ -84,20 +84,39 @@ def test_complete_multi_member_gzip_is_accepted(dataset):
     assert _collect(root).phase[0] == str(path)
 
 
-def test_qform_sform_mismatch_warns_and_uses_the_sform(dataset, caplog):
-    root, files = dataset
+def _tilt_sform(files, qform_code):
     for path in files["phase"] + files["mag"]:
         img = nb.load(path)
         tilted = img.affine.copy()
         tilted[:3, :3] = tilted[:3, :3] @ np.array([[1, 0, 0], [0, 0.8, -0.6], [0, 0.6, 0.8]])
-        img.set_sform(tilted, code=1)
-        img.set_qform(AFFINE, code=1)
+        img.set_sform(tilted, code=2)
+        img.set_qform(AFFINE, code=qform_code)
         img.to_filename(path)
+
+
+def test_qform_sform_mismatch_warns_and_uses_the_scanner_qform(dataset, caplog):
+    # a registered/resampled sform beside the scanner's qform (qform_code 1):
+    # the qform gives B0 (issue 24)
+    root, files = dataset
+    _tilt_sform(files, qform_code=1)
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        run = _collect(root)
+    assert "qform and sform" in caplog.text and files["phase"][0].name in caplog.text
+    assert "the qform is used for the B0 direction" in caplog.text
+    np.testing.assert_allclose(run.b0_direction, (0, 0, 1), atol=1e-6)  # the qform's
+    assert run.b0_direction_source.startswith("qform of the header (qform_code 1")
+
+
+def test_qform_sform_mismatch_uses_the_sform_when_the_qform_is_not_the_scanners(
+        dataset, caplog):
+    root, files = dataset
+    _tilt_sform(files, qform_code=2)
     with caplog.at_level(logging.WARNING, logger="qsmprep"):
         run = _collect(root)
     assert "qform and sform" in caplog.text and files["phase"][0].name in caplog.text
     assert "fslorient -copyqform2sform" in caplog.text
     np.testing.assert_allclose(run.b0_direction, (0, 0.6, 0.8), atol=1e-6)  # the sform's
+    assert run.b0_direction_source.startswith("sform")
 
 
 def test_header_without_orientation_warns(dataset, caplog):
