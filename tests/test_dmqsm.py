@@ -43,9 +43,9 @@ def test_sampler_is_deterministic_for_a_fixed_seed():
     chi, brain, field = _phantom(16)
     kwargs = dict(device="cpu", model=_random_model(), steps=3, t_start=400, eta=0.5, patch=12,
                   overlap=4)
-    a = dmqsm.invert(field, brain, (1, 1, 1), seed=3, **kwargs)
-    b = dmqsm.invert(field, brain, (1, 1, 1), seed=3, **kwargs)
-    c = dmqsm.invert(field, brain, (1, 1, 1), seed=4, **kwargs)
+    a = dmqsm.invert(field, brain, (1, 1, 1), (0, 0, 1), seed=3, **kwargs)
+    b = dmqsm.invert(field, brain, (1, 1, 1), (0, 0, 1), seed=3, **kwargs)
+    c = dmqsm.invert(field, brain, (1, 1, 1), (0, 0, 1), seed=4, **kwargs)
     assert np.array_equal(a, b)
     assert np.abs(a - c).max() > 1e-4  # the seed matters
     assert np.all(a[~brain] == 0) and np.isfinite(a).all()
@@ -173,9 +173,9 @@ def test_ddim_times_and_options():
         ddim_times(100, 0)
     chi, brain, field = _phantom(16)
     with pytest.raises(TypeError, match="unknown DM-QSM sampling option"):
-        dmqsm.invert(field, brain, (1, 1, 1), device="cpu", model=_random_model(), step=3)
+        dmqsm.invert(field, brain, (1, 1, 1), (0, 0, 1), device="cpu", model=_random_model(), step=3)
     with pytest.raises(ValueError, match="mask is empty"):
-        dmqsm.invert(field, np.zeros_like(brain), (1, 1, 1), device="cpu",
+        dmqsm.invert(field, np.zeros_like(brain), (1, 1, 1), (0, 0, 1), device="cpu",
                      model=_random_model())
 
 
@@ -192,7 +192,7 @@ def test_data_consistency_falls_during_sampling():
     default = dmqsm.SAMPLING["xi"]
     for xi in (default, 0.0):
         hist[xi] = []
-        maps[xi] = dmqsm.invert(field, brain, (1, 1, 1), device="cpu", model=model, steps=8,
+        maps[xi] = dmqsm.invert(field, brain, (1, 1, 1), (0, 0, 1), device="cpu", model=model, steps=8,
                                 xi=xi, history=hist[xi])
     h = hist[default]
     assert len(h) == 8 and h[-1] < 0.8 * h[0]
@@ -233,7 +233,7 @@ def test_registry_method_and_super_resolution_run():
     hr = dmqsm.super_resolve(lowres, 2, mask=brain, device="cpu", steps=3)
     assert hr.shape == chi.shape and np.isfinite(hr).all()
     comb = dmqsm.invert_super_resolve(field[::2, ::2, ::2], brain[::2, ::2, ::2], (2, 2, 2),
-                                      device="cpu", steps=3)
+                                      (0, 0, 1), device="cpu", steps=3)
     assert comb.shape == chi.shape and np.isfinite(comb).all()
 
 

@@ -490,7 +490,7 @@ def _options(overrides, **defaults):
     return opts
 
 
-def invert(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, device="auto",
+def invert(local_field_ppm, mask, voxel_size_mm, b0_dir, *, device="auto",
            model=None, history=None, **options):
     """Dipole inversion by DM-QSM: chi (ppm, numpy ``[X, Y, Z]``) from the
     local field (ppm) in ``mask``, starting from TKD (threshold 0.1).
@@ -566,7 +566,7 @@ def super_resolve(chi_lowres, factor=2, mask=None, *, mode="kspace", project=Tru
 
 
 def invert_super_resolve(local_field_lowres_ppm, mask_lowres, voxel_size_mm_lowres,
-                         b0_dir=(0.0, 0.0, 1.0), factor=2, *, mode="kspace", device="auto",
+                         b0_dir, factor=2, *, mode="kspace", device="auto",
                          model=None, history=None, **options):
     """The combined task: high-resolution chi (ppm) from a low-resolution
     local field (ppm) in ``mask_lowres``: ``A = M_lr D d_hr`` (dipole
