@@ -181,7 +181,7 @@ def run_head(case, quick, stages=("pipeline", "bf_removal", "inversion"), varian
 
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {bench!r})
 import numpy as np
 from accuracy import Case, pipeline
@@ -189,11 +189,15 @@ from qsmprep.config import DEFAULT_METHODS
 d = np.load({npz!r})
 case = Case("m", "", tuple(d["vox"]), tuple(d["b0"]), float(d["fs"]), tuple(d["te"]),
             d["mask"], None, None, None, None, d["mag"], d["phase"])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_gb():  # this process's own peak (ru_maxrss keeps the parent's across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+before = hwm_gb()
 t = time.perf_counter()
 pipeline(case, dict(DEFAULT_METHODS))
-print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_gb": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss / 2**20, "inputs_rss_gb": before / 2**20}}))
+print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_gb": hwm_gb(),
+                  "inputs_rss_gb": before}}))
 """
 
 
@@ -270,6 +274,7 @@ def render(results):
                   markdown_table(["Head", "Grid", "Peak RSS (GB)", "Wall (s)"],
                                  [[m["head"], m["grid"], fmt(m["peak_rss_gb"], 2),
                                    fmt(m["wall_s"], 1)] for m in results["memory"]])]
+    parts += [note + "\n" for note in results.get("notes", [])]
     parts.append(hardware_note(results["hardware"]) + "\n")
     return "\n".join(parts)
 
