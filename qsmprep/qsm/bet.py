@@ -45,7 +45,8 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.spatial import cKDTree
 
-from .mask import _as_3d_magnitude, fill_mask_holes, largest_component, robust_magnitude_mask
+from .mask import (_as_3d_magnitude, bbox_slices, fill_mask_holes, largest_component,
+                   robust_magnitude_mask)
 from .registry import register
 
 _R_MIN_MM, _R_MAX_MM = 3.33, 10.0
@@ -280,13 +281,6 @@ BRAIN_COVERAGE_LIMIT = 1.25
 HEAD_EXTENT_MM = 80.0
 
 
-def _extent_mm(mask, voxel_size_mm):
-    """Extent (mm) of the mask's bounding box along each axis."""
-    vox = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
-    return [float(np.ptp(np.nonzero(mask.any(axis=tuple(j for j in range(3) if j != i)))[0])
-                  + 1) * vox[i] for i in range(3)]
-
-
 def check_brain_coverage(mask, magnitude, *, voxel_size_mm=(1.0, 1.0, 1.0), method="",
                          source=""):
     """Raise ``ValueError`` when ``mask`` covers much more than the brain of a
@@ -309,7 +303,9 @@ def check_brain_coverage(mask, magnitude, *, voxel_size_mm=(1.0, 1.0, 1.0), meth
     if np.ptp(mag) == 0:        # a phase-only run (magnitude 1): nothing to compare with
         return
     head = robust_magnitude_mask(mag)
-    if not head.any() or min(_extent_mm(head, voxel_size_mm)) < HEAD_EXTENT_MM:
+    vox = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
+    if not head.any() or min((box.stop - box.start) * v for box, v in
+                             zip(bbox_slices(head), vox)) < HEAD_EXTENT_MM:
         return                  # a slab, a crop or a phantom: BET is no reference there
     try:
         brain = bet_mask(mag, voxel_size_mm=voxel_size_mm)
