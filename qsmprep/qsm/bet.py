@@ -291,7 +291,7 @@ def check_brain_coverage(mask, magnitude, *, voxel_size_mm=(1.0, 1.0, 1.0), meth
     (the image shows scalp, skull, face or neck) and ``mask`` is more than
     :data:`BRAIN_COVERAGE_LIMIT` times the brain, the mask includes tissue
     and air whose phase is not the brain's: background removal cannot remove
-    their field, and the whole χ map is wrong (130-1090 % NRMSE on the
+    their field, and the whole χ map is wrong (129-1086 % NRMSE on the
     independent benchmark's heads, docs/benchmarks.md). Images of the brain
     only (skull-stripped, or a crop inside the brain), phase-only runs
     (constant magnitude) and images whose head spans less than
@@ -314,7 +314,7 @@ def check_brain_coverage(mask, magnitude, *, voxel_size_mm=(1.0, 1.0, 1.0), meth
     n_brain, n_head, n_mask = int(brain.sum()), int(head.sum()), int(mask.sum())
     if n_brain == 0 or n_brain >= 0.8 * n_head or n_mask <= BRAIN_COVERAGE_LIMIT * n_brain:
         return
-    litres = float(np.prod(voxel_size_mm)) / 1e6
+    litres = float(np.prod(vox)) / 1e6
     where = f" of {source}" if source else ""
     raise ValueError(
         f"The '{method}' brain mask{where} covers {n_mask * litres:.2f} L, "
