@@ -259,8 +259,9 @@ def selected_variants(variants, keep):
     return out
 
 
-def score_row(stage, method, case, func, truth, labels=None):
-    """Run ``func`` timed and score it; a failure becomes a row with the error."""
+def score_row(stage, method, case, func, truth, labels=None, extra=None):
+    """Run ``func`` timed and score it; a failure becomes a row with the error.
+    ``extra(recon)`` returns more fields for the row (e.g. error by depth)."""
     from qsmprep.qsm import metrics
 
     row = {"stage": stage, "method": method, "phantom": case.name}
@@ -271,6 +272,7 @@ def score_row(stage, method, case, func, truth, labels=None):
         recon = out[0] if isinstance(out, tuple) else out
         row.update(status="ok", runtime_s=seconds, cpu_s=cpu,
                    metrics=metrics.score(recon, truth, case.mask, labels))
+        row.update(extra(recon) if extra else {})
     except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
         error = f"{type(exc).__name__}: {exc}".replace(str(ROOT) + "/", "")
         row.update(status="failed", error=error.split(". ")[0].strip()[:200],

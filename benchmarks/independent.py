@@ -48,7 +48,7 @@ from _common import (  # noqa: E402
     DOCS, RESULTS, fmt, hardware, hardware_note, markdown_table, replace_section, timed,
     write_json,
 )
-from accuracy import TRUE_MASK, Case, call, pipeline  # noqa: E402
+from accuracy import TRUE_MASK, Case, call, pipeline, score_row  # noqa: E402
 from independent_heads import build_head  # noqa: E402
 
 #: depth bands from the brain edge (mm): [lo, hi)
@@ -143,23 +143,9 @@ def depth_nrmse(recon, truth, mask, voxel_size_mm):
 
 
 def score(stage, label, case, func, truth):
-    """Run ``func`` timed, score it against ``truth``; failures are rows too."""
-    from qsmprep.qsm import metrics
-
-    row = {"stage": stage, "method": label, "head": case.name}
-    try:
-        out, seconds = timed(func)
-        recon = out[0] if isinstance(out, tuple) else out
-        m = metrics.score(recon, truth, case.mask)
-        row.update(status="ok", runtime_s=seconds, metrics=m,
-                   depth=depth_nrmse(recon, truth, case.mask, case.voxel_size_mm))
-    except Exception as exc:  # noqa: BLE001 - a failing method is a result
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:200])
-    print(f"[independent] {stage:10s} {label:32s} {case.name:22s} "
-          + (f"NRMSE {row['metrics']['nrmse']:.1f} % XSIM {row['metrics']['xsim']:.3f} "
-             f"in {row['runtime_s']:.1f} s" if row["status"] == "ok" else row["error"]),
-          flush=True)
-    return row
+    """:func:`accuracy.score_row` with the error by depth from the brain edge."""
+    return score_row(stage, label, case, func, truth, extra=lambda recon: {
+        "depth": depth_nrmse(recon, truth, case.mask, case.voxel_size_mm)})
 
 
 def run_head(case, quick, stages=("pipeline", "bf_removal", "inversion"), variants=None):
@@ -254,11 +240,11 @@ def render(results):
         table = []
         for r in rows:
             if r["status"] != "ok":
-                table.append([r["method"], r["head"], "failed: " + r["error"][:80]]
+                table.append([r["method"], r["phantom"], "failed: " + r["error"][:80]]
                              + [""] * (len(headers) - 3))
                 continue
             m = r["metrics"]
-            table.append([r["method"], r["head"], fmt(m["nrmse"]), fmt(m["nrmse_detrend"]),
+            table.append([r["method"], r["phantom"], fmt(m["nrmse"]), fmt(m["nrmse_detrend"]),
                           fmt(m["xsim"], 3), fmt(m["correlation"], 3), fmt(m["coverage"], 3),
                           *_band_cells(r), fmt(r["runtime_s"], 1)])
         parts += [f"### {title}\n", markdown_table(headers, table)]
