@@ -11,7 +11,8 @@ import pytest
 from conftest import write_dataset_description, write_gre
 
 from qsmprep.qsm.units import GAMMA_BAR_MHZ_PER_T
-from qsmprep.utils.bids import QSMPrepInputError, check_output_dir, collect_data
+from qsmprep.bids import QSMPrepInputError
+from qsmprep.bids.discover import check_output_dir, collect_data
 from qsmprep.utils.images import load_stack, phase_in_rad, zero_nonfinite
 
 
@@ -120,13 +121,13 @@ def test_b0_direction_from_the_scanner_qform_when_a_rotated_sform_disagrees(tmp_
 def test_learned_methods_warn_on_voxels_they_were_not_trained_for(tmp_path, caplog, voxel_mm,
                                                                   pipeline, warned):
     from qsmprep.config import DEFAULT_METHODS, Workflow, pipeline_methods
-    from qsmprep.utils.bids import check_methods
+    from qsmprep.dl.policy import check_learned_voxel_sizes
 
     write_gre(tmp_path, affine=np.diag([*voxel_mm, 1.0]))
     data = collect_data(tmp_path, validate=False)
     methods = {**DEFAULT_METHODS, **(pipeline_methods(pipeline) if pipeline else {})}
     with caplog.at_level(logging.WARNING, logger="qsmprep"):
-        check_methods(data, Workflow(**methods))
+        check_learned_voxel_sizes(data, Workflow(**methods))
     messages = [r.getMessage() for r in caplog.records if "network(s)" in r.getMessage()]
     assert bool(messages) == warned, messages
     if warned:  # names the subject (so the report lists it), the sizes and the way out
@@ -280,7 +281,7 @@ def test_nan_and_inf_voxels_zeroed_and_masked_with_warning(caplog):
 
 # --- user-supplied brain masks: --mask FILE, --derivatives NAME=PATH ---------------------
 
-from qsmprep.utils.bids import attach_masks  # noqa: E402
+from qsmprep.bids.masks import attach_masks  # noqa: E402
 
 GRID = np.diag([1.0, 1.0, 1.5, 1.0])  # write_gre's default affine, shape (12, 10, 8)
 

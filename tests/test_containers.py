@@ -22,7 +22,8 @@ import yaml
 
 from qsmprep.cli.parser import parse_args
 from qsmprep.cli.run import main as qsmprep_main
-from qsmprep.utils.bids import QSMPrepInputError, check_writable_dir
+from qsmprep.bids import QSMPrepInputError
+from qsmprep.bids.discover import check_writable_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BOOT = REPO / "bids_app_bootstrap"

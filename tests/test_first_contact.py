@@ -14,7 +14,8 @@ from qsmprep.cli.run import main
 from qsmprep.config import DEFAULT_METHODS, PIPELINES, Execution, Workflow
 from qsmprep.qsm import registry
 from qsmprep.qsm.registry import STAGES
-from qsmprep.utils.bids import QSMPrepInputError, collect_data
+from qsmprep.bids import QSMPrepInputError
+from qsmprep.bids.discover import collect_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

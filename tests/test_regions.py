@@ -171,7 +171,7 @@ def test_templateflow_templates_are_found_on_disk_and_never_downloaded(tmp_path,
 
 
 def test_missing_template_is_an_input_error_before_any_work(tmp_path, monkeypatch):
-    from qsmprep.utils.bids import QSMPrepInputError
+    from qsmprep.bids import QSMPrepInputError
     from qsmprep.workflows.regions import check_templates
 
     monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path))
@@ -201,7 +201,7 @@ def test_qsm_workflow_gets_regions_and_template_spaces_only_when_asked(tmp_path)
     from conftest import write_gre
 
     from qsmprep.cli.parser import parse_args
-    from qsmprep.utils.bids import collect_data
+    from qsmprep.bids.discover import collect_data
     from qsmprep.workflows.base import init_qsmprep_wf
 
     bids = tmp_path / "bids"
@@ -308,7 +308,7 @@ def test_templateflow_space_goes_through_the_t1w_to_the_t1w_template(tmp_path, m
     from conftest import write_gre
 
     from qsmprep.cli.parser import parse_args
-    from qsmprep.utils.bids import collect_data
+    from qsmprep.bids.discover import collect_data
     from qsmprep.workflows.base import init_qsmprep_wf
 
     home = tmp_path / "tf" / "tpl-MNI152NLin2009cAsym"

@@ -385,7 +385,7 @@ def test_sign_flipped_phase_is_detected_and_flipped_back(head_runs):
 
 
 def _collect(root):
-    from qsmprep.utils.bids import collect_data
+    from qsmprep.bids.discover import collect_data
 
     return collect_data(root, validate=False)["01"][0]
 
@@ -415,7 +415,7 @@ def test_nominal_field_strength_is_used_without_imaging_frequency(tmp_path):
 def test_implausible_imaging_frequency_is_an_error_naming_the_file(tmp_path, frequency, match):
     from conftest import write_gre
 
-    from qsmprep.utils.bids import QSMPrepInputError
+    from qsmprep.bids import QSMPrepInputError
 
     write_gre(tmp_path, meta={"MagneticFieldStrength": 3, "ImagingFrequency": frequency})
     with pytest.raises(QSMPrepInputError, match=match) as err:
@@ -428,7 +428,7 @@ def test_phase_sign_option_reaches_the_config_and_the_graph(tmp_path):
 
     from qsmprep.cli.parser import parse_args
     from qsmprep.config import Config
-    from qsmprep.utils.bids import collect_data
+    from qsmprep.bids.discover import collect_data
     from qsmprep.workflows.base import init_qsmprep_wf
     from qsmprep.workflows.qsm import phase_sign_setting
 

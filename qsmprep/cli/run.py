@@ -40,7 +40,7 @@ def main(argv=None):
     """Entry point of the ``qsmprep`` console script; returns the exit code
     (0 success, 1 input error, no space or failed processing, 128 + signal
     number when interrupted by SIGTERM/SIGINT)."""
-    from ..utils.bids import QSMPrepInputError
+    from ..bids import QSMPrepInputError
     from ..utils.files import OutputSpaceError
     from .parser import parse_args
 
@@ -68,8 +68,10 @@ def _run_participant(config):
     import logging.handlers
     import time
 
-    from ..utils.bids import (attach_masks, check_methods, check_output_dir,
-                              check_writable_dir, collect_data)
+    from ..bids.discover import (check_methods, check_output_dir, check_writable_dir,
+                                 collect_data)
+    from ..bids.masks import attach_masks
+    from ..dl.policy import check_learned_voxel_sizes
     from ..utils.runinfo import record_warnings
     from ..workflows.outputs import write_derivatives_description
     from .workflow import build_workflow, write_boilerplate
@@ -95,6 +97,7 @@ def _run_participant(config):
             data = attach_masks(data, mask_file=ex.mask_file or None,
                                 derivatives=ex.derivatives)
         check_methods(data, config.workflow)
+        check_learned_voxel_sizes(data, config.workflow)
         if not ex.reports_only:  # templates of --regions/--output-spaces, on disk
             from ..workflows.regions import check_templates
 
@@ -147,7 +150,7 @@ def _run_participant(config):
 
 def check_work_dir(bids_dir, work_dir):
     """Refuse a work folder inside the input dataset (qsmprep never writes there)."""
-    from ..utils.bids import QSMPrepInputError
+    from ..bids import QSMPrepInputError
 
     if Path(work_dir).resolve().is_relative_to(Path(bids_dir).resolve()):
         raise QSMPrepInputError(
@@ -204,7 +207,7 @@ def _add_run_info(config, subject, runs, started):
     import json
 
     from ..reports.core import figure_name
-    from ..utils.bids import ENTITY_KEYS
+    from ..bids.runs import ENTITY_KEYS
     from ..utils.files import write_text
     from ..utils.runinfo import step_timings, subject_warnings
     from ..workflows.qsm import _safe
@@ -249,7 +252,7 @@ def _run_group(config):
 def resolve_device(choice):
     """The torch device name for ``--device``: "auto" becomes "cuda" when a
     GPU is visible, else "cpu"; "cuda" without a GPU is an input error."""
-    from ..utils.bids import QSMPrepInputError
+    from ..bids import QSMPrepInputError
 
     if choice == "cpu":
         return "cpu"

@@ -460,7 +460,7 @@ class Mask(SimpleInterface):
         return runtime
 
     def _user_mask(self, runtime):
-        from ..utils.bids import binarize_mask, mask_grid_error
+        from ..bids.masks import binarize_mask, mask_grid_error
 
         path = self.inputs.mask_file
         ref = nb.load(self.inputs.magnitude)
@@ -468,7 +468,7 @@ class Mask(SimpleInterface):
         error = mask_grid_error(path, img, self.inputs.magnitude, ref)
         if error:
             raise ValueError(error)
-        # a non-binary mask was reported once, before the run (utils.bids.check_mask)
+        # a non-binary mask was reported once, before the run (bids.masks.check_mask)
         mask = binarize_mask(np.asanyarray(img.dataobj).reshape(ref.shape[:3]))[0]
         mask &= _load(self.inputs.valid, bool)[0]
         if not mask.any():

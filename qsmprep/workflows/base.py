@@ -12,7 +12,7 @@ from .qsm import init_qsm_wf, _safe
 
 def init_qsmprep_wf(config, data):
     """One :func:`init_single_subject_wf` per subject of ``data``
-    (``{subject: [QSMRun, ...]}`` from :func:`qsmprep.utils.bids.collect_data`).
+    (``{subject: [QSMRun, ...]}`` from :func:`qsmprep.bids.discover.collect_data`).
 
     Crash files of each subject go to ``<output_dir>/sub-<label>/log/<run-uuid>/``.
     """

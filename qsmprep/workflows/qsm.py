@@ -116,7 +116,7 @@ def merge_interpretation(static, phase_scaling, phase_sign):
 
 
 def init_qsm_wf(config, run, *, name=None):
-    """Workflow computing the susceptibility map of one :class:`~qsmprep.utils.bids.QSMRun`.
+    """Workflow computing the susceptibility map of one :class:`~qsmprep.bids.runs.QSMRun`.
 
     ::
 
@@ -137,7 +137,7 @@ def init_qsm_wf(config, run, *, name=None):
     ----------
     config : :class:`qsmprep.config.Config`
         the run's settings (methods, parameters, threads, device, outputs)
-    run : :class:`qsmprep.utils.bids.QSMRun`
+    run : :class:`qsmprep.bids.runs.QSMRun`
         the checked input files and metadata
     """
     wf = Workflow(name=name or f"qsm_{_safe(run.name)}_wf")
@@ -146,7 +146,7 @@ def init_qsm_wf(config, run, *, name=None):
     if config.execution.mask_file and not run.mask:
         raise ValueError(
             f"--mask {config.execution.mask_file} is set but run {run.name} has no mask: "
-            "pass the data through qsmprep.utils.bids.attach_masks first")
+            "pass the data through qsmprep.bids.masks.attach_masks first")
     _, omp = config.nipype.resolved()
     device = config.execution.device
     # parameters as run, for the methods text and the sidecars: with the device the run

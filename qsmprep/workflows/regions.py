@@ -81,7 +81,7 @@ def check_templates(config):
     before any work."""
     from ..regions.registration import PRESETS
     from ..regions.templates import TemplateNotFoundError
-    from ..utils.bids import QSMPrepInputError
+    from ..bids import QSMPrepInputError
 
     if config.workflow.registration not in PRESETS:
         raise QSMPrepInputError(

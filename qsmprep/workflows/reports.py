@@ -41,7 +41,7 @@ def init_qsm_reports_wf(config, run, *, methods, name="qsm_reports_wf"):
     Parameters
     ----------
     config : :class:`qsmprep.config.Config`
-    run : :class:`qsmprep.utils.bids.QSMRun`
+    run : :class:`qsmprep.bids.runs.QSMRun`
     methods : dict
         stage -> method name, as chosen for this run.
     """

@@ -2,7 +2,7 @@
 answer, and the QSM workflow's interfaces called in graph order.
 
 ``run_chain`` runs each interface of :func:`qsmprep.workflows.qsm.init_qsm_wf`
-on one :class:`~qsmprep.utils.bids.QSMRun` directly (no Nipype scheduler,
+on one :class:`~qsmprep.bids.runs.QSMRun` directly (no Nipype scheduler,
 no reports), so a case costs seconds; the full CLI is run only by the tests
 about the run itself (test_runs.py).
 """

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from _chain import centered_affine, sphere_signal, write_run
 
-from qsmprep.utils.bids import QSMPrepInputError, collect_data
+from qsmprep.bids import QSMPrepInputError
+from qsmprep.bids.discover import collect_data
 
 TE = (0.004, 0.008)
 SHAPE = (12, 12, 12)

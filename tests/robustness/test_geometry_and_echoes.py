@@ -19,7 +19,8 @@ from _chain import CHI, centered_affine, data, run_chain, sphere_signal, write_r
 from scipy.spatial.transform import Rotation
 
 from qsmprep.config import Config
-from qsmprep.utils.bids import QSMPrepInputError, check_methods, collect_data
+from qsmprep.bids import QSMPrepInputError
+from qsmprep.bids.discover import check_methods, collect_data
 from qsmprep.workflows.qsm import init_qsm_wf
 
 TE = (0.004, 0.008, 0.012, 0.016)

@@ -14,7 +14,8 @@ import pytest
 from _chain import centered_affine, sphere_signal, write_run
 
 from qsmprep.qsm.units import GAMMA_BAR_MHZ_PER_T
-from qsmprep.utils.bids import QSMPrepInputError, collect_data
+from qsmprep.bids import QSMPrepInputError
+from qsmprep.bids.discover import collect_data
 
 TE = (0.004, 0.008)
 SHAPE = (16, 16, 16)

@@ -11,7 +11,8 @@ import pytest
 from _chain import CHI, centered_affine, data, load_run, run_chain, sphere_signal, write_run
 
 from qsmprep.config import Config
-from qsmprep.utils.bids import QSMPrepInputError, check_methods, collect_data
+from qsmprep.bids import QSMPrepInputError
+from qsmprep.bids.discover import check_methods, collect_data
 
 TE = (0.004, 0.008, 0.012)
 SHAPE = (24, 24, 24)

@@ -22,7 +22,7 @@ from qsmprep.config import Config
 from qsmprep.dl.inference import run_network, to_numpy, to_tensor
 from qsmprep.interfaces.qsm import DL_BYTES_PER_VOXEL, Inversion, max_voxels_for
 from qsmprep.qsm import registry
-from qsmprep.utils.bids import collect_data
+from qsmprep.bids.discover import collect_data
 from qsmprep.workflows.qsm import init_qsm_wf
 
 SHAPE = (32, 32, 32)
