@@ -160,7 +160,14 @@ def collect_runs(layout, subject, *, session_label=(), bids_filters=None):
 
 
 def bidsignore_patterns(bids_dir):
-    """The patterns of ``<bids_dir>/.bidsignore`` (none when it does not exist)."""
+    """The patterns of ``<bids_dir>/.bidsignore`` (none when it does not exist).
+
+    pybids (0.22) does not read ``.bidsignore``: its indexer only takes
+    ``ignore=`` paths or regular expressions, which replace its own defaults
+    and would need the gitignore-style patterns translated (a ``*`` that stops
+    at ``/`` in a name pattern but not in a path pattern). So the files pybids
+    found are filtered here, after the query (:func:`is_bidsignored`).
+    """
     path = Path(bids_dir) / ".bidsignore"
     if not path.is_file():
         return []
