@@ -55,7 +55,8 @@ ECHO_TIMES_S = (0.004, 0.012, 0.020, 0.028)
 
 def make_inputs(path):
     """Simulate the phantom and save every stage's inputs to ``path`` (npz)."""
-    from qsmprep.qsm.unwrap import mcpc3ds, romeo_unwrap
+    from qsmprep.qsm.romeo import romeo_unwrap
+    from qsmprep.qsm.unwrap import mcpc3ds
     from qsmprep.sim import acquisition
 
     head, total, local = unseen_head(SHAPE)

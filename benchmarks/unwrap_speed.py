@@ -90,7 +90,7 @@ def median_time(func, repeats):
 def single_echo(shape, repeats):
     from skimage.restoration import unwrap_phase
 
-    from qsmprep.qsm.unwrap import romeo_unwrap
+    from qsmprep.qsm.romeo import romeo_unwrap
 
     te = 0.02
     phase, mag, field, mask = head_like(shape, [te], snr=SNR_SINGLE)
@@ -109,7 +109,8 @@ def single_echo(shape, repeats):
 def _multi_echo_worker(path, mcpc, queue):
     """Unwrap + B0 on the saved dataset; report time, peak RSS and B0 error."""
     from qsmprep.qsm.echo import romeo_b0
-    from qsmprep.qsm.unwrap import mcpc3ds, romeo_unwrap
+    from qsmprep.qsm.romeo import romeo_unwrap
+    from qsmprep.qsm.unwrap import mcpc3ds
 
     data = np.load(path)
     phase, mag, te, field, mask = (data[k] for k in ("phase", "mag", "te", "field", "mask"))

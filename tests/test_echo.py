@@ -5,7 +5,7 @@ import pytest
 from _data import simulate_multi_echo
 
 from qsmprep.qsm.echo import romeo_b0, weighted_echo_fit
-from qsmprep.qsm.unwrap import romeo_unwrap
+from qsmprep.qsm.romeo import romeo_unwrap
 
 TE = np.array([0.004, 0.008, 0.012], dtype=np.float32)
 

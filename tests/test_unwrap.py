@@ -6,7 +6,8 @@ from _data import shared_data_dir, simulate_multi_echo, smooth_field_hz
 
 from qsmprep.qsm import registry
 from qsmprep.qsm.units import rescale_phase
-from qsmprep.qsm.unwrap import laplacian_unwrap, mcpc3ds, quality_mask, romeo_unwrap
+from qsmprep.qsm.romeo import quality_mask, romeo_unwrap
+from qsmprep.qsm.unwrap import laplacian_unwrap, mcpc3ds
 
 TWO_PI = 2 * np.pi
 TE = (0.004, 0.008, 0.012)

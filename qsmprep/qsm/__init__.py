@@ -22,7 +22,7 @@ _EXPORTS = {
     "dipole_convolve": "kernels",
     "smv_kernel": "kernels",
     "sphere_field": "kernels",
-    "romeo_unwrap": "unwrap",
+    "romeo_unwrap": "romeo",
     "laplacian_unwrap": "unwrap",
     "mcpc3ds": "unwrap",
     "romeo_b0": "echo",
@@ -35,7 +35,7 @@ _EXPORTS = {
     "coverage": "metrics",
     "region_metrics": "metrics",
     "score": "metrics",
-    "quality_mask": "unwrap",
+    "quality_mask": "romeo",
 }
 
 __all__ = sorted(_EXPORTS)

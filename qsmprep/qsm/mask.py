@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from .fft import fast_shape, pad
 from .registry import register
-from .unwrap import quality_mask
+from .romeo import quality_mask
 
 
 def _as_3d_magnitude(magnitude):
