@@ -4,7 +4,8 @@ import torch
 
 from qsmprep.qsm import registry
 from qsmprep.qsm import torch_ops as T
-from qsmprep.qsm.inversion import _cone, _ilsqr, tkd, tv_admm
+from qsmprep.qsm.ilsqr import _cone, _ilsqr
+from qsmprep.qsm.inversion import tkd, tv_admm
 from qsmprep.qsm.kernels import dipole_convolve, dipole_kernel, sphere_field
 
 from _qsm_phantom import VOX, brain_phantom, local_field
