@@ -87,7 +87,7 @@ def trilinear(lowres, factor):
 
 
 def run_case(chi, mask, model, opts):
-    from qsmprep.dl import dmqsm
+    from qsmprep.dl import dmqsm, dmqsm_sampler
     from qsmprep.dl.inference import to_numpy, to_tensor
     from qsmprep.qsm import registry
     from qsmprep.qsm.kernels import dipole_convolve
@@ -110,7 +110,7 @@ def run_case(chi, mask, model, opts):
     rows[("inversion", "DM-QSM")] = scores(out, chi, mask, s)
 
     # x2 super-resolution of chi (the truth down-sampled in k-space)
-    down = dmqsm.Downsample(chi.shape, 2)
+    down = dmqsm_sampler.Downsample(chi.shape, 2)
     lowres = to_numpy(down(to_tensor(chi, "cpu")))
     out, s = timed(lambda: trilinear(lowres, 2) * mask)
     rows[("sr2", "trilinear")] = scores(out, chi, mask, s)
@@ -141,7 +141,7 @@ def whole_head_estimate(model, opts, crop_seconds):
     measured DM-QSM inversion of a crop (one 48^3 patch: ``crop_seconds``,
     every step's network pass and data term) per step, times the steps and
     the patches holding brain in the whole head's bounding box."""
-    from qsmprep.dl import dmqsm
+    from qsmprep.dl import dmqsm, dmqsm_sampler
     from qsmprep.qsm.mask import bbox_slices
     from qsmprep.sim.phantoms import mni_head
 
@@ -150,7 +150,7 @@ def whole_head_estimate(model, opts, crop_seconds):
     shape = [n + (-n % model.multiple) for n in sub.shape]
     sub = np.pad(sub, [(0, s - n) for s, n in zip(shape, sub.shape)])
     p, o = opts.get("patch", dmqsm.SAMPLING["patch"]), opts.get("overlap", 8)
-    n_patches = sum(bool(sub[sl].any()) for sl in dmqsm.patch_grid(shape, p, o))
+    n_patches = sum(bool(sub[sl].any()) for sl in dmqsm_sampler.patch_grid(shape, p, o))
     steps = opts.get("steps", dmqsm.SAMPLING["steps"])
     per_patch_step = crop_seconds / steps
     return {"shape": tuple(shape), "patches": n_patches, "steps": steps,
@@ -202,7 +202,7 @@ def main(argv=None):
 
     info = hardware()
     if args.checkpoint:
-        from qsmprep.dl.dmqsm import ScoreUNet
+        from qsmprep.dl.dmqsm_prior import ScoreUNet
 
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         model = ScoreUNet(state["config"])

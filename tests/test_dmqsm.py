@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from qsmprep.dl import dmqsm
-from qsmprep.dl.dmqsm import (Composed, Downsample, Masked, MaskedDipole, ScoreUNet, ddim_times,
-                              dsm_loss, patch_average, patch_grid)
+from qsmprep.dl.dmqsm_prior import ScoreUNet, dsm_loss
+from qsmprep.dl.dmqsm_sampler import (Composed, Downsample, Masked, MaskedDipole, ddim_times,
+                                      patch_average, patch_grid)
+from qsmprep.dl.inference import to_numpy, to_tensor
 from qsmprep.dl.weights import MODELS_DIR, read_manifest
 from qsmprep.qsm.kernels import dipole_convolve
 from qsmprep.qsm.metrics import nrmse
@@ -229,7 +231,7 @@ def test_registry_method_and_super_resolution_run():
                        device="cpu", steps=3, patch=16, overlap=8)
     assert out.shape == chi.shape and out.dtype == np.float32 and np.all(out[~brain] == 0)
     down = Downsample(chi.shape, 2)
-    lowres = dmqsm.to_numpy(down(dmqsm.to_tensor(chi, "cpu")))
+    lowres = to_numpy(down(to_tensor(chi, "cpu")))
     hr = dmqsm.super_resolve(lowres, 2, mask=brain, device="cpu", steps=3)
     assert hr.shape == chi.shape and np.isfinite(hr).all()
     comb = dmqsm.invert_super_resolve(field[::2, ::2, ::2], brain[::2, ::2, ::2], (2, 2, 2),

@@ -19,7 +19,7 @@ import torch
 from ..qsm.registry import register
 from .dipole import DipoleOperator
 from .inference import autocast, resolve_precision, run_network, select_device, to_numpy, to_tensor
-from .dmqsm import ScoreUNet
+from .dmqsm_prior import ScoreUNet
 from .ir2qsm import IR2QSM
 from .nextqsm import NeXtQSM
 from .unet import UNetQSM, field_inputs

@@ -63,7 +63,7 @@ def dmqsm_check_scores(model=None, models_dir=None):
     """NRMSE (%) on the check case of DM-QSM's dipole inversion and x2
     super-resolution (k-space) with :data:`CHECK_SAMPLING`, and of their
     closed-form starts (TKD 0.1; zero-filled up-sampling)."""
-    from ..dl import dmqsm
+    from ..dl import dmqsm, dmqsm_sampler
     from ..dl.dipole import DipoleOperator
     from ..dl.inference import to_numpy, to_tensor
     from ..dl.methods import load_model
@@ -79,7 +79,7 @@ def dmqsm_check_scores(model=None, models_dir=None):
                        **CHECK_INVERSION)
     tkd = to_numpy(DipoleOperator(chi.shape, vox, b0).tkd(
         to_tensor(field, "cpu"), dmqsm.TKD_THRESHOLD)) * mask
-    down = dmqsm.Downsample(chi.shape, 2)
+    down = dmqsm_sampler.Downsample(chi.shape, 2)
     lowres = down(to_tensor(chi, "cpu"))
     zero_filled = to_numpy(down.zero_filled(lowres)) * mask
     sr = dmqsm.super_resolve(to_numpy(lowres), 2, mask=mask, device="cpu", model=model,

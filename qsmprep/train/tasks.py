@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..dl.dipole import DipoleOperator
-from ..dl.dmqsm import ScoreUNet, denoise_check, dsm_loss
+from ..dl.dmqsm_prior import ScoreUNet, denoise_check, dsm_loss
 from ..dl.ir2qsm import IR2QSM, ir2qsm_loss
 from ..dl.nextqsm import NeXtQSM
 from ..dl.unet import UNetQSM, field_inputs, mask_rms, normalised_mse
@@ -134,7 +134,7 @@ def dmqsm_task_loss(model, batch, step, total_steps, rng):
 
 def dmqsm_predict(model, batch):
     """Validation: the one-step denoised chi at a fixed timestep and noise
-    (:func:`qsmprep.dl.dmqsm.denoise_check`), zero outside the mask."""
+    (:func:`qsmprep.dl.dmqsm_prior.denoise_check`), zero outside the mask."""
     return {"chi_denoised": (denoise_check(model, batch["chi"]) * batch["mask"], "chi")}
 
 
