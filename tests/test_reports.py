@@ -10,7 +10,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from qsmprep.reports import browser, core, reportlets
+from qsmprep.reports import browser, citations, core, reportlets
 
 SHAPE = (40, 44, 16)
 VOX = (1.0, 1.0, 2.5)  # anisotropic on purpose
@@ -105,9 +105,9 @@ def test_citations_numbered_in_order_of_use(tmp_path):
           "- inversion: TKD @shmueli2009tkd\n- unknown: [@nobody1999]\n")
     (tmp_path / "CITATION.md").write_text(
         md + "\n### References\n\n- an old list [@gorgolewski2011nipype]\n")
-    assert core.cited_keys(md) == ["dymerska2021romeo", "wu2012vsharp", "nobody1999",
+    assert citations.cited_keys(md) == ["dymerska2021romeo", "wu2012vsharp", "nobody1999",
                                    "shmueli2009tkd"]
-    written = core.write_citation_files(tmp_path)
+    written = citations.write_citation_files(tmp_path)
     body = (tmp_path / "CITATION.html").read_text()
     assert "<h3>Methods</h3>" in body and "<li>inversion: TKD" in body
     assert '[<a href="#ref-wu2012vsharp">2</a>, <a href="#ref-dymerska2021romeo">1</a>]' in body
@@ -116,15 +116,15 @@ def test_citations_numbered_in_order_of_use(tmp_path):
     assert refs == ["dymerska2021romeo", "wu2012vsharp", "shmueli2009tkd"]
     assert "doi.org/10.1002/mrm.28563" in body  # ROMEO's DOI
     assert "gorgolewski2011nipype" not in body  # the old reference list is replaced
-    assert sorted(core.parse_bib(written[1].read_text())) == sorted(refs)
+    assert sorted(citations.parse_bib(written[1].read_text())) == sorted(refs)
     (tmp_path / "CITATION.bib").write_text("% written by the workflow\n")
-    assert core.write_citation_files(tmp_path) == [tmp_path / "CITATION.html"]
+    assert citations.write_citation_files(tmp_path) == [tmp_path / "CITATION.html"]
 
 
 def test_bib_has_every_registry_citation():
     from qsmprep.qsm import registry
 
-    bib = core.parse_bib(core.BIB_FILE.read_text())
+    bib = citations.parse_bib(citations.BIB_FILE.read_text())
     cited = {c for stage in registry.STAGES for m in registry.methods(stage).values()
              for c in m.citations}
     assert cited <= set(bib), sorted(cited - set(bib))

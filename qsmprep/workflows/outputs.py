@@ -21,7 +21,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..__about__ import __url__, __version__
 from ..interfaces.bids import STAGING, DerivativesDataSink
-from ..reports.core import cited_bib, cited_keys, format_reference, parse_bib
+from ..reports.citations import cited_bib, cited_keys, format_reference, parse_bib
 from ..utils.files import write_text
 
 #: files and folders of the output directory that are not BIDS
