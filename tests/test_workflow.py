@@ -185,6 +185,7 @@ def _run_graph(wf):
 
 
 def test_echo_combination_noise_map_reaches_pdf_and_medi(tmp_path, synthetic_bids, monkeypatch):
+    import dataclasses
     import functools
 
     from qsmprep.qsm import registry
@@ -199,7 +200,7 @@ def test_echo_combination_noise_map_reaches_pdf_and_medi(tmp_path, synthetic_bid
 
         functools.update_wrapper(spy, method.func)  # keeps the signature (noise_std)
         monkeypatch.setitem(registry._REGISTRY[stage], name,
-                            registry.Method(**{**method.__dict__, "func": spy}))
+                            dataclasses.replace(method, target=spy))
     config = _config(tmp_path, synthetic_bids, echo_combination="nonlinear", masking="magnitude",
                      bf_removal="pdf", inversion="medi")
     config.workflow.params = {"inversion": {"max_outer": 2, "cg_iter": 10}}

@@ -30,21 +30,25 @@ def _non_negative_float(text):
 OPTIONS = {
     "--dmqsm-steps": ("steps", _positive_int,
                       "reverse diffusion (DDIM) steps of DM-QSM's posterior sampling; run time "
-                      "grows linearly (default: 20)"),
+                      "grows linearly"),
     "--dmqsm-xi": ("xi", _non_negative_float,
                    "DM-QSM's data-consistency step xi on ||y - A x0||^2, chi in units of "
-                   "0.1 ppm (default: 2.0)"),
-    "--dmqsm-seed": ("seed", int, "seed of DM-QSM's noise: the same seed gives the same map "
-                     "(default: 0)"),
+                   "0.1 ppm"),
+    "--dmqsm-seed": ("seed", int, "seed of DM-QSM's noise: the same seed gives the same map"),
 }
 
 
 def add_options(parser):
-    """Add the DM-QSM options to ``parser`` (their own group)."""
+    """Add the DM-QSM options to ``parser`` (their own group); the defaults
+    shown are those of the ``dmqsm`` inversion's signature (read by the
+    registry without importing torch)."""
+    from ..qsm import registry
+
+    defaults = registry.get("inversion", "dmqsm").defaults
     g = parser.add_argument_group("DM-QSM sampling (with --inversion dmqsm)")
     for flag, (param, kind, text) in OPTIONS.items():
         g.add_argument(flag, dest=f"dmqsm_{param}", type=kind, metavar=param.upper(),
-                       help=text)
+                       help=f"{text} (default: {defaults[param]})")
 
 
 def apply_options(opts, config):

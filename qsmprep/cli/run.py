@@ -40,11 +40,12 @@ def main(argv=None):
     """Entry point of the ``qsmprep`` console script; returns the exit code
     (0 success, 1 input error, no space or failed processing, 128 + signal
     number when interrupted by SIGTERM/SIGINT)."""
-    from ..bids import QSMPrepInputError
-    from ..utils.files import OutputSpaceError
     from .parser import parse_args
 
-    config = parse_args(argv)
+    config = parse_args(argv)  # before the imports below: --help and --version stay fast
+    from ..bids import QSMPrepInputError
+    from ..utils.files import OutputSpaceError
+
     _setup_logging(config.execution.verbosity)
     _RUNNING.update(pid=os.getpid(), work_dir=config.execution.work_dir)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -1,4 +1,5 @@
-"""Deep-learning methods in the algorithm registry (shipped weights).
+"""Deep-learning methods of the algorithm registry (shipped weights; listed in
+``qsmprep/data/methods.toml``, imported only when one runs).
 
 ``bf_removal``: ``nextqsm``. ``inversion``: ``nextqsm``, ``ir2qsm``, ``unet``, ``dmqsm``
 (diffusion posterior sampling, :mod:`qsmprep.dl.dmqsm`; its own sampling parameters).
@@ -16,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..qsm.registry import register
 from .dipole import DipoleOperator
 from .inference import autocast, resolve_precision, run_network, select_device, to_numpy, to_tensor
 from .dmqsm_prior import ScoreUNet
@@ -110,19 +110,6 @@ def _feedforward(name, local, mask, voxel_size_mm, b0_dir, device, max_voxels, p
     return _run(lambda xp, apply: apply(model, xp), x, model, dev, precision, max_voxels)
 
 
-@register(
-    "bf_removal",
-    "nextqsm",
-    summary="NeXtQSM learned background removal (3-D U-Net correcting V-SHARP, shipped weights)",
-    citations=("cognolato2023nextqsm", "ronneberger2015unet", "wu2012vsharp"),
-    defaults={"device": "auto", "max_voxels": None, "precision": "fp32"},
-    description=(
-        "The background field was removed with the NeXtQSM background-removal U-Net, "
-        "which corrects a V-SHARP estimate of the local field (SMV radii 12 mm down to two "
-        "voxels) and fills the rim V-SHARP erodes, trained on hybrid simulated data "
-        "(device: {device}, precision: {precision})."
-    ),
-)
 def bfr_nextqsm(total_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                 max_voxels=None, precision="fp32"):
     local = nextqsm_remove_background(total_field_ppm, mask, voxel_size_mm, b0_dir, device,
@@ -130,79 +117,24 @@ def bfr_nextqsm(total_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
     return local, np.asarray(mask) > 0
 
 
-@register(
-    "inversion",
-    "nextqsm",
-    summary="NeXtQSM variational network (unrolled data-consistent steps, U-Net regulariser)",
-    citations=("cognolato2023nextqsm", "bilgic2014tv"),
-    defaults={"device": "auto", "max_voxels": None, "precision": "fp32"},
-    description=(
-        "The dipole inversion used the NeXtQSM variational network (unrolled gradient steps "
-        "on a dipole data term with a learned U-Net regulariser), started from a "
-        "total-variation (TV-ADMM) solution and trained on hybrid simulated data "
-        "(device: {device}, precision: {precision})."
-    ),
-)
 def inversion_nextqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                       max_voxels=None, precision="fp32"):
     return nextqsm_invert(local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels,
                           precision)
 
 
-@register(
-    "inversion",
-    "ir2qsm",
-    summary="IR2QSM (iterative U-Nets, reverse concatenations, recurrent bottleneck; TV residual)",
-    citations=("li2025ir2qsm", "bilgic2014tv"),
-    defaults={"device": "auto", "max_voxels": None, "precision": "fp32"},
-    description=(
-        "The dipole inversion used IR2QSM (four U-Net iterations with reverse "
-        "concatenations and a recurrent bottleneck) as a learned residual correction "
-        "of a total-variation (TV-ADMM) estimate, trained on hybrid simulated data (device: {device}, "
-        "precision: {precision})."
-    ),
-)
 def inversion_ir2qsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                      max_voxels=None, precision="fp32"):
     return _feedforward("ir2qsm", local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels,
                         precision)
 
 
-@register(
-    "inversion",
-    "unet",
-    summary="Plain 3-D U-Net dipole inversion (TV residual; baseline, shipped weights)",
-    citations=("ronneberger2015unet", "cicek2016unet3d", "bilgic2014tv"),
-    defaults={"device": "auto", "max_voxels": None, "precision": "fp32"},
-    description=(
-        "The dipole inversion used a 3-D U-Net, as a learned residual correction of a "
-        "total-variation (TV-ADMM) estimate, trained on hybrid simulated data (device: {device}, "
-        "precision: {precision})."
-    ),
-)
 def inversion_unet(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                    max_voxels=None, precision="fp32"):
     return _feedforward("unet", local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels,
                         precision)
 
 
-@register(
-    "inversion",
-    "dmqsm",
-    summary="DM-QSM diffusion prior, dipole-guided posterior sampling from TKD (shipped weights)",
-    citations=("xiong2024dmqsm", "ho2020ddpm", "song2021ddim", "meng2022sdedit",
-               "chung2023dps"),
-    defaults={"device": "auto", "steps": 20, "xi": 2.0, "seed": 0, "t_start": 150, "eta": 0.0,
-              "patch": 48, "overlap": 8, "jacobian": False, "precision": "fp32"},
-    description=(
-        "The dipole inversion used DM-QSM: a diffusion prior of susceptibility maps (a 3-D "
-        "U-Net trained by denoising score matching on simulated chi patches) sampled by "
-        "diffusion posterior sampling with the masked dipole convolution as forward model, "
-        "starting from a TKD estimate (threshold 0.1) noised to step {t_start} of 1000 and "
-        "running {steps} DDIM steps with data-consistency step {xi}, on {patch}^3 patches "
-        "overlapping by {overlap} voxels (seed {seed}, device: {device})."
-    ),
-)
 def inversion_dmqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto", steps=20,
                     xi=2.0, seed=0, t_start=150, eta=0.0, patch=48, overlap=8, jacobian=False,
                     precision="fp32"):

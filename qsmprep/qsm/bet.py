@@ -47,7 +47,6 @@ from scipy.spatial import cKDTree
 
 from .mask import (_as_3d_magnitude, bbox_slices, fill_mask_holes, largest_component,
                    robust_magnitude_mask)
-from .registry import register
 
 _R_MIN_MM, _R_MAX_MM = 3.33, 10.0
 _D1_MM = 20.0  # search depth of I_min; I_max looks half as deep
@@ -196,19 +195,6 @@ def fill_surface(verts_mm, faces, shape, voxel_size_mm):
     return inside
 
 
-@register(
-    "masking",
-    "bet",
-    summary="Brain extraction: deformable surface on the magnitude (FSL BET idea)",
-    citations=("smith2002bet",),
-    defaults={"fractional_threshold": 0.75, "iterations": 1000},
-    description=(
-        "The brain was extracted from the magnitude (root sum of squares over echoes) "
-        "with a deformable tessellated sphere following the brain extraction tool "
-        "(BET) of Smith (fractional intensity threshold {fractional_threshold}, "
-        "{iterations} iterations), intersected with a histogram-thresholded head mask."
-    ),
-)
 def bet_mask(magnitude, *, quality=None, fractional_threshold=0.75, iterations=1000,
              voxel_size_mm=(1.0, 1.0, 1.0)):
     """Brain mask of a whole-head magnitude image (scalp, skull, face, neck removed).

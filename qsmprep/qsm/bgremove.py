@@ -18,7 +18,6 @@ from . import torch_ops as T
 from .fft import fftn, ifftn
 from .kernels import smv_kernel
 from .mask import MaskBox, erode
-from .registry import register
 
 
 def _check(field, mask):
@@ -62,17 +61,6 @@ def _sharp(field, mask, voxel_size_mm, radii, threshold):
     return box.unpad(local, mask_out), mask_out
 
 
-@register(
-    "bf_removal",
-    "vsharp",
-    summary="Variable-radius SHARP (SMV high-pass, truncated deconvolution)",
-    citations=("schweser2011sharp", "wu2012vsharp"),
-    defaults={"max_radius_mm": 12.0, "min_radius_mm": None, "threshold": 0.05},
-    description=(
-        "Background fields were removed with V-SHARP (SMV radii from {max_radius_mm} mm "
-        "down to about two voxels, truncation {threshold})."
-    ),
-)
 def vsharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, max_radius_mm=12.0,
            min_radius_mm=None, threshold=0.05):
     """V-SHARP background field removal (Wu et al. 2012; Schweser et al. 2011).
@@ -106,17 +94,6 @@ def vsharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, max_radius_mm=1
     return _sharp(field, mask, voxel_size_mm, radii, threshold)
 
 
-@register(
-    "bf_removal",
-    "sharp",
-    summary="SHARP: one SMV radius, truncated deconvolution",
-    citations=("schweser2011sharp",),
-    defaults={"radius_mm": 6.0, "threshold": 0.05},
-    description=(
-        "Background fields were removed with SHARP (SMV radius {radius_mm} mm, "
-        "truncation {threshold})."
-    ),
-)
 def sharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=6.0, threshold=0.05):
     """SHARP (Schweser et al. 2011): ``M_r F^-1{ F{M_r (delta - S_r) * f} / (1 - S_r) }``,
     truncated where ``|1 - S_r| < threshold``; the mask is eroded by ``radius_mm``."""
@@ -125,17 +102,6 @@ def sharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=6.0, t
     return _sharp(field, mask, voxel_size_mm, (float(radius_mm),), threshold)
 
 
-@register(
-    "bf_removal",
-    "resharp",
-    summary="RESHARP: Tikhonov-regularised SHARP solved by conjugate gradients",
-    citations=("sun2014resharp",),
-    defaults={"radius_mm": 5.0, "lam": 1e-4, "max_iter": 200, "tol": 1e-3, "device": "cpu"},
-    description=(
-        "Background fields were removed with RESHARP (SMV radius {radius_mm} mm, "
-        "Tikhonov weight {lam})."
-    ),
-)
 def resharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=5.0, lam=1e-4,
             max_iter=200, tol=1e-3, device="cpu"):
     """RESHARP (Sun & Wilman 2014): ``min_l ||M_r C (f - l)||^2 + lam ||l||^2``.
@@ -178,17 +144,6 @@ def _data_weights(mask, noise_std):
     return (w / w[ok].mean()).astype(np.float32) if ok.any() else mask.astype(np.float32)
 
 
-@register(
-    "bf_removal",
-    "pdf",
-    summary="Projection onto dipole fields (weighted least squares, CG)",
-    citations=("liu2011pdf",),
-    defaults={"pad_factor": 1.5, "max_iter": 50, "tol": 1e-3, "device": "cpu"},
-    description=(
-        "Background fields were removed with projection onto dipole fields (PDF), "
-        "fitting dipole sources outside the brain by conjugate gradients (tolerance {tol})."
-    ),
-)
 def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
         pad_factor=1.5, max_iter=50, tol=1e-3, device="cpu"):
     """Projection onto dipole fields (Liu et al. 2011).
@@ -221,17 +176,6 @@ def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
     return box.unpad(T.to_numpy(local)), np.asarray(mask, dtype=bool).copy()
 
 
-@register(
-    "bf_removal",
-    "ismv",
-    summary="Iterative spherical mean value (harmonic background from the rim)",
-    citations=("wen2014ismv",),
-    defaults={"radius_mm": 5.0, "max_iter": 500, "tol": 1e-3, "device": "cpu"},
-    description=(
-        "Background fields were removed with iterative SMV filtering (iSMV, radius "
-        "{radius_mm} mm, tolerance {tol})."
-    ),
-)
 def ismv(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=5.0, max_iter=500,
          tol=1e-3, device="cpu"):
     """iSMV (Wen et al. 2014): the background is harmonic, so it equals its
@@ -276,17 +220,6 @@ def _upsample(x):
     )[0, 0]
 
 
-@register(
-    "bf_removal",
-    "lbv",
-    summary="Laplacian boundary value: harmonic background from the mask boundary",
-    citations=("zhou2014lbv",),
-    defaults={"levels": 4, "max_iter": 300, "tol": 1e-4, "device": "cpu"},
-    description=(
-        "Background fields were removed with the Laplacian boundary value method (LBV), "
-        "solved by cascadic conjugate gradients over {levels} grid levels."
-    ),
-)
 def lbv(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, levels=4, max_iter=300,
         tol=1e-4, device="cpu"):
     """Laplacian boundary value background removal (Zhou et al. 2014).

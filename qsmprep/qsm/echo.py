@@ -287,23 +287,10 @@ def nonlinear_complex_fit(unwrapped, magnitude, echo_times_s, *, max_iter=30,
 # Registry stage ``echo_combination``
 #   f(unwrapped_rad[X,Y,Z,E], magnitude[X,Y,Z,E] or None, echo_times_s, **params)
 #   -> (b0_hz[X,Y,Z], noise_std_hz[X,Y,Z])
+# (listed in qsmprep/data/methods.toml as romeo, linear, nonlinear)
 # ---------------------------------------------------------------------------
 
-from .registry import register  # noqa: E402  (after the pure functions it registers)
 
-
-@register(
-    "echo_combination",
-    "romeo",
-    summary="Phase-SNR weighted mean of the per-echo phase rates (ROMEO's B0)",
-    citations=("dymerska2021romeo",),
-    description=(
-        "The unwrapped echoes were combined into a B0 field map (Hz) by a magnitude- and "
-        "echo-time-weighted average of the per-echo phase evolution rates; its noise "
-        "standard deviation (N_std) was propagated analytically from the magnitude "
-        "(phase noise σ/|S| per echo)."
-    ),
-)
 def romeo_combination(unwrapped, magnitude, echo_times_s):
     """:func:`romeo_b0` and its N_std (:func:`romeo_b0_noise_std`, Hz), with
     ``sigma`` from the residual of the weighted linear fit (``dof = E - 1``)."""
@@ -314,16 +301,6 @@ def romeo_combination(unwrapped, magnitude, echo_times_s):
     return romeo_b0(phase, mag, te), romeo_b0_noise_std(mag1, te, sigma)
 
 
-@register(
-    "echo_combination",
-    "linear",
-    summary="Magnitude²-weighted linear fit of phase against echo time through the origin",
-    description=(
-        "The unwrapped echoes were combined into a B0 field map (Hz) by a linear fit of "
-        "phase against echo time through the origin, weighted by the squared magnitude; its "
-        "noise standard deviation (N_std) followed from the fit."
-    ),
-)
 def linear_combination(unwrapped, magnitude, echo_times_s):
     """:func:`weighted_echo_fit` and its N_std: ``var(omega) = sigma^2 /
     sum mag^2 TE^2`` (Hz), ``sigma`` from the fit residual (``dof = E - 1``)."""
@@ -336,19 +313,6 @@ def linear_combination(unwrapped, magnitude, echo_times_s):
         return b0, _field_std_hz(1.0 / den, _linear_fit_sigma(residual, mag1))  # inf -> 0
 
 
-@register(
-    "echo_combination",
-    "nonlinear",
-    summary="Nonlinear complex fit of the multi-echo signal (MEDI; Gauss-Newton)",
-    citations=("liu2013nonlinear",),
-    defaults={"max_iter": 30, "tol_hz": 1e-3},
-    description=(
-        "The echoes were combined into a B0 field map (Hz) by a nonlinear fit of the "
-        "complex multi-echo signal with a phase offset (Gauss-Newton, at most {max_iter} "
-        "iterations, initialised by a weighted linear fit), which also gave the noise "
-        "standard deviation of the field (N_std) from the fit residual and Jacobian."
-    ),
-)
 def nonlinear_combination(unwrapped, magnitude, echo_times_s, *, max_iter=30, tol_hz=1e-3):
     """:func:`nonlinear_complex_fit` as an echo-combination method (the fitted
     phase offset is dropped)."""

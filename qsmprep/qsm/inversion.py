@@ -19,7 +19,6 @@ from .kernels import dipole_kernel, tkd_inverse
 from .mask import MaskBox
 from .bgremove import _data_weights
 from .ilsqr import _ilsqr, _masked_lsq
-from .registry import register
 
 
 def _check_field(field, mask):
@@ -32,17 +31,6 @@ def _check_field(field, mask):
     return field
 
 
-@register(
-    "inversion",
-    "tkd",
-    summary="Thresholded k-space division",
-    citations=("shmueli2009tkd", "wharton2010tkd"),
-    defaults={"threshold": 0.15, "pad_factor": 1.5},
-    description=(
-        "The dipole inversion used thresholded k-space division (TKD) with threshold "
-        "{threshold}."
-    ),
-)
 def tkd(local_field_ppm, mask, voxel_size_mm, *, b0_dir, threshold=0.15,
         pad_factor=1.5):
     """Thresholded k-space division (Shmueli 2009; Wharton 2010).
@@ -93,18 +81,6 @@ def _admm_tv(a_k, b_k, shape, lam, rho, max_iter, tol):
     return x
 
 
-@register(
-    "inversion",
-    "tv",
-    summary="Total-variation regularised inversion (ADMM, closed-form k-space update)",
-    citations=("bilgic2014tv",),
-    defaults={"lam": 2e-4, "rho": None, "max_iter": 40, "tol": 3e-3, "pad_factor": 1.3,
-              "device": "cpu"},
-    description=(
-        "The dipole inversion used total-variation regularisation solved with ADMM "
-        "(Bilgic et al. 2014; lambda {lam}, at most {max_iter} iterations)."
-    ),
-)
 def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=2e-4,
             rho=None, max_iter=40, tol=3e-3, pad_factor=1.3, device="cpu"):
     """Total-variation dipole inversion by ADMM (Bilgic et al. 2014).
@@ -139,17 +115,6 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=2e-4,
     return grid.unpad(T.to_numpy(x))
 
 
-@register(
-    "inversion",
-    "tikhonov",
-    summary="Closed-form Tikhonov-regularised k-space inversion",
-    citations=("bilgic2014tv", "kressler2010"),
-    defaults={"lam": 1e-2, "regularizer": "gradient", "pad_factor": 1.5},
-    description=(
-        "The dipole inversion used closed-form Tikhonov regularisation "
-        "({regularizer} penalty, lambda {lam})."
-    ),
-)
 def tikhonov(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=1e-2,
              regularizer="gradient", pad_factor=1.5):
     """Tikhonov inversion ``X = D F{f} / (D^2 + lam |G|^2)`` in one step.
@@ -175,18 +140,6 @@ def tikhonov(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=1e-2,
     return grid.unpad(chi)
 
 
-@register(
-    "inversion",
-    "lsqr",
-    summary="Weighted least squares by CG with early stopping (LSQR-type)",
-    citations=("li2011ilsqr",),
-    defaults={"max_iter": 10, "tol": 1e-2, "pad_factor": 1.2, "device": "cpu"},
-    description=(
-        "The dipole inversion solved the masked, noise-weighted least-squares problem by "
-        "conjugate gradients with early stopping (tolerance {tol}, at most {max_iter} "
-        "iterations)."
-    ),
-)
 def lsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
          max_iter=10, tol=1e-2, pad_factor=1.2, device="cpu"):
     """``min ||W M (D chi - f)||^2`` by CG on the normal equations, stopped early
@@ -200,21 +153,6 @@ def lsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
     return grid.unpad(T.to_numpy(_masked_lsq(f, w2, d, grid.shape, max_iter, tol)))
 
 
-@register(
-    "inversion",
-    "ilsqr",
-    summary="LSQR with streaking-artefact estimation and removal (iLSQR)",
-    citations=("li2015ilsqr", "li2011ilsqr"),
-    defaults={"threshold": 0.1, "lsqr_iter": 10, "lsqr_tol": 1e-2, "max_iter": 30,
-              "tol": 1e-2, "pad_factor": 1.2, "device": "cpu"},
-    description=(
-        "The dipole inversion used iLSQR (Li et al. 2015): a noise-weighted LSQR solution "
-        "(at most {lsqr_iter} iterations) from which streaking artefacts were subtracted, "
-        "estimated by least squares in the ill-conditioned k-space cone (|D| < {threshold}) "
-        "under gradient weights from a streak-free fast QSM estimate (at most {max_iter} "
-        "iterations)."
-    ),
-)
 def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
           threshold=0.1, lsqr_iter=10, lsqr_tol=1e-2, max_iter=30, tol=1e-2, pad_factor=1.2,
           device="cpu"):
@@ -270,18 +208,6 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
     return grid.unpad(T.to_numpy(parts["chi"]))
 
 
-@register(
-    "inversion",
-    "rts",
-    summary="Rapid two-step: LSQR on the well-conditioned cone, TV for the rest",
-    citations=("kames2018rts",),
-    defaults={"delta": 0.15, "lam": 5e-3, "rho": None, "lsqr_iter": 20, "max_iter": 20,
-              "tol": 1e-3, "pad_factor": 1.2, "device": "cpu"},
-    description=(
-        "The dipole inversion used the rapid two-step method (RTS; well-conditioned "
-        "threshold {delta}, TV weight {lam})."
-    ),
-)
 def rts(local_field_ppm, mask, voxel_size_mm, *, b0_dir, delta=0.15, lam=5e-3,
         rho=None, lsqr_iter=20, max_iter=20, tol=1e-3, pad_factor=1.2, device="cpu"):
     """Rapid two-step dipole inversion (Kames et al. 2018).
@@ -319,20 +245,6 @@ def gradient_mask(magnitude, mask, fraction=0.9):
     return (g <= level).astype(np.float32)
 
 
-@register(
-    "inversion",
-    "medi",
-    summary="Morphology-enabled dipole inversion (weighted L1 of edges off the magnitude)",
-    citations=("liu2012medi", "liu2011medi"),
-    defaults={"lam": 2000.0, "edge_fraction": 0.9, "max_outer": 10, "cg_iter": 50,
-              "tol": 1e-2, "pad_factor": 1.2, "device": "cpu"},
-    description=(
-        "The dipole inversion used MEDI (morphology-enabled dipole inversion; lambda {lam}, "
-        "gradient mask from the magnitude keeping {edge_fraction} of the voxels smooth, "
-        "noise-weighted data term), solved by {max_outer} Gauss-Newton (lagged "
-        "diffusivity) steps of at most {cg_iter} CG iterations."
-    ),
-)
 def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir, magnitude=None,
          noise_std=None, lam=2000.0, edge_fraction=0.9, max_outer=10, cg_iter=50, tol=1e-2,
          pad_factor=1.2, device="cpu"):

@@ -16,7 +16,6 @@ import numpy as np
 from scipy import ndimage
 
 from .fft import fast_shape, pad
-from .registry import register
 from .romeo import quality_mask
 
 
@@ -160,18 +159,6 @@ class MaskBox:
         return out * (self.mask if mask is None else mask)
 
 
-@register(
-    "masking",
-    "magnitude",
-    summary="Magnitude mask: histogram/noise threshold, largest component, hole filling",
-    citations=("dymerska2021romeo",),
-    defaults={"threshold": None, "fill_holes": True, "erode_mm": 0.0},
-    description=(
-        "A brain mask was obtained from the magnitude (root sum of squares over echoes) "
-        "with a histogram-based noise threshold (as in ROMEO's robustmask), keeping the "
-        "largest connected component, filling holes and eroding by {erode_mm} mm."
-    ),
-)
 def robust_magnitude_mask(magnitude, *, quality=None, threshold=None, fill_holes=True,
                           erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
     """Brain mask from a magnitude image.
@@ -226,17 +213,6 @@ def _check_quality(quality, shape):
     return np.where(np.isfinite(quality), quality, 0.0)
 
 
-@register(
-    "masking",
-    "quality",
-    summary="Phase-quality mask: ROMEO voxel quality above a threshold, cleaned",
-    citations=("dymerska2021romeo",),
-    defaults={"quality_threshold": 0.1, "fill_holes": True, "erode_mm": 0.0},
-    description=(
-        "A brain mask was obtained by thresholding ROMEO's phase quality map at "
-        "{quality_threshold}, keeping the largest connected component and filling holes."
-    ),
-)
 def phase_quality_mask(magnitude, *, quality=None, quality_threshold=0.1, fill_holes=True,
                        erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
     """Brain mask from a phase-quality map (0 bad .. 1 good), e.g. ROMEO's.
@@ -250,19 +226,6 @@ def phase_quality_mask(magnitude, *, quality=None, quality_threshold=0.1, fill_h
                   voxel_size_mm)
 
 
-@register(
-    "masking",
-    "magnitude+quality",
-    summary="Magnitude mask intersected with the phase-quality mask",
-    citations=("dymerska2021romeo",),
-    defaults={"threshold": None, "quality_threshold": 0.2, "fill_holes": True,
-              "erode_mm": 0.0},
-    description=(
-        "A brain mask was obtained from the magnitude (histogram-based noise threshold) "
-        "intersected with ROMEO's phase quality above {quality_threshold}, keeping the "
-        "largest connected component and filling holes."
-    ),
-)
 def magnitude_quality_mask(magnitude, *, quality=None, threshold=None, quality_threshold=0.2,
                            fill_holes=True, erode_mm=0.0, voxel_size_mm=(1.0, 1.0, 1.0)):
     """Intersection of :func:`robust_magnitude_mask` and :func:`phase_quality_mask`, cleaned.

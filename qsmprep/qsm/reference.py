@@ -11,7 +11,6 @@ import numpy as np
 from scipy import ndimage
 
 from .mask import erode
-from .registry import register
 
 
 def _check(chi, mask):
@@ -24,24 +23,12 @@ def _check(chi, mask):
     return chi, mask
 
 
-@register(
-    "referencing",
-    "none",
-    summary="No referencing (chi as inverted)",
-    description="Susceptibility values were not re-referenced.",
-)
 def reference_none(chi_ppm, mask):
     """Return chi unchanged (zero outside the mask)."""
     chi, mask = _check(chi_ppm, mask)
     return chi * mask
 
 
-@register(
-    "referencing",
-    "mean",
-    summary="Mean chi of the mask set to zero",
-    description="Susceptibility values were referenced to the mean over the brain mask.",
-)
 def reference_mean(chi_ppm, mask):
     """Subtract the mean chi over the mask (zero outside the mask)."""
     chi, mask = _check(chi_ppm, mask)
@@ -80,18 +67,6 @@ def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, depth_mm=15.0, f
     return np.isin(labels, keep)
 
 
-@register(
-    "referencing",
-    "csf",
-    summary="Median chi of an automatic ventricular-CSF estimate set to zero",
-    citations=("liu2018medi0",),
-    defaults={"depth_mm": 15.0, "fraction": 0.05},
-    description=(
-        "Susceptibility values were referenced to the median of ventricular CSF, "
-        "estimated as the brightest {fraction} of late-echo magnitude voxels at least "
-        "{depth_mm} mm inside the brain mask."
-    ),
-)
 def reference_csf(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0),
                   csf=None, depth_mm=15.0, fraction=0.05):
     """Subtract the median chi of CSF: the given ``csf`` mask (a segmentation)

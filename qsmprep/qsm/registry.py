@@ -1,7 +1,19 @@
-"""One registry of algorithms, selected by name.
+"""One registry of algorithms, selected by name: a static table.
 
 The CLI, the workflow, the benchmarks and the report all list the choices
-from here. Each stage has one call signature:
+from here. The table is ``qsmprep/data/methods.toml``: per stage, method
+name -> ``"module:function"`` plus its metadata (summary, citations, the
+outputs it provides, its sentence of the methods text). Listing names or
+metadata imports none of the implementing modules (so neither torch nor
+numba: ``qsmprep --help`` stays fast, and this module, the "methods" layer,
+depends on neither the physics of :mod:`qsmprep.qsm` nor :mod:`qsmprep.dl`);
+:attr:`Method.func` imports the function when a method runs.
+
+A method's default parameters are written in one place, its function's
+signature; :attr:`Method.defaults` reads them from the module's source
+without importing it.
+
+Each stage has one call signature:
 
 ``unwrapping``
     ``f(phase_rad[X,Y,Z,E], *, magnitude=None, echo_times_s, mask=None, **params)
@@ -18,37 +30,226 @@ from here. Each stage has one call signature:
     ``f(magnitude[X,Y,Z], *, quality=None, **params) -> bool mask``
 ``referencing``
     ``f(chi_ppm, mask, **params) -> chi_ppm``
+
+Besides these, a function may take the optional inputs of
+:data:`STAGE_INPUTS` (e.g. ``noise_std``, ``magnitude``); they are data the
+workflow passes, not parameters, and are not among the defaults.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import ast
+import functools
+import importlib
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Union
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 STAGES = ("unwrapping", "echo_combination", "bf_removal", "inversion", "masking",
           "referencing")
 
+#: arguments of each stage's functions that are data (given by the workflow),
+#: not parameters: never part of :attr:`Method.defaults`
+STAGE_INPUTS = {
+    "unwrapping": ("phase_rad", "magnitude", "echo_times_s", "mask"),
+    "echo_combination": ("unwrapped", "magnitude", "echo_times_s"),
+    "bf_removal": ("total_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std"),
+    "inversion": ("local_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std",
+                  "magnitude"),
+    "masking": ("magnitude", "quality", "voxel_size_mm"),
+    "referencing": ("chi_ppm", "mask", "magnitude", "voxel_size_mm", "csf"),
+}
+
+TABLE = "methods.toml"
+
 
 @dataclass(frozen=True)
 class Method:
-    """A registered algorithm."""
+    """A registered algorithm.
+
+    ``target`` is ``"module:function"`` (the table) or the function itself
+    (:func:`register`, for tests and extensions).
+    """
 
     stage: str
     name: str
-    func: Callable
+    target: Union[str, Callable]
     summary: str
     citations: tuple = ()
-    defaults: dict = field(default_factory=dict)
     description: str = ""
     provides: tuple = ()
 
+    @property
+    def module(self):
+        """The implementing module's name (no import)."""
+        if callable(self.target):
+            return self.target.__module__
+        return self.target.partition(":")[0]
 
-_REGISTRY: dict[str, dict[str, Method]] = {s: {} for s in STAGES}
+    @property
+    def func(self):
+        """The implementing function (imports its module)."""
+        return resolve(self.target)
+
+    @property
+    def defaults(self):
+        """Parameter -> default: the keyword defaults of the function's
+        signature, less the stage's data inputs (:data:`STAGE_INPUTS`). Read
+        from the module's source when it is there, so without importing it."""
+        found = source_defaults(self.target) if isinstance(self.target, str) else None
+        if found is None:
+            found = signature_defaults(self.func)
+        return {k: v for k, v in found.items() if k not in STAGE_INPUTS[self.stage]}
 
 
-def register(stage, name, *, summary, citations=(), defaults=None, description="",
-             provides=()):
-    """Decorator registering ``func`` as method ``name`` of ``stage``.
+def resolve(target):
+    """The function named by ``"module:function"`` (a callable is returned as is)."""
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def signature_defaults(func):
+    """Parameter -> default of every argument of ``func`` that has one."""
+    return {k: p.default for k, p in inspect.signature(func).parameters.items()
+            if p.default is not p.empty}
+
+
+@functools.lru_cache(maxsize=None)
+def source_defaults(target):
+    """:func:`signature_defaults` of ``"module:function"`` read from the
+    module's source with :mod:`ast` (following ``from .x import name``), so
+    without importing it; None where the source is not at hand or a default
+    is not a literal (then :attr:`Method.defaults` imports the function)."""
+    module, _, name = target.partition(":")
+    for _ in range(4):  # a few re-exports deep at most
+        found = _source_file(module)
+        if found is None:
+            return None
+        path, is_package = found
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            return None
+        node = _find_def(tree, name)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return _literal_defaults(node.args, _constants(tree))
+        if not isinstance(node, ast.ImportFrom):
+            return None
+        package = module if is_package else module.rpartition(".")[0]
+        module = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+        name = next(a.name for a in node.names if (a.asname or a.name) == name)
+    return None
+
+
+def _source_file(module):
+    """``(path, is_package)`` of a module's ``.py`` source, found on disk from
+    its top-level package (``find_spec`` of a submodule would import the
+    packages above it), or None."""
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        return None
+    if spec.submodule_search_locations is None:  # a plain top-level module
+        ok = not rest and spec.origin and spec.origin.endswith(".py")
+        return (Path(spec.origin), False) if ok else None
+    for base in spec.submodule_search_locations:
+        path = Path(base).joinpath(*rest)
+        if rest and path.with_name(path.name + ".py").is_file():
+            return path.with_name(path.name + ".py"), False
+        if (path / "__init__.py").is_file():
+            return path / "__init__.py", True
+    return None
+
+
+def _find_def(tree, name):
+    """The top-level ``def name`` of a module, or the ``from ... import name``
+    it takes ``name`` from, else None."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return node
+        if isinstance(node, ast.ImportFrom) and any(
+                (a.asname or a.name) == name for a in node.names):
+            return node
+    return None
+
+
+def _constants(tree):
+    """Module-level ``NAME = <literal>`` assignments, name -> value."""
+    out = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return out
+
+
+def _literal_defaults(args, constants):
+    """The defaults of a ``def``'s arguments: literals, or names of the
+    module's literal constants; None if one is neither."""
+    positional = args.posonlyargs + args.args
+    pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+    pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+    out = {}
+    for arg, default in pairs:
+        if isinstance(default, ast.Name) and default.id in constants:
+            out[arg.arg] = constants[default.id]
+            continue
+        try:
+            out[arg.arg] = ast.literal_eval(default)
+        except ValueError:  # not a literal (a call...): the caller imports instead
+            return None
+    return out
+
+
+_KEYS = {"function", "summary", "citations", "provides", "description"}
+
+
+def parse_table(text, source=TABLE):
+    """Stage -> name -> :class:`Method` from the TOML ``text`` of a method
+    table; an unknown stage or key, or a missing function or summary, is an
+    error naming ``source``."""
+    table = tomllib.loads(text)
+    unknown = set(table) - set(STAGES)
+    if unknown:
+        raise ValueError(f"{source}: unknown stage(s) {sorted(unknown)}; expected {STAGES}")
+    out = {stage: {} for stage in STAGES}
+    for stage, entries in table.items():
+        for name, entry in entries.items():
+            bad = set(entry) - _KEYS
+            if bad or "function" not in entry or "summary" not in entry:
+                raise ValueError(
+                    f"{source}: [{stage}.{name}] needs 'function' and 'summary' and takes "
+                    f"only {sorted(_KEYS)}; got {sorted(entry)}")
+            if entry["function"].count(":") != 1:
+                raise ValueError(f"{source}: [{stage}.{name}] function must be "
+                                 f"'module:function', got {entry['function']!r}")
+            out[stage][name] = Method(
+                stage, name, entry["function"], entry["summary"],
+                tuple(entry.get("citations", ())), entry.get("description", ""),
+                tuple(entry.get("provides", ())))
+    return out
+
+
+_REGISTRY: dict[str, dict[str, Method]] = parse_table(
+    (resources.files("qsmprep") / "data" / TABLE).read_text(encoding="utf-8"))
+
+
+def register(stage, name, *, summary, citations=(), description="", provides=()):
+    """Decorator adding ``func`` as method ``name`` of ``stage`` at run time
+    (tests, extensions; qsmprep's own methods are in the static table).
 
     ``description`` is a sentence for the report's methods text; it may use
     ``{param}`` placeholders filled from the parameters actually used.
@@ -59,35 +260,26 @@ def register(stage, name, *, summary, citations=(), defaults=None, description="
         raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}")
 
     def deco(func):
-        _REGISTRY[stage][name] = Method(
-            stage, name, func, summary, tuple(citations), dict(defaults or {}), description,
-            tuple(provides),
-        )
+        _REGISTRY[stage][name] = Method(stage, name, func, summary, tuple(citations),
+                                        description, tuple(provides))
         return func
 
     return deco
 
 
-def _load_all():
-    # Importing the modules runs their @register decorators.
-    from . import bet, bgremove, echo, inversion, mask, reference, unwrap  # noqa: F401
-    from ..dl import methods as _dl_methods  # noqa: F401  (torch is a hard dependency)
-
-
 def methods(stage):
     """All methods of a stage, name -> :class:`Method`."""
-    _load_all()
     return dict(_REGISTRY[stage])
 
 
 def names(stage):
     """Sorted method names of a stage."""
-    return sorted(methods(stage))
+    return sorted(_REGISTRY[stage])
 
 
 def get(stage, name):
     """The :class:`Method` called ``name`` in ``stage``, or a clear error."""
-    table = methods(stage)
+    table = _REGISTRY[stage]
     if name not in table:
         raise KeyError(
             f"Unknown {stage.replace('_', ' ')} method {name!r}; the registered methods "
@@ -97,7 +289,6 @@ def get(stage, name):
 
 
 def run(stage, name, *args, **params):
-    """Call method ``name`` of ``stage`` with its defaults updated by ``params``."""
-    method = get(stage, name)
-    kwargs = {**method.defaults, **params}
-    return method.func(*args, **kwargs)
+    """Call method ``name`` of ``stage``: its function, with the defaults of
+    its signature updated by ``params``."""
+    return get(stage, name).func(*args, **params)

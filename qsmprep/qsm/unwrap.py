@@ -18,7 +18,6 @@ import scipy.fft as sfft
 from scipy import ndimage
 
 from .fft import workers
-from .registry import register
 from .romeo import TWO_PI, WEIGHTS, romeo_unwrap
 from .units import check_echo_times_s
 
@@ -179,18 +178,6 @@ def _finite(x):
 # --------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------
-@register(
-    "unwrapping",
-    "romeo",
-    summary="ROMEO region-growing unwrapping with a phase-quality map (default)",
-    citations=("dymerska2021romeo",),
-    defaults={"mode": "template", "template_echo": 0, "weights": WEIGHTS},
-    provides=("quality",),
-    description=(
-        "The phase was unwrapped with ROMEO (Dymerska et al. 2021) in {mode} mode "
-        "(template echo {template_echo}), and its voxel quality map was kept for masking."
-    ),
-)
 def romeo(phase, *, magnitude=None, echo_times_s, mask=None, mode="template", template_echo=0,
           weights=WEIGHTS):
     """Registry wrapper of :func:`romeo_unwrap`: 4-D unwrapped phase and quality."""
@@ -207,14 +194,6 @@ def romeo(phase, *, magnitude=None, echo_times_s, mask=None, mode="template", te
     return unwrapped.reshape(phase.shape[:3] + (-1,)), quality
 
 
-@register(
-    "unwrapping",
-    "laplacian",
-    summary="Laplacian (FFT) unwrapping of each echo",
-    citations=("schofield2003laplacian",),
-    defaults={"voxel_size_mm": None},
-    description="The phase of each echo was unwrapped with the Laplacian method (Schofield and Zhu 2003).",
-)
 def laplacian(phase, *, magnitude=None, echo_times_s, mask=None, voxel_size_mm=None):
     """Registry wrapper of :func:`laplacian_unwrap` (voxel size defaults to 1 mm).
     The echo times are not used, only checked to be seconds like every method's."""

@@ -1,0 +1,130 @@
+"""The static method registry (qsmprep/data/methods.toml): its defaults are the
+functions' signatures', listing imports neither torch nor numba, every
+methods-text placeholder is a parameter."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qsmprep
+from qsmprep.dl import LEARNED_METHODS
+from qsmprep.qsm import registry
+
+ALL = [(s, n) for s in registry.STAGES for n in registry.names(s)]
+
+
+@pytest.mark.parametrize("stage,name", ALL, ids=[f"{s}-{n}" for s, n in ALL])
+def test_registry_defaults_equal_the_signature_defaults(stage, name):
+    """The one place this imports the implementations (and torch): the
+    defaults the registry reads from the source are those Python binds."""
+    method = registry.get(stage, name)
+    func = method.func  # imports the module: the table's "module:function" exists
+    assert callable(func) and method.module == func.__module__
+    from_source = registry.source_defaults(method.target)
+    assert from_source is not None, (
+        f"{method.target}: a default is neither a literal nor a module constant, so the "
+        "registry has to import the module to read it")
+    params = inspect.signature(func).parameters
+    expected = {k: p.default for k, p in params.items()
+                if p.default is not p.empty and k not in registry.STAGE_INPUTS[stage]}
+    assert method.defaults == expected
+    assert list(method.defaults) == list(expected)  # sidecar order as in the signature
+
+
+@pytest.mark.parametrize("stage,name", ALL, ids=[f"{s}-{n}" for s, n in ALL])
+def test_methods_text_placeholders_are_parameters(stage, name):
+    """A renamed parameter would leave its ``{placeholder}`` unfilled (the
+    sentence is then kept with braces): each must be a default."""
+    method = registry.get(stage, name)
+    fields = {f for _, f, _, _ in string.Formatter().parse(method.description) if f}
+    assert fields <= set(method.defaults), (stage, name, fields - set(method.defaults))
+    assert method.summary and method.description
+
+
+def test_listing_and_help_import_neither_torch_nor_numba():
+    """``qsmprep --help`` / ``--version`` and listing the methods load no heavy
+    library; the choices still name every shipped method."""
+    code = """
+import contextlib, io, json, sys
+import qsmprep.qsm.registry as r
+names = r.names("inversion")
+from qsmprep.cli.parser import build_parser
+choices = sorted(next(a for a in build_parser()._actions if a.dest == "inversion").choices)
+from qsmprep.cli.run import main
+out = {}
+for flag in ("--help", "--version"):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            main([flag])
+        except SystemExit:
+            pass
+    out[flag] = buf.getvalue()
+heavy = [m for m in ("torch", "numba", "ants", "nipype") if m in sys.modules]
+print(json.dumps({"names": names, "choices": choices, "out": out, "heavy": heavy}))
+"""
+    root = str(Path(qsmprep.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, check=True)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == []
+    shipped = {"tkd", "tv", "tikhonov", "lsqr", "ilsqr", "rts", "medi", *LEARNED_METHODS}
+    assert set(got["names"]) == shipped and got["choices"] == got["names"]
+    assert all(name in got["out"]["--help"] for name in shipped)
+    assert got["out"]["--version"].strip().endswith(qsmprep.__version__)
+
+
+def test_source_defaults_follow_reexports_and_module_constants(tmp_path, monkeypatch):
+    """A method whose function moved to a submodule and is re-exported
+    (``from .impl import f``) still has its defaults read without an import;
+    a default that is a call falls back to importing the function."""
+    pkg = tmp_path / "regpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .impl import invert as inv\n"
+                                     "raise ImportError('not to be imported')\n")
+    (pkg / "impl.py").write_text(
+        "import math\nSTEPS = (1, 2)\nraise ImportError('not to be imported')\n"
+        "def invert(field, mask, vox, *, b0_dir, lam=1e-3, steps=STEPS, tag='x'):\n"
+        "    return lam\n"
+        "def computed(field, *, scale=math.sqrt(2)):\n    return scale\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert registry.source_defaults("regpkg:inv") == {"lam": 1e-3, "steps": (1, 2), "tag": "x"}
+    assert registry.source_defaults("regpkg.impl:computed") is None
+    assert "regpkg" not in sys.modules and "regpkg.impl" not in sys.modules
+
+
+def test_register_at_run_time_uses_the_signature(monkeypatch):
+    def tiny(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None, lam=0.5):
+        return local_field_ppm * lam
+
+    monkeypatch.setitem(registry._REGISTRY, "inversion", dict(registry._REGISTRY["inversion"]))
+    registry.register("inversion", "tiny", summary="test method")(tiny)
+    assert registry.get("inversion", "tiny").defaults == {"lam": 0.5}
+    assert registry.run("inversion", "tiny", 2.0, None, None, b0_dir=None) == 1.0
+    assert registry.run("inversion", "tiny", 2.0, None, None, b0_dir=None, lam=2) == 4.0
+    with pytest.raises(KeyError, match="Unknown inversion method 'nope'.*tiny"):
+        registry.get("inversion", "nope")
+    with pytest.raises(ValueError, match="Unknown stage"):
+        registry.register("denoising", "x", summary="")(tiny)
+
+
+def test_table_typos_are_errors():
+    """A typo in the table (a stage, a key) is an error naming the file, not a
+    silently missing method or citation."""
+    good = '[inversion.x]\nfunction = "m:f"\nsummary = "s"\ncitations = ["a"]\n'
+    assert registry.parse_table(good)["inversion"]["x"].citations == ("a",)
+    for bad, why in ((good.replace("inversion", "inverson"), "unknown stage"),
+                     (good.replace("citations", "citation"), "takes only"),
+                     (good.replace('"m:f"', '"m.f"'), "module:function")):
+        with pytest.raises(ValueError, match=f"methods.toml: .*{why}"):
+            registry.parse_table(bad)
