@@ -19,17 +19,6 @@ from ..qsm.fft import fast_shape
 from ..qsm.kernels import dipole_kernel, half_spectrum, smv_kernel, tkd_inverse
 
 
-def _half_spectrum(d):
-    """The rfft half of ``(H(k) + H(-k)) / 2`` for a real k-space filter ``H``
-    (:func:`qsmprep.qsm.kernels.half_spectrum`, the helper of every half-spectrum
-    path). The dipole kernel is even in k, but on an even-sized FFT grid the
-    Nyquist bins of an oblique kernel are not (``+N/2`` and ``-N/2`` are one
-    bin); symmetrising gives exactly the real part of the full complex product,
-    as in :func:`qsmprep.qsm.kernels.dipole_convolve`.
-    """
-    return half_spectrum(d)
-
-
 class DipoleOperator:
     """Dipole convolution of ``[B, C, X, Y, Z]`` tensors (ppm -> ppm), and the
     other k-space filters of the same padded grid (SMV, Tikhonov and TKD
@@ -80,8 +69,11 @@ class DipoleOperator:
         return self._inverse(self._forward(x) * spectrum)
 
     def _spectrum(self, fn):
-        """Half spectra ``[B, 1, X, Y, Z//2+1]`` of the filter ``fn(D)``."""
-        half = [_half_spectrum(fn(d).astype(np.float32)) for d in self._full]
+        """Half spectra ``[B, 1, X, Y, Z//2+1]`` of the filter ``fn(D)``
+        (:func:`qsmprep.qsm.kernels.half_spectrum`, the one helper of every
+        half-spectrum path: symmetrised, so the real part of the full product
+        for an oblique B0 on even grids too)."""
+        half = [half_spectrum(fn(d).astype(np.float32)) for d in self._full]
         return torch.from_numpy(np.stack(half)[:, None]).to(self.device)
 
     @property
@@ -94,7 +86,7 @@ class DipoleOperator:
 
     def _smv_spectrum(self, radius_mm):
         if radius_mm not in self._smv:
-            half = [_half_spectrum(smv_kernel(self.padded, v, radius_mm)) for v in self._voxels]
+            half = [half_spectrum(smv_kernel(self.padded, v, radius_mm)) for v in self._voxels]
             self._smv[radius_mm] = torch.from_numpy(np.stack(half)[:, None]).to(self.device)
         return self._smv[radius_mm]
 

@@ -12,7 +12,7 @@ import torch
 
 from . import torch_ops as T
 from .bgremove import _data_weights
-from .kernels import dipole_kernel, even_part
+from .kernels import dipole_kernel, half_spectrum
 from .mask import MaskBox
 
 
@@ -50,7 +50,7 @@ def _kspace_ball_window(shape, radius, device):
     idx = np.ix_(*[np.arange(-r, r + 1) % n for n in shape])
     kern[idx] = ball
     # sum_o K(o) e^{2 pi i o.n/N}: K is real and even, so a real inverse FFT of its half
-    h = np.fft.irfftn(T.half(kern), s=shape, axes=(0, 1, 2)) * np.prod(shape)
+    h = np.fft.irfftn(half_spectrum(kern), s=shape, axes=(0, 1, 2)) * np.prod(shape)
     h = np.roll(h, [n // 2 for n in shape], axis=(0, 1, 2))
     return T.as_tensor(h, device)
 
@@ -94,11 +94,11 @@ def _gradient_weights(x, m, low=0.5, high=0.7):
 
 def _cone(shape, voxel_size_mm, b0_dir, threshold, device):
     """Half-spectrum indicator of the ill-conditioned cone ``|D| < threshold``,
-    from the even part ``(D(k) + D(-k)) / 2`` of the kernel, so that
-    ``F^-1 M_ic F`` is an exact (real, symmetric) projection also with an
-    oblique B0 on even grids (see :func:`qsmprep.qsm.kernels.dipole_kernel`)."""
-    d_even = even_part(dipole_kernel(shape, voxel_size_mm, b0_dir))
-    return T.as_tensor(T.half(np.abs(d_even) < threshold), device)
+    from the symmetrised half spectrum (:func:`qsmprep.qsm.kernels.half_spectrum`:
+    the even part ``(D(k) + D(-k)) / 2``), so that ``F^-1 M_ic F`` is an exact
+    (real, symmetric) projection also with an oblique B0 on even grids."""
+    d = half_spectrum(dipole_kernel(shape, voxel_size_mm, b0_dir))
+    return T.as_tensor(np.abs(d) < threshold, device)
 
 
 def _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std, threshold, lsqr_iter, lsqr_tol,

@@ -34,30 +34,23 @@ def irfft3(xk, shape):
     return torch.fft.irfftn(xk, s=tuple(shape), dim=(0, 1, 2))
 
 
-def half(kspace):
-    """The half spectrum (last axis ``Z // 2 + 1``) of a full real k-space filter,
-    symmetrised (:func:`qsmprep.qsm.kernels.half_spectrum`): without that, the
-    half of an oblique dipole kernel on an even grid is not the real part of
-    the full product, and the forward operator of white noise was off by 10 %
-    at 20 degrees (issue 24)."""
-    return half_spectrum(kspace)
-
-
 def dipole_kernel_t(shape, voxel_size_mm, b0_dir, device="cpu"):
-    """Dipole kernel (:func:`qsmprep.qsm.kernels.dipole_kernel`) as a half-spectrum tensor."""
-    return as_tensor(half(dipole_kernel(shape, voxel_size_mm, b0_dir)), device)
+    """Dipole kernel (:func:`qsmprep.qsm.kernels.dipole_kernel`) as a half-spectrum
+    tensor (:func:`qsmprep.qsm.kernels.half_spectrum`: symmetrised, so that it is the
+    real part of the full product for an oblique B0 on even grids too, issue 24)."""
+    return as_tensor(half_spectrum(dipole_kernel(shape, voxel_size_mm, b0_dir)), device)
 
 
 def smv_kernel_t(shape, voxel_size_mm, radius_mm, device="cpu"):
     """SMV kernel (:func:`qsmprep.qsm.kernels.smv_kernel`) as a half-spectrum tensor."""
-    return as_tensor(half(smv_kernel(shape, voxel_size_mm, radius_mm)), device)
+    return as_tensor(half_spectrum(smv_kernel(shape, voxel_size_mm, radius_mm)), device)
 
 
 def grad_norm2_t(shape, device="cpu"):
     """``sum_j |exp(2 pi i k_j / N_j) - 1|^2``: the symbol of ``grad^T grad`` (= -Laplacian)."""
     terms = [4 * np.sin(np.pi * np.fft.fftfreq(n)) ** 2 for n in shape]
     e2 = terms[0][:, None, None] + terms[1][None, :, None] + terms[2][None, None, :]
-    return as_tensor(half(e2), device)
+    return as_tensor(half_spectrum(e2), device)
 
 
 def _sl(d, start, stop):
