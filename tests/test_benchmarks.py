@@ -281,3 +281,22 @@ def test_independent_quick_suite(tmp_path):
     assert default["depth"]["0-3"] > default["depth"][">20"]
     text = docs.read_text()
     assert "<!-- independent-quick:start -->" in text and "Selection rule" in text
+
+
+def test_cli_startup_measures_help_and_renders_the_target_verdict(tmp_path):
+    """benchmarks/cli_startup.py: the modules --help loads are read from a real
+    subprocess; the verdict follows the median of ``qsmprep --help``."""
+    import cli_startup
+
+    assert cli_startup.heavy_modules("--help", cli_startup._env()) == []
+    assert list(cli_startup.commands())[:3] == ["python -c pass", "qsmprep --help",
+                                                "qsmprep --version"]
+    row = {"min_s": 0.1, "max_s": 3.0, "above_python_s": 0.0, "runs": 3}
+    results = {"hardware": _common.hardware(), "repeats": 3, "target_s": 1.0,
+               "loads": {"--help": [], "--version": ["numpy"]},
+               "rows": [{**row, "command": "python -c pass", "median_s": 0.05},
+                        {**row, "command": "qsmprep --help", "median_s": 1.5}]}
+    text = cli_startup.render(results)
+    assert "**not met**" in text and "`--version`: numpy" in text
+    results["rows"][1]["median_s"] = 0.4
+    assert "(met)" in cli_startup.render(results)
