@@ -86,21 +86,26 @@ print(json.dumps({"names": names, "choices": choices, "out": out, "heavy": heavy
 
 def test_source_defaults_follow_reexports_and_module_constants(tmp_path, monkeypatch):
     """A method whose function moved to a submodule and is re-exported
-    (``from .impl import f``) still has its defaults read without an import;
-    a default that is a call falls back to importing the function."""
+    (``from .impl import f``), with a default that is a constant imported from
+    a third module, still has its defaults read without an import; a default
+    that is a call falls back to importing the function."""
     pkg = tmp_path / "regpkg"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("from .impl import invert as inv\n"
-                                     "raise ImportError('not to be imported')\n")
+    never = "raise ImportError('not to be imported')\n"
+    (pkg / "__init__.py").write_text("from .impl import invert as inv\n" + never)
+    (pkg / "consts.py").write_text("STEPS = (1, 2)\n" + never)
     (pkg / "impl.py").write_text(
-        "import math\nSTEPS = (1, 2)\nraise ImportError('not to be imported')\n"
-        "def invert(field, mask, vox, *, b0_dir, lam=1e-3, steps=STEPS, tag='x'):\n"
+        "import math\nfrom .consts import STEPS\nTAG = 'x'\n" + never +
+        "def invert(field, mask, vox, *, b0_dir, lam=1e-3, steps=STEPS, tag=TAG):\n"
         "    return lam\n"
-        "def computed(field, *, scale=math.sqrt(2)):\n    return scale\n")
+        "def computed(field, *, scale=math.sqrt(2)):\n    return scale\n"
+        "def unknown(field, *, scale=math.pi):\n    return scale\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert registry.source_defaults("regpkg:inv") == {"lam": 1e-3, "steps": (1, 2), "tag": "x"}
     assert registry.source_defaults("regpkg.impl:computed") is None
-    assert "regpkg" not in sys.modules and "regpkg.impl" not in sys.modules
+    assert registry.source_defaults("regpkg.impl:unknown") is None
+    assert registry.source_defaults("regpkg.impl:missing") is None
+    assert not {"regpkg", "regpkg.impl", "regpkg.consts"} & set(sys.modules)
 
 
 def test_register_at_run_time_uses_the_signature(monkeypatch):

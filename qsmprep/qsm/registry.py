@@ -127,28 +127,69 @@ def signature_defaults(func):
 @functools.lru_cache(maxsize=None)
 def source_defaults(target):
     """:func:`signature_defaults` of ``"module:function"`` read from the
-    module's source with :mod:`ast` (following ``from .x import name``), so
-    without importing it; None where the source is not at hand or a default
-    is not a literal (then :attr:`Method.defaults` imports the function)."""
+    module's source with :mod:`ast`, so without importing it: literal
+    defaults, or names of literal module constants; ``from .x import name``
+    is followed (for the function and for such constants). None where the
+    source is not at hand or a default is neither (then
+    :attr:`Method.defaults` imports the function)."""
     module, _, name = target.partition(":")
-    for _ in range(4):  # a few re-exports deep at most
-        found = _source_file(module)
-        if found is None:
-            return None
-        path, is_package = found
+    found = _definition(module, name)
+    if found is None or not isinstance(found[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    node, module = found
+    args = node.args
+    positional = args.posonlyargs + args.args
+    pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+    pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+    out = {}
+    for arg, default in pairs:
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        except (OSError, SyntaxError, UnicodeDecodeError):
+            out[arg.arg] = _literal(default, module)
+        except ValueError:  # not a literal (a call...): the caller imports instead
             return None
+    return out
+
+
+def _literal(node, module):
+    """The value of a literal expression, or of a name bound in ``module`` to
+    one (``NAME = <literal>``, or imported from where it is); ValueError else."""
+    if isinstance(node, ast.Name):
+        found = _definition(module, node.id)
+        if found is None or not isinstance(found[0], ast.Assign):
+            raise ValueError(f"{module}.{node.id} is not a literal constant")
+        return ast.literal_eval(found[0].value)
+    return ast.literal_eval(node)
+
+
+def _definition(module, name):
+    """``(node, module)``: the top-level ``def name`` or ``name = ...`` of the
+    module that defines ``name``, following ``from ... import name`` a few
+    modules deep; None where a source is not at hand."""
+    for _ in range(4):
+        parsed = _parse(module)
+        if parsed is None:
+            return None
+        tree, package = parsed
         node = _find_def(tree, name)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            return _literal_defaults(node.args, _constants(tree))
         if not isinstance(node, ast.ImportFrom):
-            return None
-        package = module if is_package else module.rpartition(".")[0]
+            return None if node is None else (node, module)
         module = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
         name = next(a.name for a in node.names if (a.asname or a.name) == name)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(module):
+    """``(ast, package)`` of a module's source, or None."""
+    found = _source_file(module)
+    if found is None:
+        return None
+    path, is_package = found
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    return tree, module if is_package else module.rpartition(".")[0]
 
 
 def _source_file(module):
@@ -172,46 +213,19 @@ def _source_file(module):
 
 
 def _find_def(tree, name):
-    """The top-level ``def name`` of a module, or the ``from ... import name``
-    it takes ``name`` from, else None."""
+    """The last top-level statement of a module binding ``name``: its ``def``,
+    a plain ``name = ...``, or the ``from ... import name``; else None."""
+    found = None
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
-            return node
-        if isinstance(node, ast.ImportFrom) and any(
+            found = node
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+              and isinstance(node.targets[0], ast.Name) and node.targets[0].id == name):
+            found = node
+        elif isinstance(node, ast.ImportFrom) and any(
                 (a.asname or a.name) == name for a in node.names):
-            return node
-    return None
-
-
-def _constants(tree):
-    """Module-level ``NAME = <literal>`` assignments, name -> value."""
-    out = {}
-    for node in tree.body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
-            try:
-                out[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-    return out
-
-
-def _literal_defaults(args, constants):
-    """The defaults of a ``def``'s arguments: literals, or names of the
-    module's literal constants; None if one is neither."""
-    positional = args.posonlyargs + args.args
-    pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
-    pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
-    out = {}
-    for arg, default in pairs:
-        if isinstance(default, ast.Name) and default.id in constants:
-            out[arg.arg] = constants[default.id]
-            continue
-        try:
-            out[arg.arg] = ast.literal_eval(default)
-        except ValueError:  # not a literal (a call...): the caller imports instead
-            return None
-    return out
+            found = node
+    return found
 
 
 _KEYS = {"function", "summary", "citations", "provides", "description"}
