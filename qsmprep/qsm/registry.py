@@ -141,24 +141,27 @@ def source_defaults(target):
     positional = args.posonlyargs + args.args
     pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
     pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
-    out = {}
-    for arg, default in pairs:
-        try:
-            out[arg.arg] = _literal(default, module)
-        except ValueError:  # not a literal (a call...): the caller imports instead
-            return None
-    return out
+    out = {arg.arg: _literal(default, module) for arg, default in pairs}
+    # a default that is not a literal (a call...): the caller imports instead
+    return None if any(v is _NOT_LITERAL for v in out.values()) else out
+
+
+_NOT_LITERAL = object()
 
 
 def _literal(node, module):
     """The value of a literal expression, or of a name bound in ``module`` to
-    one (``NAME = <literal>``, or imported from where it is); ValueError else."""
+    one (``NAME = <literal>``, or imported from where it is); else
+    ``_NOT_LITERAL``."""
     if isinstance(node, ast.Name):
         found = _definition(module, node.id)
         if found is None or not isinstance(found[0], ast.Assign):
-            raise ValueError(f"{module}.{node.id} is not a literal constant")
-        return ast.literal_eval(found[0].value)
-    return ast.literal_eval(node)
+            return _NOT_LITERAL
+        node, module = found[0].value, found[1]
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return _NOT_LITERAL
 
 
 def _definition(module, name):
