@@ -123,7 +123,7 @@ def classical_methods(selected=None):
     out = []
     for stage in STAGES:
         for name in registry.names(stage):
-            if registry.get(stage, name).func.__module__.startswith("qsmprep.dl"):
+            if registry.get(stage, name).module.startswith("qsmprep.dl"):
                 continue
             if selected and name not in selected:
                 continue
