@@ -225,7 +225,7 @@ class _PhaseSignInputSpec(BaseInterfaceInputSpec):
     fieldmap = File(exists=True, mandatory=True, desc="B0 map, Hz, sign as stored")
     magnitude = File(exists=True, mandatory=True, desc="(X, Y, Z, E) magnitude")
     mask = File(exists=True, mandatory=True, desc="brain mask")
-    b0_dir = traits.List(traits.Float, mandatory=True)
+    b0_dir = traits.List(traits.Float, mandatory=True, desc="unit B0 direction, voxel axes")
     phase_sign = traits.Enum("auto", "1", "-1", usedefault=True,
                              desc="auto: check and flip when clearly inverted; 1/-1: given")
     source = traits.Str("the phase", usedefault=True, desc="phase file(s), for messages")
@@ -375,7 +375,7 @@ def _rss(path):
 class _BFRInputSpec(_MethodInputSpec):
     total_field = File(exists=True, mandatory=True, desc="ppm")
     mask = File(exists=True, mandatory=True)
-    b0_dir = traits.List(traits.Float, mandatory=True)
+    b0_dir = traits.List(traits.Float, mandatory=True, desc="unit B0 direction, voxel axes")
     noise_std = File(exists=True, desc="N_std of the total field (ppm), data weights "
                      "1/N_std for methods that take them (PDF)")
 
@@ -409,7 +409,7 @@ class BackgroundRemoval(SimpleInterface):
 class _InversionInputSpec(_MethodInputSpec):
     local_field = File(exists=True, mandatory=True, desc="ppm")
     mask = File(exists=True, mandatory=True)
-    b0_dir = traits.List(traits.Float, mandatory=True)
+    b0_dir = traits.List(traits.Float, mandatory=True, desc="unit B0 direction, voxel axes")
     magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, for methods that use "
                      "its edges (MEDI)")
     noise_std = File(exists=True, desc="N_std of the field (ppm), data weights 1/N_std for "

@@ -144,17 +144,17 @@ def init_qsm_wf(config, run, *, name=None):
 
     ::
 
-        inputnode ─► load ─► [phase_offset (MCPC-3D-S)] ─► unwrap ─► echo_combine ─► phase_sign
-          │                                                  │     (B0, N_std; Hz)       │
-          │                                                  └─ quality ─┐         total_field
-          └─ magnitude, valid ──────────────────────────────────────────► mask   (field, N_std; ppm)
-                                                                          ▼          │ field │ N_std
-                                                                      bf_removal ◄───┘       │
-                                                                          │ local field, mask │
-                                                                          ▼                   │
-                                               ds_qsm_wf ◄─ referencing ◄─ inversion ◄────────┘
-                                        qsm_reports_wf ◄─ every map above (SVG reportlets)
-                                             outputnode ◄─ chi, mask, fields, N_std, ...
+        inputnode ─► load ─► [phase_offset (MCPC-3D-S)] ─► unwrap ─► echo_combine
+                      │                                       │ quality  │ B0, N_std (Hz)
+                      └─ magnitude, valid ──────────────────► mask ─► phase_sign ─► total_field
+                                                               │                         │
+                                                               ▼                         │ ppm
+                                                           bf_removal ◄─ field, N_std ───┤
+                                                               │ local field, mask       │
+                                                               ▼                         │
+                                   ds_qsm_wf ◄─ referencing ◄─ inversion ◄─ N_std ───────┘
+                            qsm_reports_wf ◄─ every map above (SVG reportlets)
+                                outputnode ◄─ chi, mask, fields, N_std, magnitude, ...
 
     ``echo_combination`` is a registry stage (romeo | linear | nonlinear); every
     method gives the B0 map and its noise map N_std, which background removal
