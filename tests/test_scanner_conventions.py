@@ -189,8 +189,8 @@ def test_scl_slope_and_intercept_of_the_header_are_applied_and_checked(tmp_path,
         meta.pop("Units", None)
         sidecar.write_text(json.dumps(meta))
     result = LoadEchoes(
-        magnitude=[str(f) for f in files["mag"]], magnitude_echo_times=[0.006, 0.012, 0.018],
-        phase=[str(f) for f in files["phase"]], echo_times=[0.006, 0.012, 0.018],
+        magnitude=[str(f) for f in files["mag"]], magnitude_echo_times_s=[0.006, 0.012, 0.018],
+        phase=[str(f) for f in files["phase"]], echo_times_s=[0.006, 0.012, 0.018],
         phase_units=None)
     monkeypatch.chdir(tmp_path)
     result = result.run()

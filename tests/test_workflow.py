@@ -159,11 +159,11 @@ def test_load_echoes_sorts_rescales_and_masks_nonfinite(tmp_path, monkeypatch, c
     nb.Nifti1Image(arbitrary, img.affine).to_filename(files["phase"][2])
     monkeypatch.chdir(tmp_path)
     result = LoadEchoes(
-        magnitude=[str(f) for f in files["mag"]], magnitude_echo_times=[0.012, 0.004, 0.008],
-        phase=[str(f) for f in files["phase"]], echo_times=[0.012, 0.004, 0.008],
+        magnitude=[str(f) for f in files["mag"]], magnitude_echo_times_s=[0.012, 0.004, 0.008],
+        phase=[str(f) for f in files["phase"]], echo_times_s=[0.012, 0.004, 0.008],
         phase_units="arbitrary",
     ).run()
-    assert result.outputs.echo_times == [0.004, 0.008, 0.012]
+    assert result.outputs.echo_times_s == [0.004, 0.008, 0.012]
     phase = nb.load(result.outputs.phase).get_fdata()
     valid = nb.load(result.outputs.valid).get_fdata() > 0
     assert phase.shape == (12, 10, 8, 3) and np.isfinite(phase).all()

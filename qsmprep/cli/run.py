@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ..execution import resolve_device
+
 LOGGER = logging.getLogger("qsmprep")
 
 
@@ -211,7 +213,7 @@ def _add_run_info(config, subject, runs, started):
     from ..bids.runs import ENTITY_KEYS
     from ..utils.files import write_text
     from ..utils.runinfo import step_timings, subject_warnings
-    from ..workflows.qsm import _safe
+    from ..workflows.base import run_work_dir
 
     ex = config.execution
     warnings = subject_warnings(_warnings_file(config), subject)
@@ -221,9 +223,7 @@ def _add_run_info(config, subject, runs, started):
                    / figure_name({**entities, "sub": subject}, "summary", ".json"))
         if not summary.is_file():  # the run failed before its summary was written
             continue
-        run_dir = (Path(ex.work_dir) / "qsmprep_wf" / f"sub_{_safe(subject)}_wf"
-                   / f"qsm_{_safe(run.name)}_wf")
-        timings, reused = step_timings(run_dir, since=started)
+        timings, reused = step_timings(run_work_dir(ex.work_dir, subject, run), since=started)
         info = json.loads(summary.read_text())
         info["timings_s"] = timings
         info["warnings"] = warnings + (
@@ -248,24 +248,6 @@ def _run_group(config):
     LOGGER.info("Group table of all processed runs written to %s; regions %s; report %s",
                 paths["runs"], paths["regions"], paths["report"])
     return 0
-
-
-def resolve_device(choice):
-    """The torch device name for ``--device``: "auto" becomes "cuda" when a
-    GPU is visible, else "cpu"; "cuda" without a GPU is an input error."""
-    from ..bids import QSMPrepInputError
-
-    if choice == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if choice == "cuda":
-        raise QSMPrepInputError(
-            "--device cuda was requested but torch finds no CUDA GPU; use --device cpu or auto"
-        )
-    return "cpu"
 
 
 def _configure_nipype(config):

@@ -1,18 +1,17 @@
 """Thin Nipype interfaces over the pure QSM functions.
 
 Each interface reads its NIfTI inputs, makes one call into
-:mod:`qsmprep.qsm` (a registry method or one named function) and writes the
-result with the geometry of its input. Nothing else happens here, so the
+:mod:`qsmprep.qsm` (a registry method through
+:class:`qsmprep.execution.Execution`, or one named function) and writes the
+result with the geometry of its input. How a method runs (device, tiling
+under ``--mem``, threads, the context keywords it takes, the CPU fallback on
+CUDA out-of-memory) is decided in :mod:`qsmprep.execution`, not here, so the
 physics stays testable without Nipype.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 import os
-import sys
-from contextlib import contextmanager
 
 import nibabel as nb
 import numpy as np
@@ -25,14 +24,10 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..utils.images import interpret_phase, load_stack, save_like, zero_nonfinite
+from ..execution import DL_BYTES_PER_VOXEL, Execution, Lazy, max_voxels_for  # noqa: F401
+from ..utils.images import load_echoes, save_like
 
-LOGGER = logging.getLogger("qsmprep")
-
-#: memory budgeted per voxel of a deep-learning network's input (bytes): its
-#: activations (tens of float32 channels at full resolution plus the coarser
-#: levels); ``--mem`` divided by this caps the voxels of one inference pass
-DL_BYTES_PER_VOXEL = 1024
+# DL_BYTES_PER_VOXEL and max_voxels_for are re-exported from qsmprep.execution
 
 
 class _MethodInputSpec(BaseInterfaceInputSpec):
@@ -45,75 +40,19 @@ class _MethodInputSpec(BaseInterfaceInputSpec):
                           desc="memory for this step (GB, --mem); 0: no limit given")
 
 
-def max_voxels_for(mem_gb):
-    """Largest network input (voxels) for ``mem_gb`` GB, or None without a limit."""
-    return int(mem_gb * 2**30 / DL_BYTES_PER_VOXEL) if mem_gb > 0 else None
+def _execution(inputs, limit_threads=True):
+    """The :class:`~qsmprep.execution.Execution` of a method interface's inputs
+    (``limit_threads=False``: the thread pools are left as they are)."""
+    return Execution(device=inputs.device, mem_gb=inputs.mem_gb,
+                     num_threads=inputs.num_threads if limit_threads else None)
 
 
-def _run_method(stage, name, *args, params, context, **stage_kwargs):
-    """``registry.run(stage, name, *args, **stage_kwargs, **params)`` plus the
-    context values (voxel size, device, max_voxels...) that the method's
-    signature accepts and the user did not set.
-
-    A method on a CUDA device that runs out of GPU memory even when tiled is
-    run again on the CPU, with a warning.
-    """
-    from ..qsm import registry
-
-    method = registry.get(stage, name)
-    accepted = inspect.signature(method.func).parameters
-    extra = {k: v.get() if isinstance(v, _Lazy) else v for k, v in context.items()
-             if k in accepted and k not in params}
-    extra = {k: v for k, v in extra.items() if v is not None}
-    try:
-        return registry.run(stage, name, *args, **stage_kwargs, **extra, **params)
-    except Exception as err:
-        if not (_is_cuda_oom(err) and str(extra.get("device", "")).startswith("cuda")):
-            raise
-    import torch
-
-    torch.cuda.empty_cache()
-    LOGGER.warning("%s '%s' ran out of GPU memory even in tiles; running it on the CPU "
-                   "(slower). Free the GPU or lower --mem to tile more finely.", stage, name)
-    extra["device"] = "cpu"
-    return registry.run(stage, name, *args, **stage_kwargs, **extra, **params)
-
-
-class _Lazy:
-    """A context value read from an optional file only when the method takes it."""
-
-    def __init__(self, path, read=None):
-        self.path, self.read = path, read
-
-    def get(self):
-        if not isdefined(self.path) or self.path is None:
-            return None
-        return self.read(self.path) if self.read else _load(self.path)[0]
-
-
-def _is_cuda_oom(err):
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
-
-
-@contextmanager
-def _threads(n):
-    """Limit BLAS/OpenMP, scipy.fft, numba and torch to ``n`` threads."""
-    from threadpoolctl import threadpool_limits
-
-    from ..qsm import fft
-
-    old_workers = fft.set_workers(n)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
-    if "numba" in sys.modules:
-        numba = sys.modules["numba"]
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        with threadpool_limits(n):
-            yield
-    finally:
-        fft.set_workers(old_workers)
+def _lazy_file(path, read=None):
+    """A :class:`~qsmprep.execution.Lazy` reading an optional file only when the
+    method takes it (None when the file is not given)."""
+    if not isdefined(path) or path is None:
+        return None
+    return Lazy(lambda: read(path) if read else _load(path)[0])
 
 
 def _out(name, runtime):
@@ -125,11 +64,6 @@ def _load(path, dtype=np.float32):
     return np.asanyarray(img.dataobj, dtype=dtype), img
 
 
-def _describe_files(files):
-    """The file, or the first file and how many echo files there are, for messages."""
-    return files[0] if len(files) == 1 else f"{files[0]} (and the other {len(files) - 1} echoes)"
-
-
 def _voxel_size(img):
     from ..qsm.units import voxel_size_from_affine
 
@@ -138,9 +72,9 @@ def _voxel_size(img):
 
 class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
     magnitude = traits.List(File(exists=True), mandatory=True)
-    magnitude_echo_times = traits.List(traits.Float, mandatory=True, desc="s, file order")
+    magnitude_echo_times_s = traits.List(traits.Float, mandatory=True, desc="s, file order")
     phase = traits.List(File(exists=True), mandatory=True)
-    echo_times = traits.List(traits.Float, mandatory=True, desc="s, file order")
+    echo_times_s = traits.List(traits.Float, mandatory=True, desc="s, file order")
     phase_units = traits.Enum(None, "rad", "arbitrary", usedefault=True)
     complex_parts = traits.Bool(False, usedefault=True,
                                 desc="magnitude/phase are the part-real/part-imag files")
@@ -150,14 +84,15 @@ class _LoadEchoesOutputSpec(TraitedSpec):
     magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, echoes by echo time")
     phase = File(exists=True, desc="(X, Y, Z, E) phase in rad, echoes by echo time")
     valid = File(exists=True, desc="voxels finite in every input")
-    echo_times = traits.List(traits.Float, desc="s, sorted")
+    echo_times_s = traits.List(traits.Float, desc="s, sorted")
     phase_units = traits.Str(desc="units applied to the stored phase")
     phase_scaling = traits.Dict(desc="how the stored phase became rad (see "
                                 "qsmprep.utils.images.interpret_phase)")
 
 
 class LoadEchoes(SimpleInterface):
-    """Stack echoes by echo time, phase to rad, NaN/Inf to 0.
+    """Stack echoes by echo time, phase to rad, NaN/Inf to 0
+    (:func:`qsmprep.utils.images.load_echoes`).
 
     Real and imaginary parts (``complex_parts``) become magnitude and phase;
     without magnitude files (phase-only) the magnitude is 1 everywhere.
@@ -167,39 +102,16 @@ class LoadEchoes(SimpleInterface):
     output_spec = _LoadEchoesOutputSpec
 
     def _run_interface(self, runtime):
-        raw, tes, ref = load_stack(self.inputs.phase, self.inputs.echo_times)
-        if self.inputs.magnitude:
-            mag, _, _ = load_stack(self.inputs.magnitude, self.inputs.magnitude_echo_times)
-            sources = [_describe_files(self.inputs.phase),
-                       _describe_files(self.inputs.magnitude)]
-            valid = zero_nonfinite([raw, mag], sources)
-            if not mag.any():
-                raise ValueError(
-                    f"{sources[1]}: the magnitude is zero everywhere; re-export it, or "
-                    "process the run from the phase only (remove the part-mag files and "
-                    "use --masking quality)"
-                )
-        else:
-            sources = [_describe_files(self.inputs.phase)]
-            valid = zero_nonfinite([raw], sources)
-            mag = np.ones_like(raw)
-        if self.inputs.complex_parts:  # mag holds the real part, raw the imaginary part
-            signal = mag + 1j * raw
-            phase, mag, units = np.angle(signal), np.abs(signal).astype(np.float32), "rad"
-            record = {"units": "rad", "convention": "complex",
-                      "description": "angle of the real and imaginary parts"}
-        else:
-            proxy = nb.load(self.inputs.phase[0]).dataobj  # nibabel keeps scl_* here
-            phase, record = interpret_phase(
-                raw, self.inputs.phase_units, sources[0],
-                header_scaling=(float(getattr(proxy, "slope", 1.0)),
-                                float(getattr(proxy, "inter", 0.0))))
-            units = record["units"]
+        mag, phase, valid, tes, ref, record = load_echoes(
+            self.inputs.phase, self.inputs.echo_times_s, self.inputs.magnitude,
+            self.inputs.magnitude_echo_times_s, phase_units=self.inputs.phase_units,
+            complex_parts=self.inputs.complex_parts)
+        units = record["units"]
         self._results.update(
             magnitude=save_like(mag, ref, _out("magnitude.nii.gz", runtime)),
             phase=save_like(phase, ref, _out("phase.nii.gz", runtime)),
             valid=save_like(valid, ref, _out("valid.nii.gz", runtime), dtype=np.uint8),
-            echo_times=tes,
+            echo_times_s=tes,
             phase_units=units,
             phase_scaling=record,
         )
@@ -209,7 +121,7 @@ class LoadEchoes(SimpleInterface):
 class _PhaseOffsetInputSpec(BaseInterfaceInputSpec):
     phase = File(exists=True, mandatory=True, desc="(X, Y, Z, E) phase, rad")
     magnitude = File(exists=True, mandatory=True)
-    echo_times = traits.List(traits.Float, mandatory=True, desc="s")
+    echo_times_s = traits.List(traits.Float, mandatory=True, desc="s")
     params = traits.Dict(traits.Str, traits.Any, value={}, usedefault=True,
                          desc="keyword arguments of mcpc3ds, e.g. sigma_mm")
 
@@ -231,7 +143,7 @@ class PhaseOffset(SimpleInterface):
 
         phase, ref = _load(self.inputs.phase)
         mag, _ = _load(self.inputs.magnitude)
-        corrected, offset = mcpc3ds(phase, mag, list(self.inputs.echo_times),
+        corrected, offset = mcpc3ds(phase, mag, list(self.inputs.echo_times_s),
                                     voxel_size_mm=_voxel_size(ref), **self.inputs.params)
         self._results.update(
             phase=save_like(corrected, ref, _out("phase_mcpc3ds.nii.gz", runtime)),
@@ -244,7 +156,7 @@ class _UnwrapInputSpec(_MethodInputSpec):
     phase = File(exists=True, mandatory=True, desc="(X, Y, Z, E) phase, rad")
     magnitude = File(exists=True, mandatory=True)
     valid = File(exists=True, mandatory=True)
-    echo_times = traits.List(traits.Float, mandatory=True, desc="s")
+    echo_times_s = traits.List(traits.Float, mandatory=True, desc="s")
 
 
 class _UnwrapOutputSpec(TraitedSpec):
@@ -262,13 +174,11 @@ class Unwrap(SimpleInterface):
         phase, ref = _load(self.inputs.phase)
         mag, _ = _load(self.inputs.magnitude)
         valid, _ = _load(self.inputs.valid, bool)
-        with _threads(self.inputs.num_threads):
-            unwrapped, quality = _run_method(
-                "unwrapping", self.inputs.method, phase, magnitude=mag,
-                echo_times_s=list(self.inputs.echo_times), mask=valid,
-                params=self.inputs.params,
-                context={"voxel_size_mm": _voxel_size(ref), "device": self.inputs.device},
-            )
+        unwrapped, quality = _execution(self.inputs).run(
+            "unwrapping", self.inputs.method, phase, magnitude=mag,
+            echo_times_s=list(self.inputs.echo_times_s), mask=valid,
+            params=self.inputs.params, context={"voxel_size_mm": _voxel_size(ref)},
+        )
         self._results["unwrapped"] = save_like(unwrapped, ref, _out("unwrapped.nii.gz", runtime))
         if quality is not None:
             self._results["quality"] = save_like(quality, ref, _out("quality.nii.gz", runtime))
@@ -278,7 +188,7 @@ class Unwrap(SimpleInterface):
 class _B0InputSpec(BaseInterfaceInputSpec):
     unwrapped = File(exists=True, mandatory=True, desc="(X, Y, Z, E) rad")
     magnitude = File(exists=True, mandatory=True)
-    echo_times = traits.List(traits.Float, mandatory=True, desc="s")
+    echo_times_s = traits.List(traits.Float, mandatory=True, desc="s")
     method = traits.Str("romeo", usedefault=True,
                         desc="echo_combination method in the registry")
     params = traits.Dict(traits.Str, traits.Any, value={}, usedefault=True,
@@ -301,9 +211,9 @@ class EchoCombine(SimpleInterface):
     def _run_interface(self, runtime):
         unwrapped, ref = _load(self.inputs.unwrapped)
         mag, _ = _load(self.inputs.magnitude)
-        b0_hz, noise_hz = _run_method(
+        b0_hz, noise_hz = Execution().run(
             "echo_combination", self.inputs.method, unwrapped, mag,
-            list(self.inputs.echo_times), params=self.inputs.params, context={},
+            list(self.inputs.echo_times_s), params=self.inputs.params,
         )
         self._results["fieldmap"] = save_like(b0_hz, ref, _out("fieldmap_hz.nii.gz", runtime))
         self._results["noise_std"] = save_like(noise_hz, ref,
@@ -315,7 +225,7 @@ class _PhaseSignInputSpec(BaseInterfaceInputSpec):
     fieldmap = File(exists=True, mandatory=True, desc="B0 map, Hz, sign as stored")
     magnitude = File(exists=True, mandatory=True, desc="(X, Y, Z, E) magnitude")
     mask = File(exists=True, mandatory=True, desc="brain mask")
-    b0_dir = traits.List(traits.Float, mandatory=True)
+    b0_dir = traits.List(traits.Float, mandatory=True, desc="unit B0 direction, voxel axes")
     phase_sign = traits.Enum("auto", "1", "-1", usedefault=True,
                              desc="auto: check and flip when clearly inverted; 1/-1: given")
     source = traits.Str("the phase", usedefault=True, desc="phase file(s), for messages")
@@ -330,48 +240,24 @@ class _PhaseSignOutputSpec(TraitedSpec):
 class PhaseSign(SimpleInterface):
     """Check the sign of the phase on the B0 map (:mod:`qsmprep.qsm.phase_sign`)
     and apply ``phase_sign``: given (1, -1), or with ``auto`` -1 when the
-    evidence clearly shows an inverted phase (a warning), else 1."""
+    evidence clearly shows an inverted phase (a warning), else 1
+    (:func:`~qsmprep.qsm.phase_sign.resolve_phase_sign`)."""
 
     input_spec = _PhaseSignInputSpec
     output_spec = _PhaseSignOutputSpec
 
     def _run_interface(self, runtime):
-        from ..qsm.phase_sign import CLEAR_CORRELATION, decide_phase_sign, phase_sign_evidence
+        from ..qsm.phase_sign import (CLEAR_CORRELATION, decide_phase_sign,
+                                      phase_sign_evidence, resolve_phase_sign)
 
         hz, ref = _load(self.inputs.fieldmap)
         mag, _ = _load(self.inputs.magnitude)
         mask, _ = _load(self.inputs.mask, bool)
         evidence = phase_sign_evidence(hz, mag, mask, _voxel_size(ref), self.inputs.b0_dir)
-        shown = decide_phase_sign(evidence["correlation"])
-        r = evidence["correlation"]
-        r_text = "n/a" if r is None else f"{r:+.2f}"
         setting = self.inputs.phase_sign
-        if setting == "auto":
-            sign = -1 if shown == -1 else 1
-            if sign == -1:
-                LOGGER.warning(
-                    "%s: the phase sign looks inverted (the field correlates with the field "
-                    "of the air around the head at r = %s, <= -%g): the phase was negated, so "
-                    "that veins and iron come out paramagnetic. If this is wrong, run again "
-                    "with --phase-sign 1", self.inputs.source, r_text, CLEAR_CORRELATION)
-                decision = "inverted by the check (auto)"
-            elif shown == 1:
-                decision = "confirmed by the check (auto)"
-            else:
-                LOGGER.info(
-                    "%s: the phase sign could not be checked (correlation with the air model "
-                    "field r = %s, |r| < %g: no clear air-tissue field in the brain, e.g. a "
-                    "slab); the phase is used as stored. Give --phase-sign 1 or -1 to state it",
-                    self.inputs.source, r_text, CLEAR_CORRELATION)
-                decision = "not determined by the check (auto): used as stored"
-        else:
-            sign = int(setting)
-            decision = "given (--phase-sign)"
-            if shown and shown != sign:
-                LOGGER.warning(
-                    "%s: --phase-sign %s was given but the phase sign check finds the "
-                    "opposite (r = %s with the air model field); check the sign convention of "
-                    "the scanner/converter", self.inputs.source, setting, r_text)
+        sign, decision = resolve_phase_sign(evidence["correlation"], setting,
+                                            self.inputs.source)
+        shown = decide_phase_sign(evidence["correlation"])
         out = hz if sign == 1 else -hz
         self._results.update(
             fieldmap=save_like(out, ref, _out("fieldmap_signed_hz.nii.gz", runtime)),
@@ -387,7 +273,7 @@ class PhaseSign(SimpleInterface):
 class _TotalFieldInputSpec(BaseInterfaceInputSpec):
     fieldmap = File(exists=True, mandatory=True, desc="B0 map, Hz")
     noise_std = File(exists=True, desc="N_std of the B0 map, Hz")
-    field_strength = traits.Float(mandatory=True, desc="T")
+    field_strength_t = traits.Float(mandatory=True, desc="main field strength, T")
 
 
 class _TotalFieldOutputSpec(TraitedSpec):
@@ -406,10 +292,11 @@ class TotalField(SimpleInterface):
         from ..qsm.units import hz_to_ppm
 
         hz, ref = _load(self.inputs.fieldmap)
-        ppm = hz_to_ppm(hz, self.inputs.field_strength)
+        ppm = hz_to_ppm(hz, self.inputs.field_strength_t)
         self._results["total_field"] = save_like(ppm, ref, _out("total_field_ppm.nii.gz", runtime))
         if isdefined(self.inputs.noise_std):
-            noise = hz_to_ppm(_load(self.inputs.noise_std)[0], self.inputs.field_strength)
+            noise = hz_to_ppm(_load(self.inputs.noise_std)[0],
+                              self.inputs.field_strength_t)
             self._results["noise_std"] = save_like(noise, ref,
                                                    _out("noise_std_ppm.nii.gz", runtime))
         return runtime
@@ -441,9 +328,9 @@ class Mask(SimpleInterface):
         mag, ref = _load(self.inputs.magnitude)
         rss = np.sqrt(np.sum(mag.reshape(mag.shape[:3] + (-1,)) ** 2, axis=3))
         quality = _load(self.inputs.quality)[0] if isdefined(self.inputs.quality) else None
-        mask = _run_method("masking", self.inputs.method, rss, quality=quality,
-                           params=self.inputs.params,
-                           context={"voxel_size_mm": _voxel_size(ref)})
+        mask = _execution(self.inputs, limit_threads=False).run(
+            "masking", self.inputs.method, rss, quality=quality, params=self.inputs.params,
+            context={"voxel_size_mm": _voxel_size(ref)})
         mask = np.asarray(mask, dtype=bool) & _load(self.inputs.valid, bool)[0]
         if self.inputs.method != "bet" and mask.any():
             from ..qsm.bet import check_brain_coverage
@@ -479,10 +366,8 @@ class Mask(SimpleInterface):
         return runtime
 
 
-def _optional_rss(path):
-    """Root-sum-of-squares over echoes of an optional magnitude file, or None."""
-    if not isdefined(path):
-        return None
+def _rss(path):
+    """Root-sum-of-squares over echoes of a magnitude file."""
     mag = _load(path)[0]
     return np.sqrt(np.sum(mag.reshape(mag.shape[:3] + (-1,)) ** 2, axis=3))
 
@@ -490,7 +375,7 @@ def _optional_rss(path):
 class _BFRInputSpec(_MethodInputSpec):
     total_field = File(exists=True, mandatory=True, desc="ppm")
     mask = File(exists=True, mandatory=True)
-    b0_dir = traits.List(traits.Float, mandatory=True)
+    b0_dir = traits.List(traits.Float, mandatory=True, desc="unit B0 direction, voxel axes")
     noise_std = File(exists=True, desc="N_std of the total field (ppm), data weights "
                      "1/N_std for methods that take them (PDF)")
 
@@ -509,14 +394,11 @@ class BackgroundRemoval(SimpleInterface):
     def _run_interface(self, runtime):
         field, ref = _load(self.inputs.total_field)
         mask, _ = _load(self.inputs.mask, bool)
-        with _threads(self.inputs.num_threads):
-            local, mask_out = _run_method(
-                "bf_removal", self.inputs.method, field, mask, _voxel_size(ref),
-                b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
-                context={"device": self.inputs.device,
-                         "max_voxels": max_voxels_for(self.inputs.mem_gb),
-                         "noise_std": _Lazy(self.inputs.noise_std)},
-            )
+        local, mask_out = _execution(self.inputs).run(
+            "bf_removal", self.inputs.method, field, mask, _voxel_size(ref),
+            b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
+            context={"noise_std": _lazy_file(self.inputs.noise_std)},
+        )
         self._results.update(
             local_field=save_like(local, ref, _out("local_field_ppm.nii.gz", runtime)),
             mask=save_like(mask_out, ref, _out("mask_local.nii.gz", runtime), np.uint8),
@@ -527,7 +409,7 @@ class BackgroundRemoval(SimpleInterface):
 class _InversionInputSpec(_MethodInputSpec):
     local_field = File(exists=True, mandatory=True, desc="ppm")
     mask = File(exists=True, mandatory=True)
-    b0_dir = traits.List(traits.Float, mandatory=True)
+    b0_dir = traits.List(traits.Float, mandatory=True, desc="unit B0 direction, voxel axes")
     magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, for methods that use "
                      "its edges (MEDI)")
     noise_std = File(exists=True, desc="N_std of the field (ppm), data weights 1/N_std for "
@@ -547,15 +429,12 @@ class Inversion(SimpleInterface):
     def _run_interface(self, runtime):
         local, ref = _load(self.inputs.local_field)
         mask, _ = _load(self.inputs.mask, bool)
-        with _threads(self.inputs.num_threads):
-            chi = _run_method(
-                "inversion", self.inputs.method, local, mask, _voxel_size(ref),
-                b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
-                context={"device": self.inputs.device,
-                         "max_voxels": max_voxels_for(self.inputs.mem_gb),
-                         "magnitude": _Lazy(self.inputs.magnitude, _optional_rss),
-                         "noise_std": _Lazy(self.inputs.noise_std)},
-            )
+        chi = _execution(self.inputs).run(
+            "inversion", self.inputs.method, local, mask, _voxel_size(ref),
+            b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
+            context={"magnitude": _lazy_file(self.inputs.magnitude, _rss),
+                     "noise_std": _lazy_file(self.inputs.noise_std)},
+        )
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii.gz", runtime))
         return runtime
 
@@ -576,11 +455,10 @@ class Reference(SimpleInterface):
     def _run_interface(self, runtime):
         chi, ref = _load(self.inputs.chi)
         mask, _ = _load(self.inputs.mask, bool)
-        out = _run_method("referencing", self.inputs.method, chi, mask,
-                          params=self.inputs.params,
-                          context={"voxel_size_mm": _voxel_size(ref),
-                                   "magnitude": _load(self.inputs.magnitude)[0]
-                                   if isdefined(self.inputs.magnitude) else None})
+        out = _execution(self.inputs, limit_threads=False).run(
+            "referencing", self.inputs.method, chi, mask, params=self.inputs.params,
+            context={"voxel_size_mm": _voxel_size(ref),
+                     "magnitude": _lazy_file(self.inputs.magnitude)})
         out = np.where(mask, out, 0)
         self._results["chi"] = save_like(out, ref, _out("chi_ref_ppm.nii.gz", runtime))
         return runtime

@@ -155,3 +155,43 @@ def decide_phase_sign(correlation, threshold=CLEAR_CORRELATION):
     if correlation is None or abs(correlation) < threshold:
         return 0
     return 1 if correlation > 0 else -1
+
+
+def resolve_phase_sign(correlation, setting="auto", source="the phase"):
+    """The sign to apply to the phase and the decision in words, for the
+    sidecars: ``(sign, decision)``.
+
+    ``setting`` is ``--phase-sign``: "1"/"-1" are used as given (with a warning
+    when the check clearly finds the opposite); "auto" gives -1 only when the
+    check clearly shows an inverted phase (a warning), else 1. ``correlation``
+    is that of :func:`phase_sign_evidence`; ``source`` names the phase file(s)
+    in the messages.
+    """
+    import logging
+
+    logger = logging.getLogger("qsmprep")
+    shown = decide_phase_sign(correlation)
+    r_text = "n/a" if correlation is None else f"{correlation:+.2f}"
+    if setting != "auto":
+        sign = int(setting)
+        if shown and shown != sign:
+            logger.warning(
+                "%s: --phase-sign %s was given but the phase sign check finds the "
+                "opposite (r = %s with the air model field); check the sign convention of "
+                "the scanner/converter", source, setting, r_text)
+        return sign, "given (--phase-sign)"
+    if shown == -1:
+        logger.warning(
+            "%s: the phase sign looks inverted (the field correlates with the field "
+            "of the air around the head at r = %s, <= -%g): the phase was negated, so "
+            "that veins and iron come out paramagnetic. If this is wrong, run again "
+            "with --phase-sign 1", source, r_text, CLEAR_CORRELATION)
+        return -1, "inverted by the check (auto)"
+    if shown == 1:
+        return 1, "confirmed by the check (auto)"
+    logger.info(
+        "%s: the phase sign could not be checked (correlation with the air model "
+        "field r = %s, |r| < %g: no clear air-tissue field in the brain, e.g. a "
+        "slab); the phase is used as stored. Give --phase-sign 1 or -1 to state it",
+        source, r_text, CLEAR_CORRELATION)
+    return 1, "not determined by the check (auto): used as stored"

@@ -250,6 +250,52 @@ def zero_nonfinite(arrays, sources):
     return valid
 
 
+def _describe_files(files):
+    """The file, or the first file and how many echo files there are, for messages."""
+    return files[0] if len(files) == 1 else f"{files[0]} (and the other {len(files) - 1} echoes)"
+
+
+def load_echoes(phase_files, echo_times_s, magnitude_files=(), magnitude_echo_times_s=(), *,
+                phase_units=None, complex_parts=False):
+    """Magnitude and phase (rad) stacked by echo time, non-finite voxels zeroed.
+
+    Returns ``(magnitude, phase_rad, valid, sorted_echo_times_s, ref_img, record)``:
+    4-D float32 arrays ``(X, Y, Z, E)``, the voxels finite in every input,
+    the reference image of the grid, and how the stored phase became rad
+    (``record``, see :func:`interpret_phase`; ``"units"`` is always given).
+    Without magnitude files (phase-only) the magnitude is 1 everywhere; with
+    ``complex_parts`` the "magnitude" and "phase" files hold the real and
+    imaginary parts, whose modulus and angle are returned.
+    """
+    raw, tes, ref = load_stack(phase_files, echo_times_s)
+    if magnitude_files:
+        mag, _, _ = load_stack(magnitude_files, magnitude_echo_times_s)
+        sources = [_describe_files(phase_files), _describe_files(magnitude_files)]
+        valid = zero_nonfinite([raw, mag], sources)
+        if not mag.any():
+            raise ValueError(
+                f"{sources[1]}: the magnitude is zero everywhere; re-export it, or "
+                "process the run from the phase only (remove the part-mag files and "
+                "use --masking quality)"
+            )
+    else:
+        sources = [_describe_files(phase_files)]
+        valid = zero_nonfinite([raw], sources)
+        mag = np.ones_like(raw)
+    if complex_parts:  # mag holds the real part, raw the imaginary part
+        signal = mag + 1j * raw
+        phase, mag = np.angle(signal), np.abs(signal).astype(np.float32)
+        record = {"units": "rad", "convention": "complex",
+                  "description": "angle of the real and imaginary parts"}
+    else:
+        proxy = nb.load(phase_files[0]).dataobj  # nibabel keeps scl_* here
+        phase, record = interpret_phase(
+            raw, phase_units, sources[0],
+            header_scaling=(float(getattr(proxy, "slope", 1.0)),
+                            float(getattr(proxy, "inter", 0.0))))
+    return mag, phase, valid, tes, ref, record
+
+
 def save_like(data, ref_img, path, dtype=np.float32):
     """Write ``data`` (3-D or 4-D) with the affine and header of ``ref_img``.
 

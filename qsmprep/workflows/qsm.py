@@ -3,7 +3,9 @@
 load → unwrap → echo combination (B0 and its noise map N_std, Hz) → total
 field (ppm) → mask → background removal → dipole inversion → referencing →
 BIDS derivatives. N_std (in ppm after the total-field step) weights the data
-term of the methods whose signature takes ``noise_std`` (PDF, LSQR, MEDI).
+term of the background removal and inversion methods that take it (PDF,
+LSQR, iLSQR, MEDI): :func:`qsmprep.execution.passed_keywords` decides, both
+for the run and for the methods text.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..config import phase_sign_setting
+from ..execution import NOISE_STD, passed_keywords
 from ..interfaces.qsm import (
     BackgroundRemoval,
     EchoCombine,
@@ -35,6 +38,24 @@ from .reports import init_qsm_reports_wf
 #: processing order of the registry stages
 PIPELINE_STAGES = ("unwrapping", "echo_combination", "masking", "bf_removal", "inversion",
                    "referencing")
+#: stages whose node is given the noise map N_std (ppm) by the graph
+NOISE_STD_STAGES = ("bf_removal", "inversion")
+#: fields of init_qsm_wf's inputnode: the run's files and echo times, pre-set from the run
+INPUT_FIELDS = ("magnitude", "phase", "magnitude_echo_times_s", "echo_times_s")
+#: fields of init_qsm_wf's outputnode
+OUTPUT_FIELDS = ("chi", "mask", "local_field", "total_field", "noise_std", "fieldmap",
+                 "magnitude", "unwrapped", "quality", "echo_times_s", "interpretation")
+
+
+def safe_name(text):
+    """``text`` with every character that is not a letter or digit replaced by
+    ``_``: a valid Nipype node name (e.g. ``ses-1_run-2`` -> ``ses_1_run_2``)."""
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def qsm_wf_name(run):
+    """Name of the :func:`init_qsm_wf` of ``run`` (e.g. ``qsm_run_1_wf``)."""
+    return f"qsm_{safe_name(run.name)}_wf"
 
 
 def method_record(stage, name, params=None):
@@ -55,10 +76,13 @@ def phase_offset_record(params=None):
     return {"Name": "mcpc3ds", "Parameters": {**defaults, **(params or {})}}
 
 
-def takes_noise_std(stage, name):
-    """Whether method ``name`` of ``stage`` uses the noise map N_std (its
-    signature has a ``noise_std`` keyword)."""
-    return "noise_std" in inspect.signature(registry.get(stage, name).func).parameters
+def receives_noise_std(stage, name, params=None):
+    """Whether method ``name`` of ``stage`` is given the noise map N_std in this
+    graph: its node is connected to N_std (:data:`NOISE_STD_STAGES`) and
+    :func:`qsmprep.execution.passed_keywords`, the rule the run applies,
+    passes it."""
+    return stage in NOISE_STD_STAGES and NOISE_STD in passed_keywords(
+        stage, name, (NOISE_STD,), params)
 
 
 def user_mask_record(source):
@@ -120,18 +144,58 @@ def init_qsm_wf(config, run, *, name=None):
 
     ::
 
-        load ─► [phase_offset (MCPC-3D-S)] ─► unwrap ─► echo_combine ─► total_field
-          │                                     │        (B0, N_std; Hz)   (field, N_std; ppm)
-          │                                     └─ quality ─┐                  │ field │ N_std
-          └─ magnitude, valid ─────────────────────────────► mask ─► bf_removal ◄┘      │
-                                                                      │ local field, mask │
-                                                                      ▼                   │
-                                              ds_qsm_wf ◄─ referencing ◄─ inversion ◄─────┘
-                                       qsm_reports_wf ◄─ every map above (SVG reportlets)
+        inputnode ─► load ─► [phase_offset (MCPC-3D-S)] ─► unwrap ─► echo_combine
+                      │                                       │ quality  │ B0, N_std (Hz)
+                      └─ magnitude, valid ──────────────────► mask ─► phase_sign ─► total_field
+                                                               │                         │
+                                                               ▼                         │ ppm
+                                                           bf_removal ◄─ field, N_std ───┤
+                                                               │ local field, mask       │
+                                                               ▼                         │
+                                   ds_qsm_wf ◄─ referencing ◄─ inversion ◄─ N_std ───────┘
+                            qsm_reports_wf ◄─ every map above (SVG reportlets)
+                                outputnode ◄─ chi, mask, fields, N_std, magnitude, ...
 
     ``echo_combination`` is a registry stage (romeo | linear | nonlinear); every
     method gives the B0 map and its noise map N_std, which background removal
     and inversion receive and use when their method takes ``noise_std``.
+
+    Inputs (``inputnode``), pre-set from ``run``; a parent workflow may connect
+    them instead (files of the same acquisition: same echoes and grid, since
+    the graph, the sidecars and the methods text are built from ``run``):
+
+    ``magnitude``, ``phase``
+        lists of NIfTI files (one 3-D file per echo, or one 4-D file);
+        ``magnitude`` is empty for a phase-only run, and with
+        ``run.complex_parts`` they are the part-real and part-imag files
+    ``magnitude_echo_times_s``, ``echo_times_s``
+        echo times (s) of the volumes in the order the files stack them
+
+    Outputs (``outputnode``):
+
+    ``chi``
+        susceptibility (ppm), referenced, zero outside ``mask`` (the Chimap)
+    ``mask``
+        brain mask where the local field and ``chi`` are defined
+    ``local_field``, ``total_field``
+        local (after background removal) and total field, ppm
+    ``noise_std``
+        N_std, the noise map of the total field, ppm
+    ``fieldmap``
+        B0 map (Hz) in qsmprep's phase sign convention
+    ``magnitude``, ``unwrapped``
+        4-D magnitude and unwrapped phase (rad), echoes sorted by echo time
+    ``quality``
+        unwrapping quality (0..1), when the method gives one (ROMEO)
+    ``echo_times_s``
+        sorted echo times, s
+    ``interpretation``
+        how the input was read (field strength, B0 direction, phase scale and
+        sign), as written to the sidecars
+
+    The derivatives (``ds_qsm_wf``), reportlets (``qsm_reports_wf``) and, with
+    ``--regions``/template ``--output-spaces``, the regional statistics
+    (``regions_wf``) are written inside this workflow.
 
     Parameters
     ----------
@@ -139,8 +203,10 @@ def init_qsm_wf(config, run, *, name=None):
         the run's settings (methods, parameters, threads, device, outputs)
     run : :class:`qsmprep.bids.runs.QSMRun`
         the checked input files and metadata
+    name : str, optional
+        workflow name; :func:`qsm_wf_name` of ``run`` by default
     """
-    wf = Workflow(name=name or f"qsm_{_safe(run.name)}_wf")
+    wf = Workflow(name=name or qsm_wf_name(run))
     methods = {s: config.workflow.method(s) for s in PIPELINE_STAGES}
     params = {s: config.workflow.stage_params(s) for s in PIPELINE_STAGES}
     if config.execution.mask_file and not run.mask:
@@ -169,14 +235,14 @@ def init_qsm_wf(config, run, *, name=None):
         )
         return node
 
-    load = pe.Node(
-        LoadEchoes(
-            magnitude=list(run.magnitude), magnitude_echo_times=list(run.magnitude_echo_times),
-            phase=list(run.phase), echo_times=list(run.echo_times),
-            phase_units=run.phase_units, complex_parts=run.complex_parts,
-        ),
-        name="load",
-    )
+    inputnode = pe.Node(niu.IdentityInterface(list(INPUT_FIELDS)), name="inputnode")
+    inputnode.inputs.magnitude = list(run.magnitude)
+    inputnode.inputs.phase = list(run.phase)
+    inputnode.inputs.magnitude_echo_times_s = list(run.magnitude_echo_times)
+    inputnode.inputs.echo_times_s = list(run.echo_times)
+    outputnode = pe.Node(niu.IdentityInterface(list(OUTPUT_FIELDS)), name="outputnode")
+    load = pe.Node(LoadEchoes(phase_units=run.phase_units, complex_parts=run.complex_parts),
+                   name="load")
     unwrap = stage_node(Unwrap, "unwrapping", "unwrap")
     combine = pe.Node(EchoCombine(method=methods["echo_combination"],
                                   params=params["echo_combination"]), name="echo_combine")
@@ -187,7 +253,7 @@ def init_qsm_wf(config, run, *, name=None):
         function=merge_interpretation, input_names=["static", "phase_scaling", "phase_sign"],
         output_names=["interpretation"]), name="interpretation")
     interpretation.inputs.static = input_interpretation(run)
-    total = pe.Node(TotalField(field_strength=run.field_strength), name="total_field")
+    total = pe.Node(TotalField(field_strength_t=run.field_strength), name="total_field")
     mask = stage_node(Mask, "masking", "mask", heavy=False)
     bfr = stage_node(BackgroundRemoval, "bf_removal", "bf_removal")
     bfr.inputs.b0_dir = b0_dir
@@ -205,19 +271,20 @@ def init_qsm_wf(config, run, *, name=None):
         records["phase_offset"] = phase_offset_record(offset_params)
     outputs = init_qsm_derivatives_wf(config, run, methods=records)
 
+    wf.connect([(inputnode, load, [(f, f) for f in INPUT_FIELDS])])
     if correct_offset:
         offset = pe.Node(PhaseOffset(params=offset_params), name="phase_offset")
         wf.connect([
             (load, offset, [("phase", "phase"), ("magnitude", "magnitude"),
-                            ("echo_times", "echo_times")]),
+                            ("echo_times_s", "echo_times_s")]),
             (offset, unwrap, [("phase", "phase")]),
         ])  # fmt: skip
     else:
         wf.connect(load, "phase", unwrap, "phase")
     wf.connect([
         (load, unwrap, [("magnitude", "magnitude"), ("valid", "valid"),
-                        ("echo_times", "echo_times")]),
-        (load, combine, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
+                        ("echo_times_s", "echo_times_s")]),
+        (load, combine, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
         (unwrap, combine, [("unwrapped", "unwrapped")]),
         (combine, sign, [("fieldmap", "fieldmap")]),
         (load, sign, [("magnitude", "magnitude")]),
@@ -240,6 +307,13 @@ def init_qsm_wf(config, run, *, name=None):
         (reference, outputs, [("chi", "inputnode.chi")]),
         (bfr, outputs, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
         (sign, outputs, [("fieldmap", "inputnode.fieldmap")]),
+        (reference, outputnode, [("chi", "chi")]),
+        (bfr, outputnode, [("mask", "mask"), ("local_field", "local_field")]),
+        (total, outputnode, [("total_field", "total_field"), ("noise_std", "noise_std")]),
+        (sign, outputnode, [("fieldmap", "fieldmap")]),
+        (load, outputnode, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
+        (unwrap, outputnode, [("unwrapped", "unwrapped"), ("quality", "quality")]),
+        (interpretation, outputnode, [("interpretation", "interpretation")]),
     ])  # fmt: skip
     if config.execution.output_intermediates:
         wf.connect(unwrap, "unwrapped", outputs, "inputnode.unwrapped")
@@ -268,6 +342,18 @@ def init_qsm_wf(config, run, *, name=None):
     return wf
 
 
+def noise_weighting_sentence(methods, params):
+    """The methods text's sentence on the N_std weighting: it names each stage
+    (of :data:`NOISE_STD_STAGES`) whose method :func:`receives_noise_std`, and
+    is empty when none does. ``methods``/``params``: stage -> name / parameters."""
+    weighted = [f"{_STAGE_NAMES[s]} ({methods[s]})" for s in NOISE_STD_STAGES
+                if receives_noise_std(s, methods[s], params.get(s))]
+    if not weighted:
+        return ""
+    return (f"The noise map N_std, converted to ppm, weighted the data term of the "
+            f"{' and the '.join(weighted)} (weights 1/N_std, scaled to mean 1 in the mask).")
+
+
 def _describe(methods, params, correct_offset, user_mask=None, phase_sign="auto",
               field_source="MagneticFieldStrength"):
     text = {s: method_description(s, methods[s], params[s]) for s in PIPELINE_STAGES}
@@ -282,13 +368,8 @@ def _describe(methods, params, correct_offset, user_mask=None, phase_sign="auto"
         "MCPC-3D-S and removed from every echo [@eckstein2018mcpc3ds]. "
         if correct_offset else ""
     )
-    weighted = [f"{_STAGE_NAMES[s]} ({methods[s]})" for s in ("bf_removal", "inversion")
-                if takes_noise_std(s, methods[s])]
-    weights = (
-        f" The noise map N_std, converted to ppm, weighted the data term of the "
-        f"{' and the '.join(weighted)} (weights 1/N_std, scaled to mean 1 in the mask)."
-        if weighted else ""
-    )
+    weights = noise_weighting_sentence(methods, params)
+    weights = f" {weights}" if weights else ""
     return f"""
 #### Susceptibility mapping
 
@@ -319,7 +400,3 @@ _FIELD_TEXT = {
     "(MagneticFieldStrength).",
 }
 _STAGE_NAMES = {"bf_removal": "background field removal", "inversion": "dipole inversion"}
-
-
-def _safe(text):
-    return "".join(c if c.isalnum() else "_" for c in text)

@@ -97,8 +97,8 @@ def load_run(run, workdir):
     Path(workdir).mkdir(parents=True, exist_ok=True)
     return ifaces.LoadEchoes(
         magnitude=[str(p) for p in run.magnitude],
-        magnitude_echo_times=list(run.magnitude_echo_times),
-        phase=[str(p) for p in run.phase], echo_times=list(run.echo_times),
+        magnitude_echo_times_s=list(run.magnitude_echo_times),
+        phase=[str(p) for p in run.phase], echo_times_s=list(run.echo_times),
         phase_units=run.phase_units, complex_parts=run.complex_parts,
     ).run(cwd=str(workdir)).outputs
 
@@ -124,17 +124,17 @@ def run_chain(run, workdir, config=None):
     phase = load.phase
     if wf.phase_offset == "mcpc3ds" and len(run.echo_times) > 1:
         out["phase_offset"] = call("phase_offset", ifaces.PhaseOffset(
-            phase=phase, magnitude=load.magnitude, echo_times=load.echo_times,
+            phase=phase, magnitude=load.magnitude, echo_times_s=load.echo_times_s,
             params=wf.stage_params("phase_offset")))
         phase = out["phase_offset"].phase
     out["unwrapping"] = method("unwrapping", ifaces.Unwrap, phase=phase,
                                magnitude=load.magnitude, valid=load.valid,
-                               echo_times=load.echo_times)
+                               echo_times_s=load.echo_times_s)
     out["echo_combine"] = call("echo_combine", ifaces.EchoCombine(
         unwrapped=out["unwrapping"].unwrapped, magnitude=load.magnitude,
-        echo_times=load.echo_times))
+        echo_times_s=load.echo_times_s))
     out["total_field"] = call("total_field", ifaces.TotalField(
-        fieldmap=out["echo_combine"].fieldmap, field_strength=run.field_strength))
+        fieldmap=out["echo_combine"].fieldmap, field_strength_t=run.field_strength))
     quality = {"quality": out["unwrapping"].quality} if out["unwrapping"].quality else {}
     out["masking"] = method("masking", ifaces.Mask, magnitude=load.magnitude,
                             valid=load.valid, **quality)
