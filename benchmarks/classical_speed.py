@@ -63,7 +63,7 @@ def make_inputs(path):
     vox = head.voxel_size_mm
     acq = acquisition.simulate_acquisition(head, ECHO_TIMES_S, 3.0, snr=100.0, rng=1)
     phase, _ = mcpc3ds(acq.phase, acq.magnitude, ECHO_TIMES_S, voxel_size_mm=vox)
-    unwrapped, quality = romeo_unwrap(phase, magnitude=acq.magnitude, echo_times=ECHO_TIMES_S)
+    unwrapped, quality = romeo_unwrap(phase, magnitude=acq.magnitude, echo_times_s=ECHO_TIMES_S)
     np.savez(path, magnitude=acq.magnitude, unwrapped=unwrapped, quality=quality,
              total=total, local=local, mask=head.brain_mask, voxel_size=np.asarray(vox))
 

@@ -114,12 +114,12 @@ def _multi_echo_worker(path, mcpc, queue):
 
     data = np.load(path)
     phase, mag, te, field, mask = (data[k] for k in ("phase", "mag", "te", "field", "mask"))
-    romeo_unwrap(phase[:8, :8, :8], magnitude=mag[:8, :8, :8], echo_times=te)  # compile / load cache
+    romeo_unwrap(phase[:8, :8, :8], magnitude=mag[:8, :8, :8], echo_times_s=te)  # compile / load cache
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start, cpu = time.perf_counter(), time.process_time()
     if mcpc:
         phase, _ = mcpc3ds(phase, mag, te, voxel_size_mm=(1.0, 1.0, 1.0))
-    unwrapped, _ = romeo_unwrap(phase, magnitude=mag, echo_times=te)
+    unwrapped, _ = romeo_unwrap(phase, magnitude=mag, echo_times_s=te)
     b0 = romeo_b0(unwrapped, mag, te)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

@@ -237,11 +237,11 @@ def test_independent_field_is_qsm_forwards_forward_model():
 
 
 def test_independent_oblique_affine_gives_b0_back():
-    from qsmprep.qsm.units import b0_direction_from_affine
+    from qsmprep.qsm.units import b0_dir_from_affine
 
     b0 = independent_heads.tilted_b0(25.0, azimuth_deg=40.0)
     affine = independent_heads.oblique_affine((1.25, 1.25, 1.25), b0, (-90.0, -100.0, -80.0))
-    np.testing.assert_allclose(b0_direction_from_affine(affine), b0, atol=1e-6)
+    np.testing.assert_allclose(b0_dir_from_affine(affine), b0, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), 1.25)
 
 

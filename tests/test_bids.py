@@ -25,7 +25,7 @@ def test_echoes_ordered_by_echo_time_not_file_name(tmp_path):
     # echo-1 is acquired last: processing order must follow EchoTime
     files = write_gre(tmp_path, echo_times=(0.012, 0.004, 0.008))
     (run,) = _runs(tmp_path)
-    assert run.echo_times == (0.004, 0.008, 0.012)
+    assert run.echo_times_s == (0.004, 0.008, 0.012)
     assert [p.split("_")[1] for p in map(lambda f: f.rsplit("/", 1)[1], run.phase)] == [
         "echo-2", "echo-3", "echo-1"]
     assert run.phase[0] == str(files["phase"][1])
@@ -56,17 +56,17 @@ def test_string_metadata_and_imaging_frequency(tmp_path):
             meta["EchoTime"] = str(meta["EchoTime"])
             f.write_text(json.dumps(meta))
     (run,) = _runs(tmp_path)
-    assert run.echo_times == (0.004, 0.008)
-    assert run.field_strength == pytest.approx(123.2 / GAMMA_BAR_MHZ_PER_T)
+    assert run.echo_times_s == (0.004, 0.008)
+    assert run.field_strength_t == pytest.approx(123.2 / GAMMA_BAR_MHZ_PER_T)
 
 
 def test_four_d_input_with_echo_time_list(tmp_path):
     write_gre(tmp_path, four_d=True, echo_times=(0.008, 0.004, 0.012),
               meta={"EchoTime": ["0.008", "0.004", "0.012"]})
     (run,) = _runs(tmp_path)
-    assert len(run.phase) == 1 and run.echo_times == (0.008, 0.004, 0.012)
-    assert run.sorted_echo_times == (0.004, 0.008, 0.012)
-    data, tes, _ = load_stack(run.phase, run.echo_times)
+    assert len(run.phase) == 1 and run.echo_times_s == (0.008, 0.004, 0.012)
+    assert run.sorted_echo_times_s == (0.004, 0.008, 0.012)
+    data, tes, _ = load_stack(run.phase, run.echo_times_s)
     truth, _, _ = load_stack(run.phase, [0, 1, 2])
     assert tes == [0.004, 0.008, 0.012]
     np.testing.assert_array_equal(data[..., 0], truth[..., 1])  # volume of TE 4 ms first
@@ -80,10 +80,10 @@ def test_b0_direction_from_affine_unless_sidecar_gives_it(tmp_path):
     affine[:3, :3] = rot
     write_gre(tmp_path / "a", affine=affine)
     (run,) = _runs(tmp_path / "a")
-    np.testing.assert_allclose(run.b0_direction, [0, np.sin(angle), np.cos(angle)], atol=1e-6)
+    np.testing.assert_allclose(run.b0_dir, [0, np.sin(angle), np.cos(angle)], atol=1e-6)
     write_gre(tmp_path / "b", affine=affine, phase_meta={"B0_dir": [0, 0, 2]})
     (run,) = _runs(tmp_path / "b")
-    assert run.b0_direction == (0, 0, 1)
+    assert run.b0_dir == (0, 0, 1)
 
 
 def test_b0_direction_from_the_scanner_qform_when_a_rotated_sform_disagrees(tmp_path, caplog):
@@ -105,7 +105,7 @@ def test_b0_direction_from_the_scanner_qform_when_a_rotated_sform_disagrees(tmp_
         img.to_filename(path)
     with caplog.at_level(logging.WARNING, logger="qsmprep"):
         (run,) = _runs(tmp_path)
-    np.testing.assert_allclose(run.b0_direction, [0, 0, 1], atol=1e-6)
+    np.testing.assert_allclose(run.b0_dir, [0, 0, 1], atol=1e-6)
     assert files["phase"][0].name in caplog.text
     assert "the qform is used for the B0 direction" in caplog.text
     source = input_interpretation(run)["B0DirectionSource"]

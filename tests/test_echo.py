@@ -56,7 +56,7 @@ def test_b0_from_simulated_multi_echo_matches_field():
     te = (0.005, 0.010, 0.015, 0.020)
     snr = 40.0
     phase, mag, field, mask = simulate_multi_echo(echo_times_s=te, amplitude_hz=300.0, snr=snr)
-    unwrapped, _ = romeo_unwrap(phase, magnitude=mag, echo_times=te)
+    unwrapped, _ = romeo_unwrap(phase, magnitude=mag, echo_times_s=te)
     b0 = romeo_b0(unwrapped, mag, te)
     fit, residual = weighted_echo_fit(unwrapped, mag, te)
     # phase noise std ~ 1/(snr |S|); the last echo alone would give ~1/(2 pi TE snr) Hz
@@ -100,7 +100,7 @@ def test_nonlinear_fit_recovers_field_and_offset_of_noisy_simulation():
     x = np.linspace(-1, 1, 40, dtype=np.float32)
     offset = 1.2 * x[:, None, None] + 0.5 * x[None, None, :] ** 2  # smooth phase at TE = 0
     wrapped = np.angle(np.exp(1j * (phase + offset[..., None]))).astype(np.float32)
-    unwrapped, _ = romeo_unwrap(wrapped, magnitude=mag, echo_times=te)
+    unwrapped, _ = romeo_unwrap(wrapped, magnitude=mag, echo_times_s=te)
     fit, p0, n_std = nonlinear_complex_fit(unwrapped, mag, te)
     error = (fit - field)[mask]
     # N_std: sigma / (2 pi sqrt(sum |S|^2 (TE - TE_w)^2)), sigma = 1/snr per channel

@@ -74,7 +74,7 @@ def test_qsm_wf_nests_in_a_parent_through_inputnode_and_outputnode(tmp_path):
     config.workflow.params = {"bf_removal": {"max_iter": 5}}
     qsm = init_qsm_wf(config, run)
     assert set(qsm.get_node("inputnode").inputs.copyable_trait_names()) == set(INPUT_FIELDS)
-    assert qsm.get_node("inputnode").inputs.echo_times_s == list(run.echo_times)
+    assert qsm.get_node("inputnode").inputs.echo_times_s == list(run.echo_times_s)
 
     def copy_phase(phase):  # stands for a conversion step of a parent pipeline
         return list(phase)

@@ -395,9 +395,9 @@ def test_imaging_frequency_is_preferred_over_the_nominal_field_strength(tmp_path
 
     write_gre(tmp_path, meta={"MagneticFieldStrength": 3, "ImagingFrequency": 123.259})
     run = _collect(tmp_path)
-    assert run.field_strength == pytest.approx(123.259 / GAMMA_BAR_MHZ_PER_T)  # 2.895 T
+    assert run.field_strength_t == pytest.approx(123.259 / GAMMA_BAR_MHZ_PER_T)  # 2.895 T
     assert run.field_strength_source == "ImagingFrequency"
-    assert run.nominal_field_strength == 3 and run.imaging_frequency_mhz == 123.259
+    assert run.nominal_field_strength_t == 3 and run.imaging_frequency_mhz == 123.259
 
 
 def test_nominal_field_strength_is_used_without_imaging_frequency(tmp_path):
@@ -405,7 +405,7 @@ def test_nominal_field_strength_is_used_without_imaging_frequency(tmp_path):
 
     write_gre(tmp_path, meta={"MagneticFieldStrength": "7"})
     run = _collect(tmp_path)
-    assert run.field_strength == 7 and run.field_strength_source == "MagneticFieldStrength"
+    assert run.field_strength_t == 7 and run.field_strength_source == "MagneticFieldStrength"
 
 
 @pytest.mark.parametrize("frequency, match", [

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qsmprep.qsm.kernels import sphere_field
-from qsmprep.qsm.units import b0_direction_from_affine
+from qsmprep.qsm.units import b0_dir_from_affine
 from qsmprep.sim.acquisition import oblique_affine, tilted_b0
 from qsmprep.sim.forward import (local_field, random_harmonic_field, shim,
                                  total_field)
@@ -124,7 +124,7 @@ def test_oblique_affine_gives_back_b0_direction():
     for _ in range(5):
         b = tilted_b0(rng.uniform(0, 30), rng.uniform(0, 360))
         out = oblique_affine(affine, b)
-        np.testing.assert_allclose(b0_direction_from_affine(out), b, atol=1e-6)
+        np.testing.assert_allclose(b0_dir_from_affine(out), b, atol=1e-6)
         # voxel sizes are kept (a pure rotation in world space)
         np.testing.assert_allclose(np.linalg.norm(out[:3, :3], axis=0),
                                    np.linalg.norm(affine[:3, :3], axis=0))

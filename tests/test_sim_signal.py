@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from qsmprep.qsm.units import GAMMA_BAR_MHZ_PER_T, b0_direction_from_affine
+from qsmprep.qsm.units import GAMMA_BAR_MHZ_PER_T, b0_dir_from_affine
 from qsmprep.sim.phantoms import LABELS, challenge_head, mni_head
 from qsmprep.sim.signal import magnitude_phase, multi_echo_signal
 
@@ -102,7 +102,7 @@ def test_cli_writes_a_valid_bids_dataset(tmp_path):
     assert meta["MagneticFieldStrength"] == 7.0
     img = nib.load(phase[1].path)
     assert img.shape == (32, 36, 32)
-    b0 = b0_direction_from_affine(img.affine)
+    b0 = b0_dir_from_affine(img.affine)
     np.testing.assert_allclose(b0, meta["B0_dir"], atol=1e-6)
     assert np.degrees(np.arccos(b0[2])) == pytest.approx(20.0, abs=1e-4)
     chi = layout.get(subject="01", suffix="Chimap", extension=".nii.gz", scope="qsmprep-sim")

@@ -49,7 +49,7 @@ def invivo():
 def test_invivo_unwraps_by_multiples_of_2pi_without_jumps(invivo, mode):
     phase, mag, brain = invivo
     assert jumps(phase[..., 2], brain) > 100  # the data really is wrapped
-    unwrapped, quality = romeo_unwrap(phase, magnitude=mag, echo_times=TE, mode=mode)
+    unwrapped, quality = romeo_unwrap(phase, magnitude=mag, echo_times_s=TE, mode=mode)
     k = (unwrapped - phase) / TWO_PI
     np.testing.assert_allclose(k, np.rint(k), atol=1e-4)
     for e in range(3):
@@ -65,9 +65,9 @@ def test_invivo_unwraps_by_multiples_of_2pi_without_jumps(invivo, mode):
 def test_mcpc3ds_removes_invivo_offset(invivo):
     phase, mag, brain = invivo
     corrected, offset = mcpc3ds(phase, mag, TE, voxel_size_mm=(0.47, 0.47, 1.0))
-    unwrapped, _ = romeo_unwrap(corrected, magnitude=mag, echo_times=TE)
+    unwrapped, _ = romeo_unwrap(corrected, magnitude=mag, echo_times_s=TE)
     residual = unwrapped[..., 1] - 2 * unwrapped[..., 0]
-    raw, _ = romeo_unwrap(phase, magnitude=mag, echo_times=TE)
+    raw, _ = romeo_unwrap(phase, magnitude=mag, echo_times_s=TE)
     raw_residual = raw[..., 1] - 2 * raw[..., 0]
     # the offset-free echoes scale with TE: the echo-2 residual is centred on 0
     assert abs(np.median(residual[brain])) < 0.3 * abs(np.median(raw_residual[brain]))
@@ -81,7 +81,7 @@ def test_nan_voxels_are_invalid():
         dtype=np.float32)
     bad = ~np.isfinite(phase).all(axis=-1)
     assert bad.any()
-    unwrapped, quality = romeo_unwrap(phase, echo_times=(0.005, 0.010))
+    unwrapped, quality = romeo_unwrap(phase, echo_times_s=(0.005, 0.010))
     assert np.isfinite(unwrapped).all() and np.isfinite(quality).all()
     assert (unwrapped[bad] == 0).all() and (quality[bad] == 0).all()
     k = (unwrapped[~bad] - phase[~bad]) / TWO_PI
@@ -94,7 +94,7 @@ def test_simulated_multi_echo_has_no_wrong_voxels(mode):
     phase, mag, field, mask = simulate_multi_echo(echo_times_s=te, amplitude_hz=300.0, snr=40.0)
     truth = TWO_PI * field[..., None] * np.asarray(te, dtype=np.float32)
     assert np.abs(truth[mask]).max() > 4 * np.pi  # several wraps per echo
-    unwrapped, quality = romeo_unwrap(phase, magnitude=mag, echo_times=te, mode=mode)
+    unwrapped, quality = romeo_unwrap(phase, magnitude=mag, echo_times_s=te, mode=mode)
     for e in range(len(te)):
         assert wrong_voxels(unwrapped[..., e], truth[..., e], mask) == 0
     # the field has median 0, so the global 2*pi correction recovers it exactly
@@ -122,7 +122,7 @@ def test_steep_field_beside_air_at_7t_is_unwrapped_along_smooth_paths():
     rng = np.random.default_rng(0)
     signal = (~air)[..., None] * np.exp(1j * TWO_PI * ppm_to_hz(field, 7.0)[..., None] * te)
     signal = signal + 0.02 * (rng.standard_normal(signal.shape) + 1j * rng.standard_normal(signal.shape))
-    unwrapped, _ = romeo_unwrap(np.angle(signal), magnitude=np.abs(signal), echo_times=te)
+    unwrapped, _ = romeo_unwrap(np.angle(signal), magnitude=np.abs(signal), echo_times_s=te)
     truth = TWO_PI * ppm_to_hz(field, 7.0) * te[0]
     index = np.full(shape, -1)
     index[~air] = np.arange((~air).sum())
@@ -156,7 +156,7 @@ def test_global_correction_brings_median_wrap_to_zero(mode):
     phase = wrap(truth + noise[..., None])
     echo_ratio = np.round(te / te[0])
     for correct, expected in ((False, -echo_ratio), (True, 0 * echo_ratio)):
-        unwrapped, _ = romeo_unwrap(phase, echo_times=te, mode=mode, correct_global=correct)
+        unwrapped, _ = romeo_unwrap(phase, echo_times_s=te, mode=mode, correct_global=correct)
         k = np.rint((unwrapped - truth) / TWO_PI).reshape(-1, 3)
         np.testing.assert_array_equal(k, np.broadcast_to(expected, k.shape))
 
@@ -218,7 +218,7 @@ def test_mcpc3ds_default_keeps_b0_bias_small():
                                                   amplitude_hz=60.0)
     offset_true = smooth_phase_offset(mask.shape, (2.0, 2.0, 2.0), np.random.default_rng(1))
     corrected, _ = mcpc3ds(wrap(phase + offset_true[..., None]), mag, te, voxel_size_mm=(2, 2, 2))
-    unwrapped, _ = romeo_unwrap(corrected, magnitude=mag, echo_times=te)
+    unwrapped, _ = romeo_unwrap(corrected, magnitude=mag, echo_times_s=te)
     error = (romeo_b0(unwrapped, mag, te) - field)[mask]
     error -= np.median(error)  # a global 2 pi choice of the offset is irrelevant
     # measured: 0.52 Hz rms with the 3 mm default, 1.9 Hz with 7 mm; noise alone 0.07 Hz
@@ -274,6 +274,6 @@ def test_unwrapping_refuses_echo_times_in_milliseconds(name):
         registry.run("unwrapping", name, phase, magnitude=np.ones_like(phase),
                      echo_times_s=(4.0, 8.0))
     with pytest.raises(ValueError, match="look like milliseconds"):
-        romeo_unwrap(phase, echo_times=[4, 8])
+        romeo_unwrap(phase, echo_times_s=[4, 8])
     with pytest.raises(ValueError, match="look like milliseconds"):
         mcpc3ds(phase, np.ones_like(phase), [4, 8], voxel_size_mm=(1, 1, 1))

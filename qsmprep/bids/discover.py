@@ -210,7 +210,7 @@ def check_methods(data, workflow):
                     f"{label} has no magnitude images: process it with --masking quality "
                     "--unwrapping romeo (a phase-quality mask), or add the part-mag files"
                 )
-            if workflow.echo_combination == "nonlinear" and len(run.echo_times) < 2:
+            if workflow.echo_combination == "nonlinear" and len(run.echo_times_s) < 2:
                 raise QSMPrepInputError(
                     f"{label} has one echo but the nonlinear echo combination fits a phase "
                     "offset and the field, which needs 2 echoes or more; use "
@@ -218,9 +218,9 @@ def check_methods(data, workflow):
                 )
             bipolar = workflow.stage_params("phase_offset").get("bipolar", False)
             if (bipolar and workflow.phase_offset == "mcpc3ds"
-                    and len(run.echo_times) < 3):
+                    and len(run.echo_times_s) < 3):
                 raise QSMPrepInputError(
-                    f"{label} has {len(run.echo_times)} echo(es) but the bipolar phase-offset "
+                    f"{label} has {len(run.echo_times_s)} echo(es) but the bipolar phase-offset "
                     "correction needs 3 or more; set bipolar = false under "
                     "[workflow.params.phase_offset] or use --phase-offset none"
                 )

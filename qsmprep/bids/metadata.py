@@ -30,7 +30,7 @@ def _number(value, key, path):
         ) from None
 
 
-def echo_times(meta, path):
+def echo_times_s_from_sidecar(meta, path):
     """Echo time(s) in seconds from a sidecar (``EchoTime``: number, string or list)."""
     if "EchoTime" not in meta:
         raise QSMPrepInputError(
@@ -65,7 +65,7 @@ def _optional_number(meta, key, path):
     return None if meta.get(key) is None else _number(meta[key], key, path)
 
 
-def field_strength(meta, path, *, with_source=False):
+def field_strength_t_from_sidecar(meta, path, *, with_source=False):
     """Main field in tesla from a sidecar, and (``with_source``) the key it came from.
 
     ``ImagingFrequency`` (MHz, the proton resonance the scanner measured) /
@@ -176,10 +176,10 @@ def check_run(run):
                 )
     if len(run.magnitude) == 1:
         n_mag = nb.load(run.magnitude[0]).shape[3:4] or (1,)
-        if n_mag[0] != len(run.echo_times):
+        if n_mag[0] != len(run.echo_times_s):
             raise QSMPrepInputError(
                 f"{run.magnitude[0]} holds {n_mag[0]} echoes but the phase has "
-                f"{len(run.echo_times)}; magnitude and phase need the same echoes"
+                f"{len(run.echo_times_s)}; magnitude and phase need the same echoes"
             )
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..qsm.units import b0_direction_from_affine
+from ..qsm.units import b0_dir_from_affine
 from . import QSMPrepInputError
 from .metadata import (
     _optional_number,
     b0_affine,
     b0_dir_from_sidecar,
-    echo_times,
-    field_strength,
+    echo_times_s_from_sidecar,
+    field_strength_t_from_sidecar,
     phase_units,
 )
 
@@ -40,8 +40,8 @@ class QSMRun:
 
     ``magnitude`` and ``phase`` list the files in the order their volumes are
     stacked (one 3-D file per echo sorted by echo time, or one 4-D file);
-    ``echo_times`` and ``magnitude_echo_times`` (s) follow that same stacking
-    order; :attr:`sorted_echo_times` is the order used for processing.
+    ``echo_times_s`` and ``magnitude_echo_times_s`` follow that same stacking
+    order; :attr:`sorted_echo_times_s` is the order used for processing.
     ``magnitude`` is empty for a phase-only run. With ``complex_parts``,
     ``magnitude`` and ``phase`` list the ``part-real`` and ``part-imag`` files
     (magnitude and phase are computed from them when loading). ``mask`` is a
@@ -52,18 +52,20 @@ class QSMRun:
     entities: tuple  # ((name, value), ...) of RUN_ENTITIES present, plus suffix
     magnitude: tuple
     phase: tuple
-    echo_times: tuple
-    magnitude_echo_times: tuple
-    field_strength: float  # T, used for the ppm conversion (see field_strength())
+    echo_times_s: tuple
+    magnitude_echo_times_s: tuple
+    field_strength_t: float  # used for the ppm conversion (see field_strength_t_from_sidecar)
     phase_units: str | None  # "rad", "arbitrary" or None (infer from the range)
-    b0_dir: tuple | None  # from the sidecar's B0_dir, else None (use the affine)
+    #: the sidecar's B0_dir (unit vector, voxel axes), None when it has none; the
+    #: direction to use is :attr:`b0_dir` (this, else from the affine)
+    b0_dir_sidecar: tuple | None
     complex_parts: bool = False  # magnitude/phase hold the part-real/part-imag files
     mask: str | None = None  # user-supplied brain mask (--mask / --derivatives), checked
     mask_source: str | None = None  # how to cite it: the path, or bids:<name>:<relative path>
     #: sidecar key the field strength came from: "ImagingFrequency" or "MagneticFieldStrength"
     field_strength_source: str = "MagneticFieldStrength"
-    #: the sidecar's nominal MagneticFieldStrength (T), None when it has none
-    nominal_field_strength: float | None = None
+    #: the sidecar's nominal MagneticFieldStrength, None when it has none
+    nominal_field_strength_t: float | None = None
     #: the sidecar's ImagingFrequency (MHz), None when it has none
     imaging_frequency_mhz: float | None = None
 
@@ -87,24 +89,26 @@ class QSMRun:
         return f"sub-{self.subject} {self.name} ({Path(self.phase[0]).name})"
 
     @property
-    def b0_direction(self):
-        """Unit B0 direction in voxel axes: the sidecar's ``B0_dir`` if given,
-        else from the affine of the first phase image."""
-        if self.b0_dir is not None:
-            return self.b0_dir
+    def b0_dir(self):
+        """Unit B0 direction in voxel axes, the one processing uses: the
+        sidecar's ``B0_dir`` (:attr:`b0_dir_sidecar`) if given, else from the
+        affine of the first phase image."""
+        if self.b0_dir_sidecar is not None:
+            return self.b0_dir_sidecar
         affine, _ = b0_affine(nb.load(self.phase[0]).header)
-        return tuple(float(v) for v in b0_direction_from_affine(affine))
+        return tuple(float(v) for v in b0_dir_from_affine(affine))
 
     @property
-    def b0_direction_source(self):
-        """Where :attr:`b0_direction` comes from, in words (``B0DirectionSource``)."""
-        if self.b0_dir is not None:
+    def b0_dir_source(self):
+        """Where :attr:`b0_dir` comes from, in words (``B0DirectionSource``)."""
+        if self.b0_dir_sidecar is not None:
             return "sidecar B0_dir"
         return b0_affine(nb.load(self.phase[0]).header)[1]
 
     @property
-    def sorted_echo_times(self):
-        return tuple(sorted(self.echo_times))
+    def sorted_echo_times_s(self):
+        """The echo times in processing order (ascending)."""
+        return tuple(sorted(self.echo_times_s))
 
     @property
     def sources(self):
@@ -143,11 +147,11 @@ def _make_run(subject, key, files):
                 "only (no magnitude weighting; needs --masking quality)",
                 label, Path(second[0][0]).name,
             )
-    phase_files, echo_times = _order_echoes(second, names[1])
-    mag_files, mag_times = _order_echoes(first, names[0]) if first else ([], [])
+    phase_files, echo_times_s = _order_echoes(second, names[1])
+    mag_files, mag_times_s = _order_echoes(first, names[0]) if first else ([], [])
     if first:
-        unpaired = _unpaired_echoes(first, mag_files, mag_times, second, phase_files,
-                                    echo_times, names)
+        unpaired = _unpaired_echoes(first, mag_files, mag_times_s, second, phase_files,
+                                    echo_times_s, names)
         if unpaired:
             raise QSMPrepInputError(
                 f"{'; '.join(unpaired)}. Each echo needs its {names[0]} and its {names[1]} "
@@ -155,20 +159,20 @@ def _make_run(subject, key, files):
                 "in its sidecar), or remove the unpaired one"
             )
     meta = second[0][2]
-    strength, strength_source = field_strength(meta, second[0][0], with_source=True)
+    strength_t, strength_source = field_strength_t_from_sidecar(meta, second[0][0], with_source=True)
     return QSMRun(
         subject=subject,
         entities=key,
         magnitude=tuple(mag_files),
         phase=tuple(phase_files),
-        echo_times=tuple(echo_times),
-        magnitude_echo_times=tuple(mag_times),
-        field_strength=strength,
+        echo_times_s=tuple(echo_times_s),
+        magnitude_echo_times_s=tuple(mag_times_s),
+        field_strength_t=strength_t,
         field_strength_source=strength_source,
-        nominal_field_strength=_optional_number(meta, "MagneticFieldStrength", second[0][0]),
+        nominal_field_strength_t=_optional_number(meta, "MagneticFieldStrength", second[0][0]),
         imaging_frequency_mhz=_optional_number(meta, "ImagingFrequency", second[0][0]),
         phase_units="rad" if complex_parts else phase_units({p: m for p, _, m in second}),
-        b0_dir=b0_dir_from_sidecar(meta, second[0][0]),
+        b0_dir_sidecar=b0_dir_from_sidecar(meta, second[0][0]),
         complex_parts=complex_parts,
     )
 
@@ -242,7 +246,7 @@ def _order_echoes(files, part):
                 "or use acq-/run- to tell the runs apart"
             )
         path, _, meta = files[0]
-        times = echo_times(meta, path)
+        times = echo_times_s_from_sidecar(meta, path)
         img = nb.load(path)
         n_vols = img.shape[3] if len(img.shape) > 3 else 1
         if len(img.shape) > 4 or n_vols != len(times):
@@ -254,7 +258,7 @@ def _order_echoes(files, part):
         return [path], times
     timed = []
     for path, ents, meta in files:
-        times = echo_times(meta, path)
+        times = echo_times_s_from_sidecar(meta, path)
         if len(times) != 1:
             raise QSMPrepInputError(
                 f"{path} (echo-{ents['echo']}) lists {len(times)} EchoTime values; a "

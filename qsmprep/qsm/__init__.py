@@ -17,7 +17,7 @@ _EXPORTS = {
     "ppm_to_hz": "units",
     "phase_to_ppm": "units",
     "rescale_phase": "units",
-    "b0_direction_from_affine": "units",
+    "b0_dir_from_affine": "units",
     "dipole_kernel": "kernels",
     "dipole_convolve": "kernels",
     "smv_kernel": "kernels",

@@ -330,13 +330,13 @@ def _correct_regions(phase, reference, region, reliable, nreg):
     return phase - np.float32(TWO_PI) * med[region].reshape(phase.shape)
 
 
-def _temporal_unwrap(out, echo_times, template):
+def _temporal_unwrap(out, echo_times_s, template):
     """Unwrap echoes in time against their neighbour echo, outward from ``template``."""
     n = out.shape[-1]
     pairs = [(e, e - 1) for e in range(template + 1, n)]
     pairs += [(e, e + 1) for e in range(template - 1, -1, -1)]
     for e, ref in pairs:
-        predicted = out[..., ref] * np.float32(echo_times[e] / echo_times[ref])
+        predicted = out[..., ref] * np.float32(echo_times_s[e] / echo_times_s[ref])
         out[..., e] -= np.float32(TWO_PI) * np.rint((out[..., e] - predicted) / TWO_PI)
 
 
@@ -344,7 +344,7 @@ def romeo_unwrap(
     phase,
     *,
     magnitude=None,
-    echo_times=None,
+    echo_times_s=None,
     mask=None,
     mode="template",
     template_echo=0,
@@ -360,7 +360,7 @@ def romeo_unwrap(
         invalid: never queued, returned as 0 with quality 0.
     magnitude : array like ``phase``, optional
         Magnitude; enables the magnitude weights.
-    echo_times : sequence of float, optional
+    echo_times_s : sequence of float, optional
         Echo times in s; required for more than one echo.
     mask : bool array (X, Y, Z), optional
         Voxels to unwrap (default: all finite voxels). Outside it the phase
@@ -403,13 +403,13 @@ def romeo_unwrap(
     out = np.array(phase[..., None] if single else phase, dtype=np.float32)  # wrapped, then unwrapped
     n_echo = out.shape[-1]
     mag = None if magnitude is None else np.asarray(magnitude, dtype=np.float32).reshape(out.shape)
-    if echo_times is None:
+    if echo_times_s is None:
         if n_echo > 1:
-            raise ValueError("echo_times (s) are required to unwrap more than one echo")
-        echo_times = (1.0,)  # any: a single echo is unwrapped in space only
+            raise ValueError("echo_times_s (s) are required to unwrap more than one echo")
+        echo_times_s = (1.0,)  # any: a single echo is unwrapped in space only
     else:
-        check_echo_times_s(echo_times)
-    te = np.asarray(echo_times, dtype=np.float64).reshape(-1)
+        check_echo_times_s(echo_times_s)
+    te = np.asarray(echo_times_s, dtype=np.float64).reshape(-1)
     if te.size != n_echo:
         raise ValueError(f"Got {te.size} echo times for {n_echo} echoes")
     if not 0 <= template_echo < n_echo:

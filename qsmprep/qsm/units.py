@@ -82,7 +82,7 @@ def rescale_phase(phase, *, lo=None, hi=None):
     return ((phase - lo) / (hi - lo) * 2 * np.pi - np.pi).astype(np.float32)
 
 
-def b0_direction_from_affine(affine):
+def b0_dir_from_affine(affine):
     """Unit B0 direction in voxel axes from a NIfTI affine (head-first supine).
 
     In scanner (RAS+) coordinates B0 points along z. Its component along

@@ -185,7 +185,7 @@ def romeo(phase, *, magnitude=None, echo_times_s, mask=None, mode="template", te
     unwrapped, quality = romeo_unwrap(
         phase,
         magnitude=magnitude,
-        echo_times=echo_times_s,
+        echo_times_s=echo_times_s,
         mask=mask,
         mode=mode,
         template_echo=template_echo,

@@ -5,7 +5,7 @@ field of the head in air, a second-order shim over the brain, a smooth
 phase offset, R2* decay and complex noise. An oblique B0 direction is
 simulated exactly in k-space and recorded in the affine (the head is tilted
 in the scanner, the voxel grid stays aligned with the head), so that
-:func:`qsmprep.qsm.units.b0_direction_from_affine` of the affine gives back
+:func:`qsmprep.qsm.units.b0_dir_from_affine` of the affine gives back
 the B0 direction used.
 """
 
@@ -28,7 +28,7 @@ class Acquisition:
     magnitude, phase (rad, wrapped) : float32 (X, Y, Z, echo).
     echo_times_s : tuple; field_strength_t : float (T).
     b0_dir : unit vector in voxel axes; affine : (4, 4) RAS+ with
-        ``b0_direction_from_affine(affine) == b0_dir``; voxel_size_mm.
+        ``b0_dir_from_affine(affine) == b0_dir``; voxel_size_mm.
     chi_ppm, brain_mask, labels : the phantom's ground truth.
     total_field_ppm : the field the phase encodes (after shimming).
     local_field_ppm : field of chi inside the brain mask only.
@@ -60,7 +60,7 @@ def tilted_b0(angle_deg, azimuth_deg=90.0):
 
 def oblique_affine(affine, b0_dir):
     """Rotate ``affine`` in world space so that B0 (world z) has direction
-    ``b0_dir`` in its voxel axes (see ``b0_direction_from_affine``)."""
+    ``b0_dir`` in its voxel axes (see ``b0_dir_from_affine``)."""
     b = np.asarray(b0_dir, float) / np.linalg.norm(b0_dir)
     rot = np.asarray(affine, float)[:3, :3]
     head_dir = (rot / np.linalg.norm(rot, axis=0)) @ b

@@ -47,9 +47,9 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
     common = {
         "Sources": [bids_uri(p, bids_dir) for p in run.sources],
         # nominal, as in the input sidecar; the value used is MagneticFieldStrengthUsed
-        "MagneticFieldStrength": run.nominal_field_strength or run.field_strength,
-        "EchoTime": list(run.sorted_echo_times),
-        "B0Direction": list(run.b0_direction),
+        "MagneticFieldStrength": run.nominal_field_strength_t or run.field_strength_t,
+        "EchoTime": list(run.sorted_echo_times_s),
+        "B0Direction": list(run.b0_dir),
     }
     chi_meta = {
         **common,

@@ -106,22 +106,17 @@ def method_description(stage, name, params=None):
     return text
 
 
-def b0_direction_source(run):
-    """Where the B0 direction of ``run`` comes from, in words."""
-    return run.b0_direction_source
-
-
 def input_interpretation(run):
     """How the input of ``run`` was read, as known before processing (the phase
     scale and sign are added at run time, :func:`merge_interpretation`)."""
-    info = {"MagneticFieldStrengthUsed": run.field_strength,
+    info = {"MagneticFieldStrengthUsed": run.field_strength_t,
             "FieldStrengthSource": run.field_strength_source}
     if run.imaging_frequency_mhz is not None:
         info["ImagingFrequency"] = run.imaging_frequency_mhz
-    if run.nominal_field_strength is not None:
-        info["MagneticFieldStrengthNominal"] = run.nominal_field_strength
-    info["B0DirectionSource"] = b0_direction_source(run)
-    info["EchoTimesUsed"] = list(run.sorted_echo_times)
+    if run.nominal_field_strength_t is not None:
+        info["MagneticFieldStrengthNominal"] = run.nominal_field_strength_t
+    info["B0DirectionSource"] = run.b0_dir_source
+    info["EchoTimesUsed"] = list(run.sorted_echo_times_s)
     return info
 
 
@@ -224,7 +219,7 @@ def init_qsm_wf(config, run, *, name=None):
                             user_mask=run.mask_source,
                             phase_sign=phase_sign_setting(config.workflow.phase_sign),
                             field_source=run.field_strength_source)
-    b0_dir = list(run.b0_direction)
+    b0_dir = list(run.b0_dir)
 
     def stage_node(interface, stage, node_name, heavy=True):
         node = pe.Node(
@@ -238,8 +233,8 @@ def init_qsm_wf(config, run, *, name=None):
     inputnode = pe.Node(niu.IdentityInterface(list(INPUT_FIELDS)), name="inputnode")
     inputnode.inputs.magnitude = list(run.magnitude)
     inputnode.inputs.phase = list(run.phase)
-    inputnode.inputs.magnitude_echo_times_s = list(run.magnitude_echo_times)
-    inputnode.inputs.echo_times_s = list(run.echo_times)
+    inputnode.inputs.magnitude_echo_times_s = list(run.magnitude_echo_times_s)
+    inputnode.inputs.echo_times_s = list(run.echo_times_s)
     outputnode = pe.Node(niu.IdentityInterface(list(OUTPUT_FIELDS)), name="outputnode")
     load = pe.Node(LoadEchoes(phase_units=run.phase_units, complex_parts=run.complex_parts),
                    name="load")
@@ -253,7 +248,7 @@ def init_qsm_wf(config, run, *, name=None):
         function=merge_interpretation, input_names=["static", "phase_scaling", "phase_sign"],
         output_names=["interpretation"]), name="interpretation")
     interpretation.inputs.static = input_interpretation(run)
-    total = pe.Node(TotalField(field_strength_t=run.field_strength), name="total_field")
+    total = pe.Node(TotalField(field_strength_t=run.field_strength_t), name="total_field")
     mask = stage_node(Mask, "masking", "mask", heavy=False)
     bfr = stage_node(BackgroundRemoval, "bf_removal", "bf_removal")
     bfr.inputs.b0_dir = b0_dir
@@ -265,7 +260,7 @@ def init_qsm_wf(config, run, *, name=None):
     if run.mask:
         mask.inputs.mask_file = run.mask
         records["masking"] = user_mask_record(run.mask_source)
-    correct_offset = config.workflow.phase_offset == "mcpc3ds" and len(run.echo_times) > 1
+    correct_offset = config.workflow.phase_offset == "mcpc3ds" and len(run.echo_times_s) > 1
     if correct_offset:
         offset_params = config.workflow.stage_params("phase_offset")
         records["phase_offset"] = phase_offset_record(offset_params)

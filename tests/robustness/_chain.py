@@ -97,8 +97,8 @@ def load_run(run, workdir):
     Path(workdir).mkdir(parents=True, exist_ok=True)
     return ifaces.LoadEchoes(
         magnitude=[str(p) for p in run.magnitude],
-        magnitude_echo_times_s=list(run.magnitude_echo_times),
-        phase=[str(p) for p in run.phase], echo_times_s=list(run.echo_times),
+        magnitude_echo_times_s=list(run.magnitude_echo_times_s),
+        phase=[str(p) for p in run.phase], echo_times_s=list(run.echo_times_s),
         phase_units=run.phase_units, complex_parts=run.complex_parts,
     ).run(cwd=str(workdir)).outputs
 
@@ -122,7 +122,7 @@ def run_chain(run, workdir, config=None):
     out = {"load": load_run(run, workdir / "load")}
     load = out["load"]
     phase = load.phase
-    if wf.phase_offset == "mcpc3ds" and len(run.echo_times) > 1:
+    if wf.phase_offset == "mcpc3ds" and len(run.echo_times_s) > 1:
         out["phase_offset"] = call("phase_offset", ifaces.PhaseOffset(
             phase=phase, magnitude=load.magnitude, echo_times_s=load.echo_times_s,
             params=wf.stage_params("phase_offset")))
@@ -134,11 +134,11 @@ def run_chain(run, workdir, config=None):
         unwrapped=out["unwrapping"].unwrapped, magnitude=load.magnitude,
         echo_times_s=load.echo_times_s))
     out["total_field"] = call("total_field", ifaces.TotalField(
-        fieldmap=out["echo_combine"].fieldmap, field_strength_t=run.field_strength))
+        fieldmap=out["echo_combine"].fieldmap, field_strength_t=run.field_strength_t))
     quality = {"quality": out["unwrapping"].quality} if out["unwrapping"].quality else {}
     out["masking"] = method("masking", ifaces.Mask, magnitude=load.magnitude,
                             valid=load.valid, **quality)
-    b0 = list(run.b0_direction)
+    b0 = list(run.b0_dir)
     out["bf_removal"] = method("bf_removal", ifaces.BackgroundRemoval,
                                total_field=out["total_field"].total_field,
                                mask=out["masking"].mask, b0_dir=b0)

@@ -104,8 +104,8 @@ def test_qform_sform_mismatch_warns_and_uses_the_scanner_qform(dataset, caplog):
         run = _collect(root)
     assert "qform and sform" in caplog.text and files["phase"][0].name in caplog.text
     assert "the qform is used for the B0 direction" in caplog.text
-    np.testing.assert_allclose(run.b0_direction, (0, 0, 1), atol=1e-6)  # the qform's
-    assert run.b0_direction_source.startswith("qform of the header (qform_code 1")
+    np.testing.assert_allclose(run.b0_dir, (0, 0, 1), atol=1e-6)  # the qform's
+    assert run.b0_dir_source.startswith("qform of the header (qform_code 1")
 
 
 def test_qform_sform_mismatch_uses_the_sform_when_the_qform_is_not_the_scanners(
@@ -116,8 +116,8 @@ def test_qform_sform_mismatch_uses_the_sform_when_the_qform_is_not_the_scanners(
         run = _collect(root)
     assert "qform and sform" in caplog.text and files["phase"][0].name in caplog.text
     assert "fslorient -copyqform2sform" in caplog.text
-    np.testing.assert_allclose(run.b0_direction, (0, 0.6, 0.8), atol=1e-6)  # the sform's
-    assert run.b0_direction_source.startswith("sform")
+    np.testing.assert_allclose(run.b0_dir, (0, 0.6, 0.8), atol=1e-6)  # the sform's
+    assert run.b0_dir_source.startswith("sform")
 
 
 def test_header_without_orientation_warns(dataset, caplog):
@@ -138,7 +138,7 @@ def test_numbers_written_as_strings(dataset):
         te = json.loads(Path(str(path).replace(".nii.gz", ".json")).read_text())["EchoTime"]
         _sidecar(path, EchoTime=f"{te}", MagneticFieldStrength="3")
     run = _collect(root)
-    assert run.echo_times == TE and run.field_strength == 3.0
+    assert run.echo_times_s == TE and run.field_strength_t == 3.0
 
 
 def test_text_where_a_number_is_expected(dataset):
@@ -161,7 +161,7 @@ def test_missing_field_strength_falls_back_to_imaging_frequency(dataset):
     root, files = dataset
     for path in files["phase"] + files["mag"]:
         _sidecar(path, MagneticFieldStrength=None, ImagingFrequency=7 * GAMMA_BAR_MHZ_PER_T)
-    assert _collect(root).field_strength == pytest.approx(7.0)
+    assert _collect(root).field_strength_t == pytest.approx(7.0)
 
 
 def test_missing_field_strength_without_imaging_frequency(dataset):
