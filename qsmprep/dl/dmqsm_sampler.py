@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .dipole import DipoleOperator
-from .inference import autocast
+from .inference import autocast, tile_starts
 
 LOGGER = logging.getLogger("qsmprep.dl")
 
@@ -56,19 +56,13 @@ XI_SUPER_RESOLUTION, T_START_SUPER_RESOLUTION = 2.0, 100
 # patches
 
 
-def _starts(n, tile, step):
-    if n <= tile:
-        return [0]
-    return sorted(set(list(range(0, n - tile, step)) + [n - tile]))
-
-
 def patch_grid(shape, patch=48, overlap=8):
     """Slices of overlapping ``patch``^3 patches covering ``shape`` (the last
     patch of each axis flush with the end; an axis shorter than ``patch`` is
     one patch)."""
     if overlap >= patch:
         raise ValueError(f"overlap ({overlap}) must be smaller than the patch ({patch})")
-    grids = [[slice(s, s + min(patch, n)) for s in _starts(n, patch, patch - overlap)]
+    grids = [[slice(s, s + min(patch, n)) for s in tile_starts(n, patch, patch - overlap)]
              for n in shape]
     return [(a, b, c) for a in grids[0] for b in grids[1] for c in grids[2]]
 

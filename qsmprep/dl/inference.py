@@ -114,8 +114,10 @@ def _taper(n, overlap):
     return w
 
 
-def _starts(n, tile, step):
-    """Tile start indices covering ``n`` voxels (last tile flush with the end)."""
+def tile_starts(n, tile, step):
+    """Start indices of tiles of ``tile`` voxels, ``step`` apart, covering ``n``
+    voxels (the last tile flush with the end; one tile at 0 when ``n <= tile``).
+    Used by :func:`predict_tiled` and DM-QSM's patch grid."""
     if n <= tile:
         return [0]
     starts = list(range(0, n - tile, step)) + [n - tile]
@@ -147,7 +149,7 @@ def predict_tiled(fn, x, *, tile=96, overlap=24):
     shape = x.shape[-3:]
     sizes = [min(tile, n) for n in shape]
     out = weight = None
-    grids = [_starts(n, t, tile - overlap) for n, t in zip(shape, sizes)]
+    grids = [tile_starts(n, t, tile - overlap) for n, t in zip(shape, sizes)]
     for i in grids[0]:
         for j in grids[1]:
             for k in grids[2]:

@@ -67,60 +67,47 @@ def _check(field, mask):
     return np.where(mask & np.isfinite(field), field, 0.0).astype(np.float32), mask
 
 
-def nextqsm_remove_background(total, mask, voxel_size_mm, b0_dir, device="auto",
-                              max_voxels=None, precision="fp32"):
-    """Local field (ppm) from the total field (ppm) with NeXtQSM's U-Net."""
+def _nextqsm(step, field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels, precision):
+    """One step of NeXtQSM on a field (ppm): ``"remove_background"`` (total ->
+    local field, its U-Net) or ``"invert"`` (local field -> chi, its
+    variational network), padded or tiled like every network."""
     dev = select_device(device)
     precision = resolve_precision(precision, dev, strict=False)
-    total, mask = _check(total, mask)
+    field_ppm, mask = _check(field_ppm, mask)
     model = _model("nextqsm", dev, precision)
-    x = torch.cat([to_tensor(total, dev), to_tensor(mask, dev)], dim=1)
+    run_step = getattr(model, step)
+    x = torch.cat([to_tensor(field_ppm, dev), to_tensor(mask, dev)], dim=1)
 
     def fn(xp, apply):
         dipole = DipoleOperator(xp.shape[-3:], voxel_size_mm, b0_dir, device=dev)
-        return model.remove_background(xp[:, :1], xp[:, 1:], dipole, apply)
+        return run_step(xp[:, :1], xp[:, 1:], dipole, apply)
 
     return _run(fn, x, model, dev, precision, max_voxels)
 
 
-def nextqsm_invert(local, mask, voxel_size_mm, b0_dir, device="auto", max_voxels=None,
-                   precision="fp32"):
-    """Chi (ppm) from the local field (ppm) with NeXtQSM's variational network."""
+def _feedforward(name, local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels,
+                 precision):
     dev = select_device(device)
     precision = resolve_precision(precision, dev, strict=False)
-    local, mask = _check(local, mask)
-    model = _model("nextqsm", dev, precision)
-    x = torch.cat([to_tensor(local, dev), to_tensor(mask, dev)], dim=1)
-
-    def fn(xp, apply):
-        dipole = DipoleOperator(xp.shape[-3:], voxel_size_mm, b0_dir, device=dev)
-        return model.invert(xp[:, :1], xp[:, 1:], dipole, apply)
-
-    return _run(fn, x, model, dev, precision, max_voxels)
-
-
-def _feedforward(name, local, mask, voxel_size_mm, b0_dir, device, max_voxels, precision):
-    dev = select_device(device)
-    precision = resolve_precision(precision, dev, strict=False)
-    local, mask = _check(local, mask)
+    local_field_ppm, mask = _check(local_field_ppm, mask)
     model = _model(name, dev, precision)
     # the TKD (or TV) channel is computed once on the whole volume, before padding and tiling
-    x = field_inputs(to_tensor(local, dev), to_tensor(mask, dev), b0_dir, voxel_size_mm,
+    x = field_inputs(to_tensor(local_field_ppm, dev), to_tensor(mask, dev), b0_dir, voxel_size_mm,
                      model.config["tkd_threshold"], model.config.get("init_tv"))
     return _run(lambda xp, apply: apply(model, xp), x, model, dev, precision, max_voxels)
 
 
 def bfr_nextqsm(total_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                 max_voxels=None, precision="fp32"):
-    local = nextqsm_remove_background(total_field_ppm, mask, voxel_size_mm, b0_dir, device,
-                                      max_voxels, precision)
-    return local, np.asarray(mask) > 0
+    local_field_ppm = _nextqsm("remove_background", total_field_ppm, mask, voxel_size_mm,
+                               b0_dir, device, max_voxels, precision)
+    return local_field_ppm, np.asarray(mask) > 0
 
 
 def inversion_nextqsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
                       max_voxels=None, precision="fp32"):
-    return nextqsm_invert(local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels,
-                          precision)
+    return _nextqsm("invert", local_field_ppm, mask, voxel_size_mm, b0_dir, device,
+                    max_voxels, precision)
 
 
 def inversion_ir2qsm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
