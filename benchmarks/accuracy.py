@@ -184,16 +184,16 @@ def pipeline(case, methods):
                               magnitude=case.magnitude, echo_times_s=te, voxel_size_mm=vox)
     b0_hz, noise_hz = call("echo_combination", methods["echo_combination"], unwrapped,
                            case.magnitude, te)
-    total, noise_std = hz_to_ppm(b0_hz, fs), hz_to_ppm(noise_hz, fs)
+    total, noise_std_ppm = hz_to_ppm(b0_hz, fs), hz_to_ppm(noise_hz, fs)
     if methods["masking"] == TRUE_MASK:
         mask = case.mask
     else:
         rss = np.sqrt(np.sum(case.magnitude**2, axis=-1))
         mask = call("masking", methods["masking"], rss, quality=quality, voxel_size_mm=vox)
     local, mask = call("bf_removal", methods["bf_removal"], total, np.asarray(mask, bool), vox,
-                       b0_dir=case.b0_dir, noise_std=noise_std)
+                       b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm)
     chi = call("inversion", methods["inversion"], local, mask, vox, b0_dir=case.b0_dir,
-               noise_std=noise_std, magnitude=case.magnitude)
+               noise_std_ppm=noise_std_ppm, magnitude=case.magnitude)
     return call("referencing", methods["referencing"], chi, mask)
 
 

@@ -105,8 +105,8 @@ def main(argv=None):
                    for name, idx in SUBSETS.items()}
         diff = subsets["1-2"] - subsets["2-3"]
         total, noise = hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T)
-        local, m = call("bf_removal", "pdf", total, mask, vox, b0_dir=B0_DIR, noise_std=noise)
-        chi = call("inversion", "ilsqr", local, m, vox, b0_dir=B0_DIR, noise_std=noise,
+        local, m = call("bf_removal", "pdf", total, mask, vox, b0_dir=B0_DIR, noise_std_ppm=noise)
+        chi = call("inversion", "ilsqr", local, m, vox, b0_dir=B0_DIR, noise_std_ppm=noise,
                    magnitude=magnitude)
         chis[method] = (chi, m)
         results[method] = {

@@ -75,9 +75,9 @@ def front_end(data_dir):
 
 def run_pipeline(methods, total, noise, mask, magnitude, vox):
     local, m = call("bf_removal", methods["bf_removal"], total, mask, vox, b0_dir=B0_DIR,
-                    noise_std=noise)
+                    noise_std_ppm=noise)
     chi = call("inversion", methods["inversion"], local, m, vox, b0_dir=B0_DIR,
-               noise_std=noise, magnitude=magnitude)
+               noise_std_ppm=noise, magnitude=magnitude)
     chi = call("referencing", "mean", chi, m)
     return local, chi, np.asarray(m, bool)
 

@@ -45,7 +45,7 @@ LOGGER = logging.getLogger("qsmprep")
 DL_BYTES_PER_VOXEL = 1024
 
 #: keyword giving a method the noise map N_std (data weights 1/N_std)
-NOISE_STD = "noise_std"
+NOISE_STD = "noise_std_ppm"
 
 #: every context keyword a method may receive, and what it holds
 CONTEXT_KEYWORDS = {

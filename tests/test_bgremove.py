@@ -70,11 +70,11 @@ def test_pdf_noise_weights_discount_corrupted_voxels(fields):
     bad = brain & ~erode(brain, 3.0)
     bad[:, :32] = False  # half of the rim carries a large error, flagged by its noise level
     corrupted = total + 0.5 * bad
-    noise_std = np.where(bad, 100.0, 1.0)
+    noise_std_ppm = np.where(bad, 100.0, 1.0)
     inner = erode(brain, 6.0)
     plain = registry.run("bf_removal", "pdf", corrupted, brain, VOX, b0_dir=B0)[0]
     weighted = registry.run("bf_removal", "pdf", corrupted, brain, VOX, b0_dir=B0,
-                            noise_std=noise_std)[0]
+                            noise_std_ppm=noise_std_ppm)[0]
     assert corr(weighted, local, inner) > corr(plain, local, inner) + 0.02
 
 

@@ -39,8 +39,9 @@ def test_context_is_given_only_to_methods_that_take_it_and_read_only_then():
                                                               "max_voxels": 2**30 // 1024}
     # a parameter the user set wins over the context; None (no --mem) is not passed
     assert Execution().context_for("inversion", "nextqsm", params={"device": "cpu"}) == {}
-    with pytest.raises(ValueError, match="Unknown context keyword.*noise_std_ppm"):
-        passed_keywords("inversion", "medi", ["noise_std_ppm"])
+    # a keyword under a name the execution does not declare (here the old, unit-less one)
+    with pytest.raises(ValueError, match=r"Unknown context keyword.*\['noise_std'\]"):
+        passed_keywords("inversion", "medi", ["noise_std"])
 
 
 def test_methods_text_states_the_noise_weighting_exactly_when_it_is_passed():
@@ -53,7 +54,7 @@ def test_methods_text_states_the_noise_weighting_exactly_when_it_is_passed():
             assert (f"({name})" in sentence) == passed, (stage, name, sentence)
             if passed:
                 weighted.add(name)
-    # docs/methods.md: "`noise_std` for PDF/LSQR/iLSQR/MEDI"; a renamed keyword in one of
+    # docs/methods.md: "`noise_std_ppm` for PDF/LSQR/iLSQR/MEDI"; a renamed keyword in one of
     # their signatures would silently drop the weighting (and the sentence) otherwise
     assert weighted == {"pdf", "lsqr", "ilsqr", "medi"}
 

@@ -95,7 +95,7 @@ def test_medi_uses_magnitude_edges_and_noise_weights(noisy_phantom):
     unweighted = nrmse(registry.run("inversion", "medi", noisy, brain, VOX, b0_dir=b0,
                                     max_outer=4), chi, brain)
     weighted = nrmse(registry.run("inversion", "medi", noisy, brain, VOX, b0_dir=b0,
-                                  noise_std=std, max_outer=4), chi, brain)
+                                  noise_std_ppm=std, max_outer=4), chi, brain)
     assert weighted < 0.8 * unweighted
 
 
@@ -150,7 +150,7 @@ def test_ilsqr_honours_noise_weights(noisy_phantom):
     unweighted = nrmse(registry.run("inversion", "ilsqr", noisy, brain, VOX, b0_dir=b0),
                        chi, brain)
     weighted = nrmse(registry.run("inversion", "ilsqr", noisy, brain, VOX, b0_dir=b0,
-                                  noise_std=std), chi, brain)
+                                  noise_std_ppm=std), chi, brain)
     # measured: 51 % weighted (38 % without the corruption) vs 513 % unweighted
     assert weighted < 0.3 * unweighted
     assert weighted < 65.0

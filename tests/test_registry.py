@@ -109,7 +109,7 @@ def test_source_defaults_follow_reexports_and_module_constants(tmp_path, monkeyp
 
 
 def test_register_at_run_time_uses_the_signature(monkeypatch):
-    def tiny(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None, lam=0.5):
+    def tiny(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, lam=0.5):
         return local_field_ppm * lam
 
     monkeypatch.setitem(registry._REGISTRY, "inversion", dict(registry._REGISTRY["inversion"]))

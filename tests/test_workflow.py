@@ -195,10 +195,10 @@ def test_echo_combination_noise_map_reaches_pdf_and_medi(tmp_path, synthetic_bid
         method = registry.get(stage, name)
 
         def spy(*args, _func=method.func, _key=name, **kwargs):
-            seen[_key] = kwargs.get("noise_std")
+            seen[_key] = kwargs.get("noise_std_ppm")
             return _func(*args, **kwargs)
 
-        functools.update_wrapper(spy, method.func)  # keeps the signature (noise_std)
+        functools.update_wrapper(spy, method.func)  # keeps the signature (noise_std_ppm)
         monkeypatch.setitem(registry._REGISTRY[stage], name,
                             dataclasses.replace(method, target=spy))
     config = _config(tmp_path, synthetic_bids, echo_combination="nonlinear", masking="magnitude",

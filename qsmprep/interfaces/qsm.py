@@ -397,7 +397,7 @@ class BackgroundRemoval(SimpleInterface):
         local, mask_out = _execution(self.inputs).run(
             "bf_removal", self.inputs.method, field, mask, _voxel_size(ref),
             b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
-            context={"noise_std": _lazy_file(self.inputs.noise_std)},
+            context={"noise_std_ppm": _lazy_file(self.inputs.noise_std)},
         )
         self._results.update(
             local_field=save_like(local, ref, _out("local_field_ppm.nii.gz", runtime)),
@@ -433,7 +433,7 @@ class Inversion(SimpleInterface):
             "inversion", self.inputs.method, local, mask, _voxel_size(ref),
             b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
             context={"magnitude": _lazy_file(self.inputs.magnitude, _rss),
-                     "noise_std": _lazy_file(self.inputs.noise_std)},
+                     "noise_std_ppm": _lazy_file(self.inputs.noise_std)},
         )
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii.gz", runtime))
         return runtime

@@ -131,27 +131,29 @@ def resharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=5.0,
     return box.unpad(T.to_numpy(local), mask_out), mask_out
 
 
-def _data_weights(mask, noise_std):
-    """``1 / noise_std`` in the mask, scaled to mean 1 (uniform when ``noise_std`` is None)."""
+def _data_weights(mask, noise_std_ppm):
+    """``1 / noise_std_ppm`` in the mask, scaled to mean 1 (uniform when
+    ``noise_std_ppm`` is None); so only relative values of N_std matter."""
     mask = np.asarray(mask, dtype=bool)
-    if noise_std is None:
+    if noise_std_ppm is None:
         return mask.astype(np.float32)
-    noise_std = np.asarray(noise_std, dtype=np.float32)
-    if noise_std.shape != mask.shape:
-        raise ValueError(f"Expected noise_std of shape {mask.shape}, got {noise_std.shape}")
-    ok = mask & np.isfinite(noise_std) & (noise_std > 0)
-    w = np.where(ok, 1.0 / np.where(ok, noise_std, 1.0), 0.0)
+    noise_std_ppm = np.asarray(noise_std_ppm, dtype=np.float32)
+    if noise_std_ppm.shape != mask.shape:
+        raise ValueError(f"Expected noise_std_ppm of shape {mask.shape}, "
+                         f"got {noise_std_ppm.shape}")
+    ok = mask & np.isfinite(noise_std_ppm) & (noise_std_ppm > 0)
+    w = np.where(ok, 1.0 / np.where(ok, noise_std_ppm, 1.0), 0.0)
     return (w / w[ok].mean()).astype(np.float32) if ok.any() else mask.astype(np.float32)
 
 
-def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
+def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None,
         pad_factor=1.5, max_iter=50, tol=1e-3, device="cpu"):
     """Projection onto dipole fields (Liu et al. 2011).
 
     Background sources ``chi_b`` live outside the mask ``M``:
     ``min ||W M (f - D (1 - M) chi_b)||^2``, solved by CG on the normal
     equations; the local field is ``M (f - D (1 - M) chi_b)``. ``W`` is
-    ``1 / noise_std`` (e.g. MEDI's N_std from the echo fit), uniform if None.
+    ``1 / noise_std_ppm`` (e.g. MEDI's N_std from the echo fit), uniform if None.
     The field is zero-padded by ``pad_factor`` so that sources may lie beyond
     the field of view. CG stops at a relative residual ``tol`` (1e-3 is
     reached in about 25 iterations on the Challenge 2.0 head and is as
@@ -161,7 +163,7 @@ def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
     field = _check(total_field_ppm, mask)
     box = MaskBox(mask, pad_factor=pad_factor)
     m = T.as_tensor(box.pad(mask), device)
-    w2 = T.as_tensor(box.pad(_data_weights(mask, noise_std)), device) ** 2
+    w2 = T.as_tensor(box.pad(_data_weights(mask, noise_std_ppm)), device) ** 2
     d = T.dipole_kernel_t(box.shape, voxel_size_mm, b0_dir, device)
 
     def dconv(x):

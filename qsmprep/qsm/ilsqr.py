@@ -101,7 +101,7 @@ def _cone(shape, voxel_size_mm, b0_dir, threshold, device):
     return T.as_tensor(np.abs(d) < threshold, device)
 
 
-def _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std, threshold, lsqr_iter, lsqr_tol,
+def _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std_ppm, threshold, lsqr_iter, lsqr_tol,
            max_iter, tol, pad_factor, device):
     """iLSQR on the padded grid; returns ``(grid, dict)`` with the padded tensors
     ``chi``, ``chi_lsqr``, ``chi_sa`` (the streaking artefact before masking:
@@ -111,7 +111,7 @@ def _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std, threshold, lsqr_iter, 
     shape = grid.shape
     f = T.as_tensor(grid.pad(field), device)
     m = T.as_tensor(grid.pad(mask), device)
-    w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std)), device) ** 2
+    w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std_ppm)), device) ** 2
     d = T.dipole_kernel_t(shape, voxel_size_mm, b0_dir, device)
     # (1) weighted LSQR of the data term
     chi_lsqr = m * _masked_lsq(f, w2, d, shape, lsqr_iter, lsqr_tol)

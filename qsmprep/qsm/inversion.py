@@ -140,20 +140,20 @@ def tikhonov(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=1e-2,
     return grid.unpad(chi)
 
 
-def lsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
+def lsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None,
          max_iter=10, tol=1e-2, pad_factor=1.2, device="cpu"):
     """``min ||W M (D chi - f)||^2`` by CG on the normal equations, stopped early
     (the LSQR step of Li et al. 2011/2015; without their streaking removal).
-    ``W = 1/noise_std`` (mean 1) or uniform."""
+    ``W = 1/noise_std_ppm`` (mean 1) or uniform."""
     field = _check_field(local_field_ppm, mask)
     grid = MaskBox(mask, pad_factor=pad_factor)
     f = T.as_tensor(grid.pad(field), device)
-    w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std)), device) ** 2
+    w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std_ppm)), device) ** 2
     d = T.dipole_kernel_t(grid.shape, voxel_size_mm, b0_dir, device)
     return grid.unpad(T.to_numpy(_masked_lsq(f, w2, d, grid.shape, max_iter, tol)))
 
 
-def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
+def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None,
           threshold=0.1, lsqr_iter=10, lsqr_tol=1e-2, max_iter=30, tol=1e-2, pad_factor=1.2,
           device="cpu"):
     """iLSQR: LSQR followed by streaking-artefact estimation and removal.
@@ -166,7 +166,7 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
 
     1. ``chi_LSQR = argmin ||W M (D chi - f)||^2`` by CG on the normal equations
        (the iterates of LSQR), stopped early (``lsqr_iter``, ``lsqr_tol``);
-       ``W = 1/noise_std`` (mean 1) or uniform. (The paper weights by a
+       ``W = 1/noise_std_ppm`` (mean 1) or uniform. (The paper weights by a
        phase-Laplacian reliability map; here by the noise level when given.)
     2. Structural prior. FastQSM: ``X_FS = sign(D) F{f}`` (= ``|D| X``, free of
        streaks), its values near the cone blended with their k-space
@@ -189,8 +189,8 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
 
     Parameters
     ----------
-    noise_std : ndarray (X, Y, Z), optional
-        Noise std of the field (e.g. MEDI's N_std); data weights ``1/noise_std``.
+    noise_std_ppm : ndarray (X, Y, Z), optional
+        Noise std of the field (e.g. MEDI's N_std); data weights ``1/noise_std_ppm``.
     threshold : float
         ``|D|`` below which k-space is ill-conditioned (the paper's 0.1).
     lsqr_iter, lsqr_tol : int, float
@@ -203,7 +203,7 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std=None,
         Torch device, e.g. "cpu" or "cuda".
     """
     field = _check_field(local_field_ppm, mask)
-    grid, parts = _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std, threshold, lsqr_iter,
+    grid, parts = _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std_ppm, threshold, lsqr_iter,
                          lsqr_tol, max_iter, tol, pad_factor, device)
     return grid.unpad(T.to_numpy(parts["chi"]))
 
@@ -246,13 +246,13 @@ def gradient_mask(magnitude, mask, fraction=0.9):
 
 
 def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir, magnitude=None,
-         noise_std=None, lam=2000.0, edge_fraction=0.9, max_outer=10, cg_iter=50, tol=1e-2,
+         noise_std_ppm=None, lam=2000.0, edge_fraction=0.9, max_outer=10, cg_iter=50, tol=1e-2,
          pad_factor=1.2, device="cpu"):
     """MEDI (Liu et al. 2011, 2012) with a linear data term in ppm:
 
     ``min_chi lam/2 ||W (D chi - f)||^2 + ||M_G grad chi||_1``
 
-    ``W = 1/noise_std`` (mean 1) in the mask, ``M_G`` = :func:`gradient_mask` of
+    ``W = 1/noise_std_ppm`` (mean 1) in the mask, ``M_G`` = :func:`gradient_mask` of
     the magnitude (all ones without magnitude: plain TV). The L1 term is
     handled by lagged diffusivity: each outer step solves
     ``(lam D W^2 D + grad^T M_G V M_G grad) chi = lam D W^2 f`` by CG with
@@ -265,7 +265,7 @@ def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir, magnitude=None,
     grid = MaskBox(mask, pad_factor=pad_factor)
     shape = grid.shape
     f = T.as_tensor(grid.pad(field), device)
-    w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std)), device) ** 2
+    w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std_ppm)), device) ** 2
     d = T.dipole_kernel_t(shape, voxel_size_mm, b0_dir, device)
     if magnitude is None:
         m_g = torch.ones((3, *shape), dtype=f.dtype, device=f.device)

@@ -32,7 +32,7 @@ Each stage has one call signature:
     ``f(chi_ppm, mask, **params) -> chi_ppm``
 
 Besides these, a function may take the optional inputs of
-:data:`STAGE_INPUTS` (e.g. ``noise_std``, ``magnitude``); they are data the
+:data:`STAGE_INPUTS` (e.g. ``noise_std_ppm``, ``magnitude``); they are data the
 workflow passes, not parameters, and are not among the defaults.
 """
 
@@ -61,8 +61,8 @@ STAGES = ("unwrapping", "echo_combination", "bf_removal", "inversion", "masking"
 STAGE_INPUTS = {
     "unwrapping": ("phase_rad", "magnitude", "echo_times_s", "mask"),
     "echo_combination": ("unwrapped", "magnitude", "echo_times_s"),
-    "bf_removal": ("total_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std"),
-    "inversion": ("local_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std",
+    "bf_removal": ("total_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std_ppm"),
+    "inversion": ("local_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std_ppm",
                   "magnitude"),
     "masking": ("magnitude", "quality", "voxel_size_mm"),
     "referencing": ("chi_ppm", "mask", "magnitude", "voxel_size_mm", "csf"),

@@ -153,7 +153,7 @@ def init_qsm_wf(config, run, *, name=None):
 
     ``echo_combination`` is a registry stage (romeo | linear | nonlinear); every
     method gives the B0 map and its noise map N_std, which background removal
-    and inversion receive and use when their method takes ``noise_std``.
+    and inversion receive and use when their method takes ``noise_std_ppm``.
 
     Inputs (``inputnode``), pre-set from ``run``; a parent workflow may connect
     them instead (files of the same acquisition: same echoes and grid, since
