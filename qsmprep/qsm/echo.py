@@ -291,20 +291,20 @@ def nonlinear_complex_fit(unwrapped, magnitude, echo_times_s, *, max_iter=30,
 # ---------------------------------------------------------------------------
 
 
-def romeo_combination(unwrapped, magnitude, echo_times_s):
+def romeo_combination(unwrapped_rad, magnitude, echo_times_s):
     """:func:`romeo_b0` and its N_std (:func:`romeo_b0_noise_std`, Hz), with
     ``sigma`` from the residual of the weighted linear fit (``dof = E - 1``)."""
-    phase, mag, te = _as_echoes(unwrapped, magnitude, echo_times_s)
+    phase, mag, te = _as_echoes(unwrapped_rad, magnitude, echo_times_s)
     mag1 = np.ones_like(phase) if mag is None else mag
     _, residual = weighted_echo_fit(phase, mag1, te)
     sigma = _linear_fit_sigma(residual, mag1)
     return romeo_b0(phase, mag, te), romeo_b0_noise_std(mag1, te, sigma)
 
 
-def linear_combination(unwrapped, magnitude, echo_times_s):
+def linear_combination(unwrapped_rad, magnitude, echo_times_s):
     """:func:`weighted_echo_fit` and its N_std: ``var(omega) = sigma^2 /
     sum mag^2 TE^2`` (Hz), ``sigma`` from the fit residual (``dof = E - 1``)."""
-    phase, mag, te = _as_echoes(unwrapped, magnitude, echo_times_s)
+    phase, mag, te = _as_echoes(unwrapped_rad, magnitude, echo_times_s)
     mag1 = np.ones_like(phase) if mag is None else mag
     b0, residual = weighted_echo_fit(phase, mag1, te)
     den = np.tensordot(mag1.astype(np.float64) ** 2, te.astype(np.float64) ** 2,
@@ -313,9 +313,9 @@ def linear_combination(unwrapped, magnitude, echo_times_s):
         return b0, _field_std_hz(1.0 / den, _linear_fit_sigma(residual, mag1))  # inf -> 0
 
 
-def nonlinear_combination(unwrapped, magnitude, echo_times_s, *, max_iter=30, tol_hz=1e-3):
+def nonlinear_combination(unwrapped_rad, magnitude, echo_times_s, *, max_iter=30, tol_hz=1e-3):
     """:func:`nonlinear_complex_fit` as an echo-combination method (the fitted
     phase offset is dropped)."""
-    field, _, noise = nonlinear_complex_fit(unwrapped, magnitude, echo_times_s,
+    field, _, noise = nonlinear_complex_fit(unwrapped_rad, magnitude, echo_times_s,
                                             max_iter=max_iter, tol_hz=tol_hz)
     return field, noise

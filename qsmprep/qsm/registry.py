@@ -60,7 +60,7 @@ STAGES = ("unwrapping", "echo_combination", "bf_removal", "inversion", "masking"
 #: not parameters: never part of :attr:`Method.defaults`
 STAGE_INPUTS = {
     "unwrapping": ("phase_rad", "magnitude", "echo_times_s", "mask"),
-    "echo_combination": ("unwrapped", "magnitude", "echo_times_s"),
+    "echo_combination": ("unwrapped_rad", "magnitude", "echo_times_s"),
     "bf_removal": ("total_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std_ppm"),
     "inversion": ("local_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std_ppm",
                   "magnitude"),

@@ -178,12 +178,12 @@ def _finite(x):
 # --------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------
-def romeo(phase, *, magnitude=None, echo_times_s, mask=None, mode="template", template_echo=0,
-          weights=WEIGHTS):
+def romeo(phase_rad, *, magnitude=None, echo_times_s, mask=None, mode="template",
+          template_echo=0, weights=WEIGHTS):
     """Registry wrapper of :func:`romeo_unwrap`: 4-D unwrapped phase and quality."""
-    phase = np.asarray(phase)
+    phase_rad = np.asarray(phase_rad)
     unwrapped, quality = romeo_unwrap(
-        phase,
+        phase_rad,
         magnitude=magnitude,
         echo_times_s=echo_times_s,
         mask=mask,
@@ -191,15 +191,15 @@ def romeo(phase, *, magnitude=None, echo_times_s, mask=None, mode="template", te
         template_echo=template_echo,
         weights=tuple(weights),
     )
-    return unwrapped.reshape(phase.shape[:3] + (-1,)), quality
+    return unwrapped.reshape(phase_rad.shape[:3] + (-1,)), quality
 
 
-def laplacian(phase, *, magnitude=None, echo_times_s, mask=None, voxel_size_mm=None):
+def laplacian(phase_rad, *, magnitude=None, echo_times_s, mask=None, voxel_size_mm=None):
     """Registry wrapper of :func:`laplacian_unwrap` (voxel size defaults to 1 mm).
     The echo times are not used, only checked to be seconds like every method's."""
     if echo_times_s is not None:
         check_echo_times_s(echo_times_s)
-    phase = np.asarray(phase)
+    phase_rad = np.asarray(phase_rad)
     vox = (1.0, 1.0, 1.0) if voxel_size_mm is None else voxel_size_mm
-    unwrapped = laplacian_unwrap(phase, vox, mask=mask)
-    return unwrapped.reshape(phase.shape[:3] + (-1,)), None
+    unwrapped = laplacian_unwrap(phase_rad, vox, mask=mask)
+    return unwrapped.reshape(phase_rad.shape[:3] + (-1,)), None
