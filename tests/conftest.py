@@ -41,7 +41,7 @@ def write_dataset_description(root):
     )
 
 
-def write_gre(root, subject="01", *, echo_times=(0.004, 0.008, 0.012), shape=(12, 10, 8),
+def write_gre(root, subject="01", *, echo_times_s=(0.004, 0.008, 0.012), shape=(12, 10, 8),
               affine=None, entities="", suffix="MEGRE", four_d=False, meta=None,
               phase_meta=None, parts=("mag", "phase"), seed=0):
     """Write one synthetic multi-echo GRE run and return its files by part.
@@ -61,7 +61,7 @@ def write_gre(root, subject="01", *, echo_times=(0.004, 0.008, 0.012), shape=(12
     anat.mkdir(parents=True, exist_ok=True)
     files = {p: [] for p in parts}
     vols = {"mag": [], "phase": []}
-    for te in echo_times:
+    for te in echo_times_s:
         vols["mag"].append(ball * np.exp(-te / 0.03) + 0.01 * rng.random(shape))
         vols["phase"].append(np.angle(np.exp(2j * np.pi * field_hz * te)))
     for part in parts:
@@ -74,10 +74,10 @@ def write_gre(root, subject="01", *, echo_times=(0.004, 0.008, 0.012), shape=(12
             name = f"sub-{subject}{entities}_part-{part}_{suffix}"
             data = np.stack(vols[part], axis=-1).astype(np.float32)
             _save(anat / name, data, affine, {**sidecar, "EchoTime": sidecar["EchoTime"]
-                                              or list(echo_times)})
+                                              or list(echo_times_s)})
             files[part].append(anat / f"{name}.nii.gz")
             continue
-        for i, te in enumerate(echo_times, start=1):
+        for i, te in enumerate(echo_times_s, start=1):
             name = f"sub-{subject}{entities}_echo-{i}_part-{part}_{suffix}"
             _save(anat / name, vols[part][i - 1].astype(np.float32), affine,
                   {**sidecar, "EchoTime": sidecar["EchoTime"] or te})

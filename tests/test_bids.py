@@ -23,7 +23,7 @@ def _runs(root, **kwargs):
 
 def test_echoes_ordered_by_echo_time_not_file_name(tmp_path):
     # echo-1 is acquired last: processing order must follow EchoTime
-    files = write_gre(tmp_path, echo_times=(0.012, 0.004, 0.008))
+    files = write_gre(tmp_path, echo_times_s=(0.012, 0.004, 0.008))
     (run,) = _runs(tmp_path)
     assert run.echo_times_s == (0.004, 0.008, 0.012)
     assert [p.split("_")[1] for p in map(lambda f: f.rsplit("/", 1)[1], run.phase)] == [
@@ -47,7 +47,7 @@ def test_runs_grouped_by_session_acquisition_run_and_suffix(tmp_path):
 
 
 def test_string_metadata_and_imaging_frequency(tmp_path):
-    write_gre(tmp_path, echo_times=(0.004, 0.008),
+    write_gre(tmp_path, echo_times_s=(0.004, 0.008),
               meta={"MagneticFieldStrength": None, "ImagingFrequency": "123.2"},
               phase_meta={"Units": "rad"})
     for f in tmp_path.rglob("*.json"):
@@ -61,7 +61,7 @@ def test_string_metadata_and_imaging_frequency(tmp_path):
 
 
 def test_four_d_input_with_echo_time_list(tmp_path):
-    write_gre(tmp_path, four_d=True, echo_times=(0.008, 0.004, 0.012),
+    write_gre(tmp_path, four_d=True, echo_times_s=(0.008, 0.004, 0.012),
               meta={"EchoTime": ["0.008", "0.004", "0.012"]})
     (run,) = _runs(tmp_path)
     assert len(run.phase) == 1 and run.echo_times_s == (0.008, 0.004, 0.012)

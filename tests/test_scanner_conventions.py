@@ -174,7 +174,7 @@ def test_scl_slope_and_intercept_of_the_header_are_applied_and_checked(tmp_path,
     from qsmprep.interfaces.qsm import LoadEchoes
 
     phase, mag = _wrapped_phase(shape=(20, 20, 16))
-    files = write_gre(tmp_path / "bids", echo_times=(0.006, 0.012, 0.018), shape=(20, 20, 16),
+    files = write_gre(tmp_path / "bids", echo_times_s=(0.006, 0.012, 0.018), shape=(20, 20, 16),
                       phase_meta={"Units": None})
     for e, path in enumerate(files["phase"]):
         # nibabel stores the radians as int16 with its own scl_slope/scl_inter

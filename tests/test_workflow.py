@@ -37,7 +37,7 @@ def test_one_subject_workflow_per_subject_and_one_qsm_workflow_per_run(tmp_path)
     bids = tmp_path / "bids"
     write_gre(bids, "01", entities="_run-1")
     write_gre(bids, "01", entities="_run-2")
-    write_gre(bids, "02", echo_times=(0.005,))
+    write_gre(bids, "02", echo_times_s=(0.005,))
     config = _config(tmp_path, bids)
     wf = init_qsmprep_wf(config, collect_data(bids, validate=False))
     names = _node_names(wf)
@@ -152,7 +152,7 @@ def test_group_table_lists_every_run(tmp_path):
 def test_load_echoes_sorts_rescales_and_masks_nonfinite(tmp_path, monkeypatch, caplog):
     from qsmprep.interfaces.qsm import LoadEchoes
 
-    files = write_gre(tmp_path / "bids", echo_times=(0.012, 0.004, 0.008))
+    files = write_gre(tmp_path / "bids", echo_times_s=(0.012, 0.004, 0.008))
     img = nb.load(files["phase"][2])
     arbitrary = img.get_fdata(dtype=np.float32) * 1000  # scanner-like integers
     arbitrary[3, 3, 3] = np.nan
