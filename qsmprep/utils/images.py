@@ -24,10 +24,10 @@ _RAD_TOLERANCE = 0.01
 SCANNER_PHASE_RANGES = ((-4096, 4096), (0, 4096), (-32768, 32768), (0, 65536))
 
 
-def load_stack(files, echo_times):
+def load_stack(files, echo_times_s):
     """Stack the echo volumes of ``files`` along a last axis, sorted by echo time.
 
-    ``files`` are 3-D images (one echo each) or one 4-D image; ``echo_times``
+    ``files`` are 3-D images (one echo each) or one 4-D image; ``echo_times_s``
     (s) gives the time of each stacked volume in file order. Returns the
     float32 array (X, Y, Z, E), the sorted echo times and the first image
     (the reference for geometry).
@@ -35,12 +35,12 @@ def load_stack(files, echo_times):
     imgs = [nb.load(f) for f in files]
     vols = [_read(img, f) for img, f in zip(imgs, files)]
     data = np.concatenate([v.reshape(v.shape[:3] + (-1,)) for v in vols], axis=3)
-    if data.shape[3] != len(echo_times):
+    if data.shape[3] != len(echo_times_s):
         raise ValueError(
-            f"{len(echo_times)} echo times given for {data.shape[3]} volumes in {files}"
+            f"{len(echo_times_s)} echo times given for {data.shape[3]} volumes in {files}"
         )
-    order = np.argsort(echo_times, kind="stable")
-    return data[..., order], [float(echo_times[i]) for i in order], imgs[0]
+    order = np.argsort(echo_times_s, kind="stable")
+    return data[..., order], [float(echo_times_s[i]) for i in order], imgs[0]
 
 
 def _read(img, path):
