@@ -81,9 +81,12 @@ def test_b0_direction_from_affine_unless_sidecar_gives_it(tmp_path):
     write_gre(tmp_path / "a", affine=affine)
     (run,) = _runs(tmp_path / "a")
     np.testing.assert_allclose(run.b0_dir, [0, np.sin(angle), np.cos(angle)], atol=1e-6)
+    assert run.b0_dir_sidecar is None and not run.b0_dir_source.startswith("sidecar")
     write_gre(tmp_path / "b", affine=affine, phase_meta={"B0_dir": [0, 0, 2]})
     (run,) = _runs(tmp_path / "b")
-    assert run.b0_dir == (0, 0, 1)
+    # the sidecar's B0_dir (normalised) wins over the affine, and says so
+    assert run.b0_dir == run.b0_dir_sidecar == (0, 0, 1)
+    assert run.b0_dir_source == "sidecar B0_dir"
 
 
 def test_b0_direction_from_the_scanner_qform_when_a_rotated_sform_disagrees(tmp_path, caplog):
