@@ -55,6 +55,7 @@ PIPELINES = {
     # N_std-weighted PDF the unweighted inversions amplify the noisy rim
     # (whole pipeline 114-123 % NRMSE, docs/methods.md)
     "ir2qsm": {"bf_removal": "vsharp", "inversion": "ir2qsm"},
+    "tfi": {"bf_removal": "none", "inversion": "tfi"},
 }
 
 #: One line per named pipeline, for ``--help`` and the documentation (no dates:
@@ -65,6 +66,8 @@ PIPELINE_DESCRIPTIONS = {
     "classical": "N_std-weighted PDF background removal + iLSQR inversion; no trained "
                  "weights: the choice for phantoms, animals and other organs",
     "ir2qsm": "V-SHARP background removal + IR2QSM learned inversion",
+    "tfi": "total field inversion: no separate background removal, background sources "
+           "fitted with the brain's susceptibility (MEDI prior, edge field not trusted)",
 }
 
 

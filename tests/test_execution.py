@@ -54,9 +54,9 @@ def test_methods_text_states_the_noise_weighting_exactly_when_it_is_passed():
             assert (f"({name})" in sentence) == passed, (stage, name, sentence)
             if passed:
                 weighted.add(name)
-    # docs/methods.md: "`noise_std_ppm` for PDF/LSQR/iLSQR/MEDI"; a renamed keyword in one of
+    # docs/methods.md: "`noise_std_ppm` for PDF/LSQR/iLSQR/MEDI/TFI"; a renamed keyword in one of
     # their signatures would silently drop the weighting (and the sentence) otherwise
-    assert weighted == {"pdf", "lsqr", "ilsqr", "medi"}
+    assert weighted == {"pdf", "lsqr", "ilsqr", "medi", "tfi"}
 
 
 def test_qsm_wf_nests_in_a_parent_through_inputnode_and_outputnode(tmp_path):

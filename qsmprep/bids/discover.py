@@ -201,6 +201,13 @@ def check_methods(data, workflow):
     voxels they were not trained for get a warning from
     :func:`qsmprep.dl.policy.check_learned_voxel_sizes`.)
     """
+    if workflow.bf_removal == "none" and workflow.inversion != "tfi":
+        raise QSMPrepInputError(
+            f"--bf-removal none passes the total field, background included, to the "
+            f"inversion, and --inversion {workflow.inversion} would turn the background into "
+            "susceptibility; only --inversion tfi fits the background sources itself: use "
+            "--pipeline tfi, or a background-removal method"
+        )
     for runs in data.values():
         for run in runs:
             label = run.label

@@ -169,13 +169,30 @@ def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None,
     def dconv(x):
         return T.irfft3(d * T.rfft3(x), box.shape)
 
+    f = T.as_tensor(box.pad(field), device)
+    chi_b = fit_outside_sources(dconv, f, m, w2, max_iter=max_iter, tol=tol)
+    local = m * (f - dconv(chi_b))
+    return box.unpad(T.to_numpy(local)), np.asarray(mask, dtype=bool).copy()
+
+
+def keep_total_field(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None):
+    """No background removal: the total field (ppm) in the mask, for an inversion
+    that fits the background sources itself (``tfi``). Returns (field, mask)."""
+    field = _check(total_field_ppm, mask)
+    mask = np.asarray(mask, dtype=bool)
+    return np.where(mask, field, 0).astype(np.float32), mask.copy()
+
+
+def fit_outside_sources(dconv, f, m, w2, *, max_iter=50, tol=1e-3):
+    """PDF's fit: the sources ``chi_b`` outside the mask ``m`` (tensors on one
+    grid) whose field ``dconv(chi_b)`` best explains ``f`` in the mask,
+    ``min ||W M (f - D (1 - M) chi_b)||^2`` by CG on the normal equations.
+    Returns ``(1 - m) chi_b`` (ppm; 0 in the mask)."""
     def normal(x):
         return (1 - m) * dconv(w2 * dconv((1 - m) * x))
 
-    f = T.as_tensor(box.pad(field), device)
     chi_b, _ = T.cg(normal, (1 - m) * dconv(w2 * f), max_iter=max_iter, tol=tol)
-    local = m * (f - dconv((1 - m) * chi_b))
-    return box.unpad(T.to_numpy(local)), np.asarray(mask, dtype=bool).copy()
+    return (1 - m) * chi_b
 
 
 def ismv(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=5.0, max_iter=500,

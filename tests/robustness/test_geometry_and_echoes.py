@@ -142,3 +142,22 @@ def test_bipolar_needs_three_echoes(tmp_path):
     config = Config.from_dict({"workflow": {"params": {"phase_offset": {"bipolar": True}}}})
     with pytest.raises(QSMPrepInputError, match="needs 3 or more"):
         check_methods(data_, config.workflow)
+
+
+def test_total_field_inversion_pipeline_recovers_the_sphere(tmp_path):
+    """--pipeline tfi: no background stage, the linear background fitted by
+    TFI's outside sources; the sphere's chi comes out as with the default chain."""
+    rot = Rotation.from_euler("xy", [20, -10], degrees=True).as_matrix() * 2.0
+    config = Config.from_dict({"workflow": {"pipeline": "tfi"}})
+    run, out, chi = _process(tmp_path, rot, (32, 32, 32), config=config)
+    got = _sphere_chi(out, chi)
+    assert 0.35 * CHI < got < 1.2 * CHI, got
+    # the background stage passed the total field through, on the whole mask
+    assert np.array_equal(data(out["bf_removal"].mask), data(out["masking"].mask))
+
+
+def test_no_background_removal_needs_the_total_field_inversion():
+    config = Config.from_dict({"workflow": {"bf_removal": "none", "inversion": "tv"}})
+    with pytest.raises(QSMPrepInputError, match="only --inversion tfi fits the background"):
+        check_methods({}, config.workflow)
+    check_methods({}, Config.from_dict({"workflow": {"pipeline": "tfi"}}).workflow)
