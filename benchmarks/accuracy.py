@@ -297,6 +297,14 @@ def joint(case, bfr, inversion):
                 magnitude=case.magnitude)
 
 
+def local_field_methods():
+    """Background-removal methods that give a local field to score: all but
+    ``none``, which passes the total field on to ``--inversion tfi``."""
+    from qsmprep.qsm import registry
+
+    return [n for n in registry.names("bf_removal") if n != "none"]
+
+
 def run_case(case, stages, quick=False, keep=lambda name: True):
     """All rows of one phantom; ``keep(name)`` (:func:`selection`) selects the
     methods to run, the joint pairs (``keep("vsharp+tv")``) and the pipeline
@@ -306,7 +314,7 @@ def run_case(case, stages, quick=False, keep=lambda name: True):
 
     rows = []
     if "bf_removal" in stages:
-        for name in filter(keep, registry.names("bf_removal")):
+        for name in filter(keep, local_field_methods()):
             rows.append(score_row("bf_removal", name, case, lambda n=name: call(
                 "bf_removal", n, case.total_field, case.mask, case.voxel_size_mm,
                 b0_dir=case.b0_dir), case.local_field))

@@ -49,7 +49,7 @@ from _common import (  # noqa: E402
     DOCS, RESULTS, fmt, hardware, hardware_note, markdown_table, replace_section, timed,
     write_json,
 )
-from accuracy import TRUE_MASK, Case, call, pipeline, score_row  # noqa: E402
+from accuracy import TRUE_MASK, Case, call, local_field_methods, pipeline, score_row  # noqa: E402
 from independent_heads import build_head  # noqa: E402
 
 #: depth bands from the brain edge (mm): [lo, hi)
@@ -120,7 +120,7 @@ def stage_methods(stage, quick):
     """Registered methods of a stage that the suite runs."""
     from qsmprep.qsm import registry
 
-    names = registry.names(stage)
+    names = local_field_methods() if stage == "bf_removal" else registry.names(stage)
     if quick:
         keep = {"bf_removal": ("vsharp", "nextqsm"), "inversion": ("tkd", "tv", "nextqsm")}
         return [n for n in names if n in keep[stage]]
@@ -267,6 +267,17 @@ def render(results):
     return "\n".join(parts)
 
 
+def merge_rows(old, new, head_order):
+    """``old`` rows with those of ``new`` replacing the ones of the same stage,
+    method and head (a re-run) or added, ordered by head (``head_order``) and
+    then as they came."""
+    key = lambda r: (r["stage"], r["method"], r["phantom"])
+    fresh = {key(r): r for r in new}
+    rows = [fresh.pop(key(r), r) for r in old] + list(fresh.values())
+    rank = {name: i for i, name in enumerate(head_order)}
+    return sorted(rows, key=lambda r: rank.get(r["phantom"], len(rank)))
+
+
 def cached_head(cache, name, description, **kwargs):
     """``(head, build seconds)``: built, or loaded from ``cache/<name>.pkl``
     (seconds None) when there; a head built with a cache folder is saved in it."""
@@ -320,11 +331,16 @@ def main(argv=None):
         entry = {"name": name, "description": description, "shape": list(head.mask.shape),
                  "build_s": seconds, **{k: (list(v) if isinstance(v, tuple) else v)
                                         for k, v in kwargs.items()}}
-        known = [h for h in results["heads"] if h["name"] == name]
-        if known and seconds is None:   # from the cache: keep the recorded build time
-            entry["build_s"] = known[0]["build_s"]
-        results["heads"] = [h for h in results["heads"] if h["name"] != name] + [entry]
-        results["rows"] += run_head(case, args.quick, args.stages, args.variants)
+        names = [h["name"] for h in results["heads"]]
+        if name in names:               # a re-run (--merge): same place in the list
+            if seconds is None:         # from the cache: keep the recorded build time
+                entry["build_s"] = results["heads"][names.index(name)]["build_s"]
+            results["heads"][names.index(name)] = entry
+        else:
+            results["heads"].append(entry)
+        results["rows"] = merge_rows(results["rows"], run_head(case, args.quick, args.stages,
+                                                               args.variants),
+                                     [h["name"] for h in results["heads"]])
         if args.memory and head.voxel_size_mm[0] <= 1.25:
             mem = measure_default(case)
             results["memory"].append({"head": name, "grid": " × ".join(map(str, head.mask.shape)),

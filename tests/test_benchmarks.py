@@ -300,3 +300,17 @@ def test_cli_startup_measures_help_and_renders_the_target_verdict(tmp_path):
     assert "**not met**" in text and "`--version`: numpy" in text
     results["rows"][1]["median_s"] = 0.4
     assert "(met)" in cli_startup.render(results)
+
+
+def test_independent_merge_replaces_rerun_rows_and_orders_by_head(tmp_path):
+    row = lambda stage, method, head, v: {"stage": stage, "method": method, "phantom": head,
+                                          "metrics": {"nrmse": v}}
+    old = [row("pipeline", "default", "a", 1), row("pipeline", "default", "b", 2)]
+    new = [row("pipeline", "tfi", "a", 3), row("pipeline", "default", "b", 4)]
+    merged = independent.merge_rows(old, new, ["a", "b"])
+    assert [(r["method"], r["phantom"], r["metrics"]["nrmse"]) for r in merged] == [
+        ("default", "a", 1), ("tfi", "a", 3), ("default", "b", 4)]
+    # a head built once is cached and read back, not rebuilt
+    import pickle
+    (tmp_path / "h.pkl").write_bytes(pickle.dumps({"head": 1}))
+    assert independent.cached_head(tmp_path, "h", "") == ({"head": 1}, None)
