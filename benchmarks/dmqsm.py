@@ -158,6 +158,273 @@ def whole_head_estimate(model, opts, crop_seconds):
             "estimate_s": per_patch_step * n_patches * steps}
 
 
+# ---------------------------------------------------------------------------
+# the independent suite's head (benchmarks/independent_heads.py)
+
+HEAD = "mni-3T-1.5mm-tilt15"
+
+
+def independent_head(name=HEAD, cache_dir=None):
+    """The independent suite's head ``name`` (:mod:`independent_heads`, the
+    settings of :func:`independent.head_specs`): loaded from
+    ``cache_dir/<name>.pkl`` (a pickle of the :class:`independent_heads.Head`)
+    when it is there, else built (minutes: 6 for the 1.5 mm head) and saved
+    there."""
+    import pickle
+
+    import independent
+    import independent_heads
+
+    path = Path(cache_dir) / f"{name}.pkl" if cache_dir else None
+    if path is not None and path.exists():
+        with open(path, "rb") as f:
+            head = pickle.load(f)
+        if head.name != name:
+            raise ValueError(f"{path} holds head {head.name!r}, not {name!r}")
+        return head
+    specs = {n: (d, k) for n, d, k in independent.head_specs(False) + independent.head_specs(True)}
+    if name not in specs:
+        raise ValueError(f"unknown head {name!r}; expected one of {sorted(specs)}")
+    description, kwargs = specs[name]
+    head = independent_heads.build_head(name, description, **kwargs)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(head, f)
+        tmp.replace(path)
+    return head
+
+
+def _even_box(mask, margin=8):
+    """The mask's bounding box plus ``margin``, widened by one voxel where
+    needed so that every edge is even (x2 down-sampling needs it)."""
+    from qsmprep.qsm.mask import bbox_slices
+
+    out = []
+    for sl, n in zip(bbox_slices(mask, margin=margin), mask.shape):
+        start, stop = sl.start, sl.stop
+        if (stop - start) % 2:
+            start, stop = (start, stop + 1) if stop < n else (start - 1, stop)
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def _timed_cpu(fn):
+    """``(result as float32, wall s, process CPU s)``; process CPU time
+    counts all threads of this process."""
+    cpu, t = time.process_time(), time.perf_counter()
+    out = fn()
+    return np.asarray(out, np.float32), time.perf_counter() - t, time.process_time() - cpu
+
+
+def _score(recon, truth, mask, wall, cpu):
+    from qsmprep.qsm.metrics import nrmse, xsim
+
+    return {"nrmse": float(nrmse(recon, truth, mask)), "xsim": float(xsim(recon, truth, mask)),
+            "s": wall, "cpu_s": cpu}
+
+
+def run_independent(head, model, opts, tasks=("inversion", "sr2", "sr2-block", "combined")):
+    """DM-QSM and its baselines on one independent head (its true χ, mask and
+    local field; its voxel size and oblique B0). Returns ``{(task, method): scores}``.
+
+    * ``inversion``: the head's true local field (qsm-forward's field of the
+      brain's χ on the model grid, k-space cropped) in the true mask, whole
+      head: TKD 0.1 (DM-QSM's start), TV-ADMM, DM-QSM;
+    * ``sr2`` / ``sr2-block``: the true χ down-sampled x2 per axis by a
+      k-space crop / by 2^3 block averages, up-sampled back by trilinear
+      interpolation, k-space zero filling and DM-QSM (``super_resolve`` with
+      the matching ``mode`` and the true mask), scored against the true χ;
+    * ``combined``: the true local field k-space cropped x2 in the mask of
+      the 2^3 block averages of the true mask over 0.5; TKD 0.1 or TV at the
+      low resolution, then trilinear; DM-QSM ``invert_super_resolve``.
+
+    All on the mask's bounding box + 8 voxels (even edges); scores in the
+    true mask at the head's resolution.
+    """
+    from qsmprep.dl import dmqsm
+    from qsmprep.dl.inference import to_numpy, to_tensor
+    from qsmprep.qsm import registry
+
+    box = _even_box(head.mask)
+    chi, mask = head.chi[box], head.mask[box]
+    field = np.where(mask, head.local_field[box], 0).astype(np.float32)
+    vox, b0 = tuple(float(v) for v in head.voxel_size_mm), tuple(head.b0_dir)
+    vox_lr = tuple(2 * v for v in vox)
+    rows = {}
+
+    def add(task, method, fn):
+        out, wall, cpu = _timed_cpu(fn)
+        rows[(task, method)] = r = _score(out * mask, chi, mask, wall, cpu)
+        print(f"{head.name} {task:10s} {method:34s} NRMSE {r['nrmse']:6.1f} XSIM {r['xsim']:.3f} "
+              f"{wall:7.1f} s (CPU {cpu:.1f} s)", flush=True)
+
+    if "inversion" in tasks:
+        add("inversion", "TKD 0.1 (DM-QSM start)", lambda: registry.run(
+            "inversion", "tkd", field, mask, vox, b0_dir=b0, threshold=dmqsm.TKD_THRESHOLD))
+        add("inversion", "TV-ADMM", lambda: registry.run("inversion", "tv", field, mask, vox,
+                                                         b0_dir=b0))
+        add("inversion", "DM-QSM", lambda: dmqsm.invert(field, mask, vox, b0, device="cpu",
+                                                        model=model, **opts))
+    kdown = dmqsm.Downsample(chi.shape, 2, "kspace")
+    for task, mode in (("sr2", "kspace"), ("sr2-block", "block")):
+        if task not in tasks:
+            continue
+        lowres = to_numpy(dmqsm.Downsample(chi.shape, 2, mode)(to_tensor(chi, "cpu")))
+        add(task, "trilinear", lambda: trilinear(lowres, 2))
+        add(task, "k-space zero-filled",
+            lambda: to_numpy(kdown.zero_filled(to_tensor(lowres, "cpu"))))
+        add(task, "DM-QSM", lambda: dmqsm.super_resolve(lowres, 2, mask=mask, mode=mode,
+                                                        device="cpu", model=model, **opts))
+    if "combined" in tasks:
+        mask_lr = to_numpy(dmqsm.Downsample(chi.shape, 2, "block")(
+            to_tensor(mask.astype(np.float32), "cpu"))) > 0.5
+        field_lr = to_numpy(kdown(to_tensor(field, "cpu"))) * mask_lr
+        for name, method, kw in (("TKD 0.1", "tkd", {"threshold": dmqsm.TKD_THRESHOLD}),
+                                 ("TV-ADMM", "tv", {})):
+            add("combined", f"{name} at {vox_lr[0]:g} mm, trilinear",
+                lambda method=method, kw=kw: trilinear(np.asarray(registry.run(
+                    "inversion", method, field_lr, mask_lr, vox_lr, b0_dir=b0, **kw)), 2))
+        add("combined", "DM-QSM", lambda: dmqsm.invert_super_resolve(
+            field_lr, mask_lr, vox_lr, b0, 2, device="cpu", model=model, **opts))
+    return rows
+
+
+def kspace_resample(volume, shape):
+    """``volume`` on a grid of ``shape`` (same field of view) by k-space zero
+    padding or cropping (the amplitude kept)."""
+    k = np.fft.fftshift(np.fft.fftn(volume))
+    out = np.zeros(shape, complex)
+    src, dst = [], []
+    for n, m in zip(volume.shape, shape):
+        c = min(n, m)
+        src.append(slice(n // 2 - c // 2, n // 2 - c // 2 + c))
+        dst.append(slice(m // 2 - c // 2, m // 2 - c // 2 + c))
+    out[tuple(dst)] = k[tuple(src)]
+    scale = np.prod(shape) / np.prod(volume.shape)
+    return (np.real(np.fft.ifftn(np.fft.ifftshift(out))) * scale).astype(np.float32)
+
+
+def time_whole_head(head, model, opts, voxel_mm=1.0):
+    """Wall and process CPU time of ``dmqsm.invert`` (the given sampling
+    options) on a whole head at ``voxel_mm``: the independent head's true
+    local field, χ and mask resampled to that voxel (k-space zero padding;
+    the mask by trilinear interpolation over 0.5). Also TKD's and DM-QSM's
+    scores against the resampled truth, and the patch count."""
+    import os
+
+    from scipy import ndimage
+
+    from qsmprep.dl import dmqsm
+    from qsmprep.qsm import registry
+    from qsmprep.qsm.mask import bbox_slices
+
+    factor = head.voxel_size_mm[0] / voxel_mm
+    shape = tuple(int(round(n * factor / 2)) * 2 for n in head.mask.shape)
+    mask = ndimage.zoom(head.mask.astype(np.float32), [s / n for s, n in
+                                                       zip(shape, head.mask.shape)],
+                        order=1, grid_mode=True, mode="nearest") > 0.5
+    field = np.where(mask, kspace_resample(head.local_field, shape), 0).astype(np.float32)
+    chi = np.where(mask, kspace_resample(head.chi, shape), 0).astype(np.float32)
+    vox = (voxel_mm,) * 3
+    b0 = tuple(head.b0_dir)
+    sub = mask[bbox_slices(mask, margin=8)]
+    padded = [n + (-n % model.multiple) for n in sub.shape]
+    sub = np.pad(sub, [(0, s - n) for s, n in zip(padded, sub.shape)])
+    p = opts.get("patch", dmqsm.SAMPLING["patch"])
+    o = opts.get("overlap", dmqsm.SAMPLING["overlap"])
+    n_patches = sum(bool(sub[sl].any()) for sl in dmqsm.patch_grid(padded, p, o))
+    steps = opts.get("steps", dmqsm.SAMPLING["steps"])
+    tkd, tkd_wall, tkd_cpu = _timed_cpu(lambda: registry.run(
+        "inversion", "tkd", field, mask, vox, b0_dir=b0, threshold=dmqsm.TKD_THRESHOLD))
+    load_before = os.getloadavg()[0]
+    out, wall, cpu = _timed_cpu(lambda: dmqsm.invert(field, mask, vox, b0, device="cpu",
+                                                     model=model, **opts))
+    result = {
+        "grid": list(shape), "voxel_mm": voxel_mm, "brain_voxels": int(mask.sum()),
+        "sampled_box": list(padded), "patches": n_patches, "steps": steps,
+        "wall_s": wall, "cpu_s": cpu, "s_per_patch_step": wall / (n_patches * steps),
+        "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1),
+        "nice": os.nice(0), "torch_threads": torch.get_num_threads(),
+        "tkd": _score(tkd, chi, mask, tkd_wall, tkd_cpu),
+        "dmqsm": _score(out, chi, mask, wall, cpu),
+    }
+    print(result, flush=True)
+    return result
+
+
+INDEPENDENT_TITLES = {
+    "inversion": "dipole inversion (true local field → χ, whole head)",
+    "sr2": "×2 super-resolution (χ k-space cropped to twice the voxel → χ)",
+    "sr2-block": "×2 super-resolution (χ block-averaged 2³ → χ)",
+    "combined": "combined (local field k-space cropped to twice the voxel → χ)",
+}
+
+
+def _opts_text(opts):
+    return f"`{opts}` (else the defaults)" if opts else "defaults"
+
+
+def render_independent(saved):
+    """The ``dmqsm_independent`` section from its saved results."""
+    from qsmprep.dl import dmqsm
+
+    head = saved.get("head", {})
+    lines = [
+        "## DM-QSM on the independent suite's heads\n",
+        "Generated by `python benchmarks/dmqsm.py --independent --head-cache DIR` (tasks) and "
+        "`--time-whole-head` (timing) (raw numbers: `benchmarks/results/dmqsm_independent.json`; "
+        "`DIR` keeps the built head between runs). The head is the independent suite's "
+        f"`{head.get('name')}` ({head.get('description')}, grid "
+        f"{' × '.join(map(str, head.get('shape', [])))}; `benchmarks/independent_heads.py`, "
+        "never made by `qsmprep.sim`): its true χ, true brain mask and true local field "
+        "(qsm-forward's field of the brain's χ on the model grid, k-space cropped; B0 tilted "
+        "15°, noise-free), cropped to the mask's bounding box + 8 voxels. Shipped weights, "
+        f"sampling {_opts_text(saved.get('options'))} (steps {dmqsm.SAMPLING['steps']}, ξ {dmqsm.SAMPLING['xi']:g} and "
+        f"`t_start` {dmqsm.SAMPLING['t_start']} for inversion and the combined task, ξ "
+        f"{dmqsm.XI_SUPER_RESOLUTION:g} and `t_start` {dmqsm.T_START_SUPER_RESOLUTION} for "
+        f"super-resolution, seed {dmqsm.SAMPLING['seed']}). NRMSE (%) and XSIM "
+        "(`qsmprep.qsm.metrics`, QSM-CI conventions) in the true mask at the head's "
+        "resolution; wall and process CPU time (s) on 2 CPU cores.\n",
+        "ξ was chosen on two 48³ crops of this same head (docs/deep-learning.md, \"How ξ was "
+        "chosen\"), so the inversion rows are not independent of that one choice; the "
+        "super-resolution rows (ξ, `t_start` set before this suite existed) are.\n",
+    ]
+    rows = saved.get("rows", {})
+    for task, title in INDEPENDENT_TITLES.items():
+        methods = [(k.split("/", 1)[1], r) for k, r in rows.items() if k.split("/", 1)[0] == task]
+        if not methods:
+            continue
+        lines.append(f"**{title}**\n")
+        lines.append(markdown_table(
+            ["method", "NRMSE (%)", "XSIM", "wall (s)", "CPU (s)"],
+            [[m, fmt(r["nrmse"], 1), fmt(r["xsim"], 3), fmt(r["s"], 1), fmt(r.get("cpu_s"), 1)]
+             for m, r in methods]))
+    if saved.get("hardware"):
+        lines.append(hardware_note(saved["hardware"]) + "\n")
+    t = saved.get("timing")
+    if t:
+        lines.append(
+            f"**Whole head at {t['voxel_mm']:g} mm** (`dmqsm.invert`, sampling "
+            f"{_opts_text(t.get('options'))}): the "
+            f"head above resampled to {t['voxel_mm']:g} mm by k-space zero padding (grid "
+            f"{' × '.join(map(str, t['grid']))}, {t['brain_voxels']} brain voxels; sampled box "
+            f"{' × '.join(map(str, t['sampled_box']))}, {t['patches']} patches of 48³ hold "
+            f"brain, {t['steps']} steps): **{t['wall_s'] / 60:.1f} min wall**, "
+            f"{t['cpu_s'] / 60:.1f} min process CPU time ({t['torch_threads']} torch threads, "
+            f"`nice` {t['nice']}; {t['s_per_patch_step']:.2f} s per patch and step). The "
+            f"machine was shared: load average {t['load_before']} before and "
+            f"{t['load_after']} after the run on its 2 cores, so the wall time is an upper "
+            f"bound of an unshared run and the CPU time (both threads together) is the "
+            f"better measure of the work. Against the resampled truth: DM-QSM NRMSE "
+            f"{t['dmqsm']['nrmse']:.1f} %, XSIM {t['dmqsm']['xsim']:.3f}; its TKD start "
+            f"{t['tkd']['nrmse']:.1f} %, {t['tkd']['xsim']:.3f}.\n")
+        if t.get("hardware"):
+            lines.append(hardware_note(t["hardware"]) + "\n")
+    return "\n".join(lines)
+
+
 TITLES = {"inversion": "dipole inversion", "sr2": "×2 super-resolution",
           "combined": "combined (×2 super-resolution of a 2 mm field)"}
 
@@ -188,6 +455,47 @@ def render(results, info, opts, estimate, size):
     return "\n".join(lines)
 
 
+def main_independent(args):
+    """``--independent`` / ``--time-whole-head``: update the saved results of
+    section ``dmqsm_independent`` with this run's part and re-render it."""
+    import json
+    import logging
+
+    from _common import RESULTS
+    from qsmprep.dl.methods import load_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.checkpoint:
+        raise SystemExit("--checkpoint is for the crop benchmark only")
+    model = load_model("dmqsm", "cpu")
+    opts = {"steps": args.steps} if args.steps else {}
+    path = RESULTS / "dmqsm_independent.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    head = independent_head(args.head, args.head_cache)
+    saved["head"] = {"name": head.name, "description": head.description,
+                     "shape": list(head.mask.shape),
+                     "voxel_size_mm": list(head.voxel_size_mm), "b0_dir": list(head.b0_dir)}
+    if args.independent:
+        info = hardware()
+        rows = run_independent(head, model, opts, args.tasks)
+        saved["hardware"], saved["options"] = info, opts
+        saved.setdefault("rows", {})
+        # keep the table order of INDEPENDENT_TITLES whatever the tasks of this run
+        merged = {**saved["rows"], **{f"{t}/{m}": r for (t, m), r in rows.items()}}
+        saved["rows"] = {k: merged[k] for task in INDEPENDENT_TITLES for k in merged
+                         if k.split("/", 1)[0] == task}
+    if args.time_whole_head:
+        info = hardware()
+        saved["timing"] = {**time_whole_head(head, model, opts, args.time_whole_head),
+                           "options": opts, "hardware": info}
+    body = render_independent(saved)
+    if not args.no_publish:
+        publish("dmqsm_independent", body, saved)
+    else:
+        print(body)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=48, help="crop edge (voxels)")
@@ -196,8 +504,21 @@ def main(argv=None):
     p.add_argument("--no-publish", action="store_true")
     p.add_argument("--checkpoint", help="a qsmprep-train checkpoint instead of the shipped "
                    "weights (development; implies --no-publish)")
+    p.add_argument("--independent", action="store_true",
+                   help="the tasks on the independent suite's head instead (section "
+                   "dmqsm_independent)")
+    p.add_argument("--tasks", nargs="+", choices=list(INDEPENDENT_TITLES),
+                   default=list(INDEPENDENT_TITLES), help="with --independent: these tasks")
+    p.add_argument("--time-whole-head", type=float, metavar="MM", nargs="?", const=1.0,
+                   help="time dmqsm.invert on the independent head resampled to MM (default "
+                   "1) mm (section dmqsm_independent)")
+    p.add_argument("--head", default=HEAD, help="independent suite head (default %(default)s)")
+    p.add_argument("--head-cache", metavar="DIR",
+                   help="load the head from DIR/<head>.pkl, or build it and save it there")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    if args.independent or args.time_whole_head:
+        return main_independent(args)
     from qsmprep.dl.methods import load_model
 
     info = hardware()
