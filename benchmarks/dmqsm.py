@@ -198,14 +198,24 @@ def independent_head(name=HEAD, cache_dir=None):
 
 def _even_box(mask, margin=8):
     """The mask's bounding box plus ``margin``, widened by one voxel where
-    needed so that every edge is even (x2 down-sampling needs it)."""
+    needed so that every edge is even (x2 down-sampling needs it); on an
+    odd axis the box already spans, it drops an end plane without mask."""
     from qsmprep.qsm.mask import bbox_slices
 
     out = []
-    for sl, n in zip(bbox_slices(mask, margin=margin), mask.shape):
-        start, stop = sl.start, sl.stop
+    for axis, (sl, n) in enumerate(zip(bbox_slices(mask, margin=margin), mask.shape)):
+        start, stop = int(sl.start), int(sl.stop)
         if (stop - start) % 2:
-            start, stop = (start, stop + 1) if stop < n else (start - 1, stop)
+            if stop < n:
+                stop += 1
+            elif start > 0:
+                start -= 1
+            elif not np.take(mask, n - 1, axis=axis).any():
+                stop -= 1
+            elif not np.take(mask, 0, axis=axis).any():
+                start += 1
+            else:
+                raise ValueError(f"the mask fills axis {axis} (odd size {n}): pad the volume")
         out.append(slice(start, stop))
     return tuple(out)
 
@@ -490,6 +500,13 @@ def render_independent(saved):
             f"{t['tkd']['nrmse']:.1f} %, {t['tkd']['xsim']:.3f}.\n")
         if t.get("hardware"):
             lines.append(hardware_note(t["hardware"]) + "\n")
+        earlier = [e for e in saved.get("earlier_timings", [])
+                   if e["voxel_mm"] == t["voxel_mm"] and e["patches"] == t["patches"]]
+        if earlier:
+            lines.append("Earlier runs of the same measurement: " + "; ".join(
+                f"{e['hardware']['date']}, {e['steps']} steps: {e['wall_s'] / 60:.1f} min wall, "
+                f"{e['cpu_s'] / 60:.1f} min CPU (load average {e['load_before']} → "
+                f"{e['load_after']})" for e in earlier) + ".\n")
     return "\n".join(lines)
 
 
@@ -580,6 +597,8 @@ def main_independent(args):
                          if k.split("/", 1)[0] == task}
     if args.time_whole_head:
         info = hardware()
+        if saved.get("timing"):             # keep the earlier measurements
+            saved.setdefault("earlier_timings", []).append(saved.pop("timing"))
         saved["timing"] = {**time_whole_head(head, model, opts, args.time_whole_head),
                            "options": opts, "hardware": info}
     body = render_independent(saved)
