@@ -326,7 +326,7 @@ def time_whole_head(head, model, opts, voxel_mm=1.0):
 
     from scipy import ndimage
 
-    from qsmprep.dl import dmqsm
+    from qsmprep.dl import dmqsm, dmqsm_sampler
     from qsmprep.qsm import registry
     from qsmprep.qsm.mask import bbox_slices
 
@@ -344,7 +344,7 @@ def time_whole_head(head, model, opts, voxel_mm=1.0):
     sub = np.pad(sub, [(0, s - n) for s, n in zip(padded, sub.shape)])
     p = opts.get("patch", dmqsm.SAMPLING["patch"])
     o = opts.get("overlap", dmqsm.SAMPLING["overlap"])
-    n_patches = sum(bool(sub[sl].any()) for sl in dmqsm.patch_grid(padded, p, o))
+    n_patches = sum(bool(sub[sl].any()) for sl in dmqsm_sampler.patch_grid(padded, p, o))
     steps = opts.get("steps", dmqsm.SAMPLING["steps"])
     tkd, tkd_wall, tkd_cpu = _timed_cpu(lambda: registry.run(
         "inversion", "tkd", field, mask, vox, b0_dir=b0, threshold=dmqsm.TKD_THRESHOLD))
