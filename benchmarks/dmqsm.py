@@ -24,6 +24,14 @@ wall time. The whole-head time of the default sampling is estimated from the
 measured time per network pass and the patch count of the MNI head at 1 mm.
 
 Usage: ``python benchmarks/dmqsm.py [--quick] [--steps N]``.
+
+``--independent --head-cache DIR``: the same tasks on a head of the
+independent suite (:mod:`independent_heads`, default the 1.5 mm 3 T head;
+built once, then loaded from ``DIR``), whole head, scored against its truth
+(section ``dmqsm_independent``). ``--time-whole-head [MM]``: wall and process
+CPU time, per step too, of ``dmqsm.invert`` with the default sampling on
+that head resampled to MM (default 1) mm. ``--from-json FILE`` re-renders a
+section from its saved results.
 """
 
 from __future__ import annotations
@@ -417,7 +425,8 @@ def render_independent(saved):
         "never made by `qsmprep.sim`): its true χ, true brain mask and true local field "
         "(qsm-forward's field of the brain's χ on the model grid, k-space cropped; B0 tilted "
         "15°, noise-free), cropped to the mask's bounding box + 8 voxels. Shipped weights, "
-        f"sampling {_opts_text(saved.get('options'))} (steps {dmqsm.SAMPLING['steps']}, ξ {dmqsm.SAMPLING['xi']:g} and "
+        f"sampling {_opts_text(saved.get('options'))} (steps {dmqsm.SAMPLING['steps']}, "
+        f"ξ {dmqsm.SAMPLING['xi']:g} and "
         f"`t_start` {dmqsm.SAMPLING['t_start']} for inversion and the combined task, ξ "
         f"{dmqsm.XI_SUPER_RESOLUTION:g} and `t_start` {dmqsm.T_START_SUPER_RESOLUTION} for "
         f"super-resolution, seed {dmqsm.SAMPLING['seed']}). NRMSE (%) and XSIM "
