@@ -1,4 +1,5 @@
-"""Helpers of benchmarks/dmqsm.py's independent-suite mode (tiny arrays, no sampling)."""
+"""Helpers of benchmarks/dmqsm_independent.py (DM-QSM on an independent head; tiny arrays,
+no sampling)."""
 
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import dmqsm as bench  # noqa: E402
+import dmqsm_independent as bench  # noqa: E402
 
 
 def test_kspace_resample_round_trip_and_amplitude():
