@@ -283,7 +283,8 @@ def render_independent(saved):
         "resolution; wall and process CPU time (s) on 2 CPU cores.\n",
         "ξ was chosen on two 48³ crops of this same head (docs/deep-learning.md, \"How ξ was "
         "chosen\"), so the inversion rows are not independent of that one choice; the "
-        "super-resolution rows (ξ, `t_start` set before this suite existed) are.\n",
+        "super-resolution rows (ξ, `t_start` chosen on a `qsmprep.sim` crop, never on this "
+        "suite) are.\n",
     ]
     rows = saved.get("rows", {})
     for task, title in INDEPENDENT_TITLES.items():
