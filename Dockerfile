@@ -61,11 +61,16 @@ RUN --mount=type=secret,id=pip_cert \
     --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     /opt/qsmprep-bootstrap/pip_install.sh /src
 # Build-time checks: weights against their sha256 manifest; TemplateFlow skeleton and
-# the templates of bids_app_bootstrap/templates.txt into /opt/templateflow.
+# the templates of bids_app_bootstrap/templates.txt into /opt/templateflow, then found
+# there the way qsmprep looks for them at run time (on disk only): the MNI152NLin2009cAsym
+# images and the MASSP20 atlas of --regions-atlas.
 ENV TEMPLATEFLOW_HOME=/opt/templateflow
 COPY bids_app_bootstrap/ /opt/qsmprep-bootstrap/
 RUN python /opt/qsmprep-bootstrap/verify_weights.py \
- && python /opt/qsmprep-bootstrap/prefetch_templates.py
+ && python /opt/qsmprep-bootstrap/prefetch_templates.py \
+ && python -c "from qsmprep.regions.templates import find_template as t; \
+from qsmprep.regions.atlases import find_atlas as a; \
+print(t('MNI152NLin2009cAsym'), t('MNI152NLin2009cAsym', ('T1w',)), a('MASSP20'))"
 
 # ---------------------------------------------------------------------------------------
 # test: the builder plus the test dependencies and the test suite (CI runs

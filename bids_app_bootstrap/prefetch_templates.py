@@ -15,7 +15,8 @@ from pathlib import Path
 
 
 def read_templates(path):
-    """``[(name, {key: value})]`` from a templates file (``#`` starts a comment)."""
+    """``[(name, {key: value})]`` from a templates file (``#`` starts a comment;
+    digits are integers, ``None`` means the entity must be absent)."""
     out = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         words = line.split("#", 1)[0].split()
@@ -26,7 +27,8 @@ def read_templates(path):
             key, sep, value = word.partition("=")
             if not sep or not key or not value:
                 raise SystemExit(f"{path}:{number}: expected key=value, got {word!r}")
-            filters[key] = int(value) if value.isdigit() else value
+            filters[key] = (int(value) if value.isdigit()
+                            else None if value == "None" else value)
         out.append((words[0], filters))
     return out
 

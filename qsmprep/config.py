@@ -154,6 +154,9 @@ class Workflow:
     #: deep grey matter regions (--regions): register each run to the embedded
     #: QSMChallenge template and write *_desc-regions_stats.tsv and _dseg
     regions: bool = False
+    #: atlas of the regions (--regions-atlas): "QSMChallenge" (embedded) or a TemplateFlow
+    #: atlas on disk, "MASSP20" or "<template>:atlas-<label>[:desc-<label>][:res-<label>]"
+    regions_atlas: str = "QSMChallenge"
     #: --output-spaces (fMRIPrep syntax): "native" and/or template spaces
     #: ("MNI152NLin2009cAsym:res-2", "QSMChallenge"); chi is resampled to each template
     output_spaces: list = field(default_factory=lambda: ["native"])

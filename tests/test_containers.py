@@ -197,25 +197,60 @@ def test_verify_weights_accepts_shipped_and_rejects_changed(tmp_path, capsys):
     assert "FAILED unet.pt" in err and "sha256" in err and "nextqsm.pt" not in err
 
 
-def test_prefetch_templates_offline(tmp_path):
-    """The empty template list gives TemplateFlow's skeleton, with no network."""
+def test_prefetch_templates_offline(tmp_path, monkeypatch):
+    """An empty template list gives TemplateFlow's skeleton, with no network; in it,
+    every line of the image's templates.txt matches files (api.ls, which does not
+    download), and those files are what qsmprep looks up for MNI152NLin2009cAsym and
+    --regions-atlas MASSP20."""
+    import nibabel as nb
+    import numpy as np
+
+    from qsmprep.regions.atlases import find_atlas
+    from qsmprep.regions.templates import find_template
+
     home = tmp_path / "tf"
-    run = subprocess.run([sys.executable, str(BOOT / "prefetch_templates.py")],
-                         env={**os.environ, "TEMPLATEFLOW_HOME": str(home),
-                              "TEMPLATEFLOW_AUTOUPDATE": "0",
-                              "HTTPS_PROXY": "http://127.0.0.1:9"},
-                         capture_output=True, text=True, timeout=120)
+    empty = tmp_path / "none.txt"
+    empty.write_text("# nothing\n")
+    env = {**os.environ, "TEMPLATEFLOW_HOME": str(home), "TEMPLATEFLOW_AUTOUPDATE": "0",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    # one process (TemplateFlow reads its home on import): the script's main, then api.ls
+    run = subprocess.run(
+        [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
+         "import prefetch_templates as p; code = p.main(sys.argv[2]); "
+         "from templateflow import api; "
+         "print(json.dumps([[str(f) for f in api.ls(n, **kw)] "
+         "for n, kw in p.read_templates(sys.argv[3])])); sys.exit(code)",
+         str(BOOT), str(empty), str(BOOT / "templates.txt")],
+        env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+    assert "prefetch_templates: TemplateFlow home" in run.stdout
     assert (home / "tpl-MNI152NLin2009cAsym" / "template_description.json").is_file()
+    per_line = json.loads(run.stdout.splitlines()[-1])
+    assert per_line and all(per_line), per_line  # every line matches some files
+    # the listed files, as the build fetches them (real images), in a TemplateFlow tree
+    fetched = tmp_path / "fetched"
+    img = nb.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4))
+    for path in map(Path, sum(per_line, [])):
+        dest = fetched / path.relative_to(home)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.name.endswith(".nii.gz"):
+            nb.save(img, dest)
+        else:
+            assert path.stat().st_size > 0, path  # the skeleton holds the real tables
+            shutil.copyfile(path, dest)
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(fetched))
+    assert find_template("MNI152NLin2009cAsym").name.endswith("_res-01_T2w.nii.gz")
+    assert find_template("MNI152NLin2009cAsym", ("T1w",)).name.endswith("_res-01_T1w.nii.gz")
+    atlas = find_atlas("MASSP20")
+    assert atlas.dseg.parent.parent == fetched and "left-caudate" in atlas.lut.read_text()
 
 
 def test_templates_file_parsing(tmp_path):
     prefetch = _load("prefetch_templates")
     listed = tmp_path / "t.txt"
-    listed.write_text("# comment\nMNI152NLin2009cAsym resolution=1 suffix=T1w  # x\n\n")
+    listed.write_text("# comment\nMNI152NLin2009cAsym resolution=1 suffix=T1w desc=None # x\n\n")
     assert prefetch.read_templates(listed) == [
-        ("MNI152NLin2009cAsym", {"resolution": 1, "suffix": "T1w"})]
-    assert prefetch.read_templates(BOOT / "templates.txt") == []  # qsmprep uses none
+        ("MNI152NLin2009cAsym", {"resolution": 1, "suffix": "T1w", "desc": None})]
     listed.write_text("MNI152NLin2009cAsym resolution\n")
     with pytest.raises(SystemExit, match="t.txt:1: expected key=value"):
         prefetch.read_templates(listed)

@@ -102,6 +102,17 @@ def _output_space(value):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _regions_atlas(value):
+    """``--regions-atlas``, checked for syntax (the files are found later)."""
+    from ..regions.atlases import parse_atlas
+
+    try:
+        parse_atlas(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value.strip()
+
+
 def _pipelines_help():
     """``--pipeline`` help: each named pipeline with its stage methods and description."""
     default = _default_pipeline()
@@ -223,6 +234,13 @@ def build_parser():
                    help="register each run to the embedded QSMChallenge template (ANTs) and "
                    "write deep grey matter statistics (*_desc-regions_stats.tsv) and labels "
                    "(*_desc-regions_dseg.nii.gz) in native space (default: off)")
+    g.add_argument("--regions-atlas", type=_regions_atlas, metavar="ATLAS",
+                   help="atlas of --regions (implies it): QSMChallenge (embedded) or a "
+                   "TemplateFlow atlas already under $TEMPLATEFLOW_HOME, e.g. MASSP20 (in "
+                   "MNI152NLin2009cAsym) or <template>:atlas-<label>[:desc-<label>]"
+                   "[:res-<label>]; its caudate, putamen, pallidum, thalamus, substantia "
+                   "nigra, red nucleus and dentate labels take qsmprep's region names "
+                   "(default: QSMChallenge)")
     g.add_argument("--output-spaces", nargs="+", type=_output_space, metavar="SPACE",
                    help="spaces of the Chimap (fMRIPrep syntax): native and/or templates, "
                    "e.g. QSMChallenge or MNI152NLin2009cAsym:res-1 (TemplateFlow templates "
@@ -287,6 +305,9 @@ def parse_args(argv=None):
 
     if opts.regions is not None:
         config.workflow.regions = opts.regions
+    if opts.regions_atlas is not None:
+        config.workflow.regions_atlas = opts.regions_atlas
+        config.workflow.regions = True
     if opts.output_spaces is not None:
         config.workflow.output_spaces = list(dict.fromkeys(opts.output_spaces))
     if opts.pipeline is not None:

@@ -133,6 +133,36 @@ class ApplyTransform(SimpleInterface):
         return runtime
 
 
+class _PrepareAtlasInputSpec(BaseInterfaceInputSpec):
+    dseg = File(exists=True, mandatory=True, desc="the atlas' label image (template space)")
+    lut = File(exists=True, mandatory=True, desc="its BIDS lookup table (index, name)")
+
+
+class _PrepareAtlasOutputSpec(TraitedSpec):
+    dseg = File(exists=True, desc="labels merged into qsmprep's regions (uint8)")
+    lut = File(exists=True, desc="lookup table: index, name, atlas_labels")
+
+
+class PrepareAtlas(SimpleInterface):
+    """A TemplateFlow atlas with its labels mapped to qsmprep's region names
+    (:func:`qsmprep.regions.atlases.merge_regions`), on the atlas' own grid."""
+
+    input_spec = _PrepareAtlasInputSpec
+    output_spec = _PrepareAtlasOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..regions.atlases import merge_regions, read_lut_rows, remap_labels, \
+            write_merged_lut
+
+        regions, mapping = merge_regions(read_lut_rows(self.inputs.lut))
+        img = nb.load(self.inputs.dseg)
+        labels = remap_labels(np.asanyarray(img.dataobj), mapping)
+        self._results["dseg"] = save_like(labels, img, _out("atlas_dseg.nii.gz", runtime),
+                                          dtype=np.uint8)
+        self._results["lut"] = str(write_merged_lut(_out("atlas_dseg.tsv", runtime), regions))
+        return runtime
+
+
 class _RegionStatsInputSpec(BaseInterfaceInputSpec):
     chi = File(exists=True, mandatory=True, desc="chi map (ppm)")
     labels = File(exists=True, mandatory=True, desc="labels on the chi grid")

@@ -7,6 +7,8 @@
   already under ``$TEMPLATEFLOW_HOME`` (the container prefetches them at build
   time). They are looked up on disk with ``glob``; the ``templateflow``
   client, which fetches missing files from the internet, is never called.
+* TemplateFlow atlases of the regions (``--regions-atlas MASSP20``) are found
+  the same way, by :mod:`qsmprep.regions.atlases`.
 
 Output-space specifications follow fMRIPrep (``--output-spaces``):
 ``native``, ``<template>`` or ``<template>:res-<label>`` (``res-native`` or a
@@ -77,6 +79,17 @@ def embedded_atlas():
     return {"template": root / TEMPLATE, "dseg": root / DSEG, "lut": root / LUT}
 
 
+def is_image_file(path):
+    """Whether ``path`` holds an image rather than an unfetched placeholder (an empty
+    file, a git-annex/DataLad pointer or a broken link): gzip data for ``.gz``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(348)
+    except OSError:
+        return False
+    return head[:2] == b"\x1f\x8b" if str(path).endswith(".gz") else len(head) == 348
+
+
 def templateflow_home():
     """``$TEMPLATEFLOW_HOME``, else TemplateFlow's default ``~/.cache/templateflow``."""
     return Path(os.environ.get("TEMPLATEFLOW_HOME")
@@ -105,7 +118,7 @@ def find_template(space, suffixes=TEMPLATEFLOW_SUFFIXES):
             if res not in (None, "native") and f"res-{int(res):02d}" not in parts \
                     and f"res-{res}" not in parts:
                 continue
-            if path.stat().st_size < 1024:  # a git-annex/DataLad pointer, not the image
+            if not is_image_file(path):  # a git-annex/DataLad pointer, not the image
                 continue
             candidates.append(path)
         if candidates:

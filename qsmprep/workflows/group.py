@@ -162,8 +162,9 @@ def write_group_outputs(output_dir, *, nprocs=None):
 
     regions_tsv = atomic_write(group / "qsmprep_regions.tsv", write_rows)
     write_text(group / "qsmprep_regions.json", json.dumps({
-        "region": {"Description": "deep grey matter region of the run's "
-                   "*_desc-regions_dseg (QSMChallenge atlas)"},
+        "region": {"Description": "region of the run's *_desc-regions_dseg (the "
+                   "--regions-atlas, QSMChallenge by default: the runs' "
+                   "desc-regions_stats.json Atlas, Regions.Atlas in qsmprep_processing.json)"},
         **{c: {"Description": f"{c[:-4].replace('p5', '5th percentile').replace('p95', '95th percentile')}"
                " of chi in the region", "Units": "ppm"} for c in REGION_COLUMNS[8:13]},
         "voxels": {"Description": "voxels of the region inside the run's brain mask"},

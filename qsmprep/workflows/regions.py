@@ -13,8 +13,12 @@
                                  ds_regions_dseg  (*_desc-regions_dseg.nii.gz + .tsv)
 
 The regions come from the embedded QSMChallenge atlas (seven deep grey
-matter nuclei); their statistics are of the Chimap as written, i.e. relative
-to the referencing stage's reference region, which the sidecar states.
+matter nuclei) or, with ``--regions-atlas``, from a TemplateFlow atlas on
+disk whose labels are first mapped to qsmprep's region names
+(``prepare_atlas``; :mod:`qsmprep.regions.atlases`), registered to the
+atlas' own template. The statistics are of the Chimap as written, i.e.
+relative to the referencing stage's reference region, which the sidecar
+states.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..interfaces.bids import DerivativesDataSink
-from ..interfaces.regions import ApplyTransform, RegionsReportlet, RegionStats, \
-    RegisterToTemplate, RegistrationReference
+from ..interfaces.regions import ApplyTransform, PrepareAtlas, RegionsReportlet, \
+    RegionStats, RegisterToTemplate, RegistrationReference
+from ..regions.atlases import find_atlas, merge_regions, read_lut_rows
+from ..regions.make_atlas import DEEP_GM
 from ..regions.templates import (
     DEFAULT_TEMPLATE,
     TEMPLATEFLOW_SUFFIXES,
-    embedded_atlas,
     find_template,
     parse_space,
 )
@@ -45,6 +50,15 @@ REFERENCE_REGIONS = {
 def template_spaces(config):
     """The template :class:`~qsmprep.regions.templates.Space` entries of ``--output-spaces``."""
     return [s for s in map(parse_space, config.workflow.output_spaces) if not s.is_native]
+
+
+#: citation keys (qsmprep/data/boilerplate.bib) of the templates and atlases qsmprep knows
+CITATIONS = {"MNI152NLin2009cAsym": "fonov2011mni", "MASSP20": "bazin2020massp"}
+
+
+def regions_atlas(config):
+    """The :class:`~qsmprep.regions.atlases.Atlas` of ``--regions-atlas``, found on disk."""
+    return find_atlas(getattr(config.workflow, "regions_atlas", DEFAULT_TEMPLATE))
 
 
 def needs_registration(config):
@@ -92,6 +106,43 @@ def check_templates(config):
             find_template(space)
     except (TemplateNotFoundError, ValueError) as err:
         raise QSMPrepInputError(f"--output-spaces cannot be used as given: {err}") from None
+    if config.workflow.regions:
+        try:
+            atlas = regions_atlas(config)
+            find_template(parse_space(atlas.space))
+        except (FileNotFoundError, ValueError) as err:
+            raise QSMPrepInputError(f"--regions-atlas cannot be used as given: {err}") from None
+
+
+def _cite(name):
+    return f" [@{CITATIONS[name]}]" if name in CITATIONS else ""
+
+
+def _atlas_methods(atlas):
+    """The methods sentence naming the regions and where they come from."""
+    if atlas.embedded:
+        return ("Seven deep grey matter regions (caudate, globus pallidus, putamen, red nucleus, "
+                "dentate nucleus, substantia nigra with the subthalamic nucleus, thalamus) of the "
+                "QSMChallenge atlas, built from the QSM Challenge 2.0 head model "
+                "[@marques2021challenge],")
+    regions = merge_regions(read_lut_rows(atlas.lut))[0]
+    ours = [name.replace("_", " ") for index, name, _ in regions if index in DEEP_GM]
+    others = len(regions) - len(ours)
+    return (f"The {len(regions)} regions of the {atlas.name} atlas{_cite(atlas.name)} in the "
+            f"{atlas.space} template{_cite(atlas.space)}, from TemplateFlow "
+            "[@ciric2022templateflow]"
+            + (f" (its labels of the {', '.join(ours)} mapped to one region each, hemispheres "
+               "and subdivisions merged" + (f"; {others} other labels kept as named by the "
+                                            "atlas)" if others else ")") if ours else "") + ",")
+
+
+def _atlas_sidecar(atlas):
+    if atlas.embedded:
+        return (f"{DEFAULT_TEMPLATE} deep grey matter labels (qsmprep/data/atlas; "
+                "QSM Challenge 2.0 head model, MIT)")
+    return (f"{atlas.name} in {atlas.space} (TemplateFlow, {atlas.dseg.name}); its labels "
+            "mapped to qsmprep's region names, the others kept as named (see the "
+            "atlas_labels column of the desc-regions_dseg.tsv)")
 
 
 def init_regions_wf(config, run, *, referencing, name="regions_wf"):
@@ -105,9 +156,9 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
     omp = config.nipype.resolved()[1]
     preset = config.workflow.registration
     spaces = template_spaces(config)
-    targets = ([DEFAULT_TEMPLATE] if config.workflow.regions else []) + \
-        [s.name for s in spaces if s.name != DEFAULT_TEMPLATE or not config.workflow.regions]
-    targets = list(dict.fromkeys(targets))
+    atlas = regions_atlas(config) if config.workflow.regions else None
+    # one registration per template: the atlas' and those of the output spaces
+    targets = list(dict.fromkeys(([atlas.space] if atlas else []) + [s.name for s in spaces]))
 
     t1w = (find_t1w(config.execution.bids_dir, run.subject, run.entity_dict.get("session"))
            if config.workflow.t1w_intermediate and config.execution.bids_dir else None)
@@ -122,15 +173,12 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
         + (" For the TemplateFlow templates, the registration went through the subject's "
            "T1-weighted image (GRE to T1w rigid, T1w to template as above), composed into "
            "one transform." if t1w is not None and set(targets) - {DEFAULT_TEMPLATE} else "")
-        + (" Seven deep grey matter regions (caudate, globus pallidus, putamen, red nucleus, "
-           "dentate nucleus, substantia nigra with the subthalamic nucleus, thalamus) of the "
-           "QSMChallenge atlas, built from the QSM Challenge 2.0 head model "
-           "[@marques2021challenge], were brought onto each run's grid through the inverse "
+        + (f" {_atlas_methods(atlas)} were brought onto each run's grid through the inverse "
            "transform (majority-vote label interpolation) and restricted to the brain mask; "
            "the voxel count, mean, median, standard deviation and 5th/95th percentiles of "
            "the susceptibility map were computed in each region, relative to the reference "
            f"region of the referencing step ({reference_region(referencing)})."
-           if config.workflow.regions else "")
+           if atlas else "")
         + (f" The susceptibility map was resampled to {spaces_text} with a Lanczos windowed "
            "sinc kernel." if spaces else "") + "\n")
 
@@ -162,20 +210,28 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
                       compress=False, **{"from": src, "to": dst})
             wf.connect(reg, field, ds, "in_file")
 
-    if config.workflow.regions:
-        atlas = embedded_atlas()
-        labels = pe.Node(ApplyTransform(in_file=str(atlas["dseg"]), interpolation="label",
-                                        dtype="uint8", num_threads=omp),
+    if atlas:
+        labels = pe.Node(ApplyTransform(interpolation="label", dtype="uint8", num_threads=omp),
                          name="labels_to_native")
-        stats = pe.Node(RegionStats(lut=str(atlas["lut"])), name="region_stats")
+        stats = pe.Node(RegionStats(), name="region_stats")
+        ds_lut = sink("ds_regions_lut", desc="regions", suffix="dseg", extension=".tsv")
+        if atlas.embedded:
+            labels.inputs.in_file = str(atlas.dseg)
+            stats.inputs.lut = ds_lut.inputs.in_file = str(atlas.lut)
+            wf.add_nodes([ds_lut])
+        else:  # the atlas' labels mapped to qsmprep's region names, on its own grid
+            prepare = pe.Node(PrepareAtlas(dseg=str(atlas.dseg), lut=str(atlas.lut)),
+                              name="prepare_atlas")
+            wf.connect([(prepare, labels, [("dseg", "in_file")]),
+                        (prepare, stats, [("lut", "lut")]),
+                        (prepare, ds_lut, [("lut", "in_file")])])
         wf.connect([
             (gre_ref, labels, [("reference", "reference")]),
-            (registered[DEFAULT_TEMPLATE], labels, [("inverse_xfm", "transform")]),
+            (registered[atlas.space], labels, [("inverse_xfm", "transform")]),
             (labels, stats, [("out_file", "labels")]),
             (inputnode, stats, [("chi", "chi"), ("mask", "mask")]),
         ])  # fmt: skip
-        common = {"Atlas": f"{DEFAULT_TEMPLATE} deep grey matter labels (qsmprep/data/atlas; "
-                  "QSM Challenge 2.0 head model, MIT)",
+        common = {"Atlas": _atlas_sidecar(atlas),
                   "Registration": f"ANTs rigid + affine + SyN, preset '{preset}'"}
         ds_stats = sink("ds_regions_stats", desc="regions", suffix="stats", extension=".tsv",
                         meta_dict={**common, "ReferenceRegion": reference_region(referencing),
@@ -184,11 +240,8 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
                                    "mean_ppm, median_ppm, std_ppm (ddof 0), p5_ppm, p95_ppm"})
         ds_dseg = sink("ds_regions_dseg", desc="regions", suffix="dseg", compress=True,
                        meta_dict={**common, "Resampling": "ANTs GenericLabel (majority vote) "
-                                  "through from-QSMChallenge_to-GRE, restricted to "
+                                  f"through from-{atlas.space}_to-GRE, restricted to "
                                   "desc-brain_mask"})
-        ds_lut = sink("ds_regions_lut", desc="regions", suffix="dseg", extension=".tsv")
-        ds_lut.inputs.in_file = str(atlas["lut"])
-        wf.add_nodes([ds_lut])
         wf.connect([(stats, ds_stats, [("stats", "in_file")]),
                     (stats, ds_dseg, [("labels", "in_file")])])
 
@@ -198,8 +251,8 @@ def init_regions_wf(config, run, *, referencing, name="regions_wf"):
         draw_reg = pe.Node(RegionsReportlet(kind="registration"), name="report_registration")
         draw_regions = pe.Node(RegionsReportlet(kind="regions"), name="report_regions")
         wf.connect([
-            (registered[DEFAULT_TEMPLATE], warped, [("template_grid", "in_file"),
-                                                    ("inverse_xfm", "transform")]),
+            (registered[atlas.space], warped, [("template_grid", "in_file"),
+                                               ("inverse_xfm", "transform")]),
             (gre_ref, warped, [("reference", "reference")]),
             (gre_ref, draw_reg, [("reference", "in_file")]),
             (warped, draw_reg, [("out_file", "overlay")]),
