@@ -78,7 +78,7 @@ print(json.dumps({"names": names, "choices": choices, "out": out, "heavy": heavy
                           env=env, check=True)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["heavy"] == []
-    shipped = {"tkd", "tv", "tikhonov", "lsqr", "ilsqr", "rts", "medi", *LEARNED_METHODS}
+    shipped = {"tkd", "tv", "tikhonov", "lsqr", "ilsqr", "rts", "medi", "tfi", *LEARNED_METHODS}
     assert set(got["names"]) == shipped and got["choices"] == got["names"]
     assert all(name in got["out"]["--help"] for name in shipped)
     assert got["out"]["--version"].strip().endswith(qsmprep.__version__)
