@@ -64,13 +64,19 @@ RUN --mount=type=secret,id=pip_cert \
 # the templates of bids_app_bootstrap/templates.txt into /opt/templateflow, then found
 # there the way qsmprep looks for them at run time (on disk only): the MNI152NLin2009cAsym
 # images and the MASSP20 atlas of --regions-atlas.
+# PREFETCH_TEMPLATES=0 (make test-container on a machine that cannot reach TemplateFlow)
+# keeps only the skeleton: such an image has the embedded QSMChallenge atlas, no
+# MNI152NLin2009cAsym space and no MASSP20.
+ARG PREFETCH_TEMPLATES=1
 ENV TEMPLATEFLOW_HOME=/opt/templateflow
 COPY bids_app_bootstrap/ /opt/qsmprep-bootstrap/
 RUN python /opt/qsmprep-bootstrap/verify_weights.py \
- && python /opt/qsmprep-bootstrap/prefetch_templates.py \
- && python -c "from qsmprep.regions.templates import find_template as t; \
+ && if [ "$PREFETCH_TEMPLATES" = 1 ]; then \
+      python /opt/qsmprep-bootstrap/prefetch_templates.py \
+      && python -c "from qsmprep.regions.templates import find_template as t; \
 from qsmprep.regions.atlases import find_atlas as a; \
-print(t('MNI152NLin2009cAsym'), t('MNI152NLin2009cAsym', ('T1w',)), a('MASSP20'))"
+print(t('MNI152NLin2009cAsym'), t('MNI152NLin2009cAsym', ('T1w',)), a('MASSP20'))"; \
+    else python /opt/qsmprep-bootstrap/prefetch_templates.py /dev/null; fi
 
 # ---------------------------------------------------------------------------------------
 # test: the builder plus the test dependencies and the test suite (CI runs

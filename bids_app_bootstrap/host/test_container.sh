@@ -65,6 +65,17 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
         | grep -E '^[A-Za-z0-9_.-]+==' | grep -viE '^(torch|qsmprep)==' \
         >.docker-wheels/constraints.txt || true
     log "pinned $(wc -l <.docker-wheels/constraints.txt) versions of the host venv"
+    # TemplateFlow's server unreachable (an offline build machine): the skeleton only
+    # (any HTTP answer, even an error status, means the server is reachable)
+    if ! "$BIN/python" -c '
+import urllib.error, urllib.request
+try:
+    urllib.request.urlopen("https://templateflow.s3.amazonaws.com", timeout=8)
+except urllib.error.HTTPError:
+    pass' 2>/dev/null; then
+        build_args+=(--build-arg "PREFETCH_TEMPLATES=0")
+        log "TemplateFlow unreachable: building without the templates of templates.txt"
+    fi
     cert=$(pip_setting cert)
     if [ -n "$cert" ] && [ -f "$cert" ]; then
         build_args+=(--secret "id=pip_cert,src=$cert")
