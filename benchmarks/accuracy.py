@@ -154,15 +154,26 @@ def build_case(name, description, builder, voxel_size_mm, field_strength_t, echo
                 brain(acq.local_field_ppm), acq.magnitude[box], acq.phase[box])
 
 
-def call(stage, name, *args, **extra):
-    """Run a registered method; ``extra`` keywords are passed only to methods
-    whose function accepts them (e.g. a voxel size for Laplacian unwrapping)."""
+def call_full(stage, name, *args, **extra):
+    """Run a registered method and return all it returns; ``extra`` keywords
+    are passed only to methods whose function accepts them (e.g. a voxel size
+    for Laplacian unwrapping)."""
     from qsmprep.qsm import registry
 
     params = inspect.signature(registry.get(stage, name).func).parameters
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in extra.items() if accepts_any or k in params}
     return registry.run(stage, name, *args, **kwargs)
+
+
+def call(stage, name, *args, **extra):
+    """:func:`call_full`, but an inversion gives χ only (one that also gives a
+    local field, total field inversion, returns it second)."""
+    from qsmprep.qsm import registry
+
+    out = call_full(stage, name, *args, **extra)
+    provides = registry.get(stage, name).provides
+    return out[0] if stage == "inversion" and "local_field" in provides else out
 
 
 PIPELINE_STAGES = ("unwrapping", "echo_combination", "masking", "bf_removal", "inversion",
@@ -299,10 +310,10 @@ def joint(case, bfr, inversion):
 
 def local_field_methods():
     """Background-removal methods that give a local field to score: all but
-    ``none``, which passes the total field on to ``--inversion tfi``."""
+    those that pass the total field on (``none``, for ``--inversion tfi``)."""
     from qsmprep.qsm import registry
 
-    return [n for n in registry.names("bf_removal") if n != "none"]
+    return [n for n in registry.names("bf_removal") if not registry.passes_total_field(n)]
 
 
 def run_case(case, stages, quick=False, keep=lambda name: True):

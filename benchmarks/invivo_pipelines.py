@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, fmt, hardware, hardware_note, markdown_table, publish  # noqa: E402
-from accuracy import call  # noqa: E402
+from accuracy import call, call_full  # noqa: E402
 from invivo_echo import FIELD_STRENGTH_T, high_pass_rms  # noqa: E402
 from invivo_echo import front_end as echo_front_end  # noqa: E402
 
@@ -76,8 +76,10 @@ def front_end(data_dir):
 def run_pipeline(methods, total, noise, mask, magnitude, vox):
     local, m = call("bf_removal", methods["bf_removal"], total, mask, vox, b0_dir=B0_DIR,
                     noise_std_ppm=noise)
-    chi = call("inversion", methods["inversion"], local, m, vox, b0_dir=B0_DIR,
-               noise_std_ppm=noise, magnitude=magnitude)
+    chi = call_full("inversion", methods["inversion"], local, m, vox, b0_dir=B0_DIR,
+                    noise_std_ppm=noise, magnitude=magnitude)
+    if isinstance(chi, tuple):  # total field inversion: its own local field
+        chi, local = chi
     chi = call("referencing", "mean", chi, m)
     return local, chi, np.asarray(m, bool)
 

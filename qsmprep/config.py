@@ -33,41 +33,47 @@ else:  # pragma: no cover
 from .__about__ import __version__
 
 #: Default method of each stage (names in :mod:`qsmprep.qsm.registry`).
-#: Background removal and inversion are NeXtQSM's (the named pipeline
-#: ``nextqsm``): it beat the classical chain (PDF + iLSQR, ``--pipeline
-#: classical``) on the simulated benchmark; the reasons and numbers are in
-#: docs/methods.md ("Default pipeline"), the history in CHANGELOG.md.
+#: Background removal and inversion are total field inversion's (the named
+#: pipeline ``tfi``): on the independent benchmark (heads our simulator never
+#: made, docs/benchmarks.md) it had the lowest whole-pipeline NRMSE on every
+#: head, below NeXtQSM (the default before it) and V-SHARP + TV; the reasons and
+#: numbers are in docs/methods.md ("Default pipeline"), the history in CHANGELOG.md.
 DEFAULT_METHODS = {
     "unwrapping": "romeo",
     "echo_combination": "romeo",
     "masking": "bet",
-    "bf_removal": "nextqsm",
-    "inversion": "nextqsm",
+    "bf_removal": "none",
+    "inversion": "tfi",
     "referencing": "mean",
 }
 
 #: Named pipelines (``--pipeline``): stage -> method for the stages a preset
 #: sets; the other stages keep :data:`DEFAULT_METHODS`.
 PIPELINES = {
-    "nextqsm": {s: DEFAULT_METHODS[s] for s in ("bf_removal", "inversion")},
+    "tfi": {s: DEFAULT_METHODS[s] for s in ("bf_removal", "inversion")},
+    "nextqsm": {"bf_removal": "nextqsm", "inversion": "nextqsm"},
     "classical": {"bf_removal": "pdf", "inversion": "ilsqr"},
     # V-SHARP, not the default PDF: IR2QSM has no noise weights, and after the
     # N_std-weighted PDF the unweighted inversions amplify the noisy rim
     # (whole pipeline 114-123 % NRMSE, docs/methods.md)
     "ir2qsm": {"bf_removal": "vsharp", "inversion": "ir2qsm"},
-    "tfi": {"bf_removal": "none", "inversion": "tfi"},
 }
+
+#: Background removal of a run whose inversion needs a local field while the
+#: background removal was left at a default that passes the total field on
+#: (``--inversion tv`` alone): the classical chain's.
+LOCAL_FIELD_BF_REMOVAL = PIPELINES["classical"]["bf_removal"]
 
 #: One line per named pipeline, for ``--help`` and the documentation (no dates:
 #: the history of the defaults is in CHANGELOG.md).
 PIPELINE_DESCRIPTIONS = {
+    "tfi": "total field inversion: no separate background removal, background sources "
+           "fitted with the brain's susceptibility (MEDI prior, edge field not trusted); no trained weights",
     "nextqsm": "NeXtQSM's learned background removal + variational-network inversion, "
                "trained on simulated adult human heads",
     "classical": "N_std-weighted PDF background removal + iLSQR inversion; no trained "
                  "weights: the choice for phantoms, animals and other organs",
     "ir2qsm": "V-SHARP background removal + IR2QSM learned inversion",
-    "tfi": "total field inversion: no separate background removal, background sources "
-           "fitted with the brain's susceptibility (MEDI prior, edge field not trusted)",
 }
 
 

@@ -116,10 +116,11 @@ def test_b0_direction_from_the_scanner_qform_when_a_rotated_sform_disagrees(tmp_
 
 
 @pytest.mark.parametrize("voxel_mm, pipeline, warned", [
-    ((0.5, 0.5, 1.0), None, True),  # the default (NeXtQSM) on sub-0.8 mm voxels
+    ((0.5, 0.5, 1.0), "nextqsm", True),  # NeXtQSM on sub-0.8 mm voxels
     ((1.0, 1.0, 3.0), "ir2qsm", True),  # a learned inversion on thick slices
     ((0.5, 0.5, 1.0), "classical", False),  # no learned method: nothing to warn about
-    ((1.0, 1.0, 1.5), None, False),  # inside the trained/validated sizes
+    ((0.5, 0.5, 1.0), None, False),  # nor with the default (total field inversion)
+    ((1.0, 1.0, 1.5), "nextqsm", False),  # inside the trained/validated sizes
 ])
 def test_learned_methods_warn_on_voxels_they_were_not_trained_for(tmp_path, caplog, voxel_mm,
                                                                   pipeline, warned):

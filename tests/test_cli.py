@@ -8,7 +8,9 @@ import pytest
 
 from qsmprep.cli.parser import build_parser, parse_args
 from qsmprep.cli.run import main
-from qsmprep.config import DEFAULT_METHODS, PIPELINE_DESCRIPTIONS, PIPELINES, Config
+from qsmprep.config import (
+    DEFAULT_METHODS, LOCAL_FIELD_BF_REMOVAL, PIPELINE_DESCRIPTIONS, PIPELINES, Config,
+)
 from qsmprep.qsm import registry
 
 
@@ -45,13 +47,14 @@ def test_method_choices_come_from_the_registry(tmp_path):
         parse_args(_args(tmp_path, "--inversion", "no-such-method"))
 
 
-def test_pipelines_name_registered_methods_and_nextqsm_is_the_default():
+def test_pipelines_name_registered_methods_and_tfi_is_the_default():
     assert set(PIPELINE_DESCRIPTIONS) == set(PIPELINES)
     for methods in PIPELINES.values():
         assert all(method in registry.names(stage) for stage, method in methods.items())
+    assert PIPELINES["tfi"] == {"bf_removal": "none", "inversion": "tfi"}
+    assert all(DEFAULT_METHODS[s] == m for s, m in PIPELINES["tfi"].items())
+    # the former default and the classical chain stay one flag away
     assert PIPELINES["nextqsm"] == {"bf_removal": "nextqsm", "inversion": "nextqsm"}
-    assert all(DEFAULT_METHODS[s] == m for s, m in PIPELINES["nextqsm"].items())
-    # the classical chain stays one flag away
     assert PIPELINES["classical"] == {"bf_removal": "pdf", "inversion": "ilsqr"}
 
 
@@ -63,6 +66,19 @@ def test_pipeline_sets_its_stages_and_keeps_the_other_defaults(tmp_path):
     wf = parse_args(_args(tmp_path, "--pipeline", "ir2qsm")).workflow
     assert (wf.bf_removal, wf.inversion) == ("vsharp", "ir2qsm")
     assert parse_args(_args(tmp_path)).workflow.pipeline == ""
+
+
+def test_an_inversion_that_needs_a_local_field_gets_one_by_default(tmp_path):
+    # the default passes the total field on (for TFI): --inversion tv alone means PDF + TV
+    wf = parse_args(_args(tmp_path, "--inversion", "tv")).workflow
+    assert (wf.bf_removal, wf.inversion) == (LOCAL_FIELD_BF_REMOVAL, "tv") == ("pdf", "tv")
+    wf = parse_args(_args(tmp_path, "--pipeline", "tfi", "--inversion", "tkd")).workflow
+    assert (wf.bf_removal, wf.inversion) == ("pdf", "tkd")
+    # a background removal given on the command line is kept (check_methods refuses it later)
+    wf = parse_args(_args(tmp_path, "--bf-removal", "none", "--inversion", "tv")).workflow
+    assert (wf.bf_removal, wf.inversion) == ("none", "tv")
+    wf = parse_args(_args(tmp_path, "--bf-removal", "vsharp")).workflow
+    assert (wf.bf_removal, wf.inversion) == ("vsharp", "tfi")
 
 
 def test_stage_option_overrides_the_pipeline(tmp_path):
@@ -85,7 +101,8 @@ def test_help_lists_the_pipelines(capsys, monkeypatch):
     assert "--pipeline {" + ",".join(PIPELINES) + "}" in out
     for name, description in PIPELINE_DESCRIPTIONS.items():
         assert f"{name} (" in out and description in out
-    assert "nextqsm (--bf-removal nextqsm, --inversion nextqsm) = the stage defaults" in out
+    assert "tfi (--bf-removal none, --inversion tfi) = the stage defaults" in out
+    assert "nextqsm (--bf-removal nextqsm, --inversion nextqsm):" in out
 
 
 def test_pipeline_in_config_file_and_its_precedence(tmp_path):

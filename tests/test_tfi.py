@@ -42,13 +42,17 @@ def test_tfi_on_the_total_field_beats_the_two_step_chain(head):
     # converged, the joint fit separates the background (air spheres; twice the brain's
     # own field in the brain) from the brain's chi nearly as well as knowing the local
     # field, and much better than PDF then MEDI (PDF's sources absorb the brain's edge)
-    converged = err(tfi(total, brain, VOX, b0_dir=b0, edge_mm=0.0, max_outer=10,
-                        cg_iter=100, tol=1e-3))
+    converged_chi, tfi_local = tfi(total, brain, VOX, b0_dir=b0, edge_mm=0.0, max_outer=10,
+                                   cg_iter=100, tol=1e-3)
+    converged = err(converged_chi)
     assert converged < 1.6 * known_local and converged < two_step - 10, (
         converged, known_local, two_step)
+    # its local field (the total field less the fitted background's) beats PDF's
+    local_err = [metrics.nrmse(x, local, brain) for x in (tfi_local, pdf_local)]
+    assert local_err[0] < 0.5 * local_err[1] and local_err[0] < 25, local_err
     # the default, early-stopped solve is less converged and still beats the two steps;
     # without the fit of outside sources the background turns into chi
-    default = err(tfi(total, brain, VOX, b0_dir=b0, edge_mm=0.0))
+    default = err(tfi(total, brain, VOX, b0_dir=b0, edge_mm=0.0)[0])
     naive = err(tkd(np.where(brain, total, 0), brain, VOX, b0_dir=b0))
     assert default < two_step and default < 0.1 * naive, (default, two_step, naive)
 
@@ -56,10 +60,11 @@ def test_tfi_on_the_total_field_beats_the_two_step_chain(head):
 def test_tfi_puts_no_chi_in_the_brain_for_a_background_only_field(head):
     chi, brain, _, _, b0 = head
     bg = background(b0, chi.shape)
-    got = tfi(bg, brain, VOX, b0_dir=b0, edge_mm=0.0, max_outer=3)
+    got, local = tfi(bg, brain, VOX, b0_dir=b0, edge_mm=0.0, max_outer=3)
     # a field from sources outside the mask: (almost) nothing inside, against the
     # 0.05-0.3 ppm of the phantom's structures
     assert np.percentile(np.abs(got[brain]), 99) < 0.01
+    assert np.percentile(np.abs(local[brain]), 99) < 0.01  # and no local field
 
 
 def test_edge_field_gets_no_weight_but_its_chi_is_estimated(head):
@@ -71,8 +76,8 @@ def test_edge_field_gets_no_weight_but_its_chi_is_estimated(head):
     # the rim's field is garbage (a random ±0.5 ppm), as the truncated phase of a rim
     # mixing cortex, CSF and skull can be
     corrupted[rim] += np.random.default_rng(0).uniform(-0.5, 0.5, rim.sum())
-    trusting = tfi(corrupted, brain, VOX, b0_dir=b0, edge_mm=0.0, max_outer=5)
-    sceptical = tfi(corrupted, brain, VOX, b0_dir=b0, edge_mm=2.0, max_outer=5)
+    trusting = tfi(corrupted, brain, VOX, b0_dir=b0, edge_mm=0.0, max_outer=5)[0]
+    sceptical = tfi(corrupted, brain, VOX, b0_dir=b0, edge_mm=2.0, max_outer=5)[0]
     errs = [metrics.nrmse(x - x[brain].mean(), chi - chi[brain].mean(), brain)
             for x in (trusting, sceptical)]
     assert errs[1] < 0.5 * errs[0], errs

@@ -235,10 +235,20 @@ def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
     assert ("noise_std", "noise_std") in edges[("echo_combine", "total_field")]
     assert ("noise_std", "noise_std") in edges[("total_field", "bf_removal")]
     assert ("noise_std", "noise_std") in edges[("total_field", "inversion")]
+    # the default TFI fits the background itself: the local field written and shown is
+    # its own, not the total field the background stage passed on
+    for sink in ("ds_qsm_wf", "qsm_reports_wf", "outputnode"):
+        local = [(u, c) for (u, v), cs in edges.items() if v == sink for c in cs
+                 if c[1].endswith("local_field")]
+        assert local == [("inversion", ("local_field", local[0][1][1]))], (sink, local)
     desc = wf.visit_desc()
     assert "magnitude- and echo-time-weighted average" in desc and "N_std" in desc
-    # the default NeXtQSM takes no N_std: its methods text must not claim a weighting
-    assert "weighted the data term" not in desc
+    assert "weighted the data term" in desc  # the default TFI takes N_std
+    # NeXtQSM takes no N_std: its methods text must not claim a weighting
+    learned = init_qsmprep_wf(_config(tmp_path, synthetic_bids, bf_removal="nextqsm",
+                                      inversion="nextqsm"),
+                              collect_data(synthetic_bids, validate=False))
+    assert "weighted the data term" not in learned.visit_desc()
     classical = init_qsmprep_wf(_config(tmp_path, synthetic_bids, bf_removal="pdf",
                                         inversion="ilsqr"),
                                 collect_data(synthetic_bids, validate=False))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..qsm import registry
 from . import QSMPrepInputError
 from .metadata import check_run
 from .runs import _NIFTI, GRE_SUFFIXES, RUN_ENTITIES, _make_run
@@ -201,12 +202,15 @@ def check_methods(data, workflow):
     voxels they were not trained for get a warning from
     :func:`qsmprep.dl.policy.check_learned_voxel_sizes`.)
     """
-    if workflow.bf_removal == "none" and workflow.inversion != "tfi":
+    if (registry.passes_total_field(workflow.bf_removal)
+            and not registry.fits_background(workflow.inversion)):
+        fitters = [n for n in registry.names("inversion") if registry.fits_background(n)]
         raise QSMPrepInputError(
-            f"--bf-removal none passes the total field, background included, to the "
-            f"inversion, and --inversion {workflow.inversion} would turn the background into "
-            "susceptibility; only --inversion tfi fits the background sources itself: use "
-            "--pipeline tfi, or a background-removal method"
+            f"--bf-removal {workflow.bf_removal} passes the total field, background included, "
+            f"to the inversion, and --inversion {workflow.inversion} would turn the background "
+            "into susceptibility; only --inversion " + " or ".join(fitters) + " fits the "
+            "background sources itself: choose one of those, or a background-removal method "
+            "(e.g. --bf-removal pdf)"
         )
     for runs in data.values():
         for run in runs:

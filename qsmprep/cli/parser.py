@@ -9,6 +9,7 @@ from pathlib import Path
 from ..__about__ import __version__
 from ..config import (
     DEFAULT_METHODS,
+    LOCAL_FIELD_BF_REMOVAL,
     PHASE_SIGNS,
     PIPELINE_DESCRIPTIONS,
     PIPELINES,
@@ -224,8 +225,12 @@ def build_parser():
                    "around the head and negates it (with a warning) only when clearly "
                    f"inverted; 1 keeps it, -1 negates it (default: {wf.phase_sign})")
     for stage in sorted(STAGES, key=_processing_rank):
+        default = DEFAULT_METHODS[stage]
+        if stage == "bf_removal" and registry.passes_total_field(default):
+            default += (f" with an inversion that fits the background ({DEFAULT_METHODS['inversion']}), "
+                        f"{LOCAL_FIELD_BF_REMOVAL} with any other")
         g.add_argument(_flag(stage), dest=stage, choices=registry.names(stage),
-                       help=f"{_STAGE_TITLES[stage]} method (default: {DEFAULT_METHODS[stage]})")
+                       help=f"{_STAGE_TITLES[stage]} method (default: {default})")
     g.add_argument("--mask", type=_existing_file, metavar="FILE",
                    help="a brain mask (NIfTI, on the GRE grid) used instead of the masking "
                    "method, for every run processed (meant for a single run)")
@@ -318,6 +323,8 @@ def parse_args(argv=None):
     apply_dmqsm_options(opts, config)
 
     _check_methods(config.workflow, opts.config_file)
+    if opts.bf_removal is None:
+        _local_field_for(config.workflow)
     ny = config.nipype
     for name, dest in (("nprocs", "nprocs"), ("omp_nthreads", "omp_nthreads"),
                        ("mem_gb", "mem_gb")):
@@ -326,6 +333,19 @@ def parse_args(argv=None):
     if opts.use_plugin is not None:
         ny.plugin, ny.plugin_args = _read_plugin(opts.use_plugin)
     return config
+
+
+def _local_field_for(workflow):
+    """When the inversion needs a local field but the background removal (not
+    given on the command line) passes the total field on, use
+    :data:`~qsmprep.config.LOCAL_FIELD_BF_REMOVAL`: ``--inversion tv`` alone
+    means PDF + TV, not an error. ``--bf-removal none --inversion tv`` stays one
+    (:func:`qsmprep.bids.discover.check_methods`)."""
+    from ..qsm import registry
+
+    if (registry.passes_total_field(workflow.bf_removal)
+            and not registry.fits_background(workflow.inversion)):
+        workflow.bf_removal = LOCAL_FIELD_BF_REMOVAL
 
 
 def _read_config(path):

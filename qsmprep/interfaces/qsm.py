@@ -24,6 +24,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..qsm import registry
 from ..execution import DL_BYTES_PER_VOXEL, Execution, Lazy, max_voxels_for  # noqa: F401
 from ..utils.images import load_echoes, save_like
 
@@ -420,22 +421,31 @@ class _ChiOutputSpec(TraitedSpec):
     chi = File(exists=True, desc="susceptibility, ppm")
 
 
+class _InversionOutputSpec(_ChiOutputSpec):
+    local_field = File(desc="local field (ppm), when the method gives one (total field "
+                       "inversion: the field less its fitted background sources)")
+
+
 class Inversion(SimpleInterface):
     """Dipole inversion with registry stage ``inversion``."""
 
     input_spec = _InversionInputSpec
-    output_spec = _ChiOutputSpec
+    output_spec = _InversionOutputSpec
 
     def _run_interface(self, runtime):
         local, ref = _load(self.inputs.local_field)
         mask, _ = _load(self.inputs.mask, bool)
-        chi = _execution(self.inputs).run(
+        out = _execution(self.inputs).run(
             "inversion", self.inputs.method, local, mask, _voxel_size(ref),
             b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
             context={"magnitude": _lazy_file(self.inputs.magnitude, _rss),
                      "noise_std_ppm": _lazy_file(self.inputs.noise_std)},
         )
-        self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii.gz", runtime))
+        if "local_field" in registry.get("inversion", self.inputs.method).provides:
+            out, local = out
+            self._results["local_field"] = save_like(
+                local, ref, _out("local_field_ppm.nii.gz", runtime))
+        self._results["chi"] = save_like(out, ref, _out("chi_ppm.nii.gz", runtime))
         return runtime
 
 

@@ -17,17 +17,7 @@ import torch
 from . import torch_ops as T
 from .fft import fftn, ifftn
 from .kernels import smv_kernel
-from .mask import MaskBox, erode
-
-
-def _check(field, mask):
-    field = np.asarray(field, dtype=np.float32)
-    if field.ndim != 3 or field.shape != np.shape(mask):
-        raise ValueError(
-            f"Expected a 3-D total field and a mask of the same shape, got "
-            f"{field.shape} and {np.shape(mask)}"
-        )
-    return field
+from .mask import MaskBox, check_volume, erode
 
 
 def default_radii_mm(voxel_size_mm, max_radius_mm=12.0, min_radius_mm=None):
@@ -87,7 +77,7 @@ def vsharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, max_radius_mm=1
     mask_out : ndarray of bool, the mask eroded by the smallest radius
     """
     del b0_dir
-    field = _check(total_field_ppm, mask)
+    field = check_volume(total_field_ppm, mask, "total field")
     radii = default_radii_mm(voxel_size_mm, max_radius_mm, min_radius_mm)
     if not radii:
         raise ValueError(f"No V-SHARP radius between {max_radius_mm} and {min_radius_mm} mm")
@@ -98,7 +88,7 @@ def sharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=6.0, t
     """SHARP (Schweser et al. 2011): ``M_r F^-1{ F{M_r (delta - S_r) * f} / (1 - S_r) }``,
     truncated where ``|1 - S_r| < threshold``; the mask is eroded by ``radius_mm``."""
     del b0_dir
-    field = _check(total_field_ppm, mask)
+    field = check_volume(total_field_ppm, mask, "total field")
     return _sharp(field, mask, voxel_size_mm, (float(radius_mm),), threshold)
 
 
@@ -111,7 +101,7 @@ def resharp(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=5.0,
     solved by conjugate gradients (``C`` is symmetric).
     """
     del b0_dir
-    field = _check(total_field_ppm, mask)
+    field = check_volume(total_field_ppm, mask, "total field")
     r = float(radius_mm)
     box = MaskBox(mask, margin=np.ceil(r / min(voxel_size_mm)))
     m_e = T.as_tensor(erode(box.pad(mask) > 0, r, voxel_size_mm), device)
@@ -160,7 +150,7 @@ def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None,
     accurate as running on; 1e-2 stops after a few iterations and leaves
     much of the background in the local field: NRMSE 92 instead of 50 %).
     """
-    field = _check(total_field_ppm, mask)
+    field = check_volume(total_field_ppm, mask, "total field")
     box = MaskBox(mask, pad_factor=pad_factor)
     m = T.as_tensor(box.pad(mask), device)
     w2 = T.as_tensor(box.pad(_data_weights(mask, noise_std_ppm)), device) ** 2
@@ -178,7 +168,7 @@ def pdf(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None,
 def keep_total_field(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None):
     """No background removal: the total field (ppm) in the mask, for an inversion
     that fits the background sources itself (``tfi``). Returns (field, mask)."""
-    field = _check(total_field_ppm, mask)
+    field = check_volume(total_field_ppm, mask, "total field")
     mask = np.asarray(mask, dtype=bool)
     return np.where(mask, field, 0).astype(np.float32), mask.copy()
 
@@ -203,7 +193,7 @@ def ismv(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, radius_mm=5.0, ma
     relative update is below ``tol``. Local field ``M_e (f - f_b)``.
     """
     del b0_dir
-    field = _check(total_field_ppm, mask)
+    field = check_volume(total_field_ppm, mask, "total field")
     r = float(radius_mm)
     box = MaskBox(mask, margin=np.ceil(r / min(voxel_size_mm)))
     m = T.as_tensor(box.pad(mask), device)
@@ -254,7 +244,7 @@ def lbv(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, levels=4, max_iter
     Returns the local field on the interior, and the interior mask.
     """
     del b0_dir
-    field = _check(total_field_ppm, mask)
+    field = check_volume(total_field_ppm, mask, "total field")
     box = MaskBox(mask, margin=2 ** int(levels))
     mult = 2 ** int(levels)
     grow = [(0, (-n) % mult) for n in box.shape]

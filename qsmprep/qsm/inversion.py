@@ -16,19 +16,9 @@ import torch
 from . import torch_ops as T
 from .fft import fftn, ifftn
 from .kernels import dipole_kernel, tkd_inverse
-from .mask import MaskBox
+from .mask import MaskBox, check_volume
 from .bgremove import _data_weights
 from .ilsqr import _ilsqr, _masked_lsq
-
-
-def _check_field(field, mask):
-    field = np.asarray(field, dtype=np.float32)
-    if field.shape != np.shape(mask) or field.ndim != 3:
-        raise ValueError(
-            f"Expected a 3-D local field and a mask of the same shape, got "
-            f"{field.shape} and {np.shape(mask)}"
-        )
-    return field
 
 
 def tkd(local_field_ppm, mask, voxel_size_mm, *, b0_dir, threshold=0.15,
@@ -49,7 +39,7 @@ def tkd(local_field_ppm, mask, voxel_size_mm, *, b0_dir, threshold=0.15,
     pad_factor : float
         Zero-padding of the mask's bounding box before the FFT.
     """
-    field = _check_field(local_field_ppm, mask)
+    field = check_volume(local_field_ppm, mask, "local field")
     grid = MaskBox(mask, pad_factor=pad_factor)
     inv = tkd_inverse(dipole_kernel(grid.shape, voxel_size_mm, b0_dir), threshold)
     chi = ifftn(fftn(grid.pad(field)) * inv.astype(np.float32))
@@ -106,7 +96,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=2e-4,
     device : str
         Torch device, e.g. "cpu" or "cuda".
     """
-    field = _check_field(local_field_ppm, mask)
+    field = check_volume(local_field_ppm, mask, "local field")
     rho = 100.0 * lam if rho is None else float(rho)
     grid = MaskBox(mask, pad_factor=pad_factor)
     f_k = T.rfft3(T.as_tensor(grid.pad(field), device))
@@ -124,7 +114,7 @@ def tikhonov(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=1e-2,
     """
     if regularizer not in ("identity", "gradient"):
         raise ValueError(f"regularizer must be 'identity' or 'gradient', got {regularizer!r}")
-    field = _check_field(local_field_ppm, mask)
+    field = check_volume(local_field_ppm, mask, "local field")
     grid = MaskBox(mask, pad_factor=pad_factor)
     d = dipole_kernel(grid.shape, voxel_size_mm, b0_dir)
     if regularizer == "identity":
@@ -145,7 +135,7 @@ def lsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None,
     """``min ||W M (D chi - f)||^2`` by CG on the normal equations, stopped early
     (the LSQR step of Li et al. 2011/2015; without their streaking removal).
     ``W = 1/noise_std_ppm`` (mean 1) or uniform."""
-    field = _check_field(local_field_ppm, mask)
+    field = check_volume(local_field_ppm, mask, "local field")
     grid = MaskBox(mask, pad_factor=pad_factor)
     f = T.as_tensor(grid.pad(field), device)
     w2 = T.as_tensor(grid.pad(_data_weights(mask, noise_std_ppm)), device) ** 2
@@ -202,7 +192,7 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None,
     device : str
         Torch device, e.g. "cpu" or "cuda".
     """
-    field = _check_field(local_field_ppm, mask)
+    field = check_volume(local_field_ppm, mask, "local field")
     grid, parts = _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std_ppm, threshold, lsqr_iter,
                          lsqr_tol, max_iter, tol, pad_factor, device)
     return grid.unpad(T.to_numpy(parts["chi"]))
@@ -217,7 +207,7 @@ def rts(local_field_ppm, mask, voxel_size_mm, *, b0_dir, delta=0.15, lam=5e-3,
     F chi1)||^2 + lam ||grad chi||_1`` (ADMM, closed-form k-space update) fills
     the ill-conditioned cone with a TV prior.
     """
-    field = _check_field(local_field_ppm, mask)
+    field = check_volume(local_field_ppm, mask, "local field")
     rho = 100.0 * lam if rho is None else float(rho)
     grid = MaskBox(mask, pad_factor=pad_factor)
     f = T.as_tensor(grid.pad(field), device)
@@ -261,7 +251,7 @@ def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir, magnitude=None,
     ``lam`` is for fields in ppm (MEDI's 1000 is for phase in rad at one echo
     spacing, which differs by the squared rad/ppm factor).
     """
-    field = _check_field(local_field_ppm, mask)
+    field = check_volume(local_field_ppm, mask, "local field")
     grid = MaskBox(mask, pad_factor=pad_factor)
     shape = grid.shape
     f = T.as_tensor(grid.pad(field), device)

@@ -129,6 +129,18 @@ def bbox_slices(mask, margin=0):
     return tuple(slices)
 
 
+def check_volume(volume, mask, what):
+    """``volume`` as float32, or a ValueError naming ``what`` (e.g. "total
+    field") when it is not 3-D or not of the mask's shape."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3 or volume.shape != np.shape(mask):
+        raise ValueError(
+            f"Expected a 3-D {what} and a mask of the same shape, got "
+            f"{volume.shape} and {np.shape(mask)}"
+        )
+    return volume
+
+
 class MaskBox:
     """Crop volumes to a mask's bounding box, zero-pad them for FFTs, and put
     results back.

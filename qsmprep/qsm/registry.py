@@ -86,6 +86,7 @@ class Method:
     citations: tuple = ()
     description: str = ""
     provides: tuple = ()
+    takes: tuple = ()
 
     @property
     def module(self):
@@ -231,7 +232,7 @@ def _find_def(tree, name):
     return found
 
 
-_KEYS = {"function", "summary", "citations", "provides", "description"}
+_KEYS = {"function", "summary", "citations", "provides", "takes", "description"}
 
 
 def parse_table(text, source=TABLE):
@@ -256,7 +257,7 @@ def parse_table(text, source=TABLE):
             out[stage][name] = Method(
                 stage, name, entry["function"], entry["summary"],
                 tuple(entry.get("citations", ())), entry.get("description", ""),
-                tuple(entry.get("provides", ())))
+                tuple(entry.get("provides", ())), tuple(entry.get("takes", ())))
     return out
 
 
@@ -264,21 +265,23 @@ _REGISTRY: dict[str, dict[str, Method]] = parse_table(
     (resources.files("qsmprep") / "data" / TABLE).read_text(encoding="utf-8"))
 
 
-def register(stage, name, *, summary, citations=(), description="", provides=()):
+def register(stage, name, *, summary, citations=(), description="", provides=(), takes=()):
     """Decorator adding ``func`` as method ``name`` of ``stage`` at run time
     (tests, extensions; qsmprep's own methods are in the static table).
 
     ``description`` is a sentence for the report's methods text; it may use
     ``{param}`` placeholders filled from the parameters actually used.
     ``provides`` names optional outputs the method always gives (e.g.
-    ``("quality",)`` for an unwrapper returning a quality map).
+    ``("quality",)`` for an unwrapper returning a quality map); ``takes``
+    optional inputs it accepts (``("total_field",)``: an inversion that fits the
+    background sources itself).
     """
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}")
 
     def deco(func):
         _REGISTRY[stage][name] = Method(stage, name, func, summary, tuple(citations),
-                                        description, tuple(provides))
+                                        description, tuple(provides), tuple(takes))
         return func
 
     return deco
@@ -287,6 +290,18 @@ def register(stage, name, *, summary, citations=(), description="", provides=())
 def methods(stage):
     """All methods of a stage, name -> :class:`Method`."""
     return dict(_REGISTRY[stage])
+
+
+def passes_total_field(bf_removal):
+    """Whether the background-removal method ``bf_removal`` hands the total
+    field, background included, to the inversion (``provides`` "total_field")."""
+    return "total_field" in get("bf_removal", bf_removal).provides
+
+
+def fits_background(inversion):
+    """Whether the inversion ``inversion`` fits the background sources itself,
+    so takes a total field (``takes`` "total_field")."""
+    return "total_field" in get("inversion", inversion).takes
 
 
 def names(stage):

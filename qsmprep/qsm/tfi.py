@@ -38,8 +38,8 @@ from scipy import ndimage
 
 from . import torch_ops as T
 from .bgremove import _data_weights, fit_outside_sources
-from .inversion import _check_field, gradient_mask
-from .mask import MaskBox
+from .inversion import gradient_mask
+from .mask import MaskBox, check_volume
 
 
 def edge_weights(weights, mask, voxel_size_mm, edge_mm):
@@ -67,8 +67,10 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     ``noise_std_ppm`` its N_std (ppm), ``magnitude`` the (multi-echo) magnitude for
     the edge mask. ``lam`` weights the data term of fields in ppm (as MEDI's),
     ``edge_mm`` is the outer band of the mask (mm) whose field gets no weight.
-    Returns chi (ppm) in the mask, 0 outside."""
-    field = _check_field(total_field_ppm, mask)
+    Returns ``(chi, local_field)`` (ppm, 0 outside the mask): the local field is
+    the field given less the field of the background sources fitted outside
+    the mask (what a background removal would have passed on)."""
+    field = check_volume(total_field_ppm, mask, "field")
     mask = np.asarray(mask, dtype=bool)
     box = MaskBox(mask, pad_factor=pad_factor)
     shape = box.shape
@@ -102,4 +104,6 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
         change = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(y).clamp_min(1e-12)
         if change < tol:
             break
-    return box.unpad(T.to_numpy(m * p * y))
+    chi = p * y
+    local = m * (f - dconv((1 - m) * chi))
+    return box.unpad(T.to_numpy(m * chi)), box.unpad(T.to_numpy(local))

@@ -70,8 +70,8 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
                      {**common, "Units": "Hz", "Description": "B0 field map (echo "
                       "combination of the unwrapped phase)"}),
         "local_field": ("local_field", {"suffix": "fieldmap", "desc": "local"},
-                        {**common, "Units": "ppm", "Description": "Local field after "
-                         "background field removal",
+                        {**common, "Units": "ppm", "Description": _local_field_description(
+                            config.workflow),
                          "BackgroundFieldRemoval": methods["bf_removal"]}),
     }
     if config.execution.output_intermediates:
@@ -104,6 +104,17 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
             wf.connect([(inputnode, merge, [("interpretation", "extra")]),
                         (merge, sink, [("meta", "meta_dict")])])
     return wf
+
+
+def _local_field_description(workflow):
+    """The local field sidecar's Description: how the background was removed."""
+    from ..qsm import registry
+
+    if registry.passes_total_field(workflow.bf_removal):
+        return ("Local field: the total field less the field of the background sources "
+                f"that the inversion ({workflow.inversion}) fitted; no separate background "
+                "field removal")
+    return "Local field after background field removal"
 
 
 def _merge_meta(meta, extra):

@@ -173,7 +173,10 @@ def init_qsm_wf(config, run, *, name=None):
     ``mask``
         brain mask where the local field and ``chi`` are defined
     ``local_field``, ``total_field``
-        local (after background removal) and total field, ppm
+        local and total field, ppm; the local field is the background
+        removal's, or the inversion's when the background removal passes the
+        total field on (total field inversion: the field less its fitted
+        background sources)
     ``noise_std``
         N_std, the noise map of the total field, ppm
     ``fieldmap``
@@ -255,6 +258,11 @@ def init_qsm_wf(config, run, *, name=None):
     invert = stage_node(Inversion, "inversion", "inversion")
     invert.inputs.b0_dir = b0_dir
     reference = stage_node(Reference, "referencing", "referencing", heavy=False)
+    # the local field written and shown: the background removal's, or, when that
+    # passes the total field on, the one the inversion gives (total field inversion)
+    local_source = (invert if registry.passes_total_field(methods["bf_removal"])
+                    and "local_field" in registry.get("inversion", methods["inversion"]).provides
+                    else bfr)
 
     records = {s: method_record(s, methods[s], run_params[s]) for s in methods}
     if run.mask:
@@ -300,10 +308,12 @@ def init_qsm_wf(config, run, *, name=None):
         (load, reference, [("magnitude", "magnitude")]),
         (bfr, reference, [("mask", "mask")]),
         (reference, outputs, [("chi", "inputnode.chi")]),
-        (bfr, outputs, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
+        (bfr, outputs, [("mask", "inputnode.mask")]),
+        (local_source, outputs, [("local_field", "inputnode.local_field")]),
         (sign, outputs, [("fieldmap", "inputnode.fieldmap")]),
         (reference, outputnode, [("chi", "chi")]),
-        (bfr, outputnode, [("mask", "mask"), ("local_field", "local_field")]),
+        (bfr, outputnode, [("mask", "mask")]),
+        (local_source, outputnode, [("local_field", "local_field")]),
         (total, outputnode, [("total_field", "total_field"), ("noise_std", "noise_std")]),
         (sign, outputnode, [("fieldmap", "fieldmap")]),
         (load, outputnode, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
@@ -331,7 +341,8 @@ def init_qsm_wf(config, run, *, name=None):
                            ("quality", "inputnode.quality")]),
         (sign, reports, [("fieldmap", "inputnode.fieldmap")]),
         (interpretation, reports, [("interpretation", "inputnode.interpretation")]),
-        (bfr, reports, [("mask", "inputnode.mask"), ("local_field", "inputnode.local_field")]),
+        (bfr, reports, [("mask", "inputnode.mask")]),
+        (local_source, reports, [("local_field", "inputnode.local_field")]),
         (reference, reports, [("chi", "inputnode.chi")]),
     ])  # fmt: skip
     return wf

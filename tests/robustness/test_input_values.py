@@ -64,7 +64,12 @@ def test_real_and_imaginary_parts_give_the_magnitude_phase_result(tmp_path, sign
     assert "part-imag" in str(ri.phase[0])
     a, b = run_chain(mp, tmp_path / "w_mp"), run_chain(ri, tmp_path / "w_ri")
     np.testing.assert_allclose(data(b["load"].magnitude), data(a["load"].magnitude), atol=1e-5)
-    np.testing.assert_allclose(data(b["referencing"].chi), data(a["referencing"].chi), atol=1e-3)
+    np.testing.assert_allclose(data(b["total_field"].total_field),
+                               data(a["total_field"].total_field), atol=1e-4)  # ppm
+    # chi: the same up to the iterative inversion's sensitivity to rounding (CG stopped
+    # at a fixed count); a wrong phase from the complex parts would differ by ~100 %
+    chi_a, chi_b = data(a["referencing"].chi), data(b["referencing"].chi)
+    assert np.linalg.norm(chi_b - chi_a) < 0.05 * np.linalg.norm(chi_a)
 
 
 def test_real_without_imaginary_part_is_an_error(tmp_path, signal):
