@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import qsmprep
@@ -133,3 +134,22 @@ def test_table_typos_are_errors():
                      (good.replace('"m:f"', '"m.f"'), "module:function")):
         with pytest.raises(ValueError, match=f"methods.toml: .*{why}"):
             registry.parse_table(bad)
+
+
+def test_total_field_pairs_are_marked_in_the_table_and_tfi_returns_its_local_field():
+    passing = [n for n in registry.names("bf_removal") if registry.passes_total_field(n)]
+    fitting = [n for n in registry.names("inversion") if registry.fits_background(n)]
+    assert passing == ["none"] and fitting == ["tfi"]
+    # an inversion that fits the background gives the local field it implies, and the
+    # workflow writes that one (a background removal that passes the total field has none)
+    assert all("local_field" in registry.get("inversion", n).provides for n in fitting)
+    rng = np.random.default_rng(0)
+    mask = np.zeros((16, 16, 16), bool)
+    mask[4:12, 4:12, 4:12] = True
+    field = rng.normal(0, 0.01, mask.shape).astype(np.float32)
+    local, kept = registry.run("bf_removal", "none", field, mask, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(local, np.where(mask, field, 0))
+    np.testing.assert_array_equal(kept, mask)
+    chi, tfi_local = registry.run("inversion", "tfi", local, mask, (1.0, 1.0, 1.0),
+                                  b0_dir=(0, 0, 1), edge_mm=0.0, max_outer=1, cg_iter=5)
+    assert chi.shape == tfi_local.shape == mask.shape and not np.any(tfi_local[~mask])
