@@ -250,7 +250,7 @@ def render(results):
                           fmt(m["xsim"], 3), fmt(m["correlation"], 3), fmt(m["coverage"], 3),
                           *_band_cells(r), fmt(r["runtime_s"], 1)])
         parts += [f"### {title}\n", markdown_table(headers, table)]
-        if stage == "pipeline" and any(r["method"].startswith("masking=") for r in rows):
+        if stage == "pipeline" and any("masking=" in r["method"] for r in rows):
             parts.append(
                 "The `masking=magnitude`, `quality` and `magnitude+quality` rows are the maps "
                 "those masks gave on these whole-head images (they take in scalp, skull and "
