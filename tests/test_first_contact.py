@@ -48,9 +48,13 @@ def test_help_shows_every_stage_choice_and_default_from_the_registry(help_text):
     for stage in STAGES:
         action = actions[stage]
         assert list(action.choices) == registry.names(stage)
-        assert f"(default: {DEFAULT_METHODS[stage]})" in action.help
+        assert f"(default: {DEFAULT_METHODS[stage]}" in action.help
         flag = f"--{stage.replace('_', '-')} {{{','.join(registry.names(stage))}}}"
         assert flag in " ".join(help_text.split()), flag
+    # the default background removal passes the total field on: the help says what
+    # an inversion that needs a local field gets instead
+    assert ("(default: none, the total field to tfi; pdf with an inversion that needs a local "
+            "field)") in actions["bf_removal"].help
     assert f"(default: {Workflow().phase_offset})" in actions["phase_offset"].help
     assert f"(default: {Execution().device})" in actions["device"].help
     assert "--pipeline {" + ",".join(PIPELINES) + "}" in help_text

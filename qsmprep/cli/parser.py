@@ -227,8 +227,8 @@ def build_parser():
     for stage in sorted(STAGES, key=_processing_rank):
         default = DEFAULT_METHODS[stage]
         if stage == "bf_removal" and registry.passes_total_field(default):
-            default += (f" with an inversion that fits the background ({DEFAULT_METHODS['inversion']}), "
-                        f"{LOCAL_FIELD_BF_REMOVAL} with any other")
+            default += (f", the total field to {DEFAULT_METHODS['inversion']}; "
+                        f"{LOCAL_FIELD_BF_REMOVAL} with an inversion that needs a local field")
         g.add_argument(_flag(stage), dest=stage, choices=registry.names(stage),
                        help=f"{_STAGE_TITLES[stage]} method (default: {default})")
     g.add_argument("--mask", type=_existing_file, metavar="FILE",
