@@ -172,8 +172,7 @@ def call(stage, name, *args, **extra):
     from qsmprep.qsm import registry
 
     out = call_full(stage, name, *args, **extra)
-    provides = registry.get(stage, name).provides
-    return out[0] if stage == "inversion" and "local_field" in provides else out
+    return out[0] if stage == "inversion" and registry.gives_local_field(name) else out
 
 
 PIPELINE_STAGES = ("unwrapping", "echo_combination", "masking", "bf_removal", "inversion",

@@ -74,11 +74,13 @@ def front_end(data_dir):
 
 
 def run_pipeline(methods, total, noise, mask, magnitude, vox):
+    from qsmprep.qsm import registry
+
     local, m = call("bf_removal", methods["bf_removal"], total, mask, vox, b0_dir=B0_DIR,
                     noise_std_ppm=noise)
     chi = call_full("inversion", methods["inversion"], local, m, vox, b0_dir=B0_DIR,
                     noise_std_ppm=noise, magnitude=magnitude)
-    if isinstance(chi, tuple):  # total field inversion: its own local field
+    if registry.gives_local_field(methods["inversion"]):  # total field inversion
         chi, local = chi
     chi = call("referencing", "mean", chi, m)
     return local, chi, np.asarray(m, bool)

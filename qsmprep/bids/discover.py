@@ -202,8 +202,7 @@ def check_methods(data, workflow):
     voxels they were not trained for get a warning from
     :func:`qsmprep.dl.policy.check_learned_voxel_sizes`.)
     """
-    if (registry.passes_total_field(workflow.bf_removal)
-            and not registry.fits_background(workflow.inversion)):
+    if registry.background_left_in(workflow.bf_removal, workflow.inversion):
         fitters = [n for n in registry.names("inversion") if registry.fits_background(n)]
         raise QSMPrepInputError(
             f"--bf-removal {workflow.bf_removal} passes the total field, background included, "

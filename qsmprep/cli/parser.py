@@ -343,8 +343,7 @@ def _local_field_for(workflow):
     (:func:`qsmprep.bids.discover.check_methods`)."""
     from ..qsm import registry
 
-    if (registry.passes_total_field(workflow.bf_removal)
-            and not registry.fits_background(workflow.inversion)):
+    if registry.background_left_in(workflow.bf_removal, workflow.inversion):
         workflow.bf_removal = LOCAL_FIELD_BF_REMOVAL
 
 

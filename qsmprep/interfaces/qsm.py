@@ -441,7 +441,7 @@ class Inversion(SimpleInterface):
             context={"magnitude": _lazy_file(self.inputs.magnitude, _rss),
                      "noise_std_ppm": _lazy_file(self.inputs.noise_std)},
         )
-        if "local_field" in registry.get("inversion", self.inputs.method).provides:
+        if registry.gives_local_field(self.inputs.method):
             out, local = out
             self._results["local_field"] = save_like(
                 local, ref, _out("local_field_ppm.nii.gz", runtime))

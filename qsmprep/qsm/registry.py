@@ -304,6 +304,18 @@ def fits_background(inversion):
     return "total_field" in get("inversion", inversion).takes
 
 
+def gives_local_field(inversion):
+    """Whether the inversion ``inversion`` also returns the local field it
+    implies (``provides`` "local_field"): ``(chi, local_field)``."""
+    return "local_field" in get("inversion", inversion).provides
+
+
+def background_left_in(bf_removal, inversion):
+    """Whether the pair would leave the background in: ``bf_removal`` passes
+    the total field on and ``inversion`` does not fit the background itself."""
+    return passes_total_field(bf_removal) and not fits_background(inversion)
+
+
 def names(stage):
     """Sorted method names of a stage."""
     return sorted(_REGISTRY[stage])

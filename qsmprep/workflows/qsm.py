@@ -261,8 +261,7 @@ def init_qsm_wf(config, run, *, name=None):
     # the local field written and shown: the background removal's, or, when that
     # passes the total field on, the one the inversion gives (total field inversion)
     local_source = (invert if registry.passes_total_field(methods["bf_removal"])
-                    and "local_field" in registry.get("inversion", methods["inversion"]).provides
-                    else bfr)
+                    and registry.gives_local_field(methods["inversion"]) else bfr)
 
     records = {s: method_record(s, methods[s], run_params[s]) for s in methods}
     if run.mask:
