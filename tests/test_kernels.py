@@ -65,6 +65,10 @@ def test_torch_difference_operators():
     g = torch.randn(3, 6, 7, 5, generator=gen)
     expected = torch.stack([torch.roll(x, -1, dims=d) - x for d in range(3)])
     assert torch.allclose(T.grad(x), expected, atol=1e-6)
+    # into given buffers (stale contents must not leak into the result)
+    out_g, out_a = torch.full((3, 6, 7, 5), 7.0), torch.full((6, 7, 5), 7.0)
+    assert T.grad(x, out=out_g) is out_g and torch.allclose(out_g, expected, atol=1e-6)
+    assert torch.allclose(T.grad_adj(g, out=out_a), T.grad_adj(g), atol=1e-6)
     # adjoint: <grad x, g> = <x, grad^T g>
     assert torch.allclose(torch.sum(T.grad(x) * g), torch.sum(x * T.grad_adj(g)), rtol=1e-5)
     # Laplacian = -grad^T grad for unit voxels; anisotropic weights 1/h^2
@@ -88,6 +92,10 @@ def test_cg_solves_spd_system():
     b = torch.randn(20, generator=gen)
     x, iters = T.cg(lambda v: a @ v, b, max_iter=100, tol=1e-6)
     assert torch.allclose(a @ x, b, atol=1e-4) and iters <= 20
+    # from a start, and a zero right-hand side needs no iteration
+    x2, _ = T.cg(lambda v: a @ v, b, x0=torch.ones(20), max_iter=100, tol=1e-6)
+    assert torch.allclose(x2, x, atol=1e-4)
+    assert T.cg(lambda v: a @ v, torch.zeros(20), max_iter=100)[1] == 0
 
 
 @pytest.mark.parametrize("b0", [(0.0, 0.0, 1.0), (0.1, 0.2, 0.97)])

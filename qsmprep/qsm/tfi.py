@@ -91,15 +91,12 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
 
     rhs = lam * p * dconv(w2 * f)
     y = fit_outside_sources(dconv, f, m, w2) / p_outside
+    normal = _NormalOperator(d, p, w2, lam)
     for _ in range(int(max_outer)):
         g = m_g * T.grad(p * y)
-        v = 1.0 / torch.sqrt(torch.sum(g * g, dim=0, keepdim=True) + 1e-6)
-
-        def a(x, v=v):
-            return (lam * p * dconv(w2 * dconv(p * x))
-                    + p * T.grad_adj(m_g * v * m_g * T.grad(p * x)))
-
-        step, _ = T.cg(a, rhs - a(y), max_iter=cg_iter, tol=tol)
+        normal.set_tv_weights(m_g * m_g / torch.sqrt(torch.sum(g * g, dim=0, keepdim=True) + 1e-6))
+        del g
+        step, _ = T.cg(normal, rhs - normal(y), max_iter=cg_iter, tol=tol)
         y = y + step
         change = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(y).clamp_min(1e-12)
         if change < tol:
@@ -107,3 +104,36 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     chi = p * y
     local = m * (f - dconv((1 - m) * chi))
     return box.unpad(T.to_numpy(m * chi)), box.unpad(T.to_numpy(local))
+
+
+class _NormalOperator:
+    """``A x = lam P D W^2 D P x + P grad^T (M_G v M_G) grad P x``: the lagged
+    diffusivity step's normal operator, with its work arrays allocated once
+    (each CG iteration would otherwise allocate and fault in about ten arrays
+    of the box's size; on the CPU that took as long as the FFTs)."""
+
+    def __init__(self, d, p, w2, lam):
+        self.d, self.p, self.w2, self.lam = d, p, w2, float(lam)
+        self.shape = tuple(p.shape)
+        self.px, self.a, self.b = (torch.empty_like(p) for _ in range(3))
+        self.k = torch.empty(d.shape, dtype=torch.complex64 if p.dtype == torch.float32
+                             else torch.complex128, device=p.device)
+        self.g = torch.empty((3, *self.shape), dtype=p.dtype, device=p.device)
+        self.tv = None
+
+    def set_tv_weights(self, tv):
+        """``M_G v M_G`` (3, X, Y, Z) of this step."""
+        self.tv = tv
+
+    def _dconv(self, x, out):
+        torch.fft.rfftn(x, dim=(0, 1, 2), out=self.k)
+        self.k.mul_(self.d)
+        return torch.fft.irfftn(self.k, s=self.shape, dim=(0, 1, 2), out=out)
+
+    def __call__(self, x):
+        torch.mul(self.p, x, out=self.px)
+        self._dconv(self.px, self.a).mul_(self.w2)
+        self._dconv(self.a, self.b)
+        T.grad(self.px, out=self.g).mul_(self.tv)
+        T.grad_adj(self.g, out=self.a)
+        return torch.add(self.a, self.b, alpha=self.lam).mul_(self.p)

@@ -74,17 +74,23 @@ def add_rolled(out, x, shift, d, scale=1.0):
     return out
 
 
-def grad(x):
-    """Periodic forward differences of a (X, Y, Z) tensor -> (3, X, Y, Z)."""
-    out = -x.expand(3, *x.shape).clone()
+def grad(x, out=None):
+    """Periodic forward differences of a (X, Y, Z) tensor -> (3, X, Y, Z),
+    written into ``out`` when given."""
+    if out is None:
+        out = torch.empty((3, *x.shape), dtype=x.dtype, device=x.device)
     for d in range(3):
-        add_rolled(out[d], x, -1, d)
+        n = x.shape[d]
+        torch.sub(x.narrow(d, 1, n - 1), x.narrow(d, 0, n - 1), out=out[d].narrow(d, 0, n - 1))
+        torch.sub(x.narrow(d, 0, 1), x.narrow(d, n - 1, 1), out=out[d].narrow(d, n - 1, 1))
     return out
 
 
-def grad_adj(g):
-    """Adjoint of :func:`grad` (= minus the backward-difference divergence)."""
-    out = -(g[0] + g[1] + g[2])
+def grad_adj(g, out=None):
+    """Adjoint of :func:`grad` (= minus the backward-difference divergence),
+    written into ``out`` when given."""
+    out = torch.add(g[0], g[1], out=out)
+    out.add_(g[2]).neg_()
     for d in range(3):
         add_rolled(out, g[d], 1, d)
     return out
@@ -114,17 +120,20 @@ def cg(apply_a, b, x0=None, *, max_iter=100, tol=1e-6):
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - apply_a(x) if x0 is not None else b.clone()
     p = r.clone()
-    rr = torch.sum(r * r)
-    stop = (tol * torch.linalg.vector_norm(b)) ** 2
+    rr = float(torch.sum(r * r))
+    stop = float(tol * torch.linalg.vector_norm(b)) ** 2
     it = 0
     for it in range(1, int(max_iter) + 1):
         if rr <= stop:
             return x, it - 1
         ap = apply_a(p)
-        alpha = rr / torch.sum(p * ap)
-        x += alpha * p
-        r -= alpha * ap
-        rr_new = torch.sum(r * r)
-        p = r + (rr_new / rr) * p
+        pap = float(torch.sum(p * ap))
+        if pap <= 0:  # p in A's null space (semi-definite A): no further descent
+            break
+        alpha = rr / pap
+        x.add_(p, alpha=alpha)
+        r.add_(ap, alpha=-alpha)
+        rr_new = float(torch.sum(r * r))
+        p.mul_(rr_new / rr).add_(r)
         rr = rr_new
     return x, it
