@@ -108,3 +108,25 @@ def test_masks_that_cover_the_skull_of_a_whole_head_are_refused():
     # a slab of the same head (30 mm thick) or a small phantom: BET is no reference there
     slab = (slice(None), slice(None), slice(23, 33))
     check_brain_coverage(whole_head[slab], mag[slab], voxel_size_mm=vox, method="magnitude")
+
+
+def test_closing_fills_a_notch_and_keeps_a_ball():
+    """A 4 mm closing fills a 3 mm wide, 12 mm deep slot cut into a ball (a
+    brain extraction stopped at a dark sinus), keeps every voxel of the mask,
+    and leaves the ball itself alone; anisotropic voxels get a ball in mm."""
+    from qsmprep.qsm.mask import close
+
+    for vox in ((1.0, 1.0, 1.0), (1.0, 1.0, 2.0)):
+        shape = (64, 64, 32 if vox[2] == 2.0 else 64)
+        grid = [(np.arange(n) - n / 2 + 0.5) * v for n, v in zip(shape, vox)]
+        x, y, z = np.meshgrid(*grid, indexing="ij")
+        ball = x**2 + y**2 + z**2 <= 25.0**2
+        slot = (np.abs(x) <= 1.5) & (z > 25.0 - 12.0)
+        notched = ball & ~slot
+        closed = close(notched, 4.0, vox)
+        assert not (notched & ~closed).any()
+        deep = slot & (x**2 + y**2 + z**2 <= 22.0**2)   # the slot 3 mm below the surface
+        assert closed[deep].all()
+        assert (closed & ~ball).sum() < 0.002 * ball.sum()
+        assert (close(ball, 4.0, vox) ^ ball).sum() < 0.002 * ball.sum()
+    assert np.array_equal(close(notched, 0.0, vox), notched)

@@ -114,6 +114,24 @@ def erode(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     return dist[1:-1, 1:-1, 1:-1] > float(radius_mm)
 
 
+def close(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """Morphological closing by a ball of ``radius_mm``: dilate, then erode.
+
+    Fills notches and gaps narrower than the ball's diameter at the mask's
+    surface (a brain extraction that stopped at a dark sinus or vein) and
+    keeps every voxel of ``mask``. Distances are in mm, so anisotropic voxels
+    get a round ball."""
+    mask = np.asarray(mask, dtype=bool)
+    if radius_mm <= 0 or not mask.any():
+        return mask.copy()
+    vox = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
+    pad = int(np.ceil(float(radius_mm) / vox.min())) + 1
+    padded = np.pad(mask, pad)
+    dilated = ndimage.distance_transform_edt(~padded, sampling=vox) <= float(radius_mm)
+    closed = ndimage.distance_transform_edt(dilated, sampling=vox) > float(radius_mm)
+    return closed[pad:-pad, pad:-pad, pad:-pad] | mask
+
+
 def bbox_slices(mask, margin=0):
     """Slices of the bounding box of ``mask`` grown by ``margin`` voxels
     (an int or one per axis), clipped to the array."""
