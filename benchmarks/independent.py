@@ -343,8 +343,8 @@ def main(argv=None):
                                      [h["name"] for h in results["heads"]])
         if args.memory and head.voxel_size_mm[0] <= 1.25:
             mem = measure_default(case)
-            results["memory"].append({"head": name, "grid": " × ".join(map(str, head.mask.shape)),
-                                      **mem})
+            results["memory"] = [m for m in results["memory"] if m["head"] != name] + [
+                {"head": name, "grid": " × ".join(map(str, head.mask.shape)), **mem}]
         del head, case
         write_json(json_path, results)                  # partial results survive a crash
         replace_section(args.docs, section(args.quick), render(results))
