@@ -185,6 +185,7 @@ def pipeline(case, methods):
     noise map N_std) → total field → mask (root-sum-of-squares magnitude and
     unwrapping quality) → background removal → inversion → referencing, with
     ``methods[stage]``; N_std and the magnitude go to the methods that take them."""
+    from qsmprep.qsm import registry
     from qsmprep.qsm.units import hz_to_ppm
     from qsmprep.qsm.unwrap import mcpc3ds
 
@@ -199,7 +200,8 @@ def pipeline(case, methods):
         mask = case.mask
     else:
         rss = np.sqrt(np.sum(case.magnitude**2, axis=-1))
-        mask = call("masking", methods["masking"], rss, quality=quality, voxel_size_mm=vox)
+        mask = call("masking", methods["masking"], rss, quality=quality, voxel_size_mm=vox,
+                    **registry.masking_params(methods["masking"], methods["inversion"]))
     local, mask = call("bf_removal", methods["bf_removal"], total, np.asarray(mask, bool), vox,
                        b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm)
     chi = call("inversion", methods["inversion"], local, mask, vox, b0_dir=case.b0_dir,

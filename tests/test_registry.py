@@ -153,3 +153,17 @@ def test_total_field_pairs_are_marked_in_the_table_and_tfi_returns_its_local_fie
     chi, tfi_local = registry.run("inversion", "tfi", local, mask, (1.0, 1.0, 1.0),
                                   b0_dir=(0, 0, 1), edge_mm=0.0, max_outer=1, cg_iter=5)
     assert chi.shape == tfi_local.shape == mask.shape and not np.any(tfi_local[~mask])
+
+
+def test_bet_mask_is_closed_only_before_an_inversion_that_fits_the_background():
+    """TFI gets BET's mask closed (notches at sinuses filled, its rim unweighted);
+    a two-step chain gets it unclosed, and a user's setting always wins."""
+    from qsmprep.qsm import registry
+
+    assert registry.masking_params("bet", "tfi") == {
+        "close_mm": registry.FITTED_BACKGROUND_CLOSE_MM}
+    assert registry.masking_params("bet", "tv") == {}
+    assert registry.masking_params("bet", "tfi", {"close_mm": 0.0}) == {"close_mm": 0.0}
+    # a masking method without the parameter gets nothing it cannot take
+    assert registry.masking_params("magnitude", "tfi") == {}
+    assert registry.get("masking", "bet").defaults["close_mm"] == 0.0

@@ -69,6 +69,14 @@ def test_options_change_the_graph(tmp_path, synthetic_bids):
     inversion = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf").get_node("inversion")
     assert inversion.inputs.method == "tkd" and inversion.inputs.params == {"threshold": 0.2}
     assert "threshold 0.2" in wf.visit_desc()
+    # a two-step chain gets BET's mask unclosed; the default (TFI) gets it closed
+    qsm = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+    assert qsm.get_node("mask").inputs.params == {}
+    default = init_qsmprep_wf(_config(tmp_path, synthetic_bids),
+                              collect_data(synthetic_bids, validate=False))
+    mask = default.get_node("sub_01_wf").get_node("qsm_MEGRE_wf").get_node("mask")
+    assert mask.inputs.method == "bet" and mask.inputs.params == {"close_mm": 4.0}
+    assert "radius 4.0 mm" in default.visit_desc()
 
 
 def test_dl_sidecar_and_methods_text_record_the_device_the_run_used(tmp_path, synthetic_bids):

@@ -207,6 +207,8 @@ def init_qsm_wf(config, run, *, name=None):
     wf = Workflow(name=name or qsm_wf_name(run))
     methods = {s: config.workflow.method(s) for s in PIPELINE_STAGES}
     params = {s: config.workflow.stage_params(s) for s in PIPELINE_STAGES}
+    params["masking"] = registry.masking_params(methods["masking"], methods["inversion"],
+                                                params["masking"])
     if config.execution.mask_file and not run.mask:
         raise ValueError(
             f"--mask {config.execution.mask_file} is set but run {run.name} has no mask: "
