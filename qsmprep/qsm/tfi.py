@@ -116,8 +116,7 @@ class _NormalOperator:
         self.d, self.p, self.w2, self.lam = d, p, w2, float(lam)
         self.shape = tuple(p.shape)
         self.px, self.a, self.b = (torch.empty_like(p) for _ in range(3))
-        self.k = torch.empty(d.shape, dtype=torch.complex64 if p.dtype == torch.float32
-                             else torch.complex128, device=p.device)
+        self.k = torch.empty(d.shape, dtype=p.dtype.to_complex(), device=p.device)
         self.g = torch.empty((3, *self.shape), dtype=p.dtype, device=p.device)
         self.tv = None
 
