@@ -130,11 +130,10 @@ def stage_methods(stage, quick):
 def depth_nrmse(recon, truth, mask, voxel_size_mm):
     """NRMSE (%) within each :data:`DEPTH_BANDS_MM` band of distance from the
     mask's edge (QSM-CI conventions inside the band)."""
-    from scipy import ndimage
-
     from qsmprep.qsm import metrics
+    from qsmprep.qsm.mask import depth_mm
 
-    depth = ndimage.distance_transform_edt(mask, sampling=voxel_size_mm)
+    depth = depth_mm(mask, voxel_size_mm, border_outside=False)
     out = {}
     for lo, hi in DEPTH_BANDS_MM:
         band = mask & (depth > lo) & (depth <= hi)

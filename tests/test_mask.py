@@ -130,3 +130,46 @@ def test_closing_fills_a_notch_and_keeps_a_ball():
         assert (closed & ~ball).sum() < 0.002 * ball.sum()
         assert (close(ball, 4.0, vox) ^ ball).sum() < 0.002 * ball.sum()
     assert np.array_equal(close(notched, 0.0, vox), notched)
+
+
+def test_closing_in_the_bounding_box_equals_the_whole_volume_closing():
+    """``close`` computes only the mask's bounding box (plus a margin); on a
+    ragged mask near the volume's edge it must equal the closing computed
+    over the whole volume from its definition (dilate by the ball, erode)."""
+    from scipy import ndimage
+
+    from qsmprep.qsm.mask import close
+
+    rng = np.random.default_rng(3)
+    mask = ndimage.gaussian_filter(rng.random((40, 36, 30)), 2.0) > 0.52
+    mask[:, :, :3] = False
+    for vox, r in (((1.0, 1.0, 1.0), 3.0), ((0.8, 1.0, 1.5), 2.5)):
+        pad = 10
+        padded = np.pad(mask, pad)
+        dilated = ndimage.distance_transform_edt(~padded, sampling=vox) <= r
+        whole = (ndimage.distance_transform_edt(dilated, sampling=vox) > r)[
+            pad:-pad, pad:-pad, pad:-pad] | mask
+        assert whole.sum() > mask.sum()          # the closing does fill something here
+        assert np.array_equal(close(mask, r, vox), whole)
+
+
+def test_depth_in_the_bounding_box_equals_the_whole_volume_distance():
+    """``depth_mm`` computes the distance to the nearest outside voxel in the
+    mask's bounding box only; it must equal the whole-volume Euclidean
+    distance transform, with the array border outside (``erode``'s
+    convention) or not, for a mask that touches the array's border."""
+    from scipy import ndimage
+
+    from qsmprep.qsm.mask import depth_mm, erode
+
+    rng = np.random.default_rng(5)
+    mask = ndimage.gaussian_filter(rng.random((30, 34, 28)), 2.0) > 0.5
+    mask[0, 10:20, 10:20] = True                       # touches the array's border
+    vox = (0.9, 1.0, 1.6)
+    inside = ndimage.distance_transform_edt(mask, sampling=vox)
+    bordered = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=vox)[1:-1, 1:-1, 1:-1]
+    assert not np.allclose(inside, bordered)            # the two conventions differ here
+    assert np.allclose(depth_mm(mask, vox, border_outside=False), inside)
+    assert np.allclose(depth_mm(mask, vox), bordered)
+    assert np.array_equal(erode(mask, 2.0, vox), bordered > 2.0)
+    assert not depth_mm(np.zeros((4, 4, 4), bool)).any()

@@ -44,8 +44,13 @@ def ifftn(x, axes=(0, 1, 2)):
 
 def fast_shape(shape, *, factor=1.0, margin=0):
     """Padded shape: each axis at least ``factor * n + margin``, rounded up to
-    a size scipy.fft handles fast (products of small primes)."""
-    return tuple(sfft.next_fast_len(int(np.ceil(n * factor)) + int(margin)) for n in shape)
+    a size FFTs handle fast (products of small primes), the last axis to an
+    even one: real FFTs halve it, and torch's (MKL) real FFT of an odd length
+    took twice as long (benchmarks/fft_sizes.py)."""
+    sizes = [sfft.next_fast_len(int(np.ceil(n * factor)) + int(margin)) for n in shape]
+    while sizes[-1] % 2:
+        sizes[-1] = sfft.next_fast_len(sizes[-1] + 1)
+    return tuple(sizes)
 
 
 def pad(x, shape):

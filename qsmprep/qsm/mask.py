@@ -104,14 +104,35 @@ def fill_mask_holes(mask):
     return filled
 
 
+def depth_mm(mask, voxel_size_mm=(1.0, 1.0, 1.0), *, border_outside=True):
+    """Distance (mm) of each mask voxel to the nearest voxel outside the mask
+    (0 outside it; the outer layer is one voxel deep). With
+    ``border_outside`` the array's border counts as outside too (a mask cut
+    by the field of view is shallow there); without, only voxels of the array
+    do. Computed in the mask's bounding box and a one-voxel margin, which is
+    exact (any voxel outside the box is farther than its projection onto the
+    margin)."""
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=np.float64)
+    if not mask.any():
+        return out
+    box = bbox_slices(mask, margin=1)
+    sub = mask[box]
+    if border_outside:
+        out[box] = ndimage.distance_transform_edt(np.pad(sub, 1), sampling=voxel_size_mm)[
+            1:-1, 1:-1, 1:-1]
+    else:
+        out[box] = ndimage.distance_transform_edt(sub, sampling=voxel_size_mm)
+    return out
+
+
 def erode(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     """Erode by a ball of ``radius_mm``: keep voxels farther than the radius
     from any voxel outside the mask (the array border counts as outside)."""
     mask = np.asarray(mask, dtype=bool)
     if radius_mm <= 0:
         return mask.copy()
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=voxel_size_mm)
-    return dist[1:-1, 1:-1, 1:-1] > float(radius_mm)
+    return depth_mm(mask, voxel_size_mm) > float(radius_mm)
 
 
 def close(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
@@ -125,11 +146,16 @@ def close(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     if radius_mm <= 0 or not mask.any():
         return mask.copy()
     vox = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
+    # the closing lies in the mask's bounding box; a margin wider than the
+    # ball keeps the distances inside it exact, so only the box is computed
     pad = int(np.ceil(float(radius_mm) / vox.min())) + 1
-    padded = np.pad(mask, pad)
+    box = bbox_slices(mask)
+    padded = np.pad(mask[box], pad)
     dilated = ndimage.distance_transform_edt(~padded, sampling=vox) <= float(radius_mm)
     closed = ndimage.distance_transform_edt(dilated, sampling=vox) > float(radius_mm)
-    return closed[pad:-pad, pad:-pad, pad:-pad] | mask
+    out = mask.copy()
+    out[box] |= closed[pad:-pad, pad:-pad, pad:-pad]
+    return out
 
 
 def bbox_slices(mask, margin=0):

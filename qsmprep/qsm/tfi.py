@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from . import torch_ops as T
 from .bgremove import _data_weights, fit_outside_sources
 from .inversion import gradient_mask
-from .mask import MaskBox, check_volume
+from .mask import MaskBox, check_volume, depth_mm
 
 
 def edge_weights(weights, mask, voxel_size_mm, edge_mm):
@@ -50,8 +49,7 @@ def edge_weights(weights, mask, voxel_size_mm, edge_mm):
     voxel would be left."""
     if edge_mm <= 0:
         return weights
-    mask = np.asarray(mask, dtype=bool)
-    depth = ndimage.distance_transform_edt(mask, sampling=voxel_size_mm)
+    depth = depth_mm(mask, voxel_size_mm, border_outside=False)
     out = np.where(depth > edge_mm, weights, 0.0).astype(np.float32)
     if not np.any(out > 0):
         raise ValueError(f"No voxel of the mask is deeper than edge_mm={edge_mm} mm; "
