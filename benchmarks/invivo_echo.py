@@ -68,12 +68,16 @@ def load(data_dir):
     return phase, magnitude, vox
 
 
-def front_end(data_dir):
+def front_end(data_dir, inversion=None):
     """The app's steps before the echo combination, on the crop: the phase
     (rad) after MCPC-3D-S, the echoes unwrapped by the default method (ROMEO),
-    the magnitude, the voxel size (mm), the echo times (s) and the default
-    mask (BET, with the unwrapping's quality map, as the app computes it)."""
+    the magnitude, the voxel size (mm), the echo times (s) and a function
+    ``mask_for(inversion)``: the default mask (BET, with the unwrapping's
+    quality map) with the parameters the app gives it before ``inversion``
+    (:func:`qsmprep.qsm.registry.masking_params`). ``inversion`` (default:
+    the default's) picks the mask returned last."""
     from qsmprep.config import DEFAULT_METHODS
+    from qsmprep.qsm import registry
     from qsmprep.qsm.unwrap import mcpc3ds
 
     phase, magnitude, vox = load(data_dir)
@@ -82,9 +86,18 @@ def front_end(data_dir):
     unwrapped, quality = call("unwrapping", DEFAULT_METHODS["unwrapping"], phase,
                               magnitude=magnitude, echo_times_s=te, voxel_size_mm=vox)
     rss = np.sqrt(np.sum(magnitude**2, axis=-1))
-    mask = np.asarray(call("masking", DEFAULT_METHODS["masking"], rss, quality=quality,
-                           voxel_size_mm=vox), bool)
-    return phase, unwrapped, magnitude, vox, te, mask
+    masks = {}
+
+    def mask_for(inversion):
+        params = registry.masking_params(DEFAULT_METHODS["masking"], inversion)
+        key = tuple(sorted(params.items()))
+        if key not in masks:
+            masks[key] = np.asarray(call("masking", DEFAULT_METHODS["masking"], rss,
+                                         quality=quality, voxel_size_mm=vox, **params), bool)
+        return masks[key]
+
+    mask = mask_for(inversion or DEFAULT_METHODS["inversion"])
+    return phase, unwrapped, magnitude, vox, te, mask, mask_for
 
 
 def main(argv=None):
@@ -94,7 +107,7 @@ def main(argv=None):
     from qsmprep.qsm import registry
     from qsmprep.qsm.units import hz_to_ppm
 
-    phase, unwrapped, magnitude, vox, te, mask = front_end(args.data)
+    phase, unwrapped, magnitude, vox, te, mask, _ = front_end(args.data, inversion="ilsqr")
 
     results, chis, b0s = {}, {}, {}
     for method in registry.names("echo_combination"):

@@ -61,15 +61,16 @@ def dipole_misfit(chi, local, mask, voxel_size_mm):
 
 
 def front_end(data_dir):
-    """Total field (ppm), its noise (ppm), the BET mask, magnitude and voxel
-    size: :func:`invivo_echo.front_end` and the default echo combination."""
+    """Total field (ppm), its noise (ppm), ``mask_for(inversion)`` (the BET mask as
+    the app makes it before that inversion), magnitude and voxel size:
+    :func:`invivo_echo.front_end` and the default echo combination."""
     from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm.units import hz_to_ppm
 
-    _, unwrapped, magnitude, vox, te, mask = echo_front_end(data_dir)
+    _, unwrapped, magnitude, vox, te, _, mask_for = echo_front_end(data_dir)
     b0, n_std = call("echo_combination", DEFAULT_METHODS["echo_combination"], unwrapped,
                      magnitude, te)
-    return (hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T), mask,
+    return (hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T), mask_for,
             magnitude, vox)
 
 
@@ -115,10 +116,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     from qsmprep.config import DEFAULT_METHODS, PIPELINES
 
-    total, noise, mask, magnitude, vox = front_end(args.data)
+    total, noise, mask_for, magnitude, vox = front_end(args.data)
+    default_mask = mask_for(DEFAULT_METHODS["inversion"])
     results, chis = {}, {}
     for name, change in {**PIPELINES, **REFERENCES}.items():
         methods = {**DEFAULT_METHODS, **change}
+        mask = mask_for(methods["inversion"])
         t0 = time.perf_counter()
         local, chi, m = run_pipeline(methods, total, noise, mask, magnitude, vox)
         wall = time.perf_counter() - t0
@@ -149,10 +152,12 @@ def main(argv=None):
     info = hardware()
     body = (
         "## Named pipelines in vivo (no ground truth)\n\n"
-        f"The real 3-echo brain crop `romeo-invivo` ({' × '.join(map(str, mask.shape))} voxels, "
+        f"The real 3-echo brain crop `romeo-invivo` ({' × '.join(map(str, default_mask.shape))} "
+        "voxels, "
         f"{' × '.join(f'{v:.2f}' for v in vox)} mm; TE 4/8/12 ms and 3 T assumed; B0 along the "
         "voxel z axis) through the app's front end (MCPC-3D-S → ROMEO → ROMEO B0 → BET mask, "
-        f"{mask.mean():.0%} of the crop), then each named pipeline (`--pipeline`) and, as the "
+        f"{default_mask.mean():.0%} of the crop for the default; each pipeline gets the mask the "
+        "app makes before its inversion), then each named pipeline (`--pipeline`) and, as the "
         "classical reference of the independent benchmark, V-SHARP + TV, with mean "
         "referencing (`benchmarks/invivo_pipelines.py`). Dipole misfit: ‖M(Dχ − f)‖/‖Mf‖ against "
         "the pipeline's own local field f. High-pass RMS: χ minus its σ = 1 voxel smoothing "
