@@ -58,7 +58,7 @@ def edge_weights(weights, mask, voxel_size_mm, edge_mm):
 
 
 def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, magnitude=None,
-        lam=8000.0, p_outside=30.0, edge_mm=3.0, edge_fraction=0.8, max_outer=7,
+        lam=8000.0, p_outside=30.0, edge_mm=3.0, edge_fraction=0.8, max_outer=10,
         cg_iter=100, tol=1e-2, pad_factor=1.1, device="cpu"):
     """Preconditioned total field inversion (Liu et al. 2017), see the module
     docstring. ``total_field_ppm`` is the total (or a local) field in ppm,
