@@ -120,3 +120,29 @@ def test_normal_operator_is_the_formula_it_documents():
         expected = 4000.0 * p * dconv(w2 * dconv(p * x)) + p * T.grad_adj(tv * T.grad(p * x))
         got = normal(x)
         assert torch.linalg.vector_norm(got - expected) < 1e-5 * torch.linalg.vector_norm(expected)
+
+
+def test_misfit_step_restores_texture_the_prior_flattened(head):
+    """TFI's last step adds ``misfit_step`` times the Tikhonov inversion of the
+    trusted field it left unexplained. On the phantom with a fine random
+    texture (0.02 ppm, which TV flattens) it must bring texture back: a lower
+    NRMSE and a higher XSIM than without the step (measured 53.2 -> 52.7 %,
+    XSIM 0.517 -> 0.530; a wrong sign or scale of the step makes both worse). On
+    the piecewise-constant phantom, where TV is the right prior, it may cost a
+    little but not more than a point (measured 15.9 -> 16.0 %)."""
+    from scipy import ndimage
+
+    chi0, brain, _, _, b0 = head
+    texture = ndimage.gaussian_filter(np.random.default_rng(1).normal(size=chi0.shape), 0.8)
+    texture *= 0.02 / texture[brain].std()
+    textured = np.where(brain, chi0 + texture, 0)
+    centred = lambda x: x - x[brain].mean()  # noqa: E731
+    for chi, worse_by in ((textured, 0.0), (chi0, 1.0)):
+        total = dipole_convolve(chi, VOX, b0) + background(b0, chi.shape)
+        without, with_step = (tfi(total, brain, VOX, b0_dir=b0, edge_mm=2.0, misfit_step=s)[0]
+                              for s in (0.0, 0.5))
+        errs = [metrics.nrmse(centred(x), centred(chi), brain) for x in (without, with_step)]
+        assert errs[1] < errs[0] + worse_by, errs
+        if worse_by == 0.0:
+            xsims = [metrics.xsim(centred(x), centred(chi), brain) for x in (without, with_step)]
+            assert xsims[1] > xsims[0] + 0.005, xsims
