@@ -173,3 +173,26 @@ def test_depth_in_the_bounding_box_equals_the_whole_volume_distance():
     assert np.allclose(depth_mm(mask, vox), bordered)
     assert np.array_equal(erode(mask, 2.0, vox), bordered > 2.0)
     assert not depth_mm(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_even_last_axis_padding_is_a_fast_even_length():
+    """``fast_shape(even_last=True)`` (TFI's box) rounds the last axis up to an
+    even length with only small prime factors, leaves the other axes as they
+    were, and without the flag the padding is what it always was."""
+    from qsmprep.qsm.fft import fast_shape
+    from qsmprep.qsm.mask import MaskBox
+
+    def smooth(n):
+        for p in (2, 3, 5, 7, 11):
+            while n % p == 0:
+                n //= p
+        return n == 1
+
+    for shape in ((160, 210, 189), (120, 135, 125), (31, 33, 97)):
+        plain, even = fast_shape(shape, factor=1.1), fast_shape(shape, factor=1.1, even_last=True)
+        assert even[:2] == plain[:2] and even[2] % 2 == 0 and smooth(even[2])
+        assert plain[2] <= even[2] < 2 * plain[2]
+    mask = np.zeros((40, 40, 40), bool)
+    mask[5:30, 6:31, 7:32] = True
+    assert MaskBox(mask).shape == (25, 25, 25)
+    assert MaskBox(mask, even_last=True).shape == (25, 25, 28)     # 25 -> 27 (odd) -> 28

@@ -42,13 +42,16 @@ def ifftn(x, axes=(0, 1, 2)):
     return sfft.ifftn(x, axes=axes, workers=workers())
 
 
-def fast_shape(shape, *, factor=1.0, margin=0):
+def fast_shape(shape, *, factor=1.0, margin=0, even_last=False):
     """Padded shape: each axis at least ``factor * n + margin``, rounded up to
-    a size FFTs handle fast (products of small primes), the last axis to an
-    even one: real FFTs halve it, and torch's (MKL) real FFT of an odd length
-    took twice as long (benchmarks/fft_sizes.py)."""
+    a size FFTs handle fast (products of small primes); with ``even_last`` the
+    last axis to an even one: real FFTs halve it, and torch's (MKL) real FFT
+    of an odd length took 1.06-1.31 times as long (benchmarks/fft_sizes.py).
+    TFI pads that way; the other methods keep the padding their published
+    tables and the learned methods' weights were made with (the TV-ADMM start
+    of IR2QSM and U-Net changes with it, and so do their check scores)."""
     sizes = [sfft.next_fast_len(int(np.ceil(n * factor)) + int(margin)) for n in shape]
-    while sizes[-1] % 2:
+    while even_last and sizes[-1] % 2:
         sizes[-1] = sfft.next_fast_len(sizes[-1] + 1)
     return tuple(sizes)
 

@@ -190,16 +190,18 @@ class MaskBox:
     results back.
 
     The padded shape is ``pad_factor`` times the box plus ``2 * margin``
-    voxels, rounded up to a fast FFT size, with the box centred.
+    voxels, rounded up to a fast FFT size (with ``even_last``, the last axis to
+    an even one: :func:`qsmprep.qsm.fft.fast_shape`), with the box centred.
     """
 
-    def __init__(self, mask, *, pad_factor=1.0, margin=0):
+    def __init__(self, mask, *, pad_factor=1.0, margin=0, even_last=False):
         self.mask = np.asarray(mask, dtype=bool)
         if self.mask.ndim != 3:
             raise ValueError(f"Expected a 3-D mask, got shape {self.mask.shape}")
         self.box = bbox_slices(self.mask)
         boxed = self.mask[self.box]
-        self.shape = fast_shape(boxed.shape, factor=pad_factor, margin=2 * int(margin))
+        self.shape = fast_shape(boxed.shape, factor=pad_factor, margin=2 * int(margin),
+                                even_last=even_last)
         self.crop = pad(boxed, self.shape)[1]
 
     def pad(self, x):
