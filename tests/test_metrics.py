@@ -174,3 +174,20 @@ def test_bad_inputs_raise(case):
         metrics.nrmse(recon[:-1], truth, mask)
     with pytest.raises(ValueError, match="empty"):
         metrics.xsim(recon, truth, np.zeros_like(mask))
+
+
+def test_demeaned_xsim_ignores_the_reference_and_plain_xsim_does_not():
+    """XSIM as QSM-CI scores it sees a 0.01 ppm offset between two maps (the
+    luminance term; a map referenced to CSF against one with a zero mean);
+    ``demean=True`` compares them on structure alone, as NRMSE does."""
+    rng = np.random.default_rng(2)
+    mask = np.zeros((24, 24, 24), bool)
+    mask[4:20, 4:20, 4:20] = True
+    truth = np.where(mask, gaussian_filter(rng.normal(size=mask.shape), 1.0) * 0.05, 0)
+    recon = truth + np.where(mask, rng.normal(0, 0.01, mask.shape), 0)
+    shifted = np.where(mask, recon + 0.01, 0)
+    plain = [metrics.xsim(r, truth, mask) for r in (recon, shifted)]
+    demeaned = [metrics.xsim(r, truth, mask, demean=True) for r in (recon, shifted)]
+    assert plain[1] < plain[0] - 0.05, plain
+    assert abs(demeaned[1] - demeaned[0]) < 1e-9, demeaned
+    assert metrics.score(shifted, truth, mask)["xsim_demeaned"] == pytest.approx(demeaned[1])

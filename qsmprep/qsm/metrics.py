@@ -116,14 +116,22 @@ def hfen(recon, truth, mask, sigma=1.5):
     return 100.0 * float(np.linalg.norm(lx[m] - ly[m])) / norm
 
 
-def xsim(recon, truth, mask, window=5):
+def xsim(recon, truth, mask, window=5, demean=False):
     """XSIM: structural similarity tuned for QSM (Milovic et al. 2025).
 
     SSIM with dynamic range L = 1 ppm, K1 = 0.01, K2 = 0.001, local statistics
     over ``window``³ boxes (boxes cut at the volume edge use the voxels that
     exist), averaged over the mask voxels. 1 for identical maps.
+
+    Scored on the maps as given (as QSM-CI does), XSIM depends on their
+    reference: its luminance term sees an offset of 0.005 ppm. With
+    ``demean`` both maps are first demeaned in the mask, as :func:`nrmse`
+    does, so that two maps referenced differently (CSF = 0 against a zero
+    brain mean) are compared on structure.
     """
     x, y, m = _prepare(recon, truth, mask)
+    if demean:
+        x, y = np.where(m, x - x[m].mean(), 0.0), np.where(m, y - y[m].mean(), 0.0)
     c1, c2 = 0.01**2, 0.001**2
     count = uniform_filter(np.ones_like(x), size=window, mode="constant")
 
@@ -263,13 +271,14 @@ def region_metrics(recon, truth, labels, mask):
 
 def score(recon, truth, mask, labels=None):
     """All metrics at once: a dict with ``nrmse``, ``nrmse_detrend``, ``hfen``,
-    ``xsim``, ``correlation``, ``coverage`` and, with ``labels``, the
+    ``xsim``, ``xsim_demeaned``, ``correlation``, ``coverage`` and, with ``labels``, the
     :func:`region_metrics`."""
     out = {
         "nrmse": nrmse(recon, truth, mask),
         "nrmse_detrend": nrmse_detrend(recon, truth, mask),
         "hfen": hfen(recon, truth, mask),
         "xsim": xsim(recon, truth, mask),
+        "xsim_demeaned": xsim(recon, truth, mask, demean=True),
         "correlation": correlation(recon, truth, mask),
         "coverage": coverage(recon, mask),
     }
