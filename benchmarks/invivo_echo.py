@@ -44,6 +44,7 @@ ECHO_TIMES_S = (0.004, 0.008, 0.012)
 FIELD_STRENGTH_T = 3.0
 B0_DIR = (0.0, 0.0, 1.0)  # the crop's voxel axes are the scanner's (identity rotation)
 SUBSETS = {"1-2": [0, 1], "2-3": [1, 2]}
+INVERSION = "ilsqr"  # of the chain that scores each echo combination (PDF + iLSQR)
 
 
 def high_pass_rms(volume, mask, sigma_vox=1.0):
@@ -68,14 +69,14 @@ def load(data_dir):
     return phase, magnitude, vox
 
 
-def front_end(data_dir, inversion=None):
+def front_end(data_dir):
     """The app's steps before the echo combination, on the crop: the phase
     (rad) after MCPC-3D-S, the echoes unwrapped by the default method (ROMEO),
     the magnitude, the voxel size (mm), the echo times (s) and a function
     ``mask_for(inversion)``: the default mask (BET, with the unwrapping's
     quality map) with the parameters the app gives it before ``inversion``
-    (:func:`qsmprep.qsm.registry.masking_params`). ``inversion`` (default:
-    the default's) picks the mask returned last."""
+    (:func:`qsmprep.qsm.registry.masking_params`), computed once per
+    parameter set."""
     from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm import registry
     from qsmprep.qsm.unwrap import mcpc3ds
@@ -96,8 +97,7 @@ def front_end(data_dir, inversion=None):
                                          quality=quality, voxel_size_mm=vox, **params), bool)
         return masks[key]
 
-    mask = mask_for(inversion or DEFAULT_METHODS["inversion"])
-    return phase, unwrapped, magnitude, vox, te, mask, mask_for
+    return phase, unwrapped, magnitude, vox, te, mask_for
 
 
 def main(argv=None):
@@ -107,7 +107,8 @@ def main(argv=None):
     from qsmprep.qsm import registry
     from qsmprep.qsm.units import hz_to_ppm
 
-    phase, unwrapped, magnitude, vox, te, mask, _ = front_end(args.data, inversion="ilsqr")
+    phase, unwrapped, magnitude, vox, te, mask_for = front_end(args.data)
+    mask = mask_for(INVERSION)
 
     results, chis, b0s = {}, {}, {}
     for method in registry.names("echo_combination"):
@@ -119,7 +120,7 @@ def main(argv=None):
         diff = subsets["1-2"] - subsets["2-3"]
         total, noise = hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T)
         local, m = call("bf_removal", "pdf", total, mask, vox, b0_dir=B0_DIR, noise_std_ppm=noise)
-        chi = call("inversion", "ilsqr", local, m, vox, b0_dir=B0_DIR, noise_std_ppm=noise,
+        chi = call("inversion", INVERSION, local, m, vox, b0_dir=B0_DIR, noise_std_ppm=noise,
                    magnitude=magnitude)
         chis[method] = (chi, m)
         results[method] = {

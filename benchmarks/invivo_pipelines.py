@@ -67,7 +67,7 @@ def front_end(data_dir):
     from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm.units import hz_to_ppm
 
-    _, unwrapped, magnitude, vox, te, _, mask_for = echo_front_end(data_dir)
+    _, unwrapped, magnitude, vox, te, mask_for = echo_front_end(data_dir)
     b0, n_std = call("echo_combination", DEFAULT_METHODS["echo_combination"], unwrapped,
                      magnitude, te)
     return (hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T), mask_for,
