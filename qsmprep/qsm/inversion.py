@@ -15,7 +15,7 @@ import torch
 
 from . import torch_ops as T
 from .fft import fftn, ifftn
-from .kernels import dipole_kernel, tkd_inverse
+from .kernels import dipole_kernel, gradient_norm2, tkd_inverse
 from .mask import MaskBox, check_volume
 from .bgremove import _data_weights
 from .ilsqr import _ilsqr, _masked_lsq
@@ -120,10 +120,7 @@ def tikhonov(local_field_ppm, mask, voxel_size_mm, *, b0_dir, lam=1e-2,
     if regularizer == "identity":
         penalty = np.float32(1.0)
     else:
-        penalty = sum(
-            (4 * np.sin(np.pi * np.fft.fftfreq(n)) ** 2).reshape([-1 if i == j else 1 for j in range(3)])
-            for i, n in enumerate(grid.shape)
-        )
+        penalty = gradient_norm2(grid.shape)
     denom = d**2 + lam * penalty
     denom[denom == 0] = 1.0
     chi = ifftn(fftn(grid.pad(field)) * (d / denom).astype(np.float32))

@@ -65,6 +65,14 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
     return d
 
 
+def gradient_norm2(shape):
+    """``sum_j |exp(2 pi i k_j / N_j) - 1|^2 = sum_j 4 sin^2(pi k_j / N_j)`` on the
+    FFT grid of ``shape``: the symbol of ``grad^T grad`` (= -Laplacian) for
+    periodic forward differences (float64, full spectrum)."""
+    terms = [4 * np.sin(np.pi * np.fft.fftfreq(n)) ** 2 for n in shape]
+    return terms[0][:, None, None] + terms[1][None, :, None] + terms[2][None, None, :]
+
+
 def even_part(kspace):
     """``(H(k) + H(-k)) / 2`` of a real k-space array ``H`` on an FFT grid.
 

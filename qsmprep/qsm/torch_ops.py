@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kernels import dipole_kernel, half_spectrum, smv_kernel
+from .kernels import dipole_kernel, gradient_norm2, half_spectrum, smv_kernel
 
 
 def as_tensor(x, device="cpu", dtype=torch.float32):
@@ -47,10 +47,8 @@ def smv_kernel_t(shape, voxel_size_mm, radius_mm, device="cpu"):
 
 
 def grad_norm2_t(shape, device="cpu"):
-    """``sum_j |exp(2 pi i k_j / N_j) - 1|^2``: the symbol of ``grad^T grad`` (= -Laplacian)."""
-    terms = [4 * np.sin(np.pi * np.fft.fftfreq(n)) ** 2 for n in shape]
-    e2 = terms[0][:, None, None] + terms[1][None, :, None] + terms[2][None, None, :]
-    return as_tensor(half_spectrum(e2), device)
+    """:func:`qsmprep.qsm.kernels.gradient_norm2` as a half-spectrum tensor."""
+    return as_tensor(half_spectrum(gradient_norm2(shape)), device)
 
 
 def _sl(d, start, stop):
