@@ -41,9 +41,11 @@ def test_tfi_on_the_total_field_beats_the_two_step_chain(head):
     two_step = err(medi(pdf_local, brain, VOX, b0_dir=b0, max_outer=5))
     # converged, the joint fit separates the background (air spheres; twice the brain's
     # own field in the brain) from the brain's chi nearly as well as knowing the local
-    # field, and much better than PDF then MEDI (PDF's sources absorb the brain's edge)
+    # field, and much better than PDF then MEDI (PDF's sources absorb the brain's edge);
+    # measured 15.2 % against 14.9 % and 39.6 % (100 CG iterations a step do not converge
+    # here: 23-25 %)
     converged_chi, tfi_local = tfi(total, brain, VOX, b0_dir=b0, edge_mm=0.0, max_outer=10,
-                                   cg_iter=100, tol=1e-3)
+                                   cg_iter=300, tol=1e-3)
     converged = err(converged_chi)
     assert converged < 1.6 * known_local and converged < two_step - 10, (
         converged, known_local, two_step)

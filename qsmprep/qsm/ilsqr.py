@@ -127,7 +127,7 @@ def _ilsqr(field, mask, voxel_size_mm, b0_dir, noise_std_ppm, threshold, lsqr_it
         return T.irfft3(cone * T.rfft3(x), shape)
 
     def normal(x):
-        return proj(T.grad_adj(g2 * T.grad(x)))
+        return proj(T.grad_adj_grad(x, g2))
 
     chi_sa, _ = T.cg(normal, normal(chi_lsqr), max_iter=max_iter, tol=tol)
     parts = {"chi": m * (chi_lsqr - chi_sa), "chi_lsqr": chi_lsqr, "chi_sa": chi_sa,

@@ -269,10 +269,10 @@ def medi(local_field_ppm, mask, voxel_size_mm, *, b0_dir, magnitude=None,
     eps = 1e-6
     for _ in range(int(max_outer)):
         g = m_g * T.grad(chi)
-        v = 1.0 / torch.sqrt(torch.sum(g * g, dim=0, keepdim=True) + eps)
+        tv = m_g * m_g / torch.sqrt(torch.sum(g * g, dim=0, keepdim=True) + eps)
 
-        def a(x, v=v):
-            return lam * dconv(w2 * dconv(x)) + T.grad_adj(m_g * v * m_g * T.grad(x))
+        def a(x, tv=tv):
+            return lam * dconv(w2 * dconv(x)) + T.grad_adj_grad(x, tv)
 
         new, _ = T.cg(a, rhs, chi, max_iter=cg_iter, tol=1e-2)
         change = torch.linalg.vector_norm(new - chi) / torch.linalg.vector_norm(new).clamp_min(1e-12)
