@@ -77,11 +77,21 @@ def weighted_echo_fit(unwrapped, magnitude, echo_times_s):
         ``sqrt(sum w (phi - omega TE)^2 / sum w)``; 0 for a single echo.
     """
     phase, mag, te = _as_echoes(unwrapped, magnitude, echo_times_s)
-    w = np.ones_like(phase) if mag is None else mag * mag
-    den = np.sum(w * te * te, axis=-1)
-    omega = np.divide(np.sum(w * te * phase, axis=-1), den, out=np.zeros(den.shape, np.float32), where=den > 0)
-    wsum = np.sum(w, axis=-1)
-    sq = np.sum(w * (phase - omega[..., None] * te) ** 2, axis=-1)
+
+    def weight(e):  # w of echo e, (X, Y, Z): echo by echo, no 4-D temporaries
+        return np.ones(phase.shape[:3], np.float32) if mag is None else mag[..., e] * mag[..., e]
+
+    def echo_sum(term):
+        total = term(0)
+        for e in range(1, te.size):
+            total += term(e)
+        return total
+
+    den = echo_sum(lambda e: weight(e) * te[e] * te[e])
+    num = echo_sum(lambda e: weight(e) * te[e] * phase[..., e])
+    omega = np.divide(num, den, out=np.zeros(den.shape, np.float32), where=den > 0)
+    wsum = echo_sum(weight)
+    sq = echo_sum(lambda e: weight(e) * (phase[..., e] - omega * te[e]) ** 2)
     residual = np.sqrt(np.divide(sq, wsum, out=np.zeros_like(sq), where=wsum > 0))
     return (omega / (2 * np.pi)).astype(np.float32), residual.astype(np.float32)
 
@@ -155,7 +165,9 @@ def romeo_b0_noise_std(magnitude, echo_times_s, sigma=None):
     mag = np.asarray(magnitude, dtype=np.float32)
     if mag.ndim == 3:
         mag = mag[..., None]
-    den = np.tensordot(mag.astype(np.float64), te, axes=([-1], [0]))
+    den = np.zeros(mag.shape[:3])  # float64, echo by echo (no 4-D float64 copy)
+    for e, t in enumerate(te):
+        den += mag[..., e] * float(t)
     with np.errstate(divide="ignore"):
         return _field_std_hz(te.size / den**2, sigma)  # inf (no signal) -> 0
 
@@ -165,7 +177,7 @@ def _linear_fit_sigma(residual, mag):
     ``mag^2``, ``dof = E - 1``); None for one echo."""
     if mag.shape[-1] < 2:
         return None
-    rss = residual.astype(np.float64) ** 2 * np.sum(mag * mag, axis=-1)
+    rss = residual.astype(np.float64) ** 2 * np.einsum("...e,...e->...", mag, mag)
     return estimate_noise_sigma(rss, mag.shape[-1] - 1, mag.mean(axis=-1))
 
 

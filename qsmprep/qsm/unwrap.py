@@ -160,19 +160,23 @@ def mcpc3ds(phase, magnitude, echo_times_s, *, voxel_size_mm, sigma_mm=3.0, bipo
     d12 = hip_unwrapped(0, 1)
     offset = _smooth_phase(phase[..., 0] - d12 * np.float32(te[0] / (te[1] - te[0])), weight, sigma_vox)
     corrected = _wrap_np(phase - offset[..., None])
-    return corrected.astype(np.float32), offset
+    return corrected, offset
 
 
 def _wrap_np(x):
-    """Wrap to [-pi, pi] (float32)."""
+    """Wrap to [-pi, pi] (float32): ``x - 2 pi rint(x / 2 pi)``, computed in one
+    output array (a 4-D phase is hundreds of MB)."""
     x = np.asarray(x, dtype=np.float32)
-    return x - np.float32(TWO_PI) * np.rint(x / np.float32(TWO_PI))
+    out = np.divide(x, np.float32(TWO_PI))
+    np.rint(out, out=out)
+    out *= np.float32(TWO_PI)
+    return np.subtract(x, out, out=out)
 
 
 def _finite(x):
     """float32 copy of ``x`` with non-finite values set to 0."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.where(np.isfinite(x), x, np.float32(0))
+    x = np.array(x, dtype=np.float32)
+    return np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # --------------------------------------------------------------------------
