@@ -226,7 +226,9 @@ def render(results):
         "never used. Truth χ and local field are low-passed by the same k-space crop. "
         "QSM-CI scoring (`qsmprep.qsm.metrics`) in the true brain mask; a dropped voxel "
         "scores 0. XSIM scores the maps as referenced (our χ: zero mean in its mask; the "
-        "truth: CSF = 0, so its brain mean is up to −0.0065 ppm), as QSM-CI does; XSIM dm "
+        "truth: pure CSF = 0 on the model grid, but its ventricles carry +0.02 ppm of T1 texture, "
+        "so no region of it is at 0; its brain mean is up to −0.0065 ppm), as QSM-CI does "
+        "(`qsm_eval.score_arrays`) and as #22's target means; XSIM dm "
         "demeans both in the true mask first, as NRMSE does ('–': rows run before it existed). "
         "Depth columns: NRMSE (%) within bands of distance from the brain edge (mm).\n",
         SELECTION_RULE + "\n",
