@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -55,6 +56,22 @@ def timed(func, *args, **kwargs):
     start = time.perf_counter()
     result = func(*args, **kwargs)
     return result, time.perf_counter() - start
+
+
+def median_ms(calls, repeats):
+    """Median wall milliseconds of each of ``calls`` (name -> function of no
+    arguments) over ``repeats`` rounds, after one warm-up call each; the calls
+    are interleaved within a round, so a drift of the machine's speed hits
+    them alike."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def cpu_model():

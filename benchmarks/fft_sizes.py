@@ -17,13 +17,11 @@ Usage: ``python benchmarks/fft_sizes.py [--repeats 9]``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt, hardware, hardware_note, markdown_table, publish  # noqa: E402
+from _common import fmt, hardware, hardware_note, markdown_table, median_ms, publish  # noqa: E402
 
 SECTION = "fft_sizes"
 #: boxes whose last axis is an odd fast length (the old padding of those boxes)
@@ -50,15 +48,7 @@ def timings_ms(shape, repeats):
     calls = {"rfftn": lambda: torch.fft.rfftn(x, dim=(0, 1, 2), out=k),
              "irfftn": lambda: torch.fft.irfftn(k, s=shape, dim=(0, 1, 2), out=out),
              "operator": lambda: op(x)}
-    for call in calls.values():
-        call()
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return median_ms(calls, repeats)
 
 
 def main(argv=None):

@@ -19,13 +19,11 @@ Usage: ``python benchmarks/tfi_operator.py [--repeats 15]``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt, hardware, hardware_note, markdown_table, publish  # noqa: E402
+from _common import fmt, hardware, hardware_note, markdown_table, median_ms, publish  # noqa: E402
 
 SECTION = "tfi_operator"
 SHAPES = ((160, 210, 192), (120, 135, 126), (144, 168, 140))
@@ -70,13 +68,7 @@ def timings_ms(shape, repeats):
              "op composed": with_regulariser(composed, lambda: op(x))}
     first = {name: call() for name, call in calls.items()}
     assert torch.allclose(first["op compiled"], first["op composed"], rtol=1e-4, atol=1e-2)
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return median_ms(calls, repeats)
 
 
 def main(argv=None):
