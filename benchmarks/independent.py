@@ -36,6 +36,7 @@ import argparse
 import pickle
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -180,24 +181,47 @@ def hwm_gb():  # this process's own peak (ru_maxrss keeps the parent's across ex
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
 before = hwm_gb()
+import torch  # the reference: a fixed FFT workload, timed in this process before the pipeline
+x = torch.randn(128, 128, 128, generator=torch.Generator().manual_seed(0))
+ref = []
+for _ in range(11):
+    t = time.perf_counter()
+    torch.fft.irfftn(torch.fft.rfftn(x), s=x.shape)
+    ref.append(time.perf_counter() - t)
+del x
 t = time.perf_counter()
 pipeline(case, dict(DEFAULT_METHODS))
 print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_gb": hwm_gb(),
-                  "inputs_rss_gb": before}}))
+                  "inputs_rss_gb": before, "reference_ms": 1000 * sorted(ref)[5]}}))
 """
 
 
-def measure_default(case):
+def measure_default(case, repeats=3):
     """Peak resident memory (GB) and wall time (s) of the default pipeline on
-    ``case`` in a fresh process (inputs loaded; imports included)."""
+    ``case``, each of ``repeats`` runs in a fresh process (inputs loaded, imports
+    included): the median wall time and its range, the largest peak, and the
+    median time (ms) of a fixed reference FFT workload timed in each child
+    before the pipeline, so that runs on a machine whose speed drifts can be
+    compared (``wall_per_reference``)."""
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "case.npz"
         np.savez(npz, vox=case.voxel_size_mm, b0=case.b0_dir, fs=case.field_strength_t,
                  te=case.echo_times_s, mask=case.mask, mag=case.magnitude, phase=case.phase)
         code = _CHILD.format(bench=str(Path(__file__).resolve().parent), npz=str(npz))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    walls = [r["wall_s"] for r in runs]
+    reference = statistics.median(r["reference_ms"] for r in runs)
+    return {"wall_s": statistics.median(walls), "wall_min_s": min(walls),
+            "wall_max_s": max(walls), "repeats": repeats,
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+            "inputs_rss_gb": max(r["inputs_rss_gb"] for r in runs),
+            "reference_ms": reference,
+            "wall_per_reference": statistics.median(r["wall_s"] * 1000 / r["reference_ms"]
+                                                    for r in runs)}
 
 
 def section(quick):
@@ -264,9 +288,20 @@ def render(results):
                 "brain of a whole-head image).\n")
     if results.get("memory"):
         parts += ["### Default pipeline: peak memory and wall time (fresh process)\n",
-                  markdown_table(["Head", "Grid", "Peak RSS (GB)", "Wall (s)"],
+                  "Wall time: the median of the runs (each in a fresh process), its range and "
+                  "their number; the reference is a fixed FFT workload (a 128³ float32 `rfftn` "
+                  "and `irfftn`, median of 11) timed in each run's process before the pipeline, "
+                  "and the last column the wall time in units of it, comparable between runs on "
+                  "a machine whose speed drifts ('–': rows measured before it existed).\n",
+                  markdown_table(["Head", "Grid", "Peak RSS (GB)", "Wall (s)", "Range (s)",
+                                  "Runs", "Reference (ms)", "Wall / reference"],
                                  [[m["head"], m["grid"], fmt(m["peak_rss_gb"], 2),
-                                   fmt(m["wall_s"], 1)] for m in results["memory"]])]
+                                   fmt(m["wall_s"], 1),
+                                   (f"{fmt(m['wall_min_s'], 1)}–{fmt(m['wall_max_s'], 1)}"
+                                    if "wall_min_s" in m else "–"),
+                                   str(m.get("repeats", 1)), fmt(m.get("reference_ms"), 1),
+                                   fmt(m.get("wall_per_reference"), 0)]
+                                  for m in results["memory"]])]
     parts += [note + "\n" for note in results.get("notes", [])]
     parts.append(hardware_note(results["hardware"]) + "\n")
     return "\n".join(parts)
@@ -304,6 +339,8 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true",
                         help="also measure the default pipeline's peak memory in a child "
                         "process on the heads of 1.25 mm or finer")
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="fresh-process runs per head for --memory (median wall time)")
     parser.add_argument("--heads", nargs="+", help="only these heads")
     parser.add_argument("--stages", nargs="+", default=["pipeline", "bf_removal", "inversion"],
                         choices=["pipeline", "bf_removal", "inversion"])
@@ -347,7 +384,7 @@ def main(argv=None):
                                                                args.variants),
                                      [h["name"] for h in results["heads"]])
         if args.memory and head.voxel_size_mm[0] <= 1.25:
-            mem = measure_default(case)
+            mem = measure_default(case, args.memory_repeats)
             results["memory"] = [m for m in results["memory"] if m["head"] != name] + [
                 {"head": name, "grid": " × ".join(map(str, head.mask.shape)), **mem}]
         del head, case

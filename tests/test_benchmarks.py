@@ -302,6 +302,19 @@ def test_cli_startup_measures_help_and_renders_the_target_verdict(tmp_path):
     assert "(met)" in cli_startup.render(results)
 
 
+def test_independent_memory_table_reads_old_and_repeated_rows():
+    """Fresh-process rows measured once (before repeats and the reference
+    workload existed) and rows with a median of several runs render side by side."""
+    results = {"quick": False, "hardware": _common.hardware(), "heads": [], "rows": [],
+               "memory": [{"head": "old", "grid": "1 × 2 × 3", "peak_rss_gb": 2.6, "wall_s": 126.0},
+                          {"head": "new", "grid": "1 × 2 × 3", "peak_rss_gb": 2.9, "wall_s": 110.0,
+                           "wall_min_s": 106.0, "wall_max_s": 123.0, "repeats": 3,
+                           "reference_ms": 25.0, "wall_per_reference": 4400.0}]}
+    text = independent.render(results)
+    assert "| old | 1 × 2 × 3 | 2.60 | 126.0 | – | 1 | – | – |" in text
+    assert "| new | 1 × 2 × 3 | 2.90 | 110.0 | 106.0–123.0 | 3 | 25.0 | 4400 |" in text
+
+
 def test_independent_merge_replaces_rerun_rows_and_orders_by_head(tmp_path):
     row = lambda stage, method, head, v: {"stage": stage, "method": method, "phantom": head,
                                           "metrics": {"nrmse": v}}
