@@ -148,3 +148,47 @@ def test_misfit_step_restores_texture_the_prior_flattened(head):
         if worse_by == 0.0:
             xsims = [metrics.xsim(centred(x), centred(chi), brain) for x in (without, with_step)]
             assert xsims[1] > xsims[0] + 0.005, xsims
+
+
+def test_block_mean_and_upsampling_keep_each_side_of_the_mask():
+    """The coarse grid's block means keep a constant, and upsampling puts the
+    inside value on every voxel of the fine mask and the outside value on every
+    other: the brain's chi is not blended with the background's ppm sources."""
+    import torch
+
+    from qsmprep.qsm.tfi import block_mean, upsample_within
+
+    ones = torch.ones((7, 6, 5))
+    coarse = block_mean(ones, (6, 4, 4))
+    # full blocks stay 1; a block on an odd axis's last voxel is half zero padding
+    assert torch.all(coarse[:3, :3, :2] == 1) and coarse[3, 0, 0] == 0.5
+    assert torch.all(coarse[4:] == 0) and torch.all(coarse[:, 3] == 0)
+    fine_mask = torch.zeros((12, 10, 8))
+    fine_mask[3:9, 2:8, 2:6] = 1
+    coarse_mask = (block_mean(fine_mask, (6, 5, 4)) > 0.5).float()
+    chi = torch.where(coarse_mask > 0, 0.05, -9.0)
+    up = upsample_within(chi, coarse_mask, fine_mask)
+    assert up.shape == fine_mask.shape
+    assert torch.allclose(up[fine_mask > 0], torch.tensor(0.05))
+    assert torch.allclose(up[fine_mask == 0], torch.tensor(-9.0))
+
+
+def test_coarse_start_makes_the_solve_faster_not_worse():
+    """At 1 mm the first steps run on a 2 mm grid and only three on the
+    acquired one. On the phantom at its own 1 mm (background twice the brain's
+    field) that must be at least as accurate as all ten steps on the acquired
+    grid (measured 5.8 % against 9.0 %) and much better than the same three
+    acquired-grid steps from PDF's start alone (30.5 %): a coarse grid with
+    the wrong voxel size, kernel or upsampling would start them nowhere near."""
+    from _qsm_phantom import background_field, brain_phantom, local_field
+
+    chi, brain = brain_phantom()
+    b0 = np.asarray(B0) / np.linalg.norm(B0)
+    total = local_field(chi, b0) + background_field(b0)
+    err = lambda x: metrics.nrmse(x - x[brain].mean(), chi - chi[brain].mean(), brain)  # noqa: E731
+    vox = (1.0, 1.0, 1.0)
+    coarse_start = err(tfi(total, brain, vox, b0_dir=b0, edge_mm=0.0)[0])
+    acquired = err(tfi(total, brain, vox, b0_dir=b0, edge_mm=0.0, coarse_steps=0)[0])
+    three = err(tfi(total, brain, vox, b0_dir=b0, edge_mm=0.0, coarse_steps=0, max_outer=3)[0])
+    assert coarse_start < acquired + 2 and coarse_start < 0.5 * three, (coarse_start, acquired,
+                                                                        three)
