@@ -274,3 +274,20 @@ def test_app_runs_dmqsm_with_its_cli_settings(tmp_path, synthetic_bids):
     record = json.loads((anat / "sub-01_Chimap.json").read_text())["QSMMethods"]["inversion"]
     assert record["Name"] == "dmqsm"
     assert record["Parameters"]["steps"] == 2 and record["Parameters"]["seed"] == 1
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped dmqsm weights")
+def test_super_resolution_band_weight_scales_only_the_band_above_the_data():
+    """``band_weight`` 0 is the k-space zero-filled up-sampling, 1 the projected
+    sample, and a weight in between scales only what the sample adds to it."""
+    chi, _, _ = _phantom(24)
+    brain = np.ones(chi.shape, bool)
+    down = Downsample(chi.shape, 2)
+    lowres = to_numpy(down(to_tensor(chi, "cpu")))
+    zero_filled = to_numpy(down.zero_filled(to_tensor(lowres, "cpu")))
+    maps = {w: dmqsm.super_resolve(lowres, 2, mask=brain, device="cpu", steps=3, band_weight=w)
+            for w in (0.0, 0.25, 1.0)}
+    np.testing.assert_allclose(maps[0.0], zero_filled, atol=1e-6)
+    added = maps[1.0] - zero_filled
+    assert np.abs(added).max() > 1e-3  # the prior adds a band
+    np.testing.assert_allclose(maps[0.25], zero_filled + 0.25 * added, atol=1e-6)
