@@ -107,7 +107,13 @@ def test_a_time_budget_ends_the_run_validated_and_the_card_says_so(tmp_path):
     # the last step is validated (best.pt exists) and ran at the decayed rate
     assert rows[-1]["val_nrmse_chi"] and (tmp_path / "run" / "best.pt").exists()
     assert float(rows[0]["lr"]) < float(rows[1]["lr"])  # warming up
-    assert float(rows[-1]["lr"]) < 0.1 * float(rows[1]["lr"])
+    # the rate follows the time spent, not the steps (0.1 % of 100000 here): the last
+    # step's is the cosine at the fraction of the budget used before it (its row's
+    # wall_s is rounded to 0.1 s), well below the peak (the last step starts late in the
+    # budget; how late depends on the machine's load, so that is not asserted)
+    used = float(rows[-2]["wall_s"]) / budget
+    ratio = float(rows[-1]["lr"]) / float(rows[1]["lr"])
+    assert ratio < 0.8 and abs(ratio - (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * used)))) < 0.12
     # the card reports the run as sized by time and retrains it the same way
     # (export scores 40^3 validation patches, as the run recorded)
     export("unet", tmp_path / "run", tmp_path / "models")
