@@ -283,8 +283,9 @@ def render_independent(saved):
         "resolution; wall and process CPU time (s) on 2 CPU cores.\n",
         "ξ was chosen on two 48³ crops of this same head (docs/deep-learning.md, \"How ξ was "
         "chosen\"), so the inversion rows are not independent of that one choice; the "
-        "super-resolution rows (ξ, `t_start` chosen on a `qsmprep.sim` crop, never on this "
-        "suite) are.\n",
+        "super-resolution rows (ξ, `t_start` chosen on a `qsmprep.sim` crop, the band weight "
+        f"{dmqsm.BAND_WEIGHT_SUPER_RESOLUTION:g} on crops of the suite's other two heads, never "
+        "on this head) are.\n",
     ]
     rows = saved.get("rows", {})
     for task, title in INDEPENDENT_TITLES.items():
@@ -314,6 +315,7 @@ def render_independent(saved):
                         f"{base['xsim']:.3f})")
     if verdicts:
         lines.append("DM-QSM against the issue's yardsticks — " + "; ".join(verdicts) + ".\n")
+    lines += [note + "\n" for note in saved.get("notes", [])]
     if saved.get("hardware"):
         lines.append(hardware_note(saved["hardware"]) + "\n")
     t = saved.get("timing")
