@@ -205,6 +205,14 @@ def test_mcpc3ds_recovers_smooth_offset():
                         sigma_mm=3.0)
     inner = mask & (x**2 + y**2 + z**2 < 0.7**2)
     assert np.abs(wrap(offset - offset_true))[inner].max() < 0.15
+    # non-finite voxels (NaN, ±inf: scanner masks, broken conversions) count as zero signal
+    # and leave the rest as it was
+    broken_phase, broken_mag = wrap(phase + offset_true[..., None]), mag.copy()
+    broken_phase[0, 0, 0, 0], broken_mag[1, 1, 1, 1], broken_mag[2, 2, 2, 0] = np.nan, np.inf, -np.inf
+    corrected, offset2 = mcpc3ds(broken_phase, broken_mag, te, voxel_size_mm=(1, 1, 1),
+                                 sigma_mm=3.0)
+    assert np.isfinite(corrected).all() and np.isfinite(offset2).all()
+    assert np.abs(wrap(offset2 - offset_true))[inner].max() < 0.15
 
 
 def test_mcpc3ds_default_keeps_b0_bias_small():
