@@ -219,16 +219,6 @@ def _pool_min(mask):
     return -torch.nn.functional.max_pool3d(-mask[None, None], 2)[0, 0]
 
 
-def _pool_mean(x):
-    return torch.nn.functional.avg_pool3d(x[None, None], 2)[0, 0]
-
-
-def _upsample(x):
-    return torch.nn.functional.interpolate(
-        x[None, None], scale_factor=2, mode="trilinear", align_corners=False
-    )[0, 0]
-
-
 def lbv(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, levels=4, max_iter=300,
         tol=1e-4, device="cpu"):
     """Laplacian boundary value background removal (Zhou et al. 2014).
@@ -259,10 +249,10 @@ def lbv(total_field_ppm, mask, voxel_size_mm, *, b0_dir=None, levels=4, max_iter
     pyramid = [(interior, b, tuple(float(v) for v in voxel_size_mm))]
     for _ in range(int(levels)):
         mi, bi, vi = pyramid[-1]
-        pyramid.append((_pool_min(mi), _pool_mean(bi) * _pool_min(mi), tuple(2 * v for v in vi)))
+        pyramid.append((_pool_min(mi), T.block_mean2(bi) * _pool_min(mi), tuple(2 * v for v in vi)))
     x = None
     for mi, bi, vi in reversed(pyramid):
-        x = None if x is None else _upsample(x) * mi
+        x = None if x is None else T.upsample2(x) * mi
         x, _ = T.cg(lambda y, mi=mi, vi=vi: -mi * T.laplacian(mi * y, vi), bi, x,
                     max_iter=max_iter, tol=tol)
     crop = tuple(slice(0, n) for n in box.shape)

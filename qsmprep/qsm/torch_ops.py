@@ -138,6 +138,29 @@ def laplacian(x, voxel_size_mm=(1.0, 1.0, 1.0)):
     return out
 
 
+def block_mean2(x, shape=None):
+    """2 x 2 x 2 block means of the last three axes of tensor ``x`` (an odd axis
+    padded with a zero first), zero-padded to ``shape`` when given."""
+    spatial = x.shape[-3:]
+    pads = [a for n in reversed(spatial) for a in (0, n % 2)]
+    y = torch.nn.functional.avg_pool3d(
+        torch.nn.functional.pad(x.reshape(-1, 1, *spatial), pads), 2)
+    y = y.reshape(*x.shape[:-3], *y.shape[-3:])
+    if shape is None:
+        return y
+    out = x.new_zeros((*x.shape[:-3], *shape))
+    out[..., :y.shape[-3], :y.shape[-2], :y.shape[-1]] = y
+    return out
+
+
+def upsample2(x, shape=None):
+    """Trilinear 2x up-sampling of a (X, Y, Z) tensor (voxel centres, as
+    :func:`block_mean2` places them), cropped to ``shape`` when given."""
+    y = torch.nn.functional.interpolate(x[None, None], scale_factor=2, mode="trilinear",
+                                        align_corners=False)[0, 0]
+    return y if shape is None else y[:shape[0], :shape[1], :shape[2]]
+
+
 def soft_threshold(x, t):
     """Element-wise soft thresholding ``sign(x) max(|x| - t, 0)`` (= ``x - clamp(x, -t, t)``)."""
     return x - torch.clamp(x, -t, t)
