@@ -180,10 +180,11 @@ def super_resolve(chi_lowres, factor=2, mask=None, *, mode="kspace", project=Tru
     start = down.zero_filled(y) * m
     chi = dps_sample(model, y, down, start, m, history=history, **opts)
     if project:
-        # the measured band exactly, plus band_weight times the sample's band above it:
-        # D^+ y + w (chi - D^+ D chi) (D^+ = the zero-filled up-sampling; w = 1: chi + D^+(y - D chi))
-        above = chi - down.zero_filled(down(chi))
-        chi = (down.zero_filled(y) + float(band_weight) * above) * m
+        # the measured band exactly, plus band_weight w times the sample's band above it:
+        # D^+ y + w (chi - D^+ D chi) = w chi + D^+(y - w D chi) (D^+ = the zero-filled
+        # up-sampling, linear; w = 1: chi + D^+(y - D chi))
+        w = float(band_weight)
+        chi = (w * chi + down.zero_filled(y - w * down(chi))) * m
     return to_numpy(chi)[tuple(slice(0, n) for n in hr_shape)]
 
 
