@@ -58,14 +58,18 @@ def _admm_tv(a_k, b_k, shape, lam, rho, max_iter, tol):
     x = T.irfft3(b_k / denom, shape)
     z = T.grad(x)
     u = torch.zeros_like(z)
+    # work arrays allocated once: on the CPU, faulting in fresh (3, X, Y, Z)
+    # arrays each iteration cost about as much as the FFTs
+    gx, spare, div = torch.empty_like(z), torch.empty_like(z), torch.empty_like(x)
+    t = lam / rho
     for _ in range(int(max_iter)):
         x_old = x
-        x_k = T.rfft3(T.grad_adj(z.sub_(u)))
+        x_k = T.rfft3(T.grad_adj(z.sub_(u), out=div))
         x = T.irfft3(x_k.mul_(rho).add_(b_k).div_(denom), shape)
-        gx = T.grad(x)
-        u += gx
-        z = T.soft_threshold(u, lam / rho)  # u holds grad x + u_old here
-        u -= z
+        u.add_(T.grad(x, out=gx))                   # v = grad x + u_old
+        torch.clamp(u, -t, t, out=spare)            # u_new = v - soft(v) = clamp(v)
+        torch.sub(u, spare, out=z)                  # z = soft(v, t)
+        u, spare = spare, u
         if torch.linalg.vector_norm(x - x_old) <= tol * torch.linalg.vector_norm(x):
             break
     return x

@@ -161,11 +161,6 @@ def upsample2(x, shape=None):
     return y if shape is None else y[:shape[0], :shape[1], :shape[2]]
 
 
-def soft_threshold(x, t):
-    """Element-wise soft thresholding ``sign(x) max(|x| - t, 0)`` (= ``x - clamp(x, -t, t)``)."""
-    return x - torch.clamp(x, -t, t)
-
-
 def cg(apply_a, b, x0=None, *, max_iter=100, tol=1e-6):
     """Conjugate gradients for ``A x = b`` with a symmetric positive (semi-)definite ``A``.
 
