@@ -17,7 +17,7 @@ threads
 context keywords
     values a method may take besides its stage signature
     (:data:`CONTEXT_KEYWORDS`: voxel size, device, max_voxels, magnitude,
-    N_std). A method receives one only when its signature has a keyword of
+    N_std, echo times, the run's file). A method receives one only when its signature has a keyword of
     that name and the user did not set it as a parameter
     (:func:`passed_keywords`); a value read from a file is wrapped in
     :class:`Lazy` and only read when it is passed.
@@ -54,6 +54,8 @@ CONTEXT_KEYWORDS = {
     "max_voxels": "largest input of one network pass (execution: --mem)",
     "magnitude": "magnitude (root-sum-of-squares over echoes where a 3-D one is needed)",
     NOISE_STD: "N_std, the noise map of the field (ppm): data weights 1/N_std",
+    "echo_times_s": "echo times of the magnitude's echoes (s)",
+    "source": "the run's input file, named in the method's warnings",
 }
 
 

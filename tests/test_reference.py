@@ -27,22 +27,80 @@ def test_empty_mask_is_an_error():
         registry.run("referencing", "mean", np.ones((3, 3, 3)), np.zeros((3, 3, 3), bool))
 
 
-def test_csf_reference_finds_bright_central_csf():
-    from qsmprep.qsm.reference import csf_mask
-
+def _csf_head(ventricle_r2star_hz):
+    """A brain ellipsoid with central ventricles and superficial sulcal CSF,
+    two echoes (4 and 24 ms): tissue decays with R2* 20/s, the ventricles
+    with ``ventricle_r2star_hz`` but start brighter, the sulci like CSF."""
     from _qsm_phantom import ellipsoid
 
     brain = ellipsoid((0, 0, 0), (24, 20, 18))
     ventricles = ellipsoid((0, 3, 0), (8, 3, 4)) | ellipsoid((0, -3, 0), (8, 2, 4))
     sulci = brain & ~ellipsoid((0, 0, 0), (22, 18, 16))  # bright but superficial CSF
     rng = np.random.default_rng(0)
-    last_echo = 0.5 * brain + 0.5 * ventricles + 0.5 * sulci + rng.normal(0, 0.03, brain.shape)
-    magnitude = np.stack([brain + 0.0 * last_echo, last_echo], axis=-1)
-    found = csf_mask(magnitude, brain)
-    assert found.sum() > 0 and np.mean(ventricles[found]) > 0.95
+    te = np.array([0.004, 0.024])
+    m0 = 0.8 * brain + 0.2 * (ventricles | sulci)
+    r2 = np.where(ventricles, ventricle_r2star_hz, np.where(sulci, 3.0, 20.0))
+    magnitude = m0[..., None] * np.exp(-r2[..., None] * te) + rng.normal(0, 0.005, (*brain.shape, 2))
+    return brain, ventricles, magnitude.astype(np.float32), te
+
+
+def test_csf_reference_finds_bright_central_csf():
+    from qsmprep.qsm.reference import csf_mask
+
+    brain, ventricles, magnitude, te = _csf_head(3.0)
+    found, problem = csf_mask(magnitude, brain, echo_times_s=te, depth_mm=6.0)
+    assert problem is None and found.sum() > 0 and np.mean(ventricles[found]) > 0.95
     chi = np.where(ventricles, 0.05, 0.0) + np.where(brain & ~ventricles, -0.02, 0.0) + 0.3
-    out = registry.run("referencing", "csf", chi.astype(np.float32), brain, magnitude=magnitude)
+    out = registry.run("referencing", "csf", chi.astype(np.float32), brain, magnitude=magnitude,
+                       echo_times_s=te, depth_mm=6.0)
     assert np.median(out[ventricles]) == pytest.approx(0.0, abs=1e-6)
     assert np.median(out[brain & ~ventricles]) == pytest.approx(-0.07, abs=1e-6)
     with pytest.raises(ValueError, match="magnitude"):
         registry.run("referencing", "csf", chi, brain)
+
+
+def test_csf_reference_without_ventricles_falls_back_to_the_mean_and_says_so(caplog):
+    """Bright deep voxels that decay like tissue (no ventricles in the field of
+    view) are not CSF: the map is referenced to the whole-brain mean, with a
+    warning naming the run's file, instead of to an arbitrary bright region."""
+    from qsmprep.qsm.reference import csf_mask
+
+    brain, ventricles, magnitude, te = _csf_head(20.0)
+    found, problem = csf_mask(magnitude, brain, echo_times_s=te, depth_mm=6.0)
+    assert not found.any() and "R2*" in problem
+    chi = (np.where(ventricles, 0.05, 0.0) + np.where(brain, 0.3, 0.0)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="qsmprep"):
+        out = registry.run("referencing", "csf", chi, brain, magnitude=magnitude,
+                           echo_times_s=te, depth_mm=6.0, source="sub-01_part-mag_MEGRE.nii.gz")
+    assert abs(out[brain].mean()) < 1e-6
+    assert "sub-01_part-mag_MEGRE.nii.gz" in caplog.text and "whole-brain mean" in caplog.text
+    # a mask with no deep voxels (a thin slab) cannot hold ventricles either
+    slab = np.zeros(brain.shape, bool)
+    slab[:, :, 20:23] = brain[:, :, 20:23]
+    assert csf_mask(magnitude, slab, echo_times_s=te)[1] is not None
+
+
+def test_reference_step_hands_its_fallback_warning_to_the_chimap_sidecar(tmp_path):
+    """The workflow's referencing step (the real Nipype interface) returns what
+    the method warned about, and the Chimap sidecar gets it."""
+    import nibabel as nb
+
+    from qsmprep.interfaces.qsm import Reference
+    from qsmprep.workflows.outputs import _merge_meta
+
+    brain, ventricles, magnitude, te = _csf_head(20.0)
+    files = {}
+    for name, arr in (("chi", np.where(brain, 0.3, 0.0)), ("mask", brain), ("mag", magnitude)):
+        files[name] = str(tmp_path / f"{name}.nii.gz")
+        nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), np.eye(4)), files[name])
+    source = "/data/sub-07/anat/sub-07_echo-1_part-mag_MEGRE.nii.gz"
+    result = Reference(method="csf", params={"depth_mm": 6.0}, chi=files["chi"],
+                       mask=files["mask"], magnitude=files["mag"], echo_times_s=list(te),
+                       source=source).run(cwd=str(tmp_path))
+    warnings = result.outputs.warnings
+    assert len(warnings) == 1 and source in warnings[0] and "whole-brain mean" in warnings[0]
+    out = np.asanyarray(nb.load(result.outputs.chi).dataobj)
+    assert abs(out[brain].mean()) < 1e-5
+    meta = _merge_meta({"Units": "ppm"}, {"PhaseSign": 1}, warnings)
+    assert meta["ReferencingWarnings"] == warnings and meta["Units"] == "ppm"
+    assert "ReferencingWarnings" not in _merge_meta({"Units": "ppm"}, {}, [])

@@ -27,6 +27,7 @@ from nipype.interfaces.base import (
 from ..qsm import registry
 from ..execution import DL_BYTES_PER_VOXEL, Execution, Lazy, max_voxels_for  # noqa: F401
 from ..utils.images import load_echoes, save_like
+from ..utils.runinfo import logged_warnings
 
 # DL_BYTES_PER_VOXEL and max_voxels_for are re-exported from qsmprep.execution
 
@@ -454,21 +455,34 @@ class _ReferenceInputSpec(_MethodInputSpec):
     mask = File(exists=True, mandatory=True)
     magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, for methods that find "
                      "the CSF in it")
+    echo_times_s = traits.List(traits.Float, desc="echo times (s) of the magnitude's echoes")
+    source = traits.Str("this run", usedefault=True,
+                        desc="the run's file, named in the method's warnings")
+
+
+class _ReferenceOutputSpec(_ChiOutputSpec):
+    warnings = traits.List(traits.Str, desc="the warnings the method logged (e.g. its "
+                           "fall-back to another reference region), for the sidecar")
 
 
 class Reference(SimpleInterface):
     """Susceptibility referencing with registry stage ``referencing``."""
 
     input_spec = _ReferenceInputSpec
-    output_spec = _ChiOutputSpec
+    output_spec = _ReferenceOutputSpec
 
     def _run_interface(self, runtime):
         chi, ref = _load(self.inputs.chi)
         mask, _ = _load(self.inputs.mask, bool)
-        out = _execution(self.inputs, limit_threads=False).run(
-            "referencing", self.inputs.method, chi, mask, params=self.inputs.params,
-            context={"voxel_size_mm": _voxel_size(ref),
-                     "magnitude": _lazy_file(self.inputs.magnitude)})
+        with logged_warnings() as warnings:
+            out = _execution(self.inputs, limit_threads=False).run(
+                "referencing", self.inputs.method, chi, mask, params=self.inputs.params,
+                context={"voxel_size_mm": _voxel_size(ref),
+                         "magnitude": _lazy_file(self.inputs.magnitude),
+                         "echo_times_s": (list(self.inputs.echo_times_s)
+                                          if isdefined(self.inputs.echo_times_s) else None),
+                         "source": self.inputs.source})
         out = np.where(mask, out, 0)
+        self._results["warnings"] = warnings
         self._results["chi"] = save_like(out, ref, _out("chi_ref_ppm.nii.gz", runtime))
         return runtime

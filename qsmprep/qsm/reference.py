@@ -7,6 +7,8 @@ Every method has the referencing stage signature of :mod:`qsmprep.qsm.registry`:
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy import ndimage
 
@@ -35,47 +37,77 @@ def reference_mean(chi_ppm, mask):
     return (chi - np.mean(chi[mask], dtype=np.float64)).astype(np.float32) * mask
 
 
-def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, depth_mm=15.0, fraction=0.05,
-             min_size_mm3=200.0):
-    """Ventricular CSF estimate without a segmentation.
+def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, echo_times_s=None,
+             depth_mm=15.0, fraction=0.05, min_size_mm3=200.0, max_r2star_hz=10.0):
+    """Ventricular CSF estimate without a segmentation: ``(csf, problem)``.
 
     CSF has the longest T2*, so it is the brightest tissue on the last echo
     (Liu et al. 2018, MEDI+0 used R2* < 5/s the same way). Candidates are
     the brightest ``fraction`` of the mask voxels at least ``depth_mm`` from
     the mask's edge (ventricles are central; this excludes sulcal CSF and
     vessels near the surface); connected pieces smaller than ``min_size_mm3``
-    are dropped.
+    are dropped. With a multi-echo ``magnitude`` (X, Y, Z, E) and its
+    ``echo_times_s``, the candidates' R2* (1/s, from the first and last echo's
+    median signal) must be below ``max_r2star_hz``: CSF's is 1-5/s, grey and
+    white matter's 15-25/s at 3 T, more at 7 T.
+
+    ``problem`` is None when CSF was found, else a sentence saying why not
+    (``csf`` is then empty): a slab or a crop without the ventricles.
     """
     mag = np.asarray(magnitude, dtype=np.float32)
-    if mag.ndim == 4:
-        mag = mag[..., -1]
     mask = np.asarray(mask, dtype=bool)
-    if mag.shape != mask.shape:
-        raise ValueError(f"Expected a magnitude of shape {mask.shape}, got {mag.shape}")
+    last = mag[..., -1] if mag.ndim == 4 else mag
+    if last.shape != mask.shape:
+        raise ValueError(f"Expected a magnitude of shape {mask.shape} (or with echoes last), "
+                         f"got {mag.shape}")
+    none = np.zeros(mask.shape, bool)
     deep = erode(mask, depth_mm, voxel_size_mm)
     if not deep.any():
         deep = erode(mask, depth_mm / 3, voxel_size_mm)
     if not deep.any():
-        raise ValueError("The mask is too small to find CSF deep inside it")
-    candidates = deep & (mag >= np.quantile(mag[deep], 1.0 - fraction))
+        return none, f"the brain mask has no voxel {depth_mm / 3:g} mm inside its edge"
+    candidates = deep & (last >= np.quantile(last[deep], 1.0 - fraction))
     labels, n = ndimage.label(candidates)
     sizes = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(voxel_size_mm))
     keep = np.flatnonzero(sizes >= min_size_mm3)
     keep = keep[keep > 0]
-    if keep.size == 0:  # fall back to the largest piece
-        keep = np.array([int(np.argmax(sizes[1:])) + 1])
-    return np.isin(labels, keep)
+    if keep.size == 0:
+        return none, (f"no bright deep region of at least {min_size_mm3:g} mm³ (the "
+                      "ventricles) in the last echo")
+    csf = np.isin(labels, keep)
+    if mag.ndim == 4 and echo_times_s is not None and mag.shape[-1] >= 2:
+        te = np.asarray(echo_times_s, dtype=np.float64)
+        first, final = np.median(mag[..., 0][csf]), np.median(last[csf])
+        r2star = (np.log(max(first, 1e-12) / max(final, 1e-12)) / (te[-1] - te[0])
+                  if te[-1] > te[0] else 0.0)
+        if r2star > max_r2star_hz:
+            return none, (f"its brightest deep voxels decay with R2* {r2star:.1f}/s, "
+                          f"above CSF's (< {max_r2star_hz:g}/s): no ventricles in the "
+                          "field of view")
+    return csf, None
 
 
 def reference_csf(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0),
-                  csf=None, depth_mm=15.0, fraction=0.05):
+                  echo_times_s=None, csf=None, depth_mm=15.0, fraction=0.05,
+                  max_r2star_hz=10.0, source="this run"):
     """Subtract the median chi of CSF: the given ``csf`` mask (a segmentation)
-    or :func:`csf_mask` from the (last-echo) magnitude."""
+    or :func:`csf_mask` from the magnitude. When no CSF is found there, chi
+    is referenced to the mask's mean instead, with a warning naming
+    ``source`` (the run's file): the map stays usable, and the log, the
+    report and the Chimap sidecar say which reference it has."""
     chi, mask = _check(chi_ppm, mask)
     if csf is None:
         if magnitude is None:
             raise ValueError("CSF referencing needs a magnitude image or a CSF mask")
-        csf = csf_mask(magnitude, mask, voxel_size_mm, depth_mm=depth_mm, fraction=fraction)
+        csf, problem = csf_mask(magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s,
+                                depth_mm=depth_mm, fraction=fraction,
+                                max_r2star_hz=max_r2star_hz)
+        if problem:
+            logging.getLogger("qsmprep").warning(
+                "%s: CSF referencing found no ventricular CSF (%s); chi was referenced to "
+                "the whole-brain mean instead. Give --referencing mean to choose that, or a "
+                "dataset that covers the ventricles", source, problem)
+            return reference_mean(chi, mask)
     csf = np.asarray(csf, dtype=bool) & mask
     if not csf.any():
         raise ValueError("The CSF mask has no voxel inside the brain mask")

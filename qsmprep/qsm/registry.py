@@ -65,7 +65,8 @@ STAGE_INPUTS = {
     "inversion": ("local_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std_ppm",
                   "magnitude"),
     "masking": ("magnitude", "quality", "voxel_size_mm"),
-    "referencing": ("chi_ppm", "mask", "magnitude", "voxel_size_mm", "csf"),
+    "referencing": ("chi_ppm", "mask", "magnitude", "voxel_size_mm", "echo_times_s", "csf",
+                    "source"),
 }
 
 TABLE = "methods.toml"

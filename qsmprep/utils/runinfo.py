@@ -10,6 +10,7 @@ keep the time they took when they ran.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -23,6 +24,27 @@ def record_warnings(path, logger_name="qsmprep"):
     handler.setFormatter(_OneLine())
     logging.getLogger(logger_name).addHandler(handler)
     return handler
+
+
+@contextmanager
+def logged_warnings(logger_name="qsmprep"):
+    """The WARNING (or worse) messages ``logger_name`` logs inside the block,
+    as a list filled while it runs (one line each): what a step adds to its
+    output's sidecar."""
+    messages = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(self.format(record))
+
+    handler = _Collect(logging.WARNING)
+    handler.setFormatter(_OneLine("%(message)s"))
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 class _OneLine(logging.Formatter):

@@ -35,12 +35,15 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
     Inputs (``inputnode``): ``chi`` (ppm), ``mask``, ``fieldmap`` (Hz),
     ``local_field`` (ppm), ``interpretation`` (how the input was read, from
     :func:`qsmprep.workflows.qsm.merge_interpretation`: added to the sidecars
-    of the Chimap and the field maps) and, when connected, ``unwrapped`` (rad).
+    of the Chimap and the field maps), ``chi_warnings`` (what the referencing
+    step warned about, e.g. a fall-back to another reference region: the
+    Chimap sidecar's ``ReferencingWarnings`` when there are any) and, when
+    connected, ``unwrapped`` (rad).
     """
     wf = Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(["chi", "mask", "fieldmap", "local_field", "unwrapped",
-                               "interpretation"]),
+                               "interpretation", "chi_warnings"]),
         name="inputnode",
     )
     bids_dir = Path(config.execution.bids_dir)
@@ -97,12 +100,15 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
         )
         wf.connect(inputnode, field, sink, "in_file")
         if key != "mask":  # the maps derived from the phase carry its interpretation
-            merge = pe.Node(niu.Function(function=_merge_meta, input_names=["meta", "extra"],
+            merge = pe.Node(niu.Function(function=_merge_meta,
+                                         input_names=["meta", "extra", "warnings"],
                                          output_names=["meta"]), name=f"meta_{key}",
                             run_without_submitting=True)
             merge.inputs.meta = meta
             wf.connect([(inputnode, merge, [("interpretation", "extra")]),
                         (merge, sink, [("meta", "meta_dict")])])
+            if key == "chimap":
+                wf.connect(inputnode, "chi_warnings", merge, "warnings")
     return wf
 
 
@@ -120,9 +126,13 @@ def _local_field_description(workflow):
     return "Local field after background field removal"
 
 
-def _merge_meta(meta, extra):
-    """``meta`` updated with ``extra`` (the input interpretation)."""
-    return {**meta, **(extra or {})}
+def _merge_meta(meta, extra, warnings=None):
+    """``meta`` updated with ``extra`` (the input interpretation) and, when
+    there are any, the referencing step's ``warnings`` (``ReferencingWarnings``)."""
+    out = {**meta, **(extra or {})}
+    if warnings:
+        out["ReferencingWarnings"] = list(warnings)
+    return out
 
 
 def bids_uri(path, bids_dir):

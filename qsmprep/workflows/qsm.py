@@ -260,6 +260,7 @@ def init_qsm_wf(config, run, *, name=None):
     invert = stage_node(Inversion, "inversion", "inversion")
     invert.inputs.b0_dir = b0_dir
     reference = stage_node(Reference, "referencing", "referencing", heavy=False)
+    reference.inputs.source = str(run.magnitude[0] if run.magnitude else run.phase[0])
     # the local field written and shown: the background removal's, or, when that
     # passes the total field on, the one the inversion gives (total field inversion)
     local_source = (invert if registry.passes_total_field(methods["bf_removal"])
@@ -306,7 +307,8 @@ def init_qsm_wf(config, run, *, name=None):
         (bfr, invert, [("local_field", "local_field"), ("mask", "mask")]),
         (invert, reference, [("chi", "chi")]),
         (load, invert, [("magnitude", "magnitude")]),
-        (load, reference, [("magnitude", "magnitude")]),
+        (load, reference, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
+        (reference, outputs, [("warnings", "inputnode.chi_warnings")]),
         (bfr, reference, [("mask", "mask")]),
         (reference, outputs, [("chi", "inputnode.chi")]),
         (bfr, outputs, [("mask", "inputnode.mask")]),
