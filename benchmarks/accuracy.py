@@ -206,7 +206,8 @@ def pipeline(case, methods):
                        b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm)
     chi = call("inversion", methods["inversion"], local, mask, vox, b0_dir=case.b0_dir,
                noise_std_ppm=noise_std_ppm, magnitude=case.magnitude)
-    return call("referencing", methods["referencing"], chi, mask)
+    return call("referencing", methods["referencing"], chi, mask, magnitude=case.magnitude,
+                voxel_size_mm=vox, echo_times_s=te)
 
 
 #: pipelines compared with the default in every mode (the choice of the

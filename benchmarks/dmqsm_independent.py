@@ -23,34 +23,17 @@ HEAD = "mni-3T-1.5mm-tilt15"
 
 def independent_head(name=HEAD, cache_dir=None):
     """The independent suite's head ``name`` (:mod:`independent_heads`, the
-    settings of :func:`independent.head_specs`): loaded from
-    ``cache_dir/<name>.pkl`` (a pickle of the :class:`independent_heads.Head`)
-    when it is there, else built (minutes: 6 for the 1.5 mm head) and saved
-    there."""
-    import pickle
-
+    settings of :func:`independent.head_specs`), through
+    :func:`independent.cached_head`: loaded from ``cache_dir/<name>.pkl`` when
+    it is there and of the current phantom version, else built (minutes: 6 for
+    the 1.5 mm head) and saved there."""
     import independent
-    import independent_heads
 
-    path = Path(cache_dir) / f"{name}.pkl" if cache_dir else None
-    if path is not None and path.exists():
-        with open(path, "rb") as f:
-            head = pickle.load(f)
-        if head.name != name:
-            raise ValueError(f"{path} holds head {head.name!r}, not {name!r}")
-        return head
     specs = {n: (d, k) for n, d, k in independent.head_specs(False) + independent.head_specs(True)}
     if name not in specs:
         raise ValueError(f"unknown head {name!r}; expected one of {sorted(specs)}")
     description, kwargs = specs[name]
-    head = independent_heads.build_head(name, description, **kwargs)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(head, f)
-        tmp.replace(path)
-    return head
+    return independent.cached_head(cache_dir, name, description, **kwargs)[0]
 
 
 def _even_box(mask, margin=8):

@@ -51,7 +51,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 from accuracy import TRUE_MASK, Case, call, local_field_methods, pipeline, score_row  # noqa: E402
-from independent_heads import build_head  # noqa: E402
+from independent_heads import PHANTOM_VERSION, build_head  # noqa: E402
 
 #: depth bands from the brain edge (mm): [lo, hi)
 DEPTH_BANDS_MM = ((0, 3), (3, 6), (6, 12), (12, 20), (20, np.inf))
@@ -96,7 +96,8 @@ def as_case(head):
 def pipeline_variants(quick):
     """Label → stage methods: the app's default and V-SHARP + TV; in full
     mode also the default with the true mask, the classical chain, the other
-    named pipelines, every other masking method and the nonlinear echo fit."""
+    named pipelines, every other masking method, the nonlinear echo fit and
+    every other referencing method but ``none``."""
     from qsmprep.config import DEFAULT_METHODS, PIPELINES
     from qsmprep.qsm import registry
 
@@ -114,6 +115,9 @@ def pipeline_variants(quick):
             if name != default["masking"]:
                 out[f"masking={name}"] = {**default, "masking": name}
         out["echo_combination=nonlinear"] = {**default, "echo_combination": "nonlinear"}
+        for name in registry.names("referencing"):
+            if name not in (default["referencing"], "none"):   # none: a constant off, by design
+                out[f"referencing={name}"] = {**default, "referencing": name}
     return out
 
 
@@ -249,15 +253,18 @@ def render(results):
         "to the acquired grid, complex noise (peak SNR 80), oblique B0. `qsmprep.sim` is "
         "never used. Truth χ and local field are low-passed by the same k-space crop. "
         "QSM-CI scoring (`qsmprep.qsm.metrics`) in the true brain mask; a dropped voxel "
-        "scores 0. XSIM scores the maps as referenced (our χ: zero mean in its mask; the "
-        "truth: pure CSF = 0 on the model grid, but its ventricles carry +0.02 ppm of T1 texture, "
-        "so no region of it is at 0; its brain mean is up to −0.0065 ppm), as QSM-CI does "
+        "scores 0. XSIM scores the maps as referenced (our χ: as the row's referencing "
+        "step leaves it, the default a zero mean in its mask; the truth: CSF, water, is 0 and, "
+        "from version 2 of the phantom (2026-12-03), carries no texture, so the ventricles are "
+        "at 0 and brain tissue keeps its own mean; version 1 textured CSF too, its ventricles "
+        "sat at +0.02 ppm and no region of the truth was at 0), as QSM-CI does "
         "(`qsm_eval.score_arrays`) and as #22's target means; XSIM dm "
         "demeans both in the true mask first, as NRMSE does ('–': rows run before it existed). "
         "Depth columns: NRMSE (%) within bands of distance from the brain edge (mm).\n",
         SELECTION_RULE + "\n",
         "Heads:\n",
         "\n".join(f"- `{h['name']}`: {h['description']}, grid {' × '.join(map(str, h['shape']))}"
+                  f", phantom version {h.get('phantom_version', 1)}"
                   + (f" (built in {h['build_s']:.0f} s)" if h.get("build_s") is not None else "")
                   for h in results["heads"]) + "\n",
     ]
@@ -292,7 +299,9 @@ def render(results):
                   "their number; the reference is a fixed FFT workload (a 128³ float32 `rfftn` "
                   "and `irfftn`, median of 11) timed in each run's process before the pipeline, "
                   "and the last column the wall time in units of it, comparable between runs on "
-                  "a machine whose speed drifts ('–': rows measured before it existed).\n",
+                  "a machine whose speed drifts ('–': rows measured before it existed). Rows "
+                  "measured on version-1 heads keep their times: the pipeline's work (fixed "
+                  "iteration counts) does not depend on the truth's texture.\n",
                   markdown_table(["Head", "Grid", "Peak RSS (GB)", "Wall (s)", "Range (s)",
                                   "Runs", "Reference (ms)", "Wall / reference"],
                                  [[m["head"], m["grid"], fmt(m["peak_rss_gb"], 2),
@@ -320,16 +329,27 @@ def merge_rows(old, new, head_order):
 
 def cached_head(cache, name, description, **kwargs):
     """``(head, build seconds)``: built, or loaded from ``cache/<name>.pkl``
-    (seconds None) when there; a head built with a cache folder is saved in it."""
-    path = cache / f"{name}.pkl" if cache else None
+    (seconds None) when there and made by this version of the phantom
+    (``independent_heads.PHANTOM_VERSION``); a head built with a cache folder
+    is saved in it (written whole, then renamed)."""
+    path = Path(cache) / f"{name}.pkl" if cache else None
     if path is not None and path.exists():
         with open(path, "rb") as fh:
-            return pickle.load(fh), None
+            head = pickle.load(fh)
+        if head.name != name:
+            raise ValueError(f"{path} holds head {head.name!r}, not {name!r}")
+        version = vars(head).get("version", 1)   # a version-1 pickle has no field of it
+        if version == PHANTOM_VERSION:
+            return head, None
+        print(f"[independent] {path} is phantom version {version}, not {PHANTOM_VERSION}: "
+              "rebuilding it", flush=True)
     head, seconds = timed(build_head, name, description, **kwargs)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
             pickle.dump(head, fh)
+        tmp.replace(path)
     return head, seconds
 
 
@@ -371,6 +391,7 @@ def main(argv=None):
         print(f"[independent] {name} {head.mask.shape}: " + (
             f"built in {seconds:.0f} s" if seconds is not None else "from the cache"), flush=True)
         entry = {"name": name, "description": description, "shape": list(head.mask.shape),
+                 "phantom_version": head.version,
                  "build_s": seconds, **{k: (list(v) if isinstance(v, tuple) else v)
                                         for k, v in kwargs.items()}}
         names = [h["name"] for h in results["heads"]]

@@ -78,6 +78,11 @@ TISSUE = {WM: (0.75, 21.0), GM: (0.85, 16.0), CSF: (1.0, 2.0), VEIN: (0.6, 45.0)
           CALCIFICATION: (0.2, 250.0), BLEED: (0.45, 90.0)}
 
 
+#: the phantom's version: 2 since 2026-12-03 (no χ texture in CSF); a head cached by
+#: another version is rebuilt
+PHANTOM_VERSION = 2
+
+
 @dataclasses.dataclass
 class Head:
     """A head on the acquired grid with its truth (qsm-forward signal)."""
@@ -96,6 +101,7 @@ class Head:
     local_field: np.ndarray    # ppm, field of the brain's own χ, low-passed, in the mask
     magnitude: np.ndarray      # (X, Y, Z, E)
     phase: np.ndarray          # (X, Y, Z, E) rad, wrapped
+    version: int = PHANTOM_VERSION
 
 
 def tilted_b0(tilt_deg, azimuth_deg=30.0):
@@ -214,6 +220,19 @@ def _anatomy(model_voxel_mm, rng):
     return np.clip(gm, 0, 1), np.clip(wm, 0, 1), brain > 0.5, t1, mni_of
 
 
+def tissue_texture(t1, wm, gm, brain, model_voxel_mm, rng):
+    """χ texture (ppm): the T1 template's fine structure (darker T1 → more
+    iron, less myelin: −0.01 ppm per standard deviation of its detail finer
+    than 3 mm) plus smooth noise (0.006 ppm, 2 mm), in the tissue's share of
+    each voxel (``wm + gm``) only: CSF is water and stays at the reference 0.
+    (Version 1 of the phantom textured CSF too: its ventricles sat at
+    +0.02 ppm and no region of the truth was at 0; docs/benchmarks.md.)"""
+    detail = t1 - ndimage.gaussian_filter(t1, 3 / model_voxel_mm)
+    texture = (-0.01 * detail / (detail[brain].std() + 1e-12)
+               + 0.006 * _smooth_noise(t1.shape, 2 / model_voxel_mm, rng))
+    return (np.clip(wm + gm, 0, 1) * texture).astype(np.float32)
+
+
 def build_head(name, description, *, voxel_size_mm, field_strength_t, echo_times_s,
                b0_tilt_deg, seed, peak_snr=80.0, chi_texture=True):
     """Build one :class:`Head` (see the module docstring); everything is drawn
@@ -248,10 +267,7 @@ def build_head(name, description, *, voxel_size_mm, field_strength_t, echo_times
     chi_wm, chi_gm = rng.uniform(-0.045, -0.02), rng.uniform(0.01, 0.035)
     chi[brain] = (wm * chi_wm + gm * chi_gm)[brain]             # CSF is the reference, 0
     if chi_texture:
-        # the T1 template's fine structure as χ texture (darker T1 → more iron/less myelin)
-        detail = t1 - ndimage.gaussian_filter(t1, 3 / h)
-        chi[brain] -= 0.04 * (detail / (detail[brain].std() + 1e-12))[brain] * 0.25
-        chi[brain] += 0.006 * _smooth_noise(shape, 2 / h, rng)[brain]
+        chi[brain] += tissue_texture(t1, wm, gm, brain, h, rng)[brain]
     for label, centre, semi, value, _ in NUCLEI:
         v = value * rng.uniform(0.75, 1.3)
         for side in (1, -1):

@@ -263,6 +263,50 @@ def test_harmonic_shim_removes_only_harmonic_fields():
 
 
 @pytest.mark.slow
+def test_independent_phantom_texture_spares_csf():
+    """The truth's zero is CSF (water): the χ texture goes only into the
+    tissue share of a voxel (version 1 gave the ventricles +0.02 ppm)."""
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 40)
+    t1 = rng.normal(1.0, 0.2, shape).astype(np.float32)
+    wm = np.zeros(shape, np.float32)
+    gm = np.zeros(shape, np.float32)
+    wm[:20], gm[20:30] = 1.0, 0.5                # x >= 30: pure CSF
+    brain = np.ones(shape, bool)
+    tex = independent_heads.tissue_texture(t1, wm, gm, brain, 0.5, rng)
+    assert np.all(tex[30:] == 0)
+    assert np.std(tex[:20]) > 0.005
+    assert np.std(tex[20:30]) == pytest.approx(0.5 * np.std(tex[:20]), rel=0.3)
+
+
+def test_independent_head_cache_rebuilds_another_phantom_version(tmp_path, monkeypatch):
+    """A cached head of an older phantom (a version-1 pickle has no version
+    field) is rebuilt, not reused; one of this version is reused; a file
+    holding another head is an error."""
+    import dataclasses
+    import pickle
+
+    fields = {f.name: None for f in dataclasses.fields(independent_heads.Head)
+              if f.name not in ("name", "version")}
+    built = []
+
+    def build(name, description, **kwargs):
+        built.append(name)
+        return independent_heads.Head(name=name, **fields)
+
+    monkeypatch.setattr(independent, "build_head", build)
+    old = independent_heads.Head(name="h", **fields)
+    del old.version                                  # as pickled by version 1
+    (tmp_path / "h.pkl").write_bytes(pickle.dumps(old))
+    head, seconds = independent.cached_head(tmp_path, "h", "")
+    assert built == ["h"] and seconds is not None and vars(head)["version"] == 2
+    head, seconds = independent.cached_head(tmp_path, "h", "")   # now cached, this version
+    assert built == ["h"] and seconds is None
+    (tmp_path / "g.pkl").write_bytes((tmp_path / "h.pkl").read_bytes())
+    with pytest.raises(ValueError, match="holds head 'h'"):
+        independent.cached_head(tmp_path, "g", "")
+
+
 def test_independent_quick_suite(tmp_path):
     """``independent.py --quick`` builds a head with qsm-forward, runs the
     default chain and the stage methods, and writes its section. The truth is
@@ -315,7 +359,7 @@ def test_independent_memory_table_reads_old_and_repeated_rows():
     assert "| new | 1 × 2 × 3 | 2.90 | 110.0 | 106.0–123.0 | 3 | 25.0 | 4400 |" in text
 
 
-def test_independent_merge_replaces_rerun_rows_and_orders_by_head(tmp_path):
+def test_independent_merge_replaces_rerun_rows_and_orders_by_head():
     row = lambda stage, method, head, v: {"stage": stage, "method": method, "phantom": head,
                                           "metrics": {"nrmse": v}}
     old = [row("pipeline", "default", "a", 1), row("pipeline", "default", "b", 2)]
@@ -323,7 +367,3 @@ def test_independent_merge_replaces_rerun_rows_and_orders_by_head(tmp_path):
     merged = independent.merge_rows(old, new, ["a", "b"])
     assert [(r["method"], r["phantom"], r["metrics"]["nrmse"]) for r in merged] == [
         ("default", "a", 1), ("tfi", "a", 3), ("default", "b", 4)]
-    # a head built once is cached and read back, not rebuilt
-    import pickle
-    (tmp_path / "h.pkl").write_bytes(pickle.dumps({"head": 1}))
-    assert independent.cached_head(tmp_path, "h", "") == ({"head": 1}, None)
