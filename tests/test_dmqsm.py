@@ -291,3 +291,21 @@ def test_super_resolution_band_weight_scales_only_the_band_above_the_data():
     added = maps[1.0] - zero_filled
     assert np.abs(added).max() > 1e-3  # the prior adds a band
     np.testing.assert_allclose(maps[0.25], zero_filled + 0.25 * added, atol=1e-6)
+
+
+def test_super_resolution_averages_samples_of_consecutive_seeds():
+    """``samples=n`` is the mean of the samples of seeds seed .. seed + n - 1
+    (then projected): different seeds give different samples, and their mean
+    is what is projected."""
+    chi, _, _ = _phantom(24)
+    brain = np.ones(chi.shape, bool)
+    down = Downsample(chi.shape, 2)
+    lowres = to_numpy(down(to_tensor(chi, "cpu")))
+    one = {s: dmqsm.super_resolve(lowres, 2, mask=brain, device="cpu", steps=3, samples=1,
+                                  band_weight=1.0, seed=s) for s in (5, 6)}
+    assert np.abs(one[5] - one[6]).max() > 1e-4
+    two = dmqsm.super_resolve(lowres, 2, mask=brain, device="cpu", steps=3, samples=2,
+                              band_weight=1.0, seed=5)
+    np.testing.assert_allclose(two, (one[5] + one[6]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="samples"):
+        dmqsm.super_resolve(lowres, 2, mask=brain, device="cpu", steps=3, samples=0)

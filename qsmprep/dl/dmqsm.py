@@ -64,12 +64,17 @@ from .inference import select_device, to_numpy, to_tensor
 #: TKD threshold of the start of dipole inversion (the paper's 0.1).
 TKD_THRESHOLD = 0.1
 
-#: Weight of the band the prior adds above the measured one in super-resolution
-#: (``super_resolve``'s ``band_weight``). Chosen on 48^3 crops of the independent
-#: 7 T and 1 mm heads (rule fixed before the sweep: the lowest mean NRMSE of
-#: 0 / 0.25 / 0.5 / 0.75 / 1): 30.3 / 29.4 / 29.8 / 31.4 / 34.0 %, XSIM 0.853 /
-#: 0.862 / 0.854 / 0.831 / 0.796 (0 is the zero-filled up-sampling).
-BAND_WEIGHT_SUPER_RESOLUTION = 0.25
+#: Posterior samples averaged in super-resolution (``super_resolve``'s
+#: ``samples``) and the weight of the band their mean adds above the measured
+#: one (``band_weight``; 0 is the zero-filled up-sampling). Chosen together on
+#: 48^3 crops of the independent 7 T and 1 mm heads (version 2), rule fixed
+#: before the sweep (R19-2, docs/deep-learning.md): mean NRMSE / XSIM over the
+#: four crops 30.58 % / 0.831 for one sample at 0.25 (the 2026-12-03 default),
+#: 29.79 / 0.837 for two at 0.5, 28.82 / 0.848 for four at 0.75 (zero filling
+#: 31.52 / 0.823). One sample adds about as much error as detail; a mean of
+#: several keeps the detail they agree on.
+SAMPLES_SUPER_RESOLUTION = 4
+BAND_WEIGHT_SUPER_RESOLUTION = 0.75
 
 
 # ---------------------------------------------------------------------------
@@ -140,8 +145,8 @@ def _upsampled_mask(mask_lr, factor):
 
 
 def super_resolve(chi_lowres, factor=2, mask=None, *, mode="kspace", project=True,
-                  band_weight=BAND_WEIGHT_SUPER_RESOLUTION, device="auto", model=None,
-                  history=None, **options):
+                  samples=SAMPLES_SUPER_RESOLUTION, band_weight=BAND_WEIGHT_SUPER_RESOLUTION,
+                  device="auto", model=None, history=None, **options):
     """Super-resolution of a chi map (ppm, numpy ``[x, y, z]``) by ``factor``
     per axis: ``y = D chi`` with ``D`` the ``mode`` down-sampling
     (:class:`Downsample`), started from its zero-filled up-sampling;
@@ -151,13 +156,16 @@ def super_resolve(chi_lowres, factor=2, mask=None, *, mode="kspace", project=Tru
     the measured band of the sample by the data (``D^+`` is the zero-filled
     up-sampling), so the map keeps everything the low-resolution map
     measured and adds only what the prior puts above it (not in the
-    abstract). ``band_weight`` (with ``project``) scales what the prior adds
-    above the measured band: ``chi = D^+ y + band_weight (x - D^+ D x)`` for
-    the sample ``x``; 1 keeps the sample's band, 0 gives the zero-filled
-    up-sampling. One sample of a weakly informed posterior adds about as much
-    error as detail there; shrinking it towards the posterior mean (0.25, chosen
-    on crops of two independent heads: docs/deep-learning.md) lowers the
-    error. Returns chi (ppm) ``factor`` times larger per axis."""
+    abstract). ``samples`` posterior samples (seeds ``seed``, ``seed + 1``,
+    ...) are averaged into ``x``, an estimate of the posterior mean, and
+    ``band_weight`` (with ``project``) scales what it adds above the measured
+    band: ``chi = D^+ y + band_weight (x - D^+ D x)``; 1 keeps the band of
+    ``x``, 0 gives the zero-filled up-sampling. One sample of a weakly informed
+    posterior adds about as much error as detail; the mean of four at 0.75
+    (chosen on crops of two independent heads: docs/deep-learning.md) lowers
+    the error, at four times the sampling time. ``history`` gets the first
+    sample's data consistency. Returns chi (ppm) ``factor`` times larger per
+    axis."""
     dev = select_device(device)
     opts = _options(options, xi=XI_SUPER_RESOLUTION, t_start=T_START_SUPER_RESOLUTION)
     model = model if model is not None else _model_cached(dev)
@@ -178,7 +186,11 @@ def super_resolve(chi_lowres, factor=2, mask=None, *, mode="kspace", project=Tru
     m = to_tensor(np.pad(mask_hr, [(0, p * f) for _, p in pads_lr]), dev)
     down = Downsample(m.shape[-3:], f, mode)
     start = down.zero_filled(y) * m
-    chi = dps_sample(model, y, down, start, m, history=history, **opts)
+    n = int(samples)
+    if n < 1:
+        raise ValueError(f"Expected samples >= 1, got {samples}")
+    chi = sum(dps_sample(model, y, down, start, m, history=history if i == 0 else None,
+                         **{**opts, "seed": int(opts["seed"]) + i}) for i in range(n)) / n
     if project:
         # the measured band exactly, plus band_weight w times the sample's band above it:
         # D^+ y + w (chi - D^+ D chi) = w chi + D^+(y - w D chi) (D^+ = the zero-filled

@@ -93,8 +93,8 @@ def _sampling_section(scores):
     return f"""
 Posterior sampling on the check case (`check_case.npz`, 1 mm, 48^3), NRMSE (%) in the
 mask, `{json.dumps(CHECK_SAMPLING)}` (other settings the defaults of
-`qsmprep.dl.dmqsm.SAMPLING`; ×2 super-resolution with xi 2 and the default band weight
-of `super_resolve` from the k-space down-sampled truth):
+`qsmprep.dl.dmqsm.SAMPLING`; ×2 super-resolution with xi 2 and the default samples and
+band weight of `super_resolve` from the k-space down-sampled truth):
 
 | task | NRMSE |
 |---|---|
