@@ -281,11 +281,16 @@ def render(results):
                              + [""] * (len(headers) - 3))
                 continue
             m = r["metrics"]
-            table.append([r["method"], r["phantom"], fmt(m["nrmse"]), fmt(m["nrmse_detrend"]),
+            head = r["phantom"] + ("" if r.get("phantom_version", 1) == PHANTOM_VERSION
+                                   else f" (v{r.get('phantom_version', 1)})")
+            table.append([r["method"], head, fmt(m["nrmse"]), fmt(m["nrmse_detrend"]),
                           fmt(m["xsim"], 3), fmt(m.get("xsim_demeaned"), 3),
                           fmt(m["correlation"], 3), fmt(m["coverage"], 3),
                           *_band_cells(r), fmt(r["runtime_s"], 1)])
         parts += [f"### {title}\n", markdown_table(headers, table)]
+        if any(r.get("phantom_version", 1) != PHANTOM_VERSION for r in rows):
+            parts.append(f"A head marked (v1) is a row measured on version 1 of the phantom "
+                         f"(its CSF textured; not re-run on version {PHANTOM_VERSION}).\n")
         if stage == "pipeline" and any("masking=" in r["method"] for r in rows):
             parts.append(
                 "The `masking=magnitude`, `quality` and `magnitude+quality` rows are the maps "
@@ -401,9 +406,10 @@ def main(argv=None):
             results["heads"][names.index(name)] = entry
         else:
             results["heads"].append(entry)
-        results["rows"] = merge_rows(results["rows"], run_head(case, args.quick, args.stages,
-                                                               args.variants),
-                                     [h["name"] for h in results["heads"]])
+        rows = run_head(case, args.quick, args.stages, args.variants)
+        for row in rows:
+            row["phantom_version"] = head.version
+        results["rows"] = merge_rows(results["rows"], rows, [h["name"] for h in results["heads"]])
         if args.memory and head.voxel_size_mm[0] <= 1.25:
             mem = measure_default(case, args.memory_repeats)
             results["memory"] = [m for m in results["memory"] if m["head"] != name] + [
