@@ -17,6 +17,7 @@ import torch
 
 from _common import fmt, hardware, hardware_note, markdown_table, publish
 from dmqsm import trilinear
+from independent_heads import PHANTOM_VERSION
 
 HEAD = "mni-3T-1.5mm-tilt15"
 
@@ -266,16 +267,19 @@ def render_independent(saved):
         "resolution; wall and process CPU time (s) on 2 CPU cores.\n",
         "ξ was chosen on two 48³ crops of this same head (docs/deep-learning.md, \"How ξ was "
         "chosen\"), so the inversion rows are not independent of that one choice; the "
-        "super-resolution rows (ξ, `t_start` chosen on a `qsmprep.sim` crop, the band weight "
+        "super-resolution rows (ξ, `t_start` chosen on a `qsmprep.sim` crop, the mean of "
+        f"{dmqsm.SAMPLES_SUPER_RESOLUTION} samples and the band weight "
         f"{dmqsm.BAND_WEIGHT_SUPER_RESOLUTION:g} on crops of the suite's other two heads, never "
-        "on this head) are.\n",
+        "on this head) are. A task marked (phantom v1) was measured on version 1 of the head "
+        "(its CSF textured; benchmarks/independent_heads.py), the others on the current one.\n",
     ]
     rows = saved.get("rows", {})
     for task, title in INDEPENDENT_TITLES.items():
         methods = [(k.split("/", 1)[1], r) for k, r in rows.items() if k.split("/", 1)[0] == task]
         if not methods:
             continue
-        lines.append(f"**{title}**\n")
+        old = any(r.get("phantom_version", 1) != PHANTOM_VERSION for _, r in methods)
+        lines.append(f"**{title}**" + (" (phantom v1)" if old else "") + "\n")
         lines.append(markdown_table(
             ["method", "NRMSE (%)", "XSIM", "wall (s)", "CPU (s)"],
             [[m, fmt(r["nrmse"], 1), fmt(r["xsim"], 3), fmt(r["s"], 1), fmt(r.get("cpu_s"), 1)]
@@ -375,14 +379,17 @@ def main_independent(args):
         saved = {}                          # another head: its rows and times do not mix
     saved["head"] = {"name": head.name, "description": head.description,
                      "shape": list(head.mask.shape),
-                     "voxel_size_mm": list(head.voxel_size_mm), "b0_dir": list(head.b0_dir)}
+                     "voxel_size_mm": list(head.voxel_size_mm), "b0_dir": list(head.b0_dir),
+                     "phantom_version": vars(head).get("version", 1)}
     if args.independent:
         info = hardware()
         rows = run_independent(head, model, opts, args.tasks)
         saved["hardware"], saved["options"] = info, opts
         saved.setdefault("rows", {})
         # keep the table order of INDEPENDENT_TITLES whatever the tasks of this run
-        merged = {**saved["rows"], **{f"{t}/{m}": r for (t, m), r in rows.items()}}
+        version = vars(head).get("version", 1)
+        merged = {**saved["rows"], **{f"{t}/{m}": {**r, "phantom_version": version}
+                                      for (t, m), r in rows.items()}}
         saved["rows"] = {k: merged[k] for task in INDEPENDENT_TITLES for k in merged
                          if k.split("/", 1)[0] == task}
     if args.time_whole_head:
