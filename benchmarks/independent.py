@@ -395,7 +395,7 @@ def main(argv=None):
     results = {"quick": args.quick, "hardware": hardware(), "heads": [], "rows": [],
                "memory": []}
     if args.merge and json_path.exists():
-        results = json.loads(json_path.read_text())
+        results = {**json.loads(json_path.read_text()), "hardware": hardware()}
     for name, description, kwargs in head_specs(args.quick):
         if args.heads and name not in args.heads:
             continue
