@@ -14,6 +14,8 @@ from scipy import ndimage
 
 from .mask import erode
 
+LOGGER = logging.getLogger("qsmprep")
+
 
 def _check(chi, mask):
     chi = np.asarray(chi, dtype=np.float32)
@@ -58,8 +60,8 @@ def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, echo_times_s=Non
     mask = np.asarray(mask, dtype=bool)
     last = mag[..., -1] if mag.ndim == 4 else mag
     if last.shape != mask.shape:
-        raise ValueError(f"Expected a magnitude of shape {mask.shape} (or with echoes last), "
-                         f"got {mag.shape}")
+        raise ValueError(f"The magnitude for the CSF search has shape {mag.shape}; expected "
+                         f"{mask.shape}, the brain mask's (with echoes last for several)")
     none = np.zeros(mask.shape, bool)
     deep = erode(mask, depth_mm, voxel_size_mm)
     if not deep.any():
@@ -103,7 +105,7 @@ def reference_csf(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0
                                 depth_mm=depth_mm, fraction=fraction,
                                 max_r2star_hz=max_r2star_hz)
         if problem:
-            logging.getLogger("qsmprep").warning(
+            LOGGER.warning(
                 "%s: CSF referencing found no ventricular CSF (%s); chi was referenced to "
                 "the whole-brain mean instead. Give --referencing mean to choose that, or a "
                 "dataset that covers the ventricles", source, problem)
