@@ -17,7 +17,7 @@ import torch
 
 from _common import fmt, hardware, hardware_note, markdown_table, publish
 from dmqsm import trilinear
-from independent_heads import PHANTOM_VERSION
+from independent_heads import PHANTOM_VERSION, phantom_version
 
 HEAD = "mni-3T-1.5mm-tilt15"
 
@@ -377,17 +377,17 @@ def main_independent(args):
     head = independent_head(args.head, args.head_cache)
     if saved.get("head", {}).get("name") not in (None, head.name):
         saved = {}                          # another head: its rows and times do not mix
+    version = phantom_version(head)
     saved["head"] = {"name": head.name, "description": head.description,
                      "shape": list(head.mask.shape),
                      "voxel_size_mm": list(head.voxel_size_mm), "b0_dir": list(head.b0_dir),
-                     "phantom_version": vars(head).get("version", 1)}
+                     "phantom_version": version}
     if args.independent:
         info = hardware()
         rows = run_independent(head, model, opts, args.tasks)
         saved["hardware"], saved["options"] = info, opts
         saved.setdefault("rows", {})
         # keep the table order of INDEPENDENT_TITLES whatever the tasks of this run
-        version = vars(head).get("version", 1)
         merged = {**saved["rows"], **{f"{t}/{m}": {**r, "phantom_version": version}
                                       for (t, m), r in rows.items()}}
         saved["rows"] = {k: merged[k] for task in INDEPENDENT_TITLES for k in merged

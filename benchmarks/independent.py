@@ -51,7 +51,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 from accuracy import TRUE_MASK, Case, call, local_field_methods, pipeline, score_row  # noqa: E402
-from independent_heads import PHANTOM_VERSION, build_head  # noqa: E402
+from independent_heads import PHANTOM_VERSION, build_head, phantom_version  # noqa: E402
 
 #: depth bands from the brain edge (mm): [lo, hi)
 DEPTH_BANDS_MM = ((0, 3), (3, 6), (6, 12), (12, 20), (20, np.inf))
@@ -289,8 +289,8 @@ def render(results):
                              + [""] * (len(headers) - 3))
                 continue
             m = r["metrics"]
-            head = r["phantom"] + ("" if r.get("phantom_version", 1) == PHANTOM_VERSION
-                                   else f" (v{r.get('phantom_version', 1)})")
+            version = r.get("phantom_version", 1)
+            head = r["phantom"] + ("" if version == PHANTOM_VERSION else f" (v{version})")
             table.append([r["method"], head, fmt(m["nrmse"]), fmt(m["nrmse_detrend"]),
                           fmt(m["xsim"], 3), fmt(m.get("xsim_demeaned"), 3),
                           fmt(m["correlation"], 3), fmt(m["coverage"], 3),
@@ -351,7 +351,7 @@ def cached_head(cache, name, description, **kwargs):
             head = pickle.load(fh)
         if head.name != name:
             raise ValueError(f"{path} holds head {head.name!r}, not {name!r}")
-        version = vars(head).get("version", 1)   # a version-1 pickle has no field of it
+        version = phantom_version(head)
         if version == PHANTOM_VERSION:
             return head, None
         print(f"[independent] {path} is phantom version {version}, not {PHANTOM_VERSION}: "

@@ -104,6 +104,12 @@ class Head:
     version: int = PHANTOM_VERSION
 
 
+def phantom_version(head):
+    """The phantom version ``head`` was built by (a version-1 pickle has no
+    ``version`` field; the class default would claim the current one)."""
+    return vars(head).get("version", 1)
+
+
 def tilted_b0(tilt_deg, azimuth_deg=30.0):
     """Unit B0 direction in voxel axes, ``tilt_deg`` from the third axis."""
     t, a = np.deg2rad(tilt_deg), np.deg2rad(azimuth_deg)

@@ -17,8 +17,8 @@ threads
 context keywords
     values a method may take besides its stage signature
     (:data:`CONTEXT_KEYWORDS`: voxel size, device, max_voxels, magnitude,
-    N_std, echo times, the run's file). A method receives one only when its signature has a keyword of
-    that name and the user did not set it as a parameter
+    N_std, echo times, the run's file). A method receives one only when its
+    signature has a keyword of that name and the user did not set it as a parameter
     (:func:`passed_keywords`); a value read from a file is wrapped in
     :class:`Lazy` and only read when it is passed.
 out-of-memory fallback

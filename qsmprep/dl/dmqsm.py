@@ -186,13 +186,14 @@ def super_resolve(chi_lowres, factor=2, mask=None, *, mode="kspace", project=Tru
     m = to_tensor(np.pad(mask_hr, [(0, p * f) for _, p in pads_lr]), dev)
     down = Downsample(m.shape[-3:], f, mode)
     start = down.zero_filled(y) * m
-    n = int(samples)
-    if n < 1:
+    n_samples = int(samples)
+    if n_samples < 1:
         raise ValueError(f"Expected samples >= 1, got {samples}")
     chi = sum(dps_sample(model, y, down, start, m, history=history if i == 0 else None,
-                         **{**opts, "seed": int(opts["seed"]) + i}) for i in range(n)) / n
+                         **{**opts, "seed": int(opts["seed"]) + i})
+              for i in range(n_samples)) / n_samples
     if project:
-        # the measured band exactly, plus band_weight w times the sample's band above it:
+        # the measured band exactly, plus band_weight w times the samples' mean's band above it:
         # D^+ y + w (chi - D^+ D chi) = w chi + D^+(y - w D chi) (D^+ = the zero-filled
         # up-sampling, linear; w = 1: chi + D^+(y - D chi))
         w = float(band_weight)
