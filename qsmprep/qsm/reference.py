@@ -40,7 +40,8 @@ def reference_mean(chi_ppm, mask):
 
 
 def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, echo_times_s=None,
-             depth_mm=15.0, fraction=0.05, min_size_mm3=200.0, max_r2star_hz=10.0):
+             depth_mm=15.0, fraction=0.05, min_size_mm3=200.0, max_r2star_hz=10.0,
+             core_voxels=2, min_core_voxels=100):
     """Ventricular CSF estimate without a segmentation: ``(csf, problem)``.
 
     CSF has the longest T2*, so it is the brightest tissue on the last echo
@@ -52,6 +53,13 @@ def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, echo_times_s=Non
     ``echo_times_s``, the candidates' R2* (1/s, from the first and last echo's
     median signal) must be below ``max_r2star_hz``: CSF's is 1-5/s, grey and
     white matter's 15-25/s at 3 T, more at 7 T.
+
+    The CSF found is then eroded by ``core_voxels`` voxels (by fewer where
+    that would leave under ``min_core_voxels``): its outer voxels share their
+    volume with the periventricular tissue, and the scanner's k-space
+    truncation rings that tissue's chi into them, so they sit above CSF's
+    (+0.006 to +0.009 ppm on the independent benchmark's heads, against
+    +0.001 to +0.002 two voxels in; docs/methods.md, rule R20-1).
 
     ``problem`` is None when CSF was found, else a sentence saying why not
     (``csf`` is then empty): a slab or a crop without the ventricles.
@@ -86,14 +94,26 @@ def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, echo_times_s=Non
             return none, (f"its brightest deep voxels decay with R2* {r2star:.1f}/s, "
                           f"above CSF's (< {max_r2star_hz:g}/s): no ventricles in the "
                           "field of view")
-    return csf, None
+    return csf_core(csf, core_voxels, min_core_voxels), None
+
+
+def csf_core(csf, core_voxels, min_voxels):
+    """``csf`` eroded by ``core_voxels`` voxels, or by the most erosions (down to
+    none) that leave at least ``min_voxels`` voxels."""
+    csf = np.asarray(csf, dtype=bool)
+    for k in range(int(core_voxels), 0, -1):
+        core = ndimage.binary_erosion(csf, iterations=k)
+        if core.sum() >= min_voxels:
+            return core
+    return csf
 
 
 def reference_csf(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0),
                   echo_times_s=None, csf=None, depth_mm=15.0, fraction=0.05,
-                  max_r2star_hz=10.0, source="this run"):
-    """Subtract the median chi of CSF: the given ``csf`` mask (a segmentation)
-    or :func:`csf_mask` from the magnitude. When no CSF is found there, chi
+                  max_r2star_hz=10.0, core_voxels=2, source="this run"):
+    """Subtract the median chi of CSF: the given ``csf`` mask (a segmentation,
+    used as given) or :func:`csf_mask` from the magnitude (its core, ``core_voxels``
+    inside its edge). When no CSF is found there, chi
     is referenced to the mask's mean instead, with a warning naming
     ``source`` (the run's file): the map stays usable, and the log, the
     report and the Chimap sidecar say which reference it has."""
@@ -103,7 +123,7 @@ def reference_csf(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0
             raise ValueError("CSF referencing needs a magnitude image or a CSF mask")
         csf, problem = csf_mask(magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s,
                                 depth_mm=depth_mm, fraction=fraction,
-                                max_r2star_hz=max_r2star_hz)
+                                max_r2star_hz=max_r2star_hz, core_voxels=core_voxels)
         if problem:
             LOGGER.warning(
                 "%s: CSF referencing found no ventricular CSF (%s); chi was referenced to "
