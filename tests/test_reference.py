@@ -59,7 +59,6 @@ def test_csf_reference_finds_bright_central_csf():
         registry.run("referencing", "csf", chi, brain)
 
 
-
 def test_csf_reference_uses_the_core_of_the_ventricles_not_their_partial_volume_rim():
     """At the acquired resolution the ventricles' outer voxels carry the blurred
     chi of the tissue around them; the reference is taken two voxels in, where
@@ -71,12 +70,13 @@ def test_csf_reference_uses_the_core_of_the_ventricles_not_their_partial_volume_
 
     brain, ventricles, magnitude, te = _csf_head(3.0)
     chi_model = np.where(brain & ~ventricles, 0.04, 0.0)     # CSF 0, tissue +0.04 ppm
-    chi = np.where(brain, gaussian_filter(chi_model, 0.7), 0.0).astype(np.float32)
+    blurred = gaussian_filter(chi_model, 0.7)                 # the acquisition's partial volume
+    chi = np.where(brain, blurred, 0.0).astype(np.float32)
     found, _ = csf_mask(magnitude, brain, echo_times_s=te, depth_mm=6.0, core_voxels=0)
     core, _ = csf_mask(magnitude, brain, echo_times_s=te, depth_mm=6.0)
     assert core.sum() >= 100 and not np.any(core & ~found) and core.sum() < found.sum()
     assert np.median(chi[found]) > 0.004   # the rim's partial volume
-    deep_tissue = brain & ~ventricles & (gaussian_filter(chi_model, 0.7) > 0.0399)
+    deep_tissue = brain & ~ventricles & (blurred > 0.0399)
     out = registry.run("referencing", "csf", chi, brain, magnitude=magnitude, echo_times_s=te,
                        depth_mm=6.0)
     assert np.median(out[deep_tissue]) == pytest.approx(0.04, abs=0.0015)
@@ -87,6 +87,7 @@ def test_csf_reference_uses_the_core_of_the_ventricles_not_their_partial_volume_
     small = np.zeros((20, 20, 20), bool)
     small[5:12, 5:12, 5:12] = True            # 343 voxels: 2 erosions leave 27, 1 leaves 125
     assert csf_core(small, 2, 100).sum() == 125 and csf_core(small, 2, 400).sum() == 343
+
 
 def test_csf_reference_without_ventricles_falls_back_to_the_mean_and_says_so(caplog):
     """Bright deep voxels that decay like tissue (no ventricles in the field of

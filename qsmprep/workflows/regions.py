@@ -44,9 +44,8 @@ REFERENCE_REGIONS = {
     "none": "none: chi as given by the dipole inversion (no referencing)",
     "mean": "whole brain: the mean chi over the run's desc-brain_mask is 0",
     "csf": "CSF: the median chi over the core of the run's ventricular cerebrospinal fluid "
-           "(two voxels in from its edge) is 0 (the "
-           "whole brain's mean where none was found: see the Chimap sidecar's "
-           "ReferencingWarnings)",
+           "(its voxels core_voxels in from its edge) is 0 (the whole brain's mean where "
+           "none was found: see the Chimap sidecar's ReferencingWarnings)",
 }
 
 
