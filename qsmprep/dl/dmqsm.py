@@ -66,15 +66,18 @@ TKD_THRESHOLD = 0.1
 
 #: Posterior samples averaged in super-resolution (``super_resolve``'s
 #: ``samples``) and the weight of the band their mean adds above the measured
-#: one (``band_weight``; 0 is the zero-filled up-sampling). Chosen together on
-#: 48^3 crops of the independent 7 T and 1 mm heads (version 2), rule fixed
-#: before the sweep (R19-2, docs/deep-learning.md): mean NRMSE / XSIM over the
-#: four crops 30.58 % / 0.831 for one sample at 0.25 (the 2026-12-03 default),
-#: 29.79 / 0.837 for two at 0.5, 28.82 / 0.848 for four at 0.75 (zero filling
-#: 31.52 / 0.823). One sample adds about as much error as detail; a mean of
-#: several keeps the detail they agree on.
+#: one (``band_weight``; 0 is the zero-filled up-sampling). The 4 samples were
+#: chosen on 48^3 crops of the independent 7 T and 1 mm heads (R19-2,
+#: docs/deep-learning.md); the weight was then re-chosen on whole heads (R21-3,
+#: rule fixed before the sweep: XSIM at least zero filling's on the whole
+#: 1.5 mm and 7 T heads, then the lowest mean NRMSE): 0.5, 32.18 % / 0.914 and
+#: 30.42 / 0.916 (0.75: 32.24 / 0.906 and 30.34 / 0.907, below zero filling's
+#: 0.908 / 0.912), and on the held-out whole 1 mm head 23.57 / 0.937 against
+#: zero filling 24.97 / 0.936 and 0.75's 23.61 / 0.928. Crops, mostly
+#: structure, favour more band than whole heads, whose flat parts (white
+#: matter, ventricles) pay for every detail the truth lacks.
 SAMPLES_SUPER_RESOLUTION = 4
-BAND_WEIGHT_SUPER_RESOLUTION = 0.75
+BAND_WEIGHT_SUPER_RESOLUTION = 0.5
 
 
 # ---------------------------------------------------------------------------
@@ -161,8 +164,8 @@ def super_resolve(chi_lowres, factor=2, mask=None, *, mode="kspace", project=Tru
     ``band_weight`` (with ``project``) scales what it adds above the measured
     band: ``chi = D^+ y + band_weight (x - D^+ D x)``; 1 keeps the band of
     ``x``, 0 gives the zero-filled up-sampling. One sample of a weakly informed
-    posterior adds about as much error as detail; the mean of four at 0.75
-    (chosen on crops of two independent heads: docs/deep-learning.md) lowers
+    posterior adds about as much error as detail; half the band of the mean
+    of four (chosen on whole independent heads: docs/deep-learning.md) lowers
     the error, at four times the sampling time. ``history`` gets the first
     sample's data consistency. Returns chi (ppm) ``factor`` times larger per
     axis."""
