@@ -74,8 +74,8 @@ TKD_THRESHOLD = 0.1
 #: 30.42 / 0.916 (0.75: 32.24 / 0.906 and 30.34 / 0.907, below zero filling's
 #: 0.908 / 0.912), and on the held-out whole 1 mm head 23.57 / 0.937 against
 #: zero filling 24.97 / 0.936 and 0.75's 23.61 / 0.928. Crops, mostly
-#: structure, favour more band than whole heads, whose flat parts (white
-#: matter, ventricles) pay for every detail the truth lacks.
+#: structure, favoured more band than whole heads (likely: a whole head's flat
+#: parts pay in XSIM for every detail the truth lacks).
 SAMPLES_SUPER_RESOLUTION = 4
 BAND_WEIGHT_SUPER_RESOLUTION = 0.5
 
