@@ -179,35 +179,47 @@ PIPELINE_STAGES = ("unwrapping", "echo_combination", "masking", "bf_removal", "i
                    "referencing")
 
 
-def pipeline(case, methods):
+def pipeline(case, methods, *, device=None, times=None):
     """χ (ppm) from the case's phase and magnitude, as the app computes it:
     MCPC-3D-S phase-offset removal → unwrapping → echo combination (B0 and its
     noise map N_std) → total field → mask (root-sum-of-squares magnitude and
     unwrapping quality) → background removal → inversion → referencing, with
-    ``methods[stage]``; N_std and the magnitude go to the methods that take them."""
+    ``methods[stage]``; N_std and the magnitude go to the methods that take them.
+    ``device`` (e.g. ``"cuda"``) goes to the methods that take one (the app's
+    ``--device``); ``times`` (a dict), when given, receives each stage's wall
+    time (s)."""
     from qsmprep.qsm import registry
     from qsmprep.qsm.units import hz_to_ppm
     from qsmprep.qsm.unwrap import mcpc3ds
 
+    times = {} if times is None else times
+    on = {} if device is None else {"device": device}
+
+    def run(stage, func, *args, **kwargs):
+        out, times[stage] = timed(func, *args, **kwargs)
+        return out
+
     vox, te, fs = case.voxel_size_mm, case.echo_times_s, case.field_strength_t
-    phase, _ = mcpc3ds(case.phase, case.magnitude, te, voxel_size_mm=vox)
-    unwrapped, quality = call("unwrapping", methods["unwrapping"], phase,
-                              magnitude=case.magnitude, echo_times_s=te, voxel_size_mm=vox)
-    b0_hz, noise_hz = call("echo_combination", methods["echo_combination"], unwrapped,
-                           case.magnitude, te)
+    phase, _ = run("mcpc3ds", mcpc3ds, case.phase, case.magnitude, te, voxel_size_mm=vox)
+    unwrapped, quality = run("unwrapping", call, "unwrapping", methods["unwrapping"], phase,
+                             magnitude=case.magnitude, echo_times_s=te, voxel_size_mm=vox, **on)
+    b0_hz, noise_hz = run("echo_combination", call, "echo_combination",
+                          methods["echo_combination"], unwrapped, case.magnitude, te, **on)
     total, noise_std_ppm = hz_to_ppm(b0_hz, fs), hz_to_ppm(noise_hz, fs)
     if methods["masking"] == TRUE_MASK:
         mask = case.mask
     else:
         rss = np.sqrt(np.sum(case.magnitude**2, axis=-1))
-        mask = call("masking", methods["masking"], rss, quality=quality, voxel_size_mm=vox,
-                    **registry.masking_params(methods["masking"], methods["inversion"]))
-    local, mask = call("bf_removal", methods["bf_removal"], total, np.asarray(mask, bool), vox,
-                       b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm)
-    chi = call("inversion", methods["inversion"], local, mask, vox, b0_dir=case.b0_dir,
-               noise_std_ppm=noise_std_ppm, magnitude=case.magnitude)
-    return call("referencing", methods["referencing"], chi, mask, magnitude=case.magnitude,
-                voxel_size_mm=vox, echo_times_s=te)
+        mask = run("masking", call, "masking", methods["masking"], rss, quality=quality,
+                   voxel_size_mm=vox, **on,
+                   **registry.masking_params(methods["masking"], methods["inversion"]))
+    local, mask = run("bf_removal", call, "bf_removal", methods["bf_removal"], total,
+                      np.asarray(mask, bool), vox, b0_dir=case.b0_dir,
+                      noise_std_ppm=noise_std_ppm, **on)
+    chi = run("inversion", call, "inversion", methods["inversion"], local, mask, vox,
+              b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm, magnitude=case.magnitude, **on)
+    return run("referencing", call, "referencing", methods["referencing"], chi, mask,
+               magnitude=case.magnitude, voxel_size_mm=vox, echo_times_s=te)
 
 
 #: pipelines compared with the default in every mode (the choice of the

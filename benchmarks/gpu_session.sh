@@ -13,9 +13,9 @@
 # benchmarks.md and dl_speed_cuda.json, and the logs.
 #
 # The GPU image has torch, numpy, scipy, numba, tqdm and pytest but neither
-# nibabel (the simulator reads the packaged head with it) nor nilearn (the MNI
-# head of dl_speed.py): carry their wheels in .whl/ (see the device tool's
-# README). Usage, from the repository root:
+# nibabel (the simulator reads the packaged head with it), nilearn (the MNI
+# head of dl_speed.py) nor tomli_w (qsmprep.config): carry their wheels in
+# .whl/ (see the device tool's README). Usage, from the repository root:
 #   OUT=/tmp/out BUDGET_S=330 bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
-for module in nibabel nilearn; do  # say early what is missing (both were, on 2026-11-26)
+for module in nibabel nilearn tomli_w; do  # say early what is missing (both were, on 2026-11-26)
     python3 -c "import $module" 2>/dev/null || log "missing $module: carry its wheel in .whl/"
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/session.log" 2>&1

@@ -367,3 +367,33 @@ def test_independent_merge_replaces_rerun_rows_and_orders_by_head():
     merged = independent.merge_rows(old, new, ["a", "b"])
     assert [(r["method"], r["phantom"], r["metrics"]["nrmse"]) for r in merged] == [
         ("default", "a", 1), ("tfi", "a", 3), ("default", "b", 4)]
+
+
+def test_gpu_check_times_every_stage_and_publishes_each_device(tmp_path):
+    """``gpu_check.py``, the prepared run for a lent GPU, on the CPU at 2 mm:
+    every stage of the default pipeline is timed, the stage times add up to
+    the run's, χ and DM-QSM's map are scored against the truth, and the section
+    gets one row per device's JSON (a failing script would waste the device's
+    few minutes)."""
+    import torch
+
+    import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--threads", str(torch.get_num_threads()),
+                           "--voxel", "2", "--repeats", "1", "--no-warm-up",
+                           "--dmqsm-steps", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    run = result["pipeline_runs"][0]
+    assert set(run["stages_s"]) == {"mcpc3ds", "unwrapping", "echo_combination", "masking",
+                                    "bf_removal", "inversion", "referencing"}
+    assert 0.9 * run["wall_s"] < sum(run["stages_s"].values()) <= run["wall_s"]
+    assert run["nrmse"] < 50 and result["dmqsm"]["nrmse"] < 50  # measured 37 and 34 %
+    assert result["methods"]["inversion"] == "tfi" and result["dmqsm"]["steps"] == 1
+    # a device's JSON (as a GPU run writes it) becomes a second row
+    cuda = {**result, "device": "cuda", "gpu": "a GPU"}
+    (tmp_path / "gpu_check_cuda.json").write_text(json.dumps(cuda))
+    docs = tmp_path / "benchmarks.md"
+    gpu_check.publish_section(tmp_path, docs)
+    text = docs.read_text()
+    assert "<!-- gpu_check:start -->" in text
+    assert "| cpu | " in text and "| cuda (a GPU) | " in text

@@ -3,6 +3,7 @@ sources fitted with it, on the analytic phantom of the classical-method tests.""
 
 import numpy as np
 import pytest
+import torch
 
 from qsmprep.qsm import metrics
 from qsmprep.qsm.bgremove import pdf
@@ -193,3 +194,27 @@ def test_coarse_start_makes_the_solve_faster_not_worse():
     three = err(tfi(total, brain, vox, b0_dir=b0, edge_mm=0.0, coarse_steps=0, max_outer=3)[0])
     assert coarse_start < acquired + 2 and coarse_start < 0.5 * three, (coarse_start, acquired,
                                                                         three)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("voxel_mm", [2.0, 1.0])
+def test_tfi_on_cuda_gives_the_cpu_map(head, voxel_mm):
+    """TFI on CUDA (issue #22's time target needs it) is the CPU's solve: the same
+    map to the rounding of other FFTs and reductions, at 2 mm (acquired-grid
+    steps) and at 1 mm (coarse-grid start). The CUDA regulariser is
+    ``grad_adj(w grad x)``, not the CPU's compiled pass, so a mistake in either
+    would show here."""
+    from _qsm_phantom import background_field, brain_phantom, local_field
+
+    if voxel_mm == 2.0:
+        _, brain, _, total, b0 = head
+    else:
+        chi, brain = brain_phantom()
+        b0 = np.asarray(B0) / np.linalg.norm(B0)
+        total = local_field(chi, b0) + background_field(b0)
+    vox = (voxel_mm,) * 3
+    cpu = tfi(total, brain, vox, b0_dir=b0)[0]
+    gpu = tfi(total, brain, vox, b0_dir=b0, device="cuda")[0]
+    assert isinstance(gpu, np.ndarray) and gpu.dtype == np.float32
+    assert np.linalg.norm(gpu - cpu) < 0.02 * np.linalg.norm(cpu), (
+        np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu))
