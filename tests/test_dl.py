@@ -523,3 +523,36 @@ def test_learned_method_names_are_the_shipped_models():
     assert set(LEARNED_METHODS) == set(MODELS)
     for name in LEARNED_METHODS:
         assert name in registry.names("inversion")
+
+
+@pytest.mark.parametrize("stage,name", [("inversion", "ir2qsm"), ("inversion", "unet")])
+def test_feedforward_networks_do_not_depend_on_the_empty_field_of_view(stage, name):
+    """IR2QSM and the U-Net run on the brain mask's bounding box plus
+    ``MASK_BOX_MARGIN`` voxels (``inference.on_mask_box``), so a whole-head image
+    (the brain a third of its voxels) costs what the brain costs, and the map is
+    the same, to the bit, whatever empty field of view surrounds the brain;
+    outside the box it is 0. (NeXtQSM keeps the whole image: its FFT data
+    terms make its map depend on the box; rule R22-2.)"""
+    from qsmprep.dl.inference import MASK_BOX_MARGIN
+    from qsmprep.qsm import registry
+
+    rng = np.random.default_rng(1)
+    shape, vox, b0 = (24, 28, 20), (1.0, 1.0, 1.2), (0.1, 0.2, 0.97)
+    chi = np.zeros(shape, np.float32)
+    chi[4:-4, 4:-4, 4:-4] = rng.normal(0, 0.05, (16, 20, 12)).astype(np.float32)
+    mask = chi != 0
+    field = (dipole_convolve(chi, vox) * mask).astype(np.float32)
+    m = MASK_BOX_MARGIN
+    large = [np.zeros((70, 64, 60), np.float32) for _ in range(2)]
+    at = (slice(20, 44), slice(10, 38), slice(30, 50))
+    large[0][at], large[1][at] = field, mask
+    small = [np.pad(a, m) for a in (field, mask)]  # the mask's box plus its margin, exactly
+    runs = [registry.run(stage, name, f, mk > 0, vox, b0_dir=b0, device="cpu")
+            for f, mk in (small, large)]
+    out_small, out_large = (np.asarray(r[0] if isinstance(r, tuple) else r) for r in runs)
+    inner = (slice(m, -m),) * 3
+    np.testing.assert_array_equal(out_large[at], out_small[inner])
+    rest = np.ones(out_large.shape, bool)
+    rest[tuple(slice(s.start - m, s.stop + m) for s in at)] = False
+    assert not out_large[rest].any()
+    assert np.abs(out_large[at][mask]).max() > 1e-3

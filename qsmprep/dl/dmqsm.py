@@ -59,7 +59,7 @@ from .dmqsm_sampler import (
     MaskedDipole,
     dps_sample,
 )
-from .inference import select_device, to_numpy, to_tensor
+from .inference import MASK_BOX_MARGIN, select_device, to_numpy, to_tensor
 
 #: TKD threshold of the start of dipole inversion (the paper's 0.1).
 TKD_THRESHOLD = 0.1
@@ -116,7 +116,8 @@ def invert(local_field_ppm, mask, voxel_size_mm, b0_dir, *, device="auto",
     """Dipole inversion by DM-QSM: chi (ppm, numpy ``[X, Y, Z]``) from the
     local field (ppm) in ``mask``, starting from TKD (threshold 0.1).
     ``options``: :data:`SAMPLING` (``steps``, ``t_start``, ``xi``, ``seed``, ...).
-    The volume is cropped to the mask's bounding box (+8 voxels) to sample."""
+    The volume is cropped to the mask's bounding box (+ ``MASK_BOX_MARGIN``,
+    8 voxels, as for every network) to sample."""
     dev = select_device(device)
     opts = _options(options)
     model = model if model is not None else _model_cached(dev)
@@ -128,7 +129,7 @@ def invert(local_field_ppm, mask, voxel_size_mm, b0_dir, *, device="auto",
     if not mask.any():
         raise ValueError("DM-QSM: the mask is empty")
     local = np.where(mask & np.isfinite(local), local, 0.0).astype(np.float32)
-    box, pads = _bbox(mask, 8, model.multiple)
+    box, pads = _bbox(mask, MASK_BOX_MARGIN, model.multiple)
     field = to_tensor(np.pad(local[box], pads), dev)
     m = to_tensor(np.pad(mask[box], pads), dev)
     op = MaskedDipole(field.shape[-3:], voxel_size_mm, b0_dir, m, dev)

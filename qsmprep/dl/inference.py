@@ -20,6 +20,24 @@ LOGGER = logging.getLogger("qsmprep.dl")
 #: Largest volume (voxels) run in one piece on the CPU before tiling.
 CPU_MAX_VOXELS = 256**3
 
+#: Voxels of context kept around the brain mask's bounding box: the
+#: feed-forward networks and DM-QSM run on that box, not on the whole image (a
+#: whole-head image is 2-3 times the brain's box; their fields are zero
+#: outside the mask anyway).
+MASK_BOX_MARGIN = 8
+
+
+def on_mask_box(compute, field, mask, margin=None):
+    """``compute(field, mask)`` (numpy volumes in, a volume of the same shape
+    out) on ``mask``'s bounding box plus ``margin`` voxels (default
+    :data:`MASK_BOX_MARGIN`), pasted into zeros of the input's shape."""
+    from ..qsm.mask import bbox_slices
+
+    box = bbox_slices(mask, margin=MASK_BOX_MARGIN if margin is None else margin)
+    out = np.zeros(np.shape(mask), np.float32)
+    out[box] = compute(field[box], mask[box])
+    return out
+
 
 def select_device(device="auto"):
     """The ``torch.device`` to run on.

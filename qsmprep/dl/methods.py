@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .dipole import DipoleOperator
-from .inference import autocast, resolve_precision, run_network, select_device, to_numpy, to_tensor
+from .inference import (autocast, on_mask_box, resolve_precision, run_network, select_device,
+                        to_numpy, to_tensor)
 from .dmqsm_prior import ScoreUNet
 from .ir2qsm import IR2QSM
 from .nextqsm import NeXtQSM
@@ -70,7 +71,11 @@ def _check(field, mask):
 def _nextqsm(step, field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels, precision):
     """One step of NeXtQSM on a field (ppm): ``"remove_background"`` (total ->
     local field, its U-Net) or ``"invert"`` (local field -> chi, its
-    variational network), padded or tiled like every network."""
+    variational network), padded or tiled like every network. Unlike the
+    feed-forward networks it runs on the whole image: its V-SHARP and dipole
+    data terms are FFTs over the volume, and on the independent 1 mm head its
+    map moved by up to 1.4 points of NRMSE with the box (rule R22-2,
+    docs/deep-learning.md)."""
     dev = select_device(device)
     precision = resolve_precision(precision, dev, strict=False)
     field_ppm, mask = _check(field_ppm, mask)
@@ -87,14 +92,20 @@ def _nextqsm(step, field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels, p
 
 def _feedforward(name, local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels,
                  precision):
+    """IR2QSM or the U-Net on the mask's bounding box (:func:`on_mask_box`):
+    on the independent heads 1.7-3.6 times faster than on the whole image,
+    the same NRMSE within 0.02 points (rule R22-2)."""
     dev = select_device(device)
     precision = resolve_precision(precision, dev, strict=False)
-    local_field_ppm, mask = _check(local_field_ppm, mask)
     model = _model(name, dev, precision)
-    # the TKD (or TV) channel is computed once on the whole volume, before padding and tiling
-    x = field_inputs(to_tensor(local_field_ppm, dev), to_tensor(mask, dev), b0_dir, voxel_size_mm,
-                     model.config["tkd_threshold"], model.config.get("init_tv"))
-    return _run(lambda xp, apply: apply(model, xp), x, model, dev, precision, max_voxels)
+
+    def compute(field, box_mask):
+        # the TKD (or TV) channel is computed once on the whole box, before padding and tiling
+        x = field_inputs(to_tensor(field, dev), to_tensor(box_mask, dev), b0_dir, voxel_size_mm,
+                         model.config["tkd_threshold"], model.config.get("init_tv"))
+        return _run(lambda xp, apply: apply(model, xp), x, model, dev, precision, max_voxels)
+
+    return on_mask_box(compute, *_check(local_field_ppm, mask))
 
 
 def bfr_nextqsm(total_field_ppm, mask, voxel_size_mm, *, b0_dir, device="auto",
