@@ -117,7 +117,7 @@ def invert(local_field_ppm, mask, voxel_size_mm, b0_dir, *, device="auto",
     local field (ppm) in ``mask``, starting from TKD (threshold 0.1).
     ``options``: :data:`SAMPLING` (``steps``, ``t_start``, ``xi``, ``seed``, ...).
     The volume is cropped to the mask's bounding box (+ ``MASK_BOX_MARGIN``,
-    8 voxels, as for every network) to sample."""
+    8 voxels, as for IR2QSM and the U-Net) to sample."""
     dev = select_device(device)
     opts = _options(options)
     model = model if model is not None else _model_cached(dev)

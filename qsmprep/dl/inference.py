@@ -27,13 +27,13 @@ CPU_MAX_VOXELS = 256**3
 MASK_BOX_MARGIN = 8
 
 
-def on_mask_box(compute, field, mask, margin=None):
+def on_mask_box(compute, field, mask):
     """``compute(field, mask)`` (numpy volumes in, a volume of the same shape
-    out) on ``mask``'s bounding box plus ``margin`` voxels (default
-    :data:`MASK_BOX_MARGIN`), pasted into zeros of the input's shape."""
+    out) on ``mask``'s bounding box plus :data:`MASK_BOX_MARGIN` voxels,
+    pasted into zeros of the input's shape."""
     from ..qsm.mask import bbox_slices
 
-    box = bbox_slices(mask, margin=MASK_BOX_MARGIN if margin is None else margin)
+    box = bbox_slices(mask, margin=MASK_BOX_MARGIN)
     out = np.zeros(np.shape(mask), np.float32)
     out[box] = compute(field[box], mask[box])
     return out
