@@ -93,7 +93,7 @@ def _nextqsm(step, field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels, p
 def _feedforward(name, local_field_ppm, mask, voxel_size_mm, b0_dir, device, max_voxels,
                  precision):
     """IR2QSM or the U-Net on the mask's bounding box (:func:`on_mask_box`):
-    on the independent heads 1.7-3.6 times faster than on the whole image,
+    on the independent heads 1.5-2.3 times faster than on the whole image,
     the same NRMSE within 0.02 points (rule R22-2)."""
     dev = select_device(device)
     precision = resolve_precision(precision, dev, strict=False)
