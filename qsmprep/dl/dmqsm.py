@@ -59,7 +59,7 @@ from .dmqsm_sampler import (
     MaskedDipole,
     dps_sample,
 )
-from .inference import MASK_BOX_MARGIN, select_device, to_numpy, to_tensor
+from .inference import on_mask_box, select_device, to_numpy, to_tensor
 
 #: TKD threshold of the start of dipole inversion (the paper's 0.1).
 TKD_THRESHOLD = 0.1
@@ -92,16 +92,6 @@ def _model_cached(device, models_dir=None):
     return _model("dmqsm", device)
 
 
-def _bbox(mask, margin, multiple):
-    """Slices of ``mask``'s bounding box plus ``margin``, and padding widths
-    that bring it to a multiple of ``multiple``."""
-    from ..qsm.mask import bbox_slices
-
-    box = bbox_slices(mask, margin=margin)
-    pads = [(0, -(sl.stop - sl.start) % multiple) for sl in box]
-    return box, pads
-
-
 def _options(overrides, **defaults):
     opts = {**SAMPLING, **defaults, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(opts) - set(SAMPLING) - {"precision"}
@@ -116,8 +106,8 @@ def invert(local_field_ppm, mask, voxel_size_mm, b0_dir, *, device="auto",
     """Dipole inversion by DM-QSM: chi (ppm, numpy ``[X, Y, Z]``) from the
     local field (ppm) in ``mask``, starting from TKD (threshold 0.1).
     ``options``: :data:`SAMPLING` (``steps``, ``t_start``, ``xi``, ``seed``, ...).
-    The volume is cropped to the mask's bounding box (+ ``MASK_BOX_MARGIN``,
-    8 voxels, as for IR2QSM and the U-Net) to sample."""
+    The volume is cropped to the mask's bounding box plus 8 voxels to sample
+    (:func:`~qsmprep.dl.inference.on_mask_box`, as for IR2QSM and the U-Net)."""
     dev = select_device(device)
     opts = _options(options)
     model = model if model is not None else _model_cached(dev)
@@ -129,16 +119,18 @@ def invert(local_field_ppm, mask, voxel_size_mm, b0_dir, *, device="auto",
     if not mask.any():
         raise ValueError("DM-QSM: the mask is empty")
     local = np.where(mask & np.isfinite(local), local, 0.0).astype(np.float32)
-    box, pads = _bbox(mask, MASK_BOX_MARGIN, model.multiple)
-    field = to_tensor(np.pad(local[box], pads), dev)
-    m = to_tensor(np.pad(mask[box], pads), dev)
-    op = MaskedDipole(field.shape[-3:], voxel_size_mm, b0_dir, m, dev)
-    start = op.dipole.tkd(field * m, TKD_THRESHOLD) * m
-    chi = dps_sample(model, field * m, op, start, m, history=history, **opts)
-    out = np.zeros(mask.shape, np.float32)
-    crop = tuple(slice(0, sl.stop - sl.start) for sl in box)
-    out[box] = to_numpy(chi)[crop]
-    return out
+
+    def sample(box_field, box_mask):
+        """DPS on the box, zero-padded at its end to the network's multiple."""
+        pads = [(0, -n % model.multiple) for n in box_field.shape]
+        field = to_tensor(np.pad(box_field, pads), dev)
+        m = to_tensor(np.pad(box_mask, pads), dev)
+        op = MaskedDipole(field.shape[-3:], voxel_size_mm, b0_dir, m, dev)
+        start = op.dipole.tkd(field * m, TKD_THRESHOLD) * m
+        chi = dps_sample(model, field * m, op, start, m, history=history, **opts)
+        return to_numpy(chi)[tuple(slice(0, n) for n in box_field.shape)]
+
+    return on_mask_box(sample, local, mask)
 
 
 def _upsampled_mask(mask_lr, factor):
