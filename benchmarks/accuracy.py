@@ -217,7 +217,8 @@ def pipeline(case, methods, *, device=None, times=None):
                       np.asarray(mask, bool), vox, b0_dir=case.b0_dir,
                       noise_std_ppm=noise_std_ppm, **on)
     chi = run("inversion", call, "inversion", methods["inversion"], local, mask, vox,
-              b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm, magnitude=case.magnitude, **on)
+              b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm, magnitude=case.magnitude,
+              magnitude_echoes=case.magnitude, echo_times_s=te, **on)
     return run("referencing", call, "referencing", methods["referencing"], chi, mask,
                magnitude=case.magnitude, voxel_size_mm=vox, echo_times_s=te)
 
@@ -319,7 +320,8 @@ def joint(case, bfr, inversion):
     local, mask = call("bf_removal", bfr, case.total_field, case.mask, case.voxel_size_mm,
                        b0_dir=case.b0_dir)
     return call("inversion", inversion, local, mask, case.voxel_size_mm, b0_dir=case.b0_dir,
-                magnitude=case.magnitude)
+                magnitude=case.magnitude, magnitude_echoes=case.magnitude,
+                echo_times_s=case.echo_times_s)
 
 
 def local_field_methods():
@@ -347,7 +349,8 @@ def run_case(case, stages, quick=False, keep=lambda name: True):
         for name in filter(keep, registry.names("inversion")):
             rows.append(score_row("inversion", name, case, lambda n=name: call(
                 "inversion", n, case.local_field, case.mask, case.voxel_size_mm,
-                b0_dir=case.b0_dir, magnitude=case.magnitude), case.chi, case.labels))
+                b0_dir=case.b0_dir, magnitude=case.magnitude, magnitude_echoes=case.magnitude,
+                echo_times_s=case.echo_times_s), case.chi, case.labels))
     if "joint" in stages:
         for bfr, inv in JOINT_PAIRS:
             if keep(f"{bfr}+{inv}"):

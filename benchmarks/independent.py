@@ -161,21 +161,29 @@ def score(stage, label, case, func, truth):
         "depth": depth_nrmse(recon, truth, case.mask, case.voxel_size_mm)})
 
 
-def run_head(case, quick, stages=("pipeline", "bf_removal", "inversion"), variants=None):
-    """All rows of one head; ``variants`` (labels) limits the pipeline rows."""
+def run_head(case, quick, stages=("pipeline", "bf_removal", "inversion"), variants=None,
+             methods=None):
+    """All rows of one head; ``variants`` (labels) limits the pipeline rows,
+    ``methods`` (names) the rows of the two stage tables."""
     rows = []
-    for label, methods in pipeline_variants(quick).items():
+    for label, chain in pipeline_variants(quick).items():
         if "pipeline" in stages and (not variants or label in variants):
-            rows.append(score("pipeline", label, case, lambda m=methods: pipeline(case, m),
+            rows.append(score("pipeline", label, case, lambda m=chain: pipeline(case, m),
                               case.chi))
-    for name in stage_methods("bf_removal", quick) if "bf_removal" in stages else ():
+
+    def chosen(stage):
+        names = stage_methods(stage, quick) if stage in stages else ()
+        return [n for n in names if not methods or n in methods]
+
+    for name in chosen("bf_removal"):
         rows.append(score("bf_removal", name, case, lambda n=name: call(
             "bf_removal", n, case.total_field, case.mask, case.voxel_size_mm,
             b0_dir=case.b0_dir), case.local_field))
-    for name in stage_methods("inversion", quick) if "inversion" in stages else ():
+    for name in chosen("inversion"):
         rows.append(score("inversion", name, case, lambda n=name: call(
             "inversion", n, case.local_field, case.mask, case.voxel_size_mm,
-            b0_dir=case.b0_dir, magnitude=case.magnitude), case.chi))
+            b0_dir=case.b0_dir, magnitude=case.magnitude, magnitude_echoes=case.magnitude,
+            echo_times_s=case.echo_times_s), case.chi))
     return rows
 
 
@@ -378,6 +386,8 @@ def main(argv=None):
     parser.add_argument("--stages", nargs="+", default=["pipeline", "bf_removal", "inversion"],
                         choices=["pipeline", "bf_removal", "inversion"])
     parser.add_argument("--variants", nargs="+", help="only these pipeline rows (labels)")
+    parser.add_argument("--methods", nargs="+",
+                        help="only these methods in the stage tables (background, dipole)")
     parser.add_argument("--merge", action="store_true",
                         help="add the rows to the saved results file instead of replacing it")
     parser.add_argument("--docs", type=Path, default=DOCS)
@@ -414,7 +424,7 @@ def main(argv=None):
             results["heads"][names.index(name)] = entry
         else:
             results["heads"].append(entry)
-        rows = run_head(case, args.quick, args.stages, args.variants)
+        rows = run_head(case, args.quick, args.stages, args.variants, args.methods)
         for row in rows:
             row["phantom_version"] = head.version
         results["rows"] = merge_rows(results["rows"], rows, [h["name"] for h in results["heads"]])

@@ -62,7 +62,7 @@ def dipole_misfit(chi, local, mask, voxel_size_mm):
 
 def front_end(data_dir):
     """Total field (ppm), its noise (ppm), ``mask_for(inversion)`` (the BET mask as
-    the app makes it before that inversion), magnitude and voxel size:
+    the app makes it before that inversion), magnitude, voxel size and echo times:
     :func:`invivo_echo.front_end` and the default echo combination."""
     from qsmprep.config import DEFAULT_METHODS
     from qsmprep.qsm.units import hz_to_ppm
@@ -71,16 +71,17 @@ def front_end(data_dir):
     b0, n_std = call("echo_combination", DEFAULT_METHODS["echo_combination"], unwrapped,
                      magnitude, te)
     return (hz_to_ppm(b0, FIELD_STRENGTH_T), hz_to_ppm(n_std, FIELD_STRENGTH_T), mask_for,
-            magnitude, vox)
+            magnitude, vox, te)
 
 
-def run_pipeline(methods, total, noise, mask, magnitude, vox):
+def run_pipeline(methods, total, noise, mask, magnitude, vox, te):
     from qsmprep.qsm import registry
 
     local, m = call("bf_removal", methods["bf_removal"], total, mask, vox, b0_dir=B0_DIR,
                     noise_std_ppm=noise)
     chi = call_full("inversion", methods["inversion"], local, m, vox, b0_dir=B0_DIR,
-                    noise_std_ppm=noise, magnitude=magnitude)
+                    noise_std_ppm=noise, magnitude=magnitude, magnitude_echoes=magnitude,
+                    echo_times_s=te)
     if registry.gives_local_field(methods["inversion"]):  # total field inversion
         chi, local = chi
     chi = call("referencing", "mean", chi, m)
@@ -116,14 +117,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     from qsmprep.config import DEFAULT_METHODS, PIPELINES
 
-    total, noise, mask_for, magnitude, vox = front_end(args.data)
+    total, noise, mask_for, magnitude, vox, te = front_end(args.data)
     default_mask = mask_for(DEFAULT_METHODS["inversion"])
     results, chis = {}, {}
     for name, change in {**PIPELINES, **REFERENCES}.items():
         methods = {**DEFAULT_METHODS, **change}
         mask = mask_for(methods["inversion"])
         t0 = time.perf_counter()
-        local, chi, m = run_pipeline(methods, total, noise, mask, magnitude, vox)
+        local, chi, m = run_pipeline(methods, total, noise, mask, magnitude, vox, te)
         wall = time.perf_counter() - t0
         chis[name] = (chi, m)
         p1, p99, p999 = np.percentile(chi[m], [1, 99, 99.9])

@@ -53,6 +53,7 @@ CONTEXT_KEYWORDS = {
     "device": "torch device (execution: --device)",
     "max_voxels": "largest input of one network pass (execution: --mem)",
     "magnitude": "magnitude (root-sum-of-squares over echoes where a 3-D one is needed)",
+    "magnitude_echoes": "the magnitude of every echo (X, Y, Z, E), echoes last",
     NOISE_STD: "N_std, the noise map of the field (ppm): data weights 1/N_std",
     "echo_times_s": "echo times of the magnitude's echoes (s)",
     "source": "the run's input file, named in the method's warnings",

@@ -313,7 +313,8 @@ def test_independent_quick_suite(tmp_path):
     consistent: TKD on the true local field scores as on our own heads
     (≈ 32–35 %), far below 60 %."""
     docs, json_path = tmp_path / "benchmarks.md", tmp_path / "independent.json"
-    independent.main(["--quick", "--docs", str(docs), "--json", str(json_path)])
+    independent.main(["--quick", "--docs", str(docs), "--json", str(json_path),
+                      "--head-cache", str(tmp_path / "heads")])
     results = json.loads(json_path.read_text())
     rows = {(r["stage"], r["method"]): r for r in results["rows"]}
     tkd = rows[("inversion", "tkd")]
@@ -325,6 +326,14 @@ def test_independent_quick_suite(tmp_path):
     assert default["depth"]["0-3"] > default["depth"][">20"]
     text = docs.read_text()
     assert "<!-- independent-quick:start -->" in text and "Selection rule" in text
+    # a re-run of chosen rows (--stages, --variants, --methods) runs those rows only
+    (name, description, _), = independent.head_specs(quick=True)
+    head, seconds = independent.cached_head(tmp_path / "heads", name, description)
+    assert seconds is None
+    rows = independent.run_head(independent.as_case(head), True, ("pipeline", "inversion"),
+                                variants=["vsharp + tv"], methods=["tkd"])
+    assert [(r["stage"], r["method"]) for r in rows] == [("pipeline", "vsharp + tv"),
+                                                         ("inversion", "tkd")]
 
 
 def test_cli_startup_measures_help_and_renders_the_target_verdict(tmp_path):

@@ -3,6 +3,8 @@ import pytest
 
 from qsmprep.qsm import registry
 
+from _qsm_phantom import csf_head
+
 
 def test_mean_reference_zeroes_the_mask_mean_and_keeps_contrast():
     rng = np.random.default_rng(0)
@@ -27,27 +29,10 @@ def test_empty_mask_is_an_error():
         registry.run("referencing", "mean", np.ones((3, 3, 3)), np.zeros((3, 3, 3), bool))
 
 
-def _csf_head(ventricle_r2star_hz):
-    """A brain ellipsoid with central ventricles and superficial sulcal CSF,
-    two echoes (4 and 24 ms): tissue decays with R2* 20/s, the ventricles
-    with ``ventricle_r2star_hz`` but start brighter, the sulci like CSF."""
-    from _qsm_phantom import ellipsoid
-
-    brain = ellipsoid((0, 0, 0), (24, 20, 18))
-    ventricles = ellipsoid((0, 3, 0), (8, 3, 4)) | ellipsoid((0, -3, 0), (8, 2, 4))
-    sulci = brain & ~ellipsoid((0, 0, 0), (22, 18, 16))  # bright but superficial CSF
-    rng = np.random.default_rng(0)
-    te = np.array([0.004, 0.024])
-    m0 = 0.8 * brain + 0.2 * (ventricles | sulci)
-    r2 = np.where(ventricles, ventricle_r2star_hz, np.where(sulci, 3.0, 20.0))
-    magnitude = m0[..., None] * np.exp(-r2[..., None] * te) + rng.normal(0, 0.005, (*brain.shape, 2))
-    return brain, ventricles, magnitude.astype(np.float32), te
-
-
 def test_csf_reference_finds_bright_central_csf():
     from qsmprep.qsm.reference import csf_mask
 
-    brain, ventricles, magnitude, te = _csf_head(3.0)
+    brain, ventricles, magnitude, te = csf_head(3.0)
     found, problem = csf_mask(magnitude, brain, echo_times_s=te, depth_mm=6.0)
     assert problem is None and found.sum() > 0 and np.mean(ventricles[found]) > 0.95
     chi = np.where(ventricles, 0.05, 0.0) + np.where(brain & ~ventricles, -0.02, 0.0) + 0.3
@@ -68,7 +53,7 @@ def test_csf_reference_uses_the_core_of_the_ventricles_not_their_partial_volume_
 
     from qsmprep.qsm.reference import csf_core, csf_mask
 
-    brain, ventricles, magnitude, te = _csf_head(3.0)
+    brain, ventricles, magnitude, te = csf_head(3.0)
     chi_model = np.where(brain & ~ventricles, 0.04, 0.0)     # CSF 0, tissue +0.04 ppm
     blurred = gaussian_filter(chi_model, 0.7)                 # the acquisition's partial volume
     chi = np.where(brain, blurred, 0.0).astype(np.float32)
@@ -95,7 +80,7 @@ def test_csf_reference_without_ventricles_falls_back_to_the_mean_and_says_so(cap
     warning naming the run's file, instead of to an arbitrary bright region."""
     from qsmprep.qsm.reference import csf_mask
 
-    brain, ventricles, magnitude, te = _csf_head(20.0)
+    brain, ventricles, magnitude, te = csf_head(20.0)
     found, problem = csf_mask(magnitude, brain, echo_times_s=te, depth_mm=6.0)
     assert not found.any() and "R2*" in problem
     chi = (np.where(ventricles, 0.05, 0.0) + np.where(brain, 0.3, 0.0)).astype(np.float32)
@@ -108,6 +93,10 @@ def test_csf_reference_without_ventricles_falls_back_to_the_mean_and_says_so(cap
     slab = np.zeros(brain.shape, bool)
     slab[:, :, 20:23] = brain[:, :, 20:23]
     assert csf_mask(magnitude, slab, echo_times_s=te)[1] is not None
+    # nor a magnitude without contrast (phase-only data: 1 everywhere), whose tied
+    # "brightest 5 %" would be every deep voxel, decaying with R2* 0
+    found, problem = csf_mask(np.ones_like(magnitude), brain, echo_times_s=te, depth_mm=6.0)
+    assert not found.any() and "no contrast" in problem
 
 
 def test_reference_step_hands_its_fallback_warning_to_the_chimap_sidecar(tmp_path):
@@ -118,7 +107,7 @@ def test_reference_step_hands_its_fallback_warning_to_the_chimap_sidecar(tmp_pat
     from qsmprep.interfaces.qsm import Reference
     from qsmprep.workflows.outputs import _merge_meta
 
-    brain, ventricles, magnitude, te = _csf_head(20.0)
+    brain, ventricles, magnitude, te = csf_head(20.0)
     files = {}
     for name, arr in (("chi", np.where(brain, 0.3, 0.0)), ("mask", brain), ("mag", magnitude)):
         files[name] = str(tmp_path / f"{name}.nii.gz")

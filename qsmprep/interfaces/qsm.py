@@ -416,6 +416,8 @@ class _InversionInputSpec(_MethodInputSpec):
                      "its edges (MEDI)")
     noise_std = File(exists=True, desc="N_std of the field (ppm), data weights 1/N_std for "
                      "methods that take them (MEDI, LSQR)")
+    echo_times_s = traits.List(traits.Float, desc="echo times (s) of the magnitude's echoes, "
+                               "for methods that find the CSF in it (TFI)")
 
 
 class _ChiOutputSpec(TraitedSpec):
@@ -440,6 +442,9 @@ class Inversion(SimpleInterface):
             "inversion", self.inputs.method, local, mask, _voxel_size(ref),
             b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
             context={"magnitude": _lazy_file(self.inputs.magnitude, _rss),
+                     "magnitude_echoes": _lazy_file(self.inputs.magnitude),
+                     "echo_times_s": (list(self.inputs.echo_times_s)
+                                      if isdefined(self.inputs.echo_times_s) else None),
                      "noise_std_ppm": _lazy_file(self.inputs.noise_std)},
         )
         if registry.gives_local_field(self.inputs.method):

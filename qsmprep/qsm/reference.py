@@ -77,6 +77,10 @@ def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, echo_times_s=Non
     if not deep.any():
         return none, f"the brain mask has no voxel {depth_mm / 3:g} mm inside its edge"
     candidates = deep & (last >= np.quantile(last[deep], 1.0 - fraction))
+    if candidates.sum() > 2 * fraction * deep.sum():   # ties: a flat image, no contrast
+        return none, ("the last echo's magnitude has no contrast in the deep brain to find "
+                      "CSF by (its brightest voxels tie: phase-only data, whose magnitude is 1, "
+                      "or a piecewise-constant phantom)")
     labels, n = ndimage.label(candidates)
     sizes = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(voxel_size_mm))
     keep = np.flatnonzero(sizes >= min_size_mm3)

@@ -306,7 +306,7 @@ def init_qsm_wf(config, run, *, name=None):
         (mask, bfr, [("mask", "mask")]),
         (bfr, invert, [("local_field", "local_field"), ("mask", "mask")]),
         (invert, reference, [("chi", "chi")]),
-        (load, invert, [("magnitude", "magnitude")]),
+        (load, invert, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
         (load, reference, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
         (reference, outputs, [("warnings", "inputnode.chi_warnings")]),
         (bfr, reference, [("mask", "mask")]),
