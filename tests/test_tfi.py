@@ -270,7 +270,8 @@ def test_inversion_step_gives_tfi_every_echo_and_the_echo_times(tmp_path, caplog
     magnitude of every echo and the echo times, so the CSF search checks R2*:
     a bright deep region that decays like tissue (R2* 20/s) is not taken as CSF
     and TFI says it ran without the term. From the root-sum-of-squares alone
-    (what the other methods get) that region would pass as CSF, silently."""
+    (what the other methods get) that region would pass as CSF, silently. The
+    warning names the run's file, as the report's list of warnings needs."""
     import nibabel as nb
 
     from qsmprep.interfaces.qsm import Inversion
@@ -288,7 +289,9 @@ def test_inversion_step_gives_tfi_every_echo_and_the_echo_times(tmp_path, caplog
     with caplog.at_level("WARNING", logger="qsmprep"):
         Inversion(method="tfi", params=quick, local_field=files["field"], mask=files["mask"],
                   magnitude=files["mag"], echo_times_s=list(te), b0_dir=[0.0, 0.0, 1.0],
-                  ).run(cwd=str(tmp_path))
+                  source="sub-07_part-mag_MEGRE.nii.gz").run(cwd=str(tmp_path))
     assert "without MEDI+0's CSF term" in caplog.text and "R2*" in caplog.text
+    # it names the run's file, which puts it in that subject's report
+    assert "sub-07_part-mag_MEGRE.nii.gz: total field inversion ran without" in caplog.text
     rss = np.sqrt(np.sum(magnitude**2, axis=-1))
     assert csf_mask(rss, brain, (2.0, 2.0, 2.0))[1] is None   # RSS alone: "found"

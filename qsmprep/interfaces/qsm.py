@@ -418,6 +418,8 @@ class _InversionInputSpec(_MethodInputSpec):
                      "methods that take them (MEDI, LSQR)")
     echo_times_s = traits.List(traits.Float, desc="echo times (s) of the magnitude's echoes, "
                                "for methods that find the CSF in it (TFI)")
+    source = traits.Str("this run", usedefault=True,
+                        desc="the run's file, named in the method's warnings")
 
 
 class _ChiOutputSpec(TraitedSpec):
@@ -445,7 +447,8 @@ class Inversion(SimpleInterface):
                      "magnitude_echoes": _lazy_file(self.inputs.magnitude),
                      "echo_times_s": (list(self.inputs.echo_times_s)
                                       if isdefined(self.inputs.echo_times_s) else None),
-                     "noise_std_ppm": _lazy_file(self.inputs.noise_std)},
+                     "noise_std_ppm": _lazy_file(self.inputs.noise_std),
+                     "source": self.inputs.source},
         )
         if registry.gives_local_field(self.inputs.method):
             out, local = out

@@ -84,7 +84,7 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
         edge_fraction=0.8, max_outer=10, cg_iter=100, last_cg_factor=2.0, coarse_steps=15,
         coarse_cg_iter=200, coarse_max_mm=2.5,
         steps_after_coarse=3, tol=1e-2, pad_factor=1.1, misfit_step=0.5, misfit_lam=1e-2,
-        csf_lam=10000.0, device="cpu"):
+        csf_lam=10000.0, source="this run", device="cpu"):
     """Preconditioned total field inversion (Liu et al. 2017), see the module
     docstring. ``total_field_ppm`` is the total (or a local) field in ppm,
     ``noise_std_ppm`` its N_std (ppm), ``magnitude`` the (multi-echo) magnitude for
@@ -104,7 +104,8 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     inversion").
     ``csf_lam`` (0: off) weighs MEDI+0's CSF term over the CSF found in
     ``magnitude_echoes`` (X, Y, Z, E; with ``echo_times_s`` its R2* is checked),
-    else in ``magnitude`` (:func:`zero_reference_region`).
+    else in ``magnitude`` (:func:`zero_reference_region`); ``source`` (the run's
+    file) is named in the warning when none is found.
     ``misfit_step`` (0: off) times the gradient-Tikhonov inversion (``misfit_lam``,
     :func:`qsmprep.qsm.inversion.tikhonov`) of the field the fit leaves
     unexplained where the data are trusted is added to chi (see the module
@@ -121,7 +122,7 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     else:
         edges = gradient_mask(magnitude, mask, edge_fraction)
     csf = zero_reference_region(magnitude if magnitude_echoes is None else magnitude_echoes,
-                                mask, voxel_size_mm, echo_times_s) if csf_lam else None
+                                mask, voxel_size_mm, echo_times_s, source) if csf_lam else None
     zero_ref = None if csf is None else box.pad(csf)
     fine = _Problem(box.pad(mask), box.pad(np.where(mask, field, 0)), box.pad(w) ** 2,
                     np.stack([box.pad(e) for e in edges]), voxel_size_mm, b0_dir, lam,
@@ -147,18 +148,20 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     return box.unpad(T.to_numpy(m * chi)), box.unpad(T.to_numpy(local))
 
 
-def zero_reference_region(magnitude, mask, voxel_size_mm, echo_times_s=None):
+def zero_reference_region(magnitude, mask, voxel_size_mm, echo_times_s=None,
+                          source="this run"):
     """The ventricular CSF core of :func:`qsmprep.qsm.reference.csf_mask` (the voxels
     ``--referencing csf`` takes its median over) for MEDI+0's CSF term, or None,
-    with a warning saying why, when there is no magnitude or no CSF in it."""
+    with a warning naming ``source`` and saying why, when there is no magnitude
+    or no CSF in it."""
     if magnitude is None:
         problem = "no magnitude image was given"
     else:
         csf, problem = csf_mask(magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s)
     if problem:
-        LOGGER.warning("Total field inversion ran without MEDI+0's CSF term: %s. The map is "
-                       "fitted without it (slightly less accurate on whole heads; "
-                       "docs/methods.md, \"Total field inversion\")", problem)
+        LOGGER.warning("%s: total field inversion ran without MEDI+0's CSF term: %s. The map "
+                       "is fitted without it (slightly less accurate on whole heads; "
+                       "docs/methods.md, \"Total field inversion\")", source, problem)
         return None
     return csf & np.asarray(mask, bool)
 

@@ -261,6 +261,7 @@ def init_qsm_wf(config, run, *, name=None):
     invert.inputs.b0_dir = b0_dir
     reference = stage_node(Reference, "referencing", "referencing", heavy=False)
     reference.inputs.source = str(run.magnitude[0] if run.magnitude else run.phase[0])
+    invert.inputs.source = reference.inputs.source
     # the local field written and shown: the background removal's, or, when that
     # passes the total field on, the one the inversion gives (total field inversion)
     local_source = (invert if registry.passes_total_field(methods["bf_removal"])
