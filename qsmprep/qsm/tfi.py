@@ -182,7 +182,8 @@ def upsample_within(x, coarse_mask, mask):
 
 class _Problem:
     """TFI on one grid: mask ``m``, field ``f``, data weights ``w2``, edge mask
-    ``m_g`` (3, X, Y, Z), preconditioner ``p`` and dipole kernel ``d``
+    ``m_g`` (3, X, Y, Z), preconditioner ``p``, dipole kernel ``d`` and, for
+    MEDI+0's term of weight ``csf_lam``, the CSF core ``csf`` or None
     (tensors), solved for the preconditioned variable ``y`` (chi = p y)."""
 
     def __init__(self, m, f, w2, m_g, voxel_size_mm, b0_dir, lam, p_outside, device,
