@@ -66,13 +66,16 @@ def max_voxels_for(mem_gb):
 
 
 class Lazy:
-    """A context value computed (e.g. read from a file) only when the method takes it."""
+    """A context value computed (e.g. read from a file) only when the method
+    takes it, and at most once (two values derived from one file read it once)."""
 
     def __init__(self, compute):
         self.compute = compute
 
     def get(self):
-        return self.compute()
+        if self.compute is not None:
+            self.value, self.compute = self.compute(), None
+        return self.value
 
 
 def _signature_keywords(stage, name):

@@ -37,6 +37,14 @@ def test_context_is_given_only_to_methods_that_take_it_and_read_only_then():
     assert medi == {"device": "cuda", "magnitude": "rss", NOISE_STD: "nstd"}  # no max_voxels
     assert ex.context_for("inversion", "nextqsm", context) == {"device": "cuda",
                                                               "max_voxels": 2**30 // 1024}
+    # two values derived from one lazily read file (TFI takes the magnitude of every
+    # echo and their root-sum-of-squares) read it once
+    reads = []
+    echoes = Lazy(lambda: reads.append(1) or np.ones((2, 2, 2, 3), np.float32))
+    rss = Lazy(lambda: np.sqrt(np.sum(echoes.get() ** 2, axis=-1)))
+    tfi = ex.context_for("inversion", "tfi", {"magnitude": rss, "magnitude_echoes": echoes})
+    assert tfi["magnitude_echoes"].shape == (2, 2, 2, 3) and np.allclose(tfi["magnitude"], 3**0.5)
+    assert reads == [1]
     # a parameter the user set wins over the context; None (no --mem) is not passed
     assert Execution().context_for("inversion", "nextqsm", params={"device": "cpu"}) == {}
     # a keyword under a name the execution does not declare (here the old, unit-less one)

@@ -328,7 +328,7 @@ class Mask(SimpleInterface):
         if isdefined(self.inputs.mask_file):
             return self._user_mask(runtime)
         mag, ref = _load(self.inputs.magnitude)
-        rss = np.sqrt(np.sum(mag.reshape(mag.shape[:3] + (-1,)) ** 2, axis=3))
+        rss = _rss(mag)
         quality = _load(self.inputs.quality)[0] if isdefined(self.inputs.quality) else None
         mask = _execution(self.inputs, limit_threads=False).run(
             "masking", self.inputs.method, rss, quality=quality, params=self.inputs.params,
@@ -368,9 +368,8 @@ class Mask(SimpleInterface):
         return runtime
 
 
-def _rss(path):
-    """Root-sum-of-squares over echoes of a magnitude file."""
-    mag = _load(path)[0]
+def _rss(mag):
+    """Root-sum-of-squares over the echoes of a (X, Y, Z[, E]) magnitude."""
     return np.sqrt(np.sum(mag.reshape(mag.shape[:3] + (-1,)) ** 2, axis=3))
 
 
@@ -440,11 +439,13 @@ class Inversion(SimpleInterface):
     def _run_interface(self, runtime):
         local, ref = _load(self.inputs.local_field)
         mask, _ = _load(self.inputs.mask, bool)
+        echoes = _lazy_file(self.inputs.magnitude)   # read once, for both keywords
         out = _execution(self.inputs).run(
             "inversion", self.inputs.method, local, mask, _voxel_size(ref),
             b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
-            context={"magnitude": _lazy_file(self.inputs.magnitude, _rss),
-                     "magnitude_echoes": _lazy_file(self.inputs.magnitude),
+            context={"magnitude": (None if echoes is None
+                                   else Lazy(lambda: _rss(echoes.get()))),
+                     "magnitude_echoes": echoes,
                      "echo_times_s": (list(self.inputs.echo_times_s)
                                       if isdefined(self.inputs.echo_times_s) else None),
                      "noise_std_ppm": _lazy_file(self.inputs.noise_std),

@@ -163,7 +163,7 @@ def zero_reference_region(magnitude, mask, voxel_size_mm, echo_times_s=None,
                        "is fitted without it (slightly less accurate on whole heads; "
                        "docs/methods.md, \"Total field inversion\")", source, problem)
         return None
-    return csf & np.asarray(mask, bool)
+    return csf
 
 
 def upsample_within(x, coarse_mask, mask):
@@ -254,7 +254,8 @@ class _NormalOperator:
 
     def __init__(self, d, p, w2, lam, csf=None, csf_lam=0.0):
         self.d, self.p, self.w2, self.lam = d, p, w2, float(lam)
-        self.csf = csf if csf is not None and float(csf.sum()) > 0 and csf_lam else None
+        self.csf_voxels = 0.0 if csf is None else float(csf.sum())
+        self.csf = csf if self.csf_voxels > 0 and csf_lam else None
         self.csf_lam = float(csf_lam)
         self.shape = tuple(p.shape)
         self.px, self.a, self.b = (torch.empty_like(p) for _ in range(3))
@@ -276,6 +277,6 @@ class _NormalOperator:
         self._dconv(self.a, self.b)
         T.grad_adj_grad(self.px, self.tv, out=self.a)
         if self.csf is not None:   # csf_lam Q, Q x = M_CSF (x - mean_CSF x)
-            mean = torch.sum(self.csf * self.px) / torch.sum(self.csf)
+            mean = torch.sum(self.csf * self.px) / self.csf_voxels
             self.a.addcmul_(self.csf, self.px - mean, value=self.csf_lam)
         return torch.add(self.a, self.b, alpha=self.lam).mul_(self.p)
