@@ -229,3 +229,21 @@ def test_forward_operators_match_the_analytic_sphere_field(deg):
         assert np.abs(field[erode(inside, 2.0, vox)]).max() < 0.05 * chi, name
         # and the three operators are one: the same field to float32 precision
         assert np.abs(field - reference).max() < 1e-5 * np.abs(reference).max(), name
+
+
+def test_as_tensor_keeps_device_tensors_off_numpy():
+    """A tensor already on a device is moved, never converted through numpy:
+    numpy cannot read a CUDA tensor (TFI's coarse grid failed on CUDA so).
+    The meta device stands in for CUDA here: numpy cannot read it either."""
+    import torch
+
+    from qsmprep.qsm import torch_ops as T
+
+    x = torch.ones((4, 5, 6), dtype=torch.float64, device="meta")
+    with pytest.raises(Exception):
+        np.ascontiguousarray(x)
+    y = T.as_tensor(x.transpose(0, 2), "meta")
+    assert y.device.type == "meta" and y.dtype == torch.float32
+    assert y.shape == (6, 5, 4) and y.is_contiguous()
+    z = T.as_tensor(torch.arange(6.0).reshape(2, 3).T)
+    assert z.is_contiguous() and z.tolist() == [[0, 3], [1, 4], [2, 5]]

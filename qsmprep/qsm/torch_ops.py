@@ -16,7 +16,10 @@ from .kernels import dipole_kernel, gradient_norm2, half_spectrum, smv_kernel
 
 
 def as_tensor(x, device="cpu", dtype=torch.float32):
-    """A contiguous tensor on ``device`` from a numpy array (or tensor)."""
+    """A contiguous tensor on ``device`` from a numpy array or a tensor on any
+    device (a CUDA tensor never goes through numpy)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=torch.device(device), dtype=dtype).contiguous()
     return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=torch.device(device))
 
 
