@@ -179,7 +179,9 @@ def publish_section(results=None, docs=None):
         "gives the CPU's map.\n\n"
         + markdown_table(["device", "CPU threads", "pipeline (s)", *stages, "χ NRMSE",
                           "DM-QSM (s)", "DM-QSM NRMSE", "GPU peak (GB)"], rows)
-        + "\n" + "\n".join(f"{dev}: {hardware_note(r['hardware'])}" for dev, r in found.items())
+        + "\n" + "\n".join(f"{dev}: {hardware_note(r['hardware'])}"
+                           + (f" Note: {r['note']}." if r.get("note") else "")
+                           for dev, r in found.items())
         + "\n")
     replace_section(docs or DOCS, SECTION, body)
     return 0

@@ -401,8 +401,13 @@ def test_gpu_check_times_every_stage_and_publishes_each_device(tmp_path):
     # a device's JSON (as a GPU run writes it) becomes a second row
     cuda = {**result, "device": "cuda", "gpu": "a GPU"}
     (tmp_path / "gpu_check_cuda.json").write_text(json.dumps(cuda))
+    # a JSON's note (where a row was run) is printed under the table
+    host = {**result, "note": "the CPU of the GPU's machine"}
+    (tmp_path / "gpu_check_cpu-gpuhost.json").write_text(json.dumps(host))
     docs = tmp_path / "benchmarks.md"
     gpu_check.publish_section(tmp_path, docs)
     text = docs.read_text()
     assert "<!-- gpu_check:start -->" in text
     assert "| cpu | " in text and "| cuda (a GPU) | " in text
+    assert "| cpu-gpuhost | " in text and "Note: the CPU of the GPU's machine." in text
+    assert text.count("Note:") == 1
