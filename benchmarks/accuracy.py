@@ -310,8 +310,9 @@ def score_row(stage, method, case, func, truth, labels=None, extra=None):
 
 
 #: (background removal, inversion) pairs of the joint stage: NeXtQSM's joint
-#: mode, the issue's classical yardstick and the default pipeline's pair
-JOINT_PAIRS = (("nextqsm", "nextqsm"), ("vsharp", "tv"), ("pdf", "ilsqr"))
+#: mode, the issue's classical yardstick, the classical pipeline's pair and the
+#: default's (total field inversion, no background stage)
+JOINT_PAIRS = (("nextqsm", "nextqsm"), ("vsharp", "tv"), ("pdf", "ilsqr"), ("none", "tfi"))
 
 
 def joint(case, bfr, inversion):
@@ -457,14 +458,20 @@ def render(results):
     return "\n".join(parts)
 
 
-def merge(saved, new):
+def merge(saved, new, whole_stages=()):
     """``saved`` results with the rows of ``new`` replacing those of the same
-    (stage, method, phantom) in place (unknown ones appended)."""
+    (stage, method, phantom) in place (unknown ones appended). The saved rows
+    of ``whole_stages`` (stages re-run with every method) on the phantoms of
+    ``new`` are all dropped first: a pipeline variant is labelled by what it
+    changes from the default of its day, so a row left from an older default
+    would sit beside the new ones under a label that no longer says what ran."""
     def key(r):
         return r["stage"], r["method"], r["phantom"]
 
+    rerun = {p["name"] for p in new["phantoms"]}
     fresh = {key(r): r for r in new["rows"]}
-    rows = [fresh.pop(key(r), r) for r in saved["rows"]]
+    rows = [fresh.pop(key(r), r) for r in saved["rows"]
+            if not (r["stage"] in whole_stages and r["phantom"] in rerun)]
     known = {p["name"] for p in saved["phantoms"]}
     return {**saved, "rows": rows + list(fresh.values()),
             "phantoms": saved["phantoms"] + [p for p in new["phantoms"] if p["name"] not in known]}
@@ -530,7 +537,8 @@ def main(argv=None):
             update = {"date": time.strftime("%Y-%m-%d"), "methods": args.methods,
                       "skip": args.skip, "stages": args.stages, "wall_s": wall,
                       "note": args.note}
-            merged = merge(saved, results)
+            whole = () if args.methods or args.skip else args.stages
+            merged = merge(saved, results, whole)
             merged["updates"] = saved.get("updates", []) + [update]
             write_outputs(merged, args.docs, json_path)
     print(f"[accuracy] wrote {args.docs} and {json_path}")

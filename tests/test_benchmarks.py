@@ -131,6 +131,25 @@ def test_update_replaces_only_the_rerun_rows(tmp_path, tiny_results):
             "phantoms fixed)") in accuracy.render(merged)
 
 
+def test_update_of_a_whole_stage_drops_its_stale_rows(tiny_results):
+    """A stage re-run with every method replaces that stage's rows on the
+    re-run phantoms, also those whose labels are gone (a pipeline variant named
+    after an older default), and keeps other stages and phantoms."""
+    tkd, broken, vsharp = tiny_results["rows"]
+    other = {**tkd, "phantom": "other"}
+    saved = {**tiny_results, "rows": [tkd, broken, vsharp, other]}
+    new_tkd = {**tkd, "metrics": {**tkd["metrics"], "nrmse": 10.0}}
+    new = {"rows": [new_tkd], "phantoms": [{"name": "tiny"}]}
+    merged = accuracy.merge(saved, new, whole_stages=["inversion"])
+    assert [(r["stage"], r["method"], r["phantom"]) for r in merged["rows"]] == [
+        ("bf_removal", "vsharp", "tiny"), ("inversion", "tkd", "other"),
+        ("inversion", "tkd", "tiny")]
+    assert merged["rows"][-1]["metrics"]["nrmse"] == 10.0
+    # by method (the default), the stale "broken" row stays
+    assert ("inversion", "broken", "tiny") in {
+        (r["stage"], r["method"], r["phantom"]) for r in accuracy.merge(saved, new)["rows"]}
+
+
 def test_joint_pairs_run_when_one_of_their_methods_is_kept():
     from qsmprep.qsm.kernels import dipole_convolve
 
