@@ -194,8 +194,11 @@ def build_parser():
                    help="memory limit for the scheduler, in GB; also sizes the tiles of "
                    "deep-learning steps (default: no limit)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="torch device of deep-learning methods; auto: CUDA when a GPU is "
-                   f"visible (default: {ex.device})")
+                   help="torch device of the methods that run in torch: total field "
+                   "inversion (the default), the iterative background removals and "
+                   "inversions (PDF, iSMV, LBV, TV, iLSQR, RTS, MEDI, ...) and the "
+                   "deep-learning methods; auto: CUDA when a GPU is visible "
+                   f"(default: {ex.device})")
     g.add_argument("--use-plugin", type=_existing_file, metavar="FILE",
                    help="YAML file with a Nipype 'plugin' and its 'plugin_args' "
                    f"(default: {ny.plugin})")
