@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -128,11 +129,19 @@ def threads(n):
 
 def resolve_device(choice):
     """The torch device name for ``--device``: "auto" becomes "cuda" when a
-    GPU is visible, else "cpu"; "cuda" without a GPU is an input error."""
+    GPU is visible, else "cpu"; "cuda" without a GPU is an input error.
+
+    This runs in the CLI's process, and Nipype's MultiProc workers are forked
+    from it. torch's default check asks the CUDA runtime, which then cannot
+    start in a forked child ("Cannot re-initialize CUDA in forked
+    subprocess"), so the check is made through NVML
+    (``PYTORCH_NVML_BASED_CUDA_CHECK=1``, set for the process unless the user
+    set it), which leaves the workers free to use the GPU."""
     from .bids import QSMPrepInputError
 
     if choice == "cpu":
         return "cpu"
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
 
     if torch.cuda.is_available():
