@@ -31,6 +31,44 @@ def test_select_device_cpu_and_errors():
         select_device("tpu")
 
 
+def test_cuda_steps_run_in_forked_workers_after_the_device_is_resolved():
+    """``--device auto`` is resolved in the CLI's process, and Nipype's
+    MultiProc workers are forked from it. torch's default CUDA check starts
+    the CUDA runtime, after which a forked child cannot use CUDA ("Cannot
+    re-initialize CUDA in forked subprocess"): every CUDA step of a run on a
+    GPU would fail. In a fresh process (pytest's own has asked torch about
+    CUDA already), a forked child runs a step on the resolved device, and the
+    check is the fork-safe NVML one. Without a GPU the device is the CPU.
+    Here, beside the device tests, so the lent GPU's ``pytest -k cuda`` runs it
+    (this module needs neither pybids nor Nipype)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import multiprocessing as mp, os
+        from qsmprep.execution import resolve_device
+
+        device = resolve_device("auto")
+
+        def step(x):
+            import torch
+            return float(torch.full((4,), x, device=device).sum())
+
+        with mp.get_context("fork").Pool(1) as pool:
+            total = pool.apply(step, (1.5,))
+        print(device, total, os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    device, total, nvml_check = out.stdout.split()
+    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert float(total) == 6.0 and nvml_check == "1"
+
+
 @pytest.mark.parametrize("shape", [(17, 20, 9), (16, 16, 16), (1, 33, 8)])
 def test_pad_to_multiple_roundtrip(shape):
     x = _field(shape)

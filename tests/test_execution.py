@@ -4,7 +4,6 @@ and init_qsm_wf nested in another workflow through its inputnode/outputnode."""
 from __future__ import annotations
 
 import json
-import os
 
 import nibabel as nb
 import numpy as np
@@ -140,39 +139,3 @@ def test_run_work_dir_is_the_folder_nipype_gives_the_run(tmp_path):
     assert run_work_dir(config.execution.work_dir, "01", run) == (
         tmp_path / "work" / wf.name / "sub_01_wf" / "qsm_run_1_wf")
 
-
-def test_resolving_the_device_leaves_forked_workers_free_to_use_cuda():
-    """``--device auto`` is resolved in the CLI's process, and Nipype's
-    MultiProc workers are forked from it. torch's default CUDA check starts
-    the CUDA runtime, after which a forked child cannot use CUDA ("Cannot
-    re-initialize CUDA in forked subprocess"): every CUDA step of a run on a
-    GPU would fail. In a fresh process (pytest's own has asked torch about
-    CUDA already), a forked child runs a step on the resolved device, and the
-    check is the fork-safe NVML one. Without a GPU the device is the CPU."""
-    import subprocess
-    import sys
-    import textwrap
-
-    import torch
-
-    code = textwrap.dedent("""
-        import multiprocessing as mp, os
-        from qsmprep.execution import resolve_device
-
-        device = resolve_device("auto")
-
-        def step(x):
-            import torch
-            return float(torch.full((4,), x, device=device).sum())
-
-        with mp.get_context("fork").Pool(1) as pool:
-            total = pool.apply(step, (1.5,))
-        print(device, total, os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    device, total, nvml_check = out.stdout.split()
-    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert float(total) == 6.0 and nvml_check == "1"
