@@ -139,6 +139,26 @@ def test_learned_methods_warn_on_voxels_they_were_not_trained_for(tmp_path, capl
         assert " x ".join(f"{v:.3g}" for v in voxel_mm) in messages[0]
 
 
+@pytest.mark.parametrize("unwrapping, warned", [("laplacian", True), ("romeo", False)])
+def test_a_method_with_a_caution_warns_every_run_that_chooses_it(tmp_path, caplog, unwrapping,
+                                                                   warned):
+    """``--unwrapping laplacian`` carries a caution in the registry (what it
+    scored, and the way out): each run is warned, by name, so that its report
+    lists it; the default methods carry none."""
+    from qsmprep.bids.discover import warn_method_cautions
+    from qsmprep.config import DEFAULT_METHODS, Workflow
+
+    write_gre(tmp_path)
+    data = collect_data(tmp_path, validate=False)
+    with caplog.at_level(logging.WARNING, logger="qsmprep"):
+        warn_method_cautions(data, Workflow(**{**DEFAULT_METHODS, "unwrapping": unwrapping}))
+    messages = [r.getMessage() for r in caplog.records if "--unwrapping" in r.getMessage()]
+    assert len(messages) == int(warned), messages
+    if warned:
+        assert "sub-01" in messages[0] and "--unwrapping laplacian:" in messages[0]
+        assert "--unwrapping romeo" in messages[0] and "NRMSE" in messages[0]
+
+
 # --------------------------------------------------------------------------
 # validation errors
 # --------------------------------------------------------------------------

@@ -129,6 +129,9 @@ def test_table_typos_are_errors():
     silently missing method or citation."""
     good = '[inversion.x]\nfunction = "m:f"\nsummary = "s"\ncitations = ["a"]\n'
     assert registry.parse_table(good)["inversion"]["x"].citations == ("a",)
+    assert registry.parse_table(good)["inversion"]["x"].caution == ""
+    cautious = good + 'caution = "it may fail"\n'
+    assert registry.parse_table(cautious)["inversion"]["x"].caution == "it may fail"
     for bad, why in ((good.replace("inversion", "inverson"), "unknown stage"),
                      (good.replace("citations", "citation"), "takes only"),
                      (good.replace('"m:f"', '"m.f"'), "module:function")):

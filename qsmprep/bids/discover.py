@@ -193,6 +193,24 @@ def is_bidsignored(path, bids_dir, patterns):
     return False
 
 
+def warn_method_cautions(data, workflow):
+    """Warn every run of ``data`` about each method ``workflow`` chooses that
+    carries a caution in the registry (``caution`` in
+    ``qsmprep/data/methods.toml``: what is known to go wrong with it). The
+    warning names the run, so the subject's report lists it."""
+    for stage in registry.STAGES:
+        name = getattr(workflow, stage, None)
+        if name not in registry.names(stage):
+            continue
+        caution = registry.get(stage, name).caution
+        if not caution:
+            continue
+        option = "--" + stage.replace("_", "-")
+        for runs in data.values():
+            for run in runs:
+                LOGGER.warning("%s: %s %s: %s", run.label, option, name, caution)
+
+
 def check_methods(data, workflow):
     """Refuse method settings that some runs of ``data`` cannot use.
 

@@ -72,7 +72,7 @@ def _run_participant(config):
     import time
 
     from ..bids.discover import (check_methods, check_output_dir, check_writable_dir,
-                                 collect_data)
+                                 collect_data, warn_method_cautions)
     from ..bids.masks import attach_masks
     from ..dl.policy import check_learned_voxel_sizes
     from ..utils.runinfo import record_warnings
@@ -101,6 +101,7 @@ def _run_participant(config):
                                 derivatives=ex.derivatives)
         check_methods(data, config.workflow)
         check_learned_voxel_sizes(data, config.workflow)
+        warn_method_cautions(data, config.workflow)
         if not ex.reports_only:  # templates of --regions/--output-spaces, on disk
             from ..workflows.regions import check_templates
 

@@ -88,6 +88,7 @@ class Method:
     description: str = ""
     provides: tuple = ()
     takes: tuple = ()
+    caution: str = ""
 
     @property
     def module(self):
@@ -233,7 +234,7 @@ def _find_def(tree, name):
     return found
 
 
-_KEYS = {"function", "summary", "citations", "provides", "takes", "description"}
+_KEYS = {"function", "summary", "citations", "provides", "takes", "description", "caution"}
 
 
 def parse_table(text, source=TABLE):
@@ -258,7 +259,8 @@ def parse_table(text, source=TABLE):
             out[stage][name] = Method(
                 stage, name, entry["function"], entry["summary"],
                 tuple(entry.get("citations", ())), entry.get("description", ""),
-                tuple(entry.get("provides", ())), tuple(entry.get("takes", ())))
+                tuple(entry.get("provides", ())), tuple(entry.get("takes", ())),
+                entry.get("caution", ""))
     return out
 
 
@@ -266,7 +268,8 @@ _REGISTRY: dict[str, dict[str, Method]] = parse_table(
     (resources.files("qsmprep") / "data" / TABLE).read_text(encoding="utf-8"))
 
 
-def register(stage, name, *, summary, citations=(), description="", provides=(), takes=()):
+def register(stage, name, *, summary, citations=(), description="", provides=(), takes=(),
+             caution=""):
     """Decorator adding ``func`` as method ``name`` of ``stage`` at run time
     (tests, extensions; qsmprep's own methods are in the static table).
 
@@ -275,14 +278,15 @@ def register(stage, name, *, summary, citations=(), description="", provides=(),
     ``provides`` names optional outputs the method always gives (e.g.
     ``("quality",)`` for an unwrapper returning a quality map); ``takes``
     optional inputs it accepts (``("total_field",)``: an inversion that fits the
-    background sources itself).
+    background sources itself). ``caution`` (a sentence) is what is known to
+    go wrong with the method; a run that chooses it is warned, naming the run.
     """
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}")
 
     def deco(func):
         _REGISTRY[stage][name] = Method(stage, name, func, summary, tuple(citations),
-                                        description, tuple(provides), tuple(takes))
+                                        description, tuple(provides), tuple(takes), caution)
         return func
 
     return deco
