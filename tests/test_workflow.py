@@ -101,6 +101,10 @@ def test_method_description_and_record_use_parameters_actually_run():
     text = method_description("inversion", "tkd", {"threshold": 0.25})
     assert "0.25" in text and text.endswith("[@shmueli2009tkd; @wharton2010tkd].")
     assert "{" not in text
+    # a method with a caution in the table carries it into the sidecar's record
+    assert "Caution" not in record
+    laplacian = method_record("unwrapping", "laplacian")
+    assert "NRMSE" in laplacian["Caution"] and "--unwrapping romeo" in laplacian["Caution"]
 
 
 def test_sink_writes_bids_names_and_sidecar_atomically(tmp_path, synthetic_bids):

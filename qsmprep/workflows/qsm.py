@@ -60,9 +60,14 @@ def qsm_wf_name(run):
 
 def method_record(stage, name, params=None):
     """The method of a stage and every parameter it runs with (defaults
-    updated by ``params``), for sidecars and the methods text."""
+    updated by ``params``), for sidecars and the methods text, with its
+    ``Caution`` when the method table gives one (what is known to go wrong
+    with it: the sidecar says so beside the map)."""
     method = registry.get(stage, name)
-    return {"Name": name, "Parameters": {**method.defaults, **(params or {})}}
+    record = {"Name": name, "Parameters": {**method.defaults, **(params or {})}}
+    if method.caution:
+        record["Caution"] = method.caution
+    return record
 
 
 def phase_offset_record(params=None):
