@@ -155,7 +155,7 @@ def test_a_method_with_a_caution_warns_every_run_that_chooses_it(tmp_path, caplo
     messages = [r.getMessage() for r in caplog.records if "--unwrapping" in r.getMessage()]
     assert len(messages) == int(warned), messages
     if warned:
-        assert "sub-01" in messages[0] and "--unwrapping laplacian:" in messages[0]
+        assert "sub-01" in messages[0] and "--unwrapping laplacian was chosen" in messages[0]
         assert "--unwrapping romeo" in messages[0] and "NRMSE" in messages[0]
 
 

@@ -208,7 +208,8 @@ def warn_method_cautions(data, workflow):
         option = "--" + stage.replace("_", "-")
         for runs in data.values():
             for run in runs:
-                LOGGER.warning("%s: %s %s: %s", run.label, option, name, caution)
+                LOGGER.warning("%s: %s %s was chosen, and the method table cautions: %s",
+                               run.label, option, name, caution)
 
 
 def check_methods(data, workflow):
