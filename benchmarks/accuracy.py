@@ -179,6 +179,14 @@ PIPELINE_STAGES = ("unwrapping", "echo_combination", "masking", "bf_removal", "i
                    "referencing")
 
 
+def magnitude_inputs(case):
+    """The magnitude keywords of an inversion, as the app passes them: the
+    magnitude, and every echo's with the echo times (TFI's CSF search checks
+    their R2*)."""
+    return {"magnitude": case.magnitude, "magnitude_echoes": case.magnitude,
+            "echo_times_s": case.echo_times_s}
+
+
 def pipeline(case, methods, *, device=None, times=None):
     """χ (ppm) from the case's phase and magnitude, as the app computes it:
     MCPC-3D-S phase-offset removal → unwrapping → echo combination (B0 and its
@@ -217,8 +225,7 @@ def pipeline(case, methods, *, device=None, times=None):
                       np.asarray(mask, bool), vox, b0_dir=case.b0_dir,
                       noise_std_ppm=noise_std_ppm, **on)
     chi = run("inversion", call, "inversion", methods["inversion"], local, mask, vox,
-              b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm, magnitude=case.magnitude,
-              magnitude_echoes=case.magnitude, echo_times_s=te, **on)
+              b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm, **magnitude_inputs(case), **on)
     return run("referencing", call, "referencing", methods["referencing"], chi, mask,
                magnitude=case.magnitude, voxel_size_mm=vox, echo_times_s=te)
 
@@ -321,8 +328,7 @@ def joint(case, bfr, inversion):
     local, mask = call("bf_removal", bfr, case.total_field, case.mask, case.voxel_size_mm,
                        b0_dir=case.b0_dir)
     return call("inversion", inversion, local, mask, case.voxel_size_mm, b0_dir=case.b0_dir,
-                magnitude=case.magnitude, magnitude_echoes=case.magnitude,
-                echo_times_s=case.echo_times_s)
+                **magnitude_inputs(case))
 
 
 def local_field_methods():
@@ -350,8 +356,7 @@ def run_case(case, stages, quick=False, keep=lambda name: True):
         for name in filter(keep, registry.names("inversion")):
             rows.append(score_row("inversion", name, case, lambda n=name: call(
                 "inversion", n, case.local_field, case.mask, case.voxel_size_mm,
-                b0_dir=case.b0_dir, magnitude=case.magnitude, magnitude_echoes=case.magnitude,
-                echo_times_s=case.echo_times_s), case.chi, case.labels))
+                b0_dir=case.b0_dir, **magnitude_inputs(case)), case.chi, case.labels))
     if "joint" in stages:
         for bfr, inv in JOINT_PAIRS:
             if keep(f"{bfr}+{inv}"):

@@ -50,7 +50,8 @@ from _common import (  # noqa: E402
     DOCS, RESULTS, fmt, hardware, hardware_note, markdown_table, replace_section, timed,
     write_json,
 )
-from accuracy import TRUE_MASK, Case, call, local_field_methods, pipeline, score_row  # noqa: E402
+from accuracy import (TRUE_MASK, Case, call, local_field_methods, magnitude_inputs,  # noqa: E402
+                      pipeline, score_row)
 from independent_heads import PHANTOM_VERSION, build_head, phantom_version  # noqa: E402
 
 #: depth bands from the brain edge (mm): [lo, hi)
@@ -182,8 +183,7 @@ def run_head(case, quick, stages=("pipeline", "bf_removal", "inversion"), varian
     for name in chosen("inversion"):
         rows.append(score("inversion", name, case, lambda n=name: call(
             "inversion", n, case.local_field, case.mask, case.voxel_size_mm,
-            b0_dir=case.b0_dir, magnitude=case.magnitude, magnitude_echoes=case.magnitude,
-            echo_times_s=case.echo_times_s), case.chi))
+            b0_dir=case.b0_dir, **magnitude_inputs(case)), case.chi))
     return rows
 
 

@@ -205,11 +205,10 @@ def warn_method_cautions(data, workflow):
         caution = registry.get(stage, name).caution
         if not caution:
             continue
-        option = "--" + stage.replace("_", "-")
         for runs in data.values():
             for run in runs:
                 LOGGER.warning("%s: %s %s was chosen, and the method table cautions: %s",
-                               run.label, option, name, caution)
+                               run.label, registry.option(stage), name, caution)
 
 
 def check_methods(data, workflow):

@@ -19,7 +19,7 @@ from ..config import (
     Workflow,
     phase_sign_setting,
 )
-from ..qsm.registry import STAGES
+from ..qsm.registry import STAGES, option
 from .dmqsm_options import add_options as add_dmqsm_options
 from .dmqsm_options import apply_options as apply_dmqsm_options
 
@@ -75,11 +75,6 @@ def _derivatives(value):
     return name, str(path.absolute())
 
 
-def _flag(stage):
-    """The command-line option of a stage, e.g. ``--bf-removal``."""
-    return f"--{stage.replace('_', '-')}"
-
-
 def _default_pipeline():
     """The named pipeline whose methods are the stage defaults, or None."""
     for name, methods in PIPELINES.items():
@@ -118,7 +113,7 @@ def _pipelines_help():
     """``--pipeline`` help: each named pipeline with its stage methods and description."""
     default = _default_pipeline()
     return "; ".join(
-        f"{name} ({', '.join(f'{_flag(s)} {m}' for s, m in methods.items())})"
+        f"{name} ({', '.join(f'{option(s)} {m}' for s, m in methods.items())})"
         f"{' = the stage defaults' if name == default else ''}: {PIPELINE_DESCRIPTIONS[name]}"
         for name, methods in PIPELINES.items())
 
@@ -232,7 +227,7 @@ def build_parser():
         if stage == "bf_removal" and registry.passes_total_field(default):
             default += (f", the total field to {DEFAULT_METHODS['inversion']}; "
                         f"{LOCAL_FIELD_BF_REMOVAL} with an inversion that needs a local field")
-        g.add_argument(_flag(stage), dest=stage, choices=registry.names(stage),
+        g.add_argument(option(stage), dest=stage, choices=registry.names(stage),
                        help=f"{_STAGE_TITLES[stage]} method (default: {default})")
     g.add_argument("--mask", type=_existing_file, metavar="FILE",
                    help="a brain mask (NIfTI, on the GRE grid) used instead of the masking "

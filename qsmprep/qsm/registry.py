@@ -292,6 +292,11 @@ def register(stage, name, *, summary, citations=(), description="", provides=(),
     return deco
 
 
+def option(stage):
+    """The command-line option that chooses a stage's method, e.g. ``--bf-removal``."""
+    return f"--{stage.replace('_', '-')}"
+
+
 def methods(stage):
     """All methods of a stage, name -> :class:`Method`."""
     return dict(_REGISTRY[stage])
