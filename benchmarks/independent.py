@@ -97,8 +97,8 @@ def as_case(head):
 def pipeline_variants(quick):
     """Label → stage methods: the app's default and V-SHARP + TV; in full
     mode also the default with the true mask, the classical chain, the other
-    named pipelines, every other masking method, the nonlinear echo fit and
-    every other referencing method but ``none``."""
+    named pipelines, every other masking and unwrapping method, the nonlinear
+    echo fit and every other referencing method but ``none``."""
     from qsmprep.config import DEFAULT_METHODS, PIPELINES
     from qsmprep.qsm import registry
 
@@ -115,6 +115,9 @@ def pipeline_variants(quick):
         for name in registry.names("masking"):
             if name != default["masking"]:
                 out[f"masking={name}"] = {**default, "masking": name}
+        for name in registry.names("unwrapping"):
+            if name != default["unwrapping"]:
+                out[f"unwrapping={name}"] = {**default, "unwrapping": name}
         out["echo_combination=nonlinear"] = {**default, "echo_combination": "nonlinear"}
         for name in registry.names("referencing"):
             if name not in (default["referencing"], "none"):   # none: a constant off, by design
