@@ -250,15 +250,18 @@ class _NormalOperator:
     """``A x = lam P D W^2 D P x + P grad^T (M_G v M_G) grad P x``: the lagged
     diffusivity step's normal operator, with its work arrays allocated once
     (each CG iteration would otherwise allocate and fault in about ten arrays
-    of the box's size; on the CPU that took as long as the FFTs)."""
+    of the box's size; on the CPU that took as long as the FFTs). The tensor a
+    call returns is overwritten by the next call."""
 
     def __init__(self, d, p, w2, lam, csf=None, csf_lam=0.0):
         self.d, self.p, self.w2, self.lam = d, p, w2, float(lam)
-        self.csf_voxels = 0.0 if csf is None else float(csf.sum())
-        self.csf = csf if self.csf_voxels > 0 and csf_lam else None
-        self.csf_lam = float(csf_lam)
+        csf_voxels = 0.0 if csf is None else float(csf.sum())
+        self.csf_diag, self.csf_index = None, None
+        if csf_voxels > 0 and csf_lam:   # csf_lam Q, Q x = M_CSF (x - mean_CSF x)
+            self.csf_diag = float(csf_lam) * csf
+            self.csf_index = torch.nonzero(csf.reshape(-1) > 0).squeeze(1)
         self.shape = tuple(p.shape)
-        self.px, self.a, self.b = (torch.empty_like(p) for _ in range(3))
+        self.px, self.a, self.b, self.out = (torch.empty_like(p) for _ in range(4))
         self.k = torch.empty(d.shape, dtype=p.dtype.to_complex(), device=p.device)
         self.tv = None
 
@@ -275,8 +278,6 @@ class _NormalOperator:
         torch.mul(self.p, x, out=self.px)
         self._dconv(self.px, self.a).mul_(self.w2)
         self._dconv(self.a, self.b)
-        T.grad_adj_grad(self.px, self.tv, out=self.a)
-        if self.csf is not None:   # csf_lam Q, Q x = M_CSF (x - mean_CSF x)
-            mean = torch.sum(self.csf * self.px) / self.csf_voxels
-            self.a.addcmul_(self.csf, self.px - mean, value=self.csf_lam)
-        return torch.add(self.a, self.b, alpha=self.lam).mul_(self.p)
+        mean = 0.0 if self.csf_index is None else self.px.reshape(-1)[self.csf_index].mean()
+        return T.grad_adj_grad(self.px, self.tv, out=self.out, diag=self.csf_diag, shift=mean,
+                               add=self.b, add_scale=self.lam, scale=self.p)

@@ -98,26 +98,55 @@ def grad_adj(g, out=None):
     return out
 
 
-def grad_adj_grad(x, weights, out=None):
+def grad_adj_grad(x, weights, out=None, *, diag=None, shift=0.0, add=None, add_scale=1.0,
+                  scale=None):
     """``grad^T (weights * grad x)`` of a (X, Y, Z) tensor with (3, X, Y, Z)
     ``weights``: the weighted (positive semi-definite) graph Laplacian of the
     periodic forward differences, the regulariser's part of a lagged-diffusivity
-    normal operator. Written into ``out`` when given. On the CPU one compiled
-    pass over the arrays (:func:`_grad_adj_grad_cpu`); elsewhere
-    ``grad_adj(weights * grad(x))``."""
+    normal operator. Written into ``out`` when given.
+
+    The rest of such an operator can be computed in the same pass:
+    ``scale * (grad^T (weights grad x) + diag * (x - shift) + add_scale * add)``,
+    each term only when its tensor (``diag``, ``add``, ``scale``: like ``x``) is
+    given; ``shift`` is a number (TFI's CSF term: ``diag = csf_lam * M_CSF``,
+    ``shift`` the CSF mean). On the CPU one compiled pass over the arrays
+    (:func:`_grad_adj_grad_cpu`); elsewhere :func:`grad_adj_grad_torch`."""
     if out is None:
         out = torch.empty_like(x)
-    if x.device.type == "cpu" and x.dtype == weights.dtype == out.dtype == torch.float32:
-        _grad_adj_grad_cpu(x.contiguous().numpy(), weights.contiguous().numpy(), out.numpy())
+    terms = (diag, add, scale)
+    if x.device.type == "cpu" and all(
+            t.dtype == torch.float32 for t in (x, weights, out, *terms) if t is not None):
+        none = np.zeros((1, 1, 1), np.float32)
+        diag_a, add_a, scale_a = (none if t is None else t.contiguous().numpy() for t in terms)
+        _grad_adj_grad_cpu(x.contiguous().numpy(), weights.contiguous().numpy(), out.numpy(),
+                           diag_a, float(shift), add_a, float(add_scale), scale_a,
+                           diag is not None, add is not None, scale is not None)
         return out
-    return grad_adj(grad(x).mul_(weights), out=out)
+    return grad_adj_grad_torch(x, weights, out, diag=diag, shift=shift, add=add,
+                               add_scale=add_scale, scale=scale)
+
+
+def grad_adj_grad_torch(x, weights, out=None, *, diag=None, shift=0.0, add=None, add_scale=1.0,
+                        scale=None, work=None):
+    """:func:`grad_adj_grad` composed of torch calls (its path off the CPU, and
+    the reference of ``benchmarks/tfi_operator.py``); ``work`` (3, X, Y, Z), when
+    given, receives the gradient."""
+    out = grad_adj(grad(x, out=work).mul_(weights), out=out)
+    if diag is not None:
+        out.addcmul_(diag, x - shift)
+    if add is not None:
+        out.add_(add, alpha=add_scale)
+    return out if scale is None else out.mul_(scale)
 
 
 @njit(cache=True, parallel=True)
-def _grad_adj_grad_cpu(x, w, out):
+def _grad_adj_grad_cpu(x, w, out, diag, shift, add, add_scale, scale, has_diag, has_add,
+                       has_scale):
     """``out[j] = sum_a w_a[j - e_a] (x[j] - x[j - e_a]) - w_a[j] (x[j + e_a] - x[j])``,
-    periodic: :func:`grad_adj_grad` without the ten intermediate passes."""
+    periodic, with the optional terms of :func:`grad_adj_grad`: that function
+    without the ten intermediate passes (and those of the other terms)."""
     nx, ny, nz = x.shape
+    shift, add_scale = np.float32(shift), np.float32(add_scale)
     for i in prange(nx):
         ip, im = (i + 1) % nx, (i + nx - 1) % nx
         for j in range(ny):
@@ -126,9 +155,16 @@ def _grad_adj_grad_cpu(x, w, out):
                 kp = k + 1 if k + 1 < nz else 0
                 km = k - 1 if k > 0 else nz - 1
                 c = x[i, j, k]
-                out[i, j, k] = (w[0, im, j, k] * (c - x[im, j, k]) - w[0, i, j, k] * (x[ip, j, k] - c)
-                                + w[1, i, jm, k] * (c - x[i, jm, k]) - w[1, i, j, k] * (x[i, jp, k] - c)
-                                + w[2, i, j, km] * (c - x[i, j, km]) - w[2, i, j, k] * (x[i, j, kp] - c))
+                v = (w[0, im, j, k] * (c - x[im, j, k]) - w[0, i, j, k] * (x[ip, j, k] - c)
+                     + w[1, i, jm, k] * (c - x[i, jm, k]) - w[1, i, j, k] * (x[i, jp, k] - c)
+                     + w[2, i, j, km] * (c - x[i, j, km]) - w[2, i, j, k] * (x[i, j, kp] - c))
+                if has_diag:
+                    v += diag[i, j, k] * (c - shift)
+                if has_add:
+                    v += add_scale * add[i, j, k]
+                if has_scale:
+                    v *= scale[i, j, k]
+                out[i, j, k] = v
 
 
 def laplacian(x, voxel_size_mm=(1.0, 1.0, 1.0)):
