@@ -117,11 +117,15 @@ def test_normal_operator_is_the_formula_it_documents():
         return T.irfft3(d * T.rfft3(x), shape)
 
     csf = (torch.rand(shape, generator=gen) > 0.8).float() * m
-    for zero_ref, csf_lam in ((None, 0.0), (csf, 500.0)):
-        normal = _NormalOperator(d, p, w2, 4000.0, zero_ref, csf_lam)
+    # float32: the compiled CPU pass; float64: the torch path (a GPU's), CSF mean a tensor
+    for zero_ref, csf_lam, dtype in ((None, 0.0, torch.float32), (csf, 500.0, torch.float32),
+                                     (csf, 500.0, torch.float64)):
+        p, w2, tv, d = (a.to(dtype) for a in (p, w2, tv, d))
+        normal = _NormalOperator(d, p, w2, 4000.0, None if zero_ref is None
+                                 else zero_ref.to(dtype), csf_lam)
         normal.set_tv_weights(tv)
         for _ in range(2):
-            x = torch.randn(shape, generator=gen)
+            x = torch.randn(shape, generator=gen).to(dtype)
             expected = 4000.0 * p * dconv(w2 * dconv(p * x)) + p * T.grad_adj(tv * T.grad(p * x))
             if zero_ref is not None:  # MEDI+0: csf_lam P Q P x, Q x = M_CSF (x - mean_CSF x)
                 px = p * x
@@ -129,7 +133,7 @@ def test_normal_operator_is_the_formula_it_documents():
             got = normal(x)
             assert (torch.linalg.vector_norm(got - expected)
                     < 1e-5 * torch.linalg.vector_norm(expected))
-            y = torch.randn(shape, generator=gen)  # and it stays symmetric
+            y = torch.randn(shape, generator=gen).to(dtype)  # and it stays symmetric
             assert abs(float(torch.sum(y * normal(x)) - torch.sum(x * normal(y)))) < 1e-4 * float(
                 torch.linalg.vector_norm(normal(x)) * torch.linalg.vector_norm(y))
 
