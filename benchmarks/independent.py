@@ -112,12 +112,10 @@ def pipeline_variants(quick):
         for name, methods in PIPELINES.items():
             if {**default, **methods} not in out.values():
                 out[f"--pipeline {name}"] = {**default, **methods}
-        for name in registry.names("masking"):
-            if name != default["masking"]:
-                out[f"masking={name}"] = {**default, "masking": name}
-        for name in registry.names("unwrapping"):
-            if name != default["unwrapping"]:
-                out[f"unwrapping={name}"] = {**default, "unwrapping": name}
+        for stage in ("masking", "unwrapping"):
+            for name in registry.names(stage):
+                if name != default[stage]:
+                    out[f"{stage}={name}"] = {**default, stage: name}
         out["echo_combination=nonlinear"] = {**default, "echo_combination": "nonlinear"}
         for name in registry.names("referencing"):
             if name not in (default["referencing"], "none"):   # none: a constant off, by design

@@ -255,11 +255,11 @@ class _NormalOperator:
 
     def __init__(self, d, p, w2, lam, csf=None, csf_lam=0.0):
         self.d, self.p, self.w2, self.lam = d, p, w2, float(lam)
-        csf_voxels = 0.0 if csf is None else float(csf.sum())
         self.csf_diag, self.csf_index = None, None
-        if csf_voxels > 0 and csf_lam:   # csf_lam Q, Q x = M_CSF (x - mean_CSF x)
-            self.csf_diag = float(csf_lam) * csf
-            self.csf_index = torch.nonzero(csf.reshape(-1) > 0).squeeze(1)
+        if csf is not None and csf_lam:   # csf_lam Q, Q x = M_CSF (x - mean_CSF x)
+            index = torch.nonzero(csf.reshape(-1) > 0).squeeze(1)
+            if index.numel():
+                self.csf_diag, self.csf_index = float(csf_lam) * csf, index
         self.shape = tuple(p.shape)
         self.px, self.a, self.b, self.out = (torch.empty_like(p) for _ in range(4))
         self.k = torch.empty(d.shape, dtype=p.dtype.to_complex(), device=p.device)
