@@ -24,9 +24,15 @@ this suite (and the in-vivo sanity checks), never on heads from
 ``qsmprep.sim``. A change of default needs a lower whole-pipeline NRMSE on
 every full-mode head, not only on average.
 
-Usage: ``python benchmarks/independent.py [--quick] [--memory]``; ``--quick``
-is one 3 mm head, two pipelines and five stage methods (about a minute; run by
-the tests);
+**Held-out heads** (``--held-out``; rule R26-0, written before they were
+built): two more heads with other seeds and settings, never used to choose
+anything. They are run with a few pipelines whenever the default changes and
+read against #22's targets, to show whether decisions taken on the three
+full-mode heads carry over.
+
+Usage: ``python benchmarks/independent.py [--quick | --held-out] [--memory]``;
+``--quick`` is one 3 mm head, two pipelines and five stage methods (about a
+minute; run by the tests);
 ``--from-json FILE`` re-renders the docs section.
 """
 
@@ -54,6 +60,9 @@ from accuracy import (TRUE_MASK, Case, call, local_field_methods, magnitude_inpu
                       pipeline, score_row)
 from independent_heads import PHANTOM_VERSION, build_head, phantom_version  # noqa: E402
 
+#: the stages a head's rows come from
+STAGES = ["pipeline", "bf_removal", "inversion"]
+
 #: depth bands from the brain edge (mm): [lo, hi)
 DEPTH_BANDS_MM = ((0, 3), (3, 6), (6, 12), (12, 20), (20, np.inf))
 
@@ -67,9 +76,25 @@ SELECTION_RULE = (
 )
 
 
-def head_specs(quick):
-    """(name, description, build_head keywords) of the suite."""
-    if quick:
+#: the suites: the full-mode heads decisions are taken on, the quick one CI runs,
+#: and the held-out heads (R26-0) that no decision is taken on
+SUITES = ("full", "quick", "held-out")
+
+HELD_OUT_RULE = (
+    "**Held-out heads** (rule R26-0, written on 2026-12-04 before these heads were built): "
+    "two heads with other seeds, voxel sizes, echo times, B0 tilts and noise than the "
+    "full-mode heads. They are never used to choose a default, a checkpoint or a parameter; "
+    "their rows are re-run whenever the default changes and published as they come, and "
+    "read against #22's targets. A target the default meets on the full-mode heads and "
+    "misses here is a sign that the decisions over-fit those three heads."
+)
+
+
+def head_specs(suite):
+    """(name, description, build_head keywords) of the ``suite`` (:data:`SUITES`)."""
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES}, not {suite!r}")
+    if suite == "quick":
         return [("mni-3T-3mm-tilt15", "MNI anatomy, 3 mm, 3 T, 3 echoes, B0 tilted 15°",
                  dict(voxel_size_mm=3.0, field_strength_t=3.0,
                       echo_times_s=(0.004, 0.012, 0.020), b0_tilt_deg=15.0, seed=11))]
@@ -84,6 +109,14 @@ def head_specs(quick):
         ("mni-3T-1mm-tilt5", "MNI anatomy, 1 mm, 3 T, 5 echoes, B0 tilted 5°",
          dict(voxel_size_mm=1.0, field_strength_t=3.0,
               echo_times_s=(0.004, 0.009, 0.014, 0.019, 0.024), b0_tilt_deg=5.0, seed=303)),
+    ] if suite == "full" else [
+        ("mni-3T-1.2mm-tilt20", "MNI anatomy, 1.2 mm, 3 T, 3 echoes, B0 tilted 20°, "
+         "peak SNR 50",
+         dict(voxel_size_mm=1.2, field_strength_t=3.0, echo_times_s=(0.005, 0.015, 0.025),
+              b0_tilt_deg=20.0, seed=404, peak_snr=50.0)),
+        ("mni-7T-1mm-tilt10", "MNI anatomy, 1 mm, 7 T, 4 echoes, B0 tilted 10°",
+         dict(voxel_size_mm=1.0, field_strength_t=7.0,
+              echo_times_s=(0.004, 0.008, 0.012, 0.016), b0_tilt_deg=10.0, seed=505)),
     ]
 
 
@@ -94,11 +127,17 @@ def as_case(head):
                 head.total_field, head.local_field, head.magnitude, head.phase)
 
 
-def pipeline_variants(quick):
+#: the pipeline rows of the held-out heads (R26-0), beside the default and V-SHARP + TV
+HELD_OUT_VARIANTS = ("default, true mask", "classical (pdf + ilsqr)", "--pipeline ir2qsm",
+                     "referencing=csf")
+
+
+def pipeline_variants(suite):
     """Label → stage methods: the app's default and V-SHARP + TV; in full
     mode also the default with the true mask, the classical chain, the other
     named pipelines, every other masking and unwrapping method, the nonlinear
-    echo fit and every other referencing method but ``none``."""
+    echo fit and every other referencing method but ``none``; on the held-out
+    heads those of :data:`HELD_OUT_VARIANTS`."""
     from qsmprep.config import DEFAULT_METHODS, PIPELINES
     from qsmprep.qsm import registry
 
@@ -106,7 +145,7 @@ def pipeline_variants(quick):
                                                 "bf_removal", "inversion", "referencing")}
     out = {"default": default,
            "vsharp + tv": {**default, "bf_removal": "vsharp", "inversion": "tv"}}
-    if not quick:
+    if suite != "quick":
         out["default, true mask"] = {**default, "masking": TRUE_MASK}
         out["classical (pdf + ilsqr)"] = {**default, **PIPELINES["classical"]}
         for name, methods in PIPELINES.items():
@@ -120,6 +159,9 @@ def pipeline_variants(quick):
         for name in registry.names("referencing"):
             if name not in (default["referencing"], "none"):   # none: a constant off, by design
                 out[f"referencing={name}"] = {**default, "referencing": name}
+    if suite == "held-out":
+        out = {k: v for k, v in out.items()
+               if k in ("default", "vsharp + tv") + HELD_OUT_VARIANTS}
     return out
 
 
@@ -129,16 +171,17 @@ def pipeline_variants(quick):
 OWN_SECTION = ("dmqsm",)
 
 
-def stage_methods(stage, quick):
-    """Registered methods of a stage that the suite runs (not those of
-    :data:`OWN_SECTION`)."""
+def stage_methods(stage, suite):
+    """Registered methods of a stage that the ``suite`` runs (not those of
+    :data:`OWN_SECTION`): all in full mode, a few in the others."""
     from qsmprep.qsm import registry
 
     names = local_field_methods() if stage == "bf_removal" else registry.names(stage)
     names = [n for n in names if n not in OWN_SECTION]
-    if quick:
-        keep = {"bf_removal": ("vsharp", "nextqsm"), "inversion": ("tkd", "tv", "nextqsm")}
-        return [n for n in names if n in keep[stage]]
+    keep = {"quick": {"bf_removal": ("vsharp", "nextqsm"), "inversion": ("tkd", "tv", "nextqsm")},
+            "held-out": {"bf_removal": (), "inversion": ("tv", "tfi")}}
+    if suite in keep:
+        return [n for n in names if n in keep[suite][stage]]
     return list(names)
 
 
@@ -163,18 +206,18 @@ def score(stage, label, case, func, truth):
         "depth": depth_nrmse(recon, truth, case.mask, case.voxel_size_mm)})
 
 
-def run_head(case, quick, stages=("pipeline", "bf_removal", "inversion"), variants=None,
+def run_head(case, suite, stages=tuple(STAGES), variants=None,
              methods=None):
     """All rows of one head; ``variants`` (labels) limits the pipeline rows,
     ``methods`` (names) the rows of the two stage tables."""
     rows = []
-    for label, chain in pipeline_variants(quick).items():
+    for label, chain in pipeline_variants(suite).items():
         if "pipeline" in stages and (not variants or label in variants):
             rows.append(score("pipeline", label, case, lambda m=chain: pipeline(case, m),
                               case.chi))
 
     def chosen(stage):
-        names = stage_methods(stage, quick) if stage in stages else ()
+        names = stage_methods(stage, suite) if stage in stages else ()
         return [n for n in names if not methods or n in methods]
 
     for name in chosen("bf_removal"):
@@ -245,8 +288,15 @@ def measure_default(case, repeats=3):
                                                     for r in runs)}
 
 
-def section(quick):
-    return "independent-quick" if quick else "independent"
+def section(suite):
+    """The docs section (and results file name) of a suite."""
+    return {"full": "independent", "quick": "independent-quick",
+            "held-out": "independent-heldout"}[suite]
+
+
+def suite_of(results):
+    """The suite of a results file (files before the held-out heads have only ``quick``)."""
+    return results.get("suite", "quick" if results.get("quick") else "full")
 
 
 def _band_cells(row):
@@ -258,12 +308,13 @@ def render(results):
     titles = {"pipeline": "Whole pipeline: raw multi-echo phase → χ",
               "bf_removal": "Background stage: true total field (shimmed) → local field",
               "inversion": "Dipole stage: true local field → χ"}
+    suite = suite_of(results)
     parts = [
         "## Independent benchmark: heads our simulator never made"
-        + (" (quick mode)\n" if results["quick"] else "\n"),
-        "Generated by `python benchmarks/independent.py" + (" --quick" if results["quick"]
-                                                          else "") + "` (raw numbers: "
-        f"`benchmarks/results/{section(results['quick'])}.json`). Heads from "
+        + {"full": "\n", "quick": " (quick mode)\n", "held-out": " (held-out heads)\n"}[suite],
+        "Generated by `python benchmarks/independent.py"
+        + {"full": "", "quick": " --quick", "held-out": " --held-out"}[suite] + "` (raw numbers: "
+        f"`benchmarks/results/{section(suite)}.json`). Heads from "
         "`benchmarks/independent_heads.py`: MNI152 anatomy (nilearn) deformed per head, with "
         "our own nuclei, veins, bleeds, a calcification, CSF rim, skull, scalp, neck and "
         "air cavities; qsm-forward's signal on a model grid twice as fine, k-space cropped "
@@ -279,6 +330,7 @@ def render(results):
         "demeans both in the true mask first, as NRMSE does ('–': rows run before it existed). "
         "Depth columns: NRMSE (%) within bands of distance from the brain edge (mm).\n",
         SELECTION_RULE + "\n",
+        *([HELD_OUT_RULE + "\n"] if suite == "held-out" else []),
         "Heads:\n",
         "\n".join(f"- `{h['name']}`: {h['description']}, grid {' × '.join(map(str, h['shape']))}"
                   f", phantom version {h.get('phantom_version', 1)}"
@@ -377,15 +429,18 @@ def cached_head(cache, name, description, **kwargs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one 3 mm head, two pipelines, five stage methods")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--quick", action="store_true",
+                      help="one 3 mm head, two pipelines, five stage methods")
+    kind.add_argument("--held-out", action="store_true",
+                      help="the two held-out heads (R26-0), a few pipelines, TV and TFI")
     parser.add_argument("--memory", action="store_true",
                         help="also measure the default pipeline's peak memory in a child "
                         "process on the heads of 1.25 mm or finer")
     parser.add_argument("--memory-repeats", type=int, default=3,
                         help="fresh-process runs per head for --memory (median wall time)")
     parser.add_argument("--heads", nargs="+", help="only these heads")
-    parser.add_argument("--stages", nargs="+", default=["pipeline", "bf_removal", "inversion"],
-                        choices=["pipeline", "bf_removal", "inversion"])
+    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     parser.add_argument("--variants", nargs="+", help="only these pipeline rows (labels)")
     parser.add_argument("--methods", nargs="+",
                         help="only these methods in the stage tables (background, dipole)")
@@ -400,14 +455,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        replace_section(args.docs, section(saved["quick"]), render(saved))
+        replace_section(args.docs, section(suite_of(saved)), render(saved))
         return
-    json_path = args.json or RESULTS / f"{section(args.quick)}.json"
-    results = {"quick": args.quick, "hardware": hardware(), "heads": [], "rows": [],
-               "memory": []}
+    suite = "quick" if args.quick else "held-out" if args.held_out else "full"
+    if args.held_out and args.stages == STAGES:
+        args.stages = ["pipeline", "inversion"]
+    json_path = args.json or RESULTS / f"{section(suite)}.json"
+    results = {"suite": suite, "hardware": hardware(), "heads": [], "rows": [], "memory": []}
     if args.merge and json_path.exists():
-        results = {**json.loads(json_path.read_text()), "hardware": hardware()}
-    for name, description, kwargs in head_specs(args.quick):
+        results = {**json.loads(json_path.read_text()), "suite": suite, "hardware": hardware()}
+        results.pop("quick", None)                  # files before the held-out heads
+    for name, description, kwargs in head_specs(suite):
         if args.heads and name not in args.heads:
             continue
         head, seconds = cached_head(args.head_cache, name, description, **kwargs)
@@ -425,7 +483,7 @@ def main(argv=None):
             results["heads"][names.index(name)] = entry
         else:
             results["heads"].append(entry)
-        rows = run_head(case, args.quick, args.stages, args.variants, args.methods)
+        rows = run_head(case, suite, args.stages, args.variants, args.methods)
         for row in rows:
             row["phantom_version"] = head.version
         results["rows"] = merge_rows(results["rows"], rows, [h["name"] for h in results["heads"]])
@@ -435,7 +493,7 @@ def main(argv=None):
                 {"head": name, "grid": " × ".join(map(str, head.mask.shape)), **mem}]
         del head, case
         write_json(json_path, results)                  # partial results survive a crash
-        replace_section(args.docs, section(args.quick), render(results))
+        replace_section(args.docs, section(suite), render(results))
     print(f"[independent] wrote {args.docs} and {json_path}; peak RSS of this process "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
 

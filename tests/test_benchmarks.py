@@ -346,10 +346,10 @@ def test_independent_quick_suite(tmp_path):
     text = docs.read_text()
     assert "<!-- independent-quick:start -->" in text and "Selection rule" in text
     # a re-run of chosen rows (--stages, --variants, --methods) runs those rows only
-    (name, description, _), = independent.head_specs(quick=True)
+    (name, description, _), = independent.head_specs("quick")
     head, seconds = independent.cached_head(tmp_path / "heads", name, description)
     assert seconds is None
-    rows = independent.run_head(independent.as_case(head), True, ("pipeline", "inversion"),
+    rows = independent.run_head(independent.as_case(head), "quick", ("pipeline", "inversion"),
                                 variants=["vsharp + tv"], methods=["tkd"])
     assert [(r["stage"], r["method"]) for r in rows] == [("pipeline", "vsharp + tv"),
                                                          ("inversion", "tkd")]
@@ -385,6 +385,35 @@ def test_independent_memory_table_reads_old_and_repeated_rows():
     text = independent.render(results)
     assert "| old | 1 × 2 × 3 | 2.60 | 126.0 | – | 1 | – | – |" in text
     assert "| new | 1 × 2 × 3 | 2.90 | 110.0 | 106.0–123.0 | 3 | 25.0 | 4400 |" in text
+
+
+def test_independent_held_out_heads_share_nothing_with_the_decision_heads():
+    """R26-0: the held-out heads are other heads (seed, voxel, field, echoes, tilt all
+    differ from every full-mode head's), inside #22's ranges, and run the rows the rule
+    names in their own section."""
+    full = [kw for _, _, kw in independent.head_specs("full")]
+    held = [kw for _, _, kw in independent.head_specs("held-out")]
+    assert len(held) == 2
+    for kw in held:
+        assert 1.0 <= kw["voxel_size_mm"] <= 1.5 and 0 <= kw["b0_tilt_deg"] <= 25
+        assert 3 <= len(kw["echo_times_s"]) <= 6
+        for other in full:
+            assert kw["seed"] != other["seed"]
+            assert (kw["voxel_size_mm"], kw["field_strength_t"], kw["b0_tilt_deg"]) != (
+                other["voxel_size_mm"], other["field_strength_t"], other["b0_tilt_deg"])
+    variants = independent.pipeline_variants("held-out")
+    assert list(variants) == ["default", "vsharp + tv", *independent.HELD_OUT_VARIANTS]
+    assert variants["referencing=csf"]["referencing"] == "csf"
+    assert variants["default, true mask"]["masking"] == independent.TRUE_MASK
+    assert sorted(independent.stage_methods("inversion", "held-out")) == ["tfi", "tv"]
+    assert independent.stage_methods("bf_removal", "held-out") == []
+    assert independent.section("held-out") == "independent-heldout"
+    # results files written before the suites had names still render as what they were
+    assert independent.suite_of({"quick": True}) == "quick"
+    assert independent.suite_of({"quick": False}) == "full"
+    text = independent.render({"suite": "held-out", "hardware": _common.hardware(),
+                               "heads": [], "rows": [], "memory": []})
+    assert "(held-out heads)" in text and "R26-0" in text and "--held-out" in text
 
 
 def test_independent_merge_replaces_rerun_rows_and_orders_by_head():
