@@ -187,7 +187,7 @@ def magnitude_inputs(case):
             "echo_times_s": case.echo_times_s}
 
 
-def pipeline(case, methods, *, device=None, times=None):
+def pipeline(case, methods, *, device=None, times=None, intermediates=None):
     """χ (ppm) from the case's phase and magnitude, as the app computes it:
     MCPC-3D-S phase-offset removal → unwrapping → echo combination (B0 and its
     noise map N_std) → total field → mask (root-sum-of-squares magnitude and
@@ -195,7 +195,8 @@ def pipeline(case, methods, *, device=None, times=None):
     ``methods[stage]``; N_std and the magnitude go to the methods that take them.
     ``device`` (e.g. ``"cuda"``) goes to the methods that take one (the app's
     ``--device``); ``times`` (a dict), when given, receives each stage's wall
-    time (s)."""
+    time (s), and ``intermediates`` (a dict) the brain ``mask`` of the masking
+    stage."""
     from qsmprep.qsm import registry
     from qsmprep.qsm.units import hz_to_ppm
     from qsmprep.qsm.unwrap import mcpc3ds
@@ -221,6 +222,8 @@ def pipeline(case, methods, *, device=None, times=None):
         mask = run("masking", call, "masking", methods["masking"], rss, quality=quality,
                    voxel_size_mm=vox, **on,
                    **registry.masking_params(methods["masking"], methods["inversion"]))
+    if intermediates is not None:
+        intermediates["mask"] = np.asarray(mask, bool)
     local, mask = run("bf_removal", call, "bf_removal", methods["bf_removal"], total,
                       np.asarray(mask, bool), vox, b0_dir=case.b0_dir,
                       noise_std_ppm=noise_std_ppm, **on)

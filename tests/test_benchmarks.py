@@ -416,6 +416,51 @@ def test_independent_held_out_heads_share_nothing_with_the_decision_heads():
     assert "(held-out heads)" in text and "R26-0" in text and "--held-out" in text
 
 
+def test_independent_app_writes_what_the_app_reads_back(tmp_path):
+    """benchmarks/independent_app.py writes a head as a scanner would (integer phase
+    without units, rounded nominal field beside ImagingFrequency, the oblique affine);
+    the app's own readers must get the head's phase (to the integer step), field
+    strength, echo times and B0 direction back, or the app-vs-benchmark comparison
+    would compare different inputs."""
+    import json as _json
+
+    import independent_app
+    import nibabel as nb
+
+    from qsmprep.bids.metadata import b0_affine, echo_times_s_from_sidecar, \
+        field_strength_t_from_sidecar
+    from qsmprep.qsm.units import b0_dir_from_affine
+    from qsmprep.utils.images import interpret_phase
+
+    rng = np.random.default_rng(0)
+    shape, echoes = (9, 8, 7), (0.004, 0.009, 0.014)
+    b0 = independent_heads.tilted_b0(20.0)
+    phase = rng.uniform(-np.pi, np.pi, shape + (3,)).astype(np.float32)
+    phase[0, 0, 0, :] = -np.pi                       # the stored range's ends
+    zeros = np.zeros(shape, np.float32)
+    head = independent_heads.Head(
+        "h", "", (1.2,) * 3, tuple(b0), 7.0, echoes,
+        independent_heads.oblique_affine((1.2,) * 3, b0, (-5.0, -4.0, -3.0)), zeros > 0,
+        zeros.astype(np.uint8), zeros, zeros, zeros,
+        rng.uniform(0.1, 1.0, shape + (3,)).astype(np.float32), phase)
+    anat = independent_app.write_bids(head, tmp_path, "x")
+    for e, te in enumerate(echoes, start=1):
+        stem = anat / f"sub-x_echo-{e}_part-phase_MEGRE"
+        img = nb.load(f"{stem}.nii.gz")
+        meta = _json.loads((anat / f"{stem.name}.json").read_text())
+        assert img.get_data_dtype() == np.int16 and "Units" not in meta
+        assert meta["MagneticFieldStrength"] == 7
+        assert abs(field_strength_t_from_sidecar(meta, stem) - 7.0) < 1e-6
+        assert echo_times_s_from_sidecar(meta, stem) == pytest.approx([te])
+        np.testing.assert_allclose(b0_dir_from_affine(b0_affine(img.header)[0]), b0,
+                                   atol=1e-6)
+        back, record = interpret_phase(np.asarray(img.dataobj), None, str(stem))
+        assert record["convention"] != "rad"
+        step = 2 * np.pi / 8192
+        diff = np.angle(np.exp(1j * (back - phase[..., e - 1])))
+        assert np.abs(diff).max() <= 0.51 * step + 1e-6
+
+
 def test_independent_merge_replaces_rerun_rows_and_orders_by_head():
     row = lambda stage, method, head, v: {"stage": stage, "method": method, "phantom": head,
                                           "metrics": {"nrmse": v}}

@@ -95,10 +95,21 @@ def b0_dir_from_affine(affine):
     return b / np.linalg.norm(b)
 
 
+#: voxel sizes read from an affine are rounded to this (mm)
+VOXEL_SIZE_DECIMALS = 6
+
+
 def voxel_size_from_affine(affine):
-    """Voxel size (mm) along each voxel axis from a NIfTI affine."""
+    """Voxel size (mm) along each voxel axis from a NIfTI affine, rounded to
+    1e-6 mm (:data:`VOXEL_SIZE_DECIMALS`).
+
+    A header stores the affine in float32, so a 1.2 mm voxel reads back as
+    1.1999999838 or 1.2000000389 mm depending on the rotation. The rounding
+    makes the map independent of that: BET's iterative surface turned the
+    1e-8 mm into a mask 0.45 % different on a whole head (docs/methods.md,
+    "Held-out heads")."""
     rot = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return tuple(float(v) for v in np.linalg.norm(rot, axis=0))
+    return tuple(round(float(v), VOXEL_SIZE_DECIMALS) for v in np.linalg.norm(rot, axis=0))
 
 
 def b0_angle_deg(b0_dir):
