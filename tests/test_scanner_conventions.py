@@ -529,3 +529,59 @@ def test_voxel_size_of_a_saved_oblique_affine_is_the_one_written(tmp_path, tilt_
     stored = nb.load(path).affine
     assert not np.allclose(np.linalg.norm(stored[:3, :3], axis=0), vox, rtol=0, atol=1e-12)
     assert voxel_size_from_affine(stored) == vox
+
+
+# ---------------------------------------------------------------------------
+# the phase-sign check's geometry: a closing by a ball, the air's dipole field
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vox", [(1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (2.2, 2.2, 3.0)])
+def test_close_bone_is_the_closing_by_a_ball_with_the_cut_faces_kept(vox):
+    """close_bone (distance transforms) is the binary closing by the voxels within
+    6 mm of the centre, on the grid continued by edge replication: a gap in the
+    skull up to 12 mm wide is closed, a wider one (a sinus) is not, and tissue
+    that touches a face of the grid is not eroded from it."""
+    from qsmprep.qsm.phase_sign import BONE_CLOSING_MM, close_bone
+
+    rng = np.random.default_rng(1)
+    shape = (30, 28, 20)
+    tissue = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0) > 0.05
+    tissue[:, :, :3] = True                       # tissue cut by the first z face
+    r = [int(np.ceil(BONE_CLOSING_MM / v)) for v in vox]
+    grid = np.meshgrid(*[np.arange(-k, k + 1) * v for k, v in zip(r, vox)], indexing="ij")
+    ball = sum(g**2 for g in grid) <= BONE_CLOSING_MM**2
+    padded = np.pad(tissue, [(k, k) for k in r], mode="edge")
+    expected = ndimage.binary_closing(padded, ball)[tuple(slice(k, k + n)
+                                                          for k, n in zip(r, shape))]
+    closed = close_bone(tissue, vox)
+    np.testing.assert_array_equal(closed, expected)
+    assert closed[:, :, 0].all()
+    # a 4 mm gap between two slabs closes, a 20 mm one does not
+    slabs = np.zeros((40, 12, 12), bool)
+    slabs[:10], slabs[14:24], slabs[44 // 2 + 20:] = True, True, True
+    closed = close_bone(slabs, (1.0, 1.0, 1.0))
+    assert closed[10:14].all() and not closed[25:42].any()
+
+
+def test_air_model_field_is_the_dipole_field_of_the_air():
+    """The air model (real FFTs, the tissue continued past the grid's faces) is
+    the field of chi = -1 in the tissue: with tissue all around a ball of air,
+    the field of +1 ppm in the ball up to a constant, which the complex FFT of
+    kernels.dipole_convolve (zero padding) gives independently; and, as
+    physics says, raised along B0 beside the ball's poles, lowered at its
+    equator."""
+    from qsmprep.qsm.kernels import dipole_convolve, sphere_field
+    from qsmprep.qsm.phase_sign import air_model_field
+
+    shape, vox, b0 = (48, 48, 40), (1.0, 1.0, 1.25), (0.0, 0.3, 0.954)
+    _, ball = sphere_field(shape, vox, 7.0, 1.0, b0)
+    model = air_model_field(~ball, vox, b0)
+    reference = dipole_convolve(ball.astype(np.float32), vox, b0)
+    outside = ~ndimage.binary_dilation(ball, iterations=2)
+    diff = (model - reference)[outside]
+    assert np.abs(diff - diff.mean()).max() < 1e-3 * np.abs(reference).max()
+    centre = np.array(shape) // 2
+    pole = centre + np.round(9.0 * np.array(b0) / np.array(vox)).astype(int)
+    equator = centre + np.array([9, 0, 0])
+    assert model[tuple(pole)] > 0.05 > -0.02 > model[tuple(equator)]

@@ -42,6 +42,17 @@ def ifftn(x, axes=(0, 1, 2)):
     return sfft.ifftn(x, axes=axes, workers=workers())
 
 
+def rfftn(x):
+    """Real FFT over the three spatial axes (float32 in, complex64 out; the last
+    axis halved)."""
+    return sfft.rfftn(x, axes=(0, 1, 2), workers=workers())
+
+
+def irfftn(x, shape):
+    """Inverse of :func:`rfftn` onto the spatial ``shape``."""
+    return sfft.irfftn(x, s=tuple(shape), axes=(0, 1, 2), workers=workers())
+
+
 def fast_shape(shape, *, factor=1.0, margin=0, even_last=False):
     """Padded shape: each axis at least ``factor * n + margin``, rounded up to
     a size FFTs handle fast (products of small primes); with ``even_last`` the

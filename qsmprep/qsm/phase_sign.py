@@ -51,11 +51,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from scipy import ndimage
-
-from .fft import fast_shape, fftn, ifftn
-from .kernels import dipole_kernel
-from .mask import _as_3d_magnitude, magnitude_threshold
+from .fft import fast_shape, irfftn, rfftn
+from .kernels import dipole_kernel, half_spectrum
+from .mask import _as_3d_magnitude, close, magnitude_threshold
 
 #: |correlation| from which the sign is taken as shown (see the module docstring)
 CLEAR_CORRELATION = 0.3
@@ -68,14 +66,13 @@ MIN_VOXELS = 500
 
 
 def close_bone(tissue, voxel_size_mm, radius_mm=BONE_CLOSING_MM):
-    """Morphological closing of ``tissue`` by a ball of ``radius_mm`` (the grid
-    is extended by edge replication first, so a cut face stays tissue)."""
+    """Morphological closing of ``tissue`` by a ball of ``radius_mm``
+    (:func:`qsmprep.qsm.mask.close`; the grid is extended by edge replication
+    first, so a cut face stays tissue)."""
     vox = np.asarray(voxel_size_mm, dtype=float)
     r = [max(int(np.ceil(radius_mm / v)), 1) for v in vox]
-    grid = np.meshgrid(*[np.arange(-k, k + 1) * v for k, v in zip(r, vox)], indexing="ij")
-    ball = sum(g**2 for g in grid) <= radius_mm**2
     padded = np.pad(np.asarray(tissue, bool), [(k, k) for k in r], mode="edge")
-    closed = ndimage.binary_closing(padded, ball)
+    closed = close(padded, radius_mm, vox)
     return closed[tuple(slice(k, k + n) for k, n in zip(r, np.shape(tissue)))]
 
 
@@ -93,8 +90,8 @@ def air_model_field(tissue, voxel_size_mm, b0_dir):
     shape = fast_shape(padded.shape, factor=1.0)
     extra = [(0, s - n) for s, n in zip(shape, padded.shape)]
     padded = np.pad(padded, extra, mode="edge")
-    d = dipole_kernel(shape, voxel_size_mm, b0_dir)
-    field = -np.real(ifftn(d * fftn(padded)))
+    d = half_spectrum(dipole_kernel(shape, voxel_size_mm, b0_dir))
+    field = -irfftn(d * rfftn(padded), shape)
     crop = tuple(slice(w[0], w[0] + n) for w, n in zip(widths, tissue.shape))
     return np.ascontiguousarray(field[crop], dtype=np.float32)
 
