@@ -333,3 +333,19 @@ def test_templateflow_space_goes_through_the_t1w_to_the_t1w_template(tmp_path, m
     assert not isinstance(regs["02"].inputs.intermediate, str)  # no T1w: from the GRE
     assert regs["02"].inputs.template.endswith("_T2w.nii.gz")
     assert "T1-weighted" in wf.get_node("sub_01_wf.qsm_MEGRE_wf.regions_wf").__desc__
+
+
+@pytest.mark.parametrize("out_name", ["grid.nii", "grid.nii.gz"])
+def test_template_on_grid_copy_is_readable_whatever_the_extension(tmp_path, out_name):
+    """A template already as fine as the run is copied, not resampled; copied
+    byte for byte under a ``.nii`` name, a gzipped template is a file ITK cannot
+    read (antsRegistration then fails with "Fixed Image has not been set")."""
+    import ants
+
+    from qsmprep.regions.registration import template_on_grid
+
+    data = np.random.default_rng(0).random((9, 8, 7)).astype(np.float32)
+    template = tmp_path / "tpl.nii.gz"
+    nb.save(nb.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), template)
+    out = template_on_grid(template, 1.0, tmp_path / out_name)
+    np.testing.assert_array_equal(ants.image_read(str(out)).numpy(), data)

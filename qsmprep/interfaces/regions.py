@@ -49,7 +49,7 @@ class RegistrationReference(SimpleInterface):
         if data.ndim == 4:
             data = data.mean(-1)
         data[~np.isfinite(data)] = 0
-        self._results["reference"] = save_like(data, img, _out("gre_ref.nii", runtime))
+        self._results["reference"] = save_like(data, img, _out("gre_ref.nii.gz", runtime))
         return runtime
 
 
@@ -82,7 +82,7 @@ class RegisterToTemplate(SimpleInterface):
 
         via = self.inputs.intermediate if isdefined(self.inputs.intermediate) else None
         vox = float(max(nb.load(via or self.inputs.moving).header.get_zooms()[:3]))
-        grid = template_on_grid(self.inputs.template, vox, _out("template_grid.nii", runtime))
+        grid = template_on_grid(self.inputs.template, vox, _out("template_grid.nii.gz", runtime))
         paths = (_out("from-GRE_to-template_xfm.h5", runtime),
                  _out("from-template_to-GRE_xfm.h5", runtime))
         kwargs = dict(preset=self.inputs.preset, threads=self.inputs.num_threads,
@@ -128,7 +128,7 @@ class ApplyTransform(SimpleInterface):
         dtype = np.dtype(self.inputs.dtype)
         if dtype == np.uint8:
             out = np.rint(out)
-        self._results["out_file"] = save_like(out, ref, _out("resampled.nii", runtime),
+        self._results["out_file"] = save_like(out, ref, _out("resampled.nii.gz", runtime),
                                               dtype=dtype)
         return runtime
 
@@ -157,7 +157,7 @@ class PrepareAtlas(SimpleInterface):
         regions, mapping = merge_regions(read_lut_rows(self.inputs.lut))
         img = nb.load(self.inputs.dseg)
         labels = remap_labels(np.asanyarray(img.dataobj), mapping)
-        self._results["dseg"] = save_like(labels, img, _out("atlas_dseg.nii", runtime),
+        self._results["dseg"] = save_like(labels, img, _out("atlas_dseg.nii.gz", runtime),
                                           dtype=np.uint8)
         self._results["lut"] = str(write_merged_lut(_out("atlas_dseg.tsv", runtime), regions))
         return runtime
@@ -196,7 +196,7 @@ class RegionStats(SimpleInterface):
         if mask is not None:
             labels[~mask] = 0
         self._results["stats"] = path
-        self._results["labels"] = save_like(labels, chi_img, _out("regions_dseg.nii", runtime),
+        self._results["labels"] = save_like(labels, chi_img, _out("regions_dseg.nii.gz", runtime),
                                             dtype=np.uint8)
         return runtime
 

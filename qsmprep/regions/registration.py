@@ -137,12 +137,17 @@ def _threads(n):
 
 def template_on_grid(template_file, voxel_size_mm, out_file, *, interpolation="linear"):
     """``template_file`` resampled to isotropic ``voxel_size_mm`` (same field of
-    view), written to ``out_file``; a no-op copy when it is already as fine."""
+    view), written to ``out_file``; a copy when it is already as fine (written
+    anew when ``out_file`` has another extension: a gzipped file named ``.nii``
+    is one ITK cannot read)."""
     import ants
 
     img = ants.image_read(str(template_file))
     if min(img.spacing) >= voxel_size_mm - 1e-3:
-        shutil.copyfile(template_file, out_file)
+        if str(template_file).endswith(".gz") == str(out_file).endswith(".gz"):
+            shutil.copyfile(template_file, out_file)
+        else:
+            ants.image_write(img, str(out_file))
         return Path(out_file)
     interp = {"linear": 0, "nearest": 1, "label": 1}[interpolation]
     out = ants.resample_image(img, (voxel_size_mm,) * 3, use_voxels=False, interp_type=interp)
