@@ -461,6 +461,28 @@ def test_independent_app_writes_what_the_app_reads_back(tmp_path):
         assert np.abs(diff).max() <= 0.51 * step + 1e-6
 
 
+def test_independent_app_memory_counts_the_worker_processes():
+    """The app's peak memory is that of its whole process tree (Nipype's workers
+    hold the arrays): a parent holding 0.4 GB whose child holds 0.24 GB reads as
+    their sum, not as the parent alone."""
+    import independent_app
+
+    code = ("import numpy as np, subprocess, sys, time; a = np.ones(50_000_000); "
+            "c = subprocess.Popen([sys.executable, '-c', 'import numpy as np, time; "
+            "b = np.ones(30_000_000); print(1, flush=True); time.sleep(30)'], "
+            "stdout=subprocess.PIPE); c.stdout.readline(); print(1, flush=True); c.wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()                    # both arrays are allocated
+        gb = independent_app.tree_rss_gb(proc.pid)
+    finally:
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            subprocess.run(["kill", child], check=False)
+        proc.wait(timeout=30)
+    assert 0.62 < gb < 1.0
+    assert independent_app.tree_rss_gb(proc.pid) == 0
+
+
 def test_independent_merge_replaces_rerun_rows_and_orders_by_head():
     row = lambda stage, method, head, v: {"stage": stage, "method": method, "phantom": head,
                                           "metrics": {"nrmse": v}}
