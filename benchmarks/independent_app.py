@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    fmt, hardware, hardware_note, markdown_table, publish,
+    RESULTS, fmt, hardware, hardware_note, markdown_table, publish,
 )
 from accuracy import pipeline  # noqa: E402
 from independent import SUITES, as_case, cached_head, head_specs  # noqa: E402
@@ -231,7 +231,9 @@ def main(argv=None):
     parser.add_argument("--keep", type=Path, help="keep the BIDS datasets and outputs here")
     args = parser.parse_args(argv)
 
-    results = {"suite": args.suite, "hardware": hardware(), "rows": []}
+    saved = RESULTS / "independent-app.json"
+    notes = json.loads(saved.read_text()).get("notes", []) if saved.exists() else []
+    results = {"suite": args.suite, "hardware": hardware(), "rows": [], "notes": notes}
     for i, (name, description, kwargs) in enumerate(head_specs(args.suite), start=1):
         if args.heads and name not in args.heads:
             continue
