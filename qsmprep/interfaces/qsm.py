@@ -57,8 +57,12 @@ def _lazy_file(path, read=None):
     return Lazy(lambda: read(path) if read else _load(path)[0])
 
 
-def _out(name, runtime):
-    return os.path.join(runtime.cwd, name)
+def _out(stem, runtime):
+    """Path of the work image ``stem`` in the node's folder, uncompressed (``.nii``):
+    gzip took about 5 s for each 4-D phase image of a 1 mm head and saved 10-35 %
+    of its size (rule R26-2, docs/methods.md "Time and memory"); the data sinks
+    compress the derivatives."""
+    return os.path.join(runtime.cwd, f"{stem}.nii")
 
 
 def _load(path, dtype=np.float32):
@@ -110,9 +114,9 @@ class LoadEchoes(SimpleInterface):
             complex_parts=self.inputs.complex_parts)
         units = record["units"]
         self._results.update(
-            magnitude=save_like(mag, ref, _out("magnitude.nii", runtime)),
-            phase=save_like(phase, ref, _out("phase.nii", runtime)),
-            valid=save_like(valid, ref, _out("valid.nii", runtime), dtype=np.uint8),
+            magnitude=save_like(mag, ref, _out("magnitude", runtime)),
+            phase=save_like(phase, ref, _out("phase", runtime)),
+            valid=save_like(valid, ref, _out("valid", runtime), dtype=np.uint8),
             echo_times_s=tes,
             phase_units=units,
             phase_scaling=record,
@@ -148,8 +152,8 @@ class PhaseOffset(SimpleInterface):
         corrected, offset = mcpc3ds(phase, mag, list(self.inputs.echo_times_s),
                                     voxel_size_mm=_voxel_size(ref), **self.inputs.params)
         self._results.update(
-            phase=save_like(corrected, ref, _out("phase_mcpc3ds.nii", runtime)),
-            offset=save_like(offset, ref, _out("phase_offset.nii", runtime)),
+            phase=save_like(corrected, ref, _out("phase_mcpc3ds", runtime)),
+            offset=save_like(offset, ref, _out("phase_offset", runtime)),
         )
         return runtime
 
@@ -181,9 +185,9 @@ class Unwrap(SimpleInterface):
             echo_times_s=list(self.inputs.echo_times_s), mask=valid,
             params=self.inputs.params, context={"voxel_size_mm": _voxel_size(ref)},
         )
-        self._results["unwrapped"] = save_like(unwrapped, ref, _out("unwrapped.nii", runtime))
+        self._results["unwrapped"] = save_like(unwrapped, ref, _out("unwrapped", runtime))
         if quality is not None:
-            self._results["quality"] = save_like(quality, ref, _out("quality.nii", runtime))
+            self._results["quality"] = save_like(quality, ref, _out("quality", runtime))
         return runtime
 
 
@@ -217,9 +221,9 @@ class EchoCombine(SimpleInterface):
             "echo_combination", self.inputs.method, unwrapped, mag,
             list(self.inputs.echo_times_s), params=self.inputs.params,
         )
-        self._results["fieldmap"] = save_like(b0_hz, ref, _out("fieldmap_hz.nii", runtime))
+        self._results["fieldmap"] = save_like(b0_hz, ref, _out("fieldmap_hz", runtime))
         self._results["noise_std"] = save_like(noise_hz, ref,
-                                               _out("noise_std_hz.nii", runtime))
+                                               _out("noise_std_hz", runtime))
         return runtime
 
 
@@ -262,7 +266,7 @@ class PhaseSign(SimpleInterface):
         shown = decide_phase_sign(evidence["correlation"])
         out = hz if sign == 1 else -hz
         self._results.update(
-            fieldmap=save_like(out, ref, _out("fieldmap_signed_hz.nii", runtime)),
+            fieldmap=save_like(out, ref, _out("fieldmap_signed_hz", runtime)),
             phase_sign=sign,
             record={"PhaseSign": sign, "PhaseSignSetting": setting,
                     "PhaseSignDecision": decision,
@@ -295,12 +299,12 @@ class TotalField(SimpleInterface):
 
         hz, ref = _load(self.inputs.fieldmap)
         ppm = hz_to_ppm(hz, self.inputs.field_strength_t)
-        self._results["total_field"] = save_like(ppm, ref, _out("total_field_ppm.nii", runtime))
+        self._results["total_field"] = save_like(ppm, ref, _out("total_field_ppm", runtime))
         if isdefined(self.inputs.noise_std):
             noise = hz_to_ppm(_load(self.inputs.noise_std)[0],
                               self.inputs.field_strength_t)
             self._results["noise_std"] = save_like(noise, ref,
-                                                   _out("noise_std_ppm.nii", runtime))
+                                                   _out("noise_std_ppm", runtime))
         return runtime
 
 
@@ -345,7 +349,7 @@ class Mask(SimpleInterface):
                 "): check that the magnitude shows the head and is not all zero/NaN, or try "
                 "another --masking method"
             )
-        self._results["mask"] = save_like(mask, ref, _out("mask.nii", runtime), np.uint8)
+        self._results["mask"] = save_like(mask, ref, _out("mask", runtime), np.uint8)
         return runtime
 
     def _user_mask(self, runtime):
@@ -364,7 +368,7 @@ class Mask(SimpleInterface):
             raise ValueError(
                 f"The user-supplied brain mask {path} is empty once voxels with non-finite "
                 "input are left out; check that it covers the brain of this run")
-        self._results["mask"] = save_like(mask, ref, _out("mask.nii", runtime), np.uint8)
+        self._results["mask"] = save_like(mask, ref, _out("mask", runtime), np.uint8)
         return runtime
 
 
@@ -401,8 +405,8 @@ class BackgroundRemoval(SimpleInterface):
             context={"noise_std_ppm": _lazy_file(self.inputs.noise_std)},
         )
         self._results.update(
-            local_field=save_like(local, ref, _out("local_field_ppm.nii", runtime)),
-            mask=save_like(mask_out, ref, _out("mask_local.nii", runtime), np.uint8),
+            local_field=save_like(local, ref, _out("local_field_ppm", runtime)),
+            mask=save_like(mask_out, ref, _out("mask_local", runtime), np.uint8),
         )
         return runtime
 
@@ -454,8 +458,8 @@ class Inversion(SimpleInterface):
         if registry.gives_local_field(self.inputs.method):
             out, local = out
             self._results["local_field"] = save_like(
-                local, ref, _out("local_field_ppm.nii", runtime))
-        self._results["chi"] = save_like(out, ref, _out("chi_ppm.nii", runtime))
+                local, ref, _out("local_field_ppm", runtime))
+        self._results["chi"] = save_like(out, ref, _out("chi_ppm", runtime))
         return runtime
 
 
@@ -493,5 +497,5 @@ class Reference(SimpleInterface):
                          "source": self.inputs.source})
         out = np.where(mask, out, 0)
         self._results["warnings"] = warnings
-        self._results["chi"] = save_like(out, ref, _out("chi_ref_ppm.nii", runtime))
+        self._results["chi"] = save_like(out, ref, _out("chi_ref_ppm", runtime))
         return runtime
