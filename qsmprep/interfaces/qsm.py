@@ -59,9 +59,8 @@ def _lazy_file(path, read=None):
 
 def _out(stem, runtime):
     """Path of the work image ``stem`` in the node's folder, uncompressed (``.nii``):
-    gzip took about 5 s for each 4-D phase image of a 1 mm head and saved 10-35 %
-    of its size (rule R26-2, docs/methods.md "Time and memory"); the data sinks
-    compress the derivatives."""
+    gzip took 5 s per 4-D phase image of a 1 mm head and saved 10-35 % (rule R26-2,
+    docs/methods.md "Time and memory"); the data sinks compress the derivatives."""
     return os.path.join(runtime.cwd, f"{stem}.nii")
 
 
