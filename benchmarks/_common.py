@@ -51,6 +51,21 @@ def publish(name, body, results, docs=None):
     write_json(RESULTS / f"{name}.json", results)
 
 
+def proc_status_gb(field, pid="self"):
+    """``field`` of /proc/<pid>/status (a ``kB`` line: ``VmRSS``, resident now;
+    ``VmHWM``, this process's peak, which starts afresh at ``exec`` where
+    ``ru_maxrss`` keeps the parent's) in GB, or None when the process is gone
+    or has no such line."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 2**20
+    return None
+
+
 def timed(func, *args, **kwargs):
     """Call ``func`` and return ``(result, wall-clock seconds)``."""
     start = time.perf_counter()

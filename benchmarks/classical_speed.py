@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    WHOLE_HEAD_SHAPE as SHAPE, fmt, hardware, hardware_note, markdown_table, publish, unseen_head,
+    WHOLE_HEAD_SHAPE as SHAPE, fmt, hardware, hardware_note, markdown_table, proc_status_gb,
+    publish, unseen_head,
 )
 
 SECTION = "classical_speed"
@@ -107,13 +108,10 @@ def child(stage, name, inputs, repeats):
 
 
 def peak_rss_gb():
-    """Peak resident memory of this process (GB): ``VmHWM`` of
-    /proc/self/status, which starts afresh at ``exec`` (``ru_maxrss`` keeps
-    the parent's peak across fork + exec on Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident memory of this process (GB): ``VmHWM``
+    (:func:`_common.proc_status_gb`), else ``ru_maxrss``."""
+    peak = proc_status_gb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def classical_methods(selected=None):

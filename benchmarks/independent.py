@@ -90,15 +90,14 @@ HELD_OUT_RULE = (
 )
 
 
-def head_specs(suite):
-    """(name, description, build_head keywords) of the ``suite`` (:data:`SUITES`)."""
-    if suite not in SUITES:
-        raise ValueError(f"suite must be one of {SUITES}, not {suite!r}")
-    if suite == "quick":
-        return [("mni-3T-3mm-tilt15", "MNI anatomy, 3 mm, 3 T, 3 echoes, B0 tilted 15°",
-                 dict(voxel_size_mm=3.0, field_strength_t=3.0,
-                      echo_times_s=(0.004, 0.012, 0.020), b0_tilt_deg=15.0, seed=11))]
-    return [
+#: (name, description, build_head keywords) of each suite's heads
+HEADS = {
+    "quick": [
+        ("mni-3T-3mm-tilt15", "MNI anatomy, 3 mm, 3 T, 3 echoes, B0 tilted 15°",
+         dict(voxel_size_mm=3.0, field_strength_t=3.0,
+              echo_times_s=(0.004, 0.012, 0.020), b0_tilt_deg=15.0, seed=11)),
+    ],
+    "full": [
         ("mni-3T-1.5mm-tilt15", "MNI anatomy, 1.5 mm, 3 T, 4 echoes, B0 tilted 15°",
          dict(voxel_size_mm=1.5, field_strength_t=3.0,
               echo_times_s=(0.004, 0.012, 0.020, 0.028), b0_tilt_deg=15.0, seed=101)),
@@ -109,7 +108,8 @@ def head_specs(suite):
         ("mni-3T-1mm-tilt5", "MNI anatomy, 1 mm, 3 T, 5 echoes, B0 tilted 5°",
          dict(voxel_size_mm=1.0, field_strength_t=3.0,
               echo_times_s=(0.004, 0.009, 0.014, 0.019, 0.024), b0_tilt_deg=5.0, seed=303)),
-    ] if suite == "full" else [
+    ],
+    "held-out": [
         ("mni-3T-1.2mm-tilt20", "MNI anatomy, 1.2 mm, 3 T, 3 echoes, B0 tilted 20°, "
          "peak SNR 50",
          dict(voxel_size_mm=1.2, field_strength_t=3.0, echo_times_s=(0.005, 0.015, 0.025),
@@ -117,7 +117,15 @@ def head_specs(suite):
         ("mni-7T-1mm-tilt10", "MNI anatomy, 1 mm, 7 T, 4 echoes, B0 tilted 10°",
          dict(voxel_size_mm=1.0, field_strength_t=7.0,
               echo_times_s=(0.004, 0.008, 0.012, 0.016), b0_tilt_deg=10.0, seed=505)),
-    ]
+    ],
+}
+
+
+def head_specs(suite):
+    """(name, description, build_head keywords) of the ``suite``'s heads (:data:`HEADS`)."""
+    if suite not in HEADS:
+        raise ValueError(f"suite must be one of {SUITES}, not {suite!r}")
+    return HEADS[suite]
 
 
 def as_case(head):
@@ -235,16 +243,13 @@ _CHILD = """
 import json, sys, time
 sys.path.insert(0, {bench!r})
 import numpy as np
+from _common import proc_status_gb
 from accuracy import Case, pipeline
 from qsmprep.config import DEFAULT_METHODS
 d = np.load({npz!r})
 case = Case("m", "", tuple(d["vox"]), tuple(d["b0"]), float(d["fs"]), tuple(d["te"]),
             d["mask"], None, None, None, None, d["mag"], d["phase"])
-def hwm_gb():  # this process's own peak (ru_maxrss keeps the parent's across exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-before = hwm_gb()
+before = proc_status_gb("VmHWM")  # this process's own peak
 import torch  # the reference: a fixed FFT workload, timed in this process before the pipeline
 x = torch.randn(128, 128, 128, generator=torch.Generator().manual_seed(0))
 ref = []
@@ -255,7 +260,7 @@ for _ in range(11):
 del x
 t = time.perf_counter()
 pipeline(case, dict(DEFAULT_METHODS))
-print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_gb": hwm_gb(),
+print(json.dumps({{"wall_s": time.perf_counter() - t, "peak_rss_gb": proc_status_gb("VmHWM"),
                   "inputs_rss_gb": before, "reference_ms": 1000 * sorted(ref)[5]}}))
 """
 
@@ -458,8 +463,6 @@ def main(argv=None):
         replace_section(args.docs, section(suite_of(saved)), render(saved))
         return
     suite = "quick" if args.quick else "held-out" if args.held_out else "full"
-    if args.held_out and args.stages == STAGES:
-        args.stages = ["pipeline", "inversion"]
     json_path = args.json or RESULTS / f"{section(suite)}.json"
     results = {"suite": suite, "hardware": hardware(), "heads": [], "rows": [], "memory": []}
     if args.merge and json_path.exists():

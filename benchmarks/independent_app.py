@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    RESULTS, fmt, hardware, hardware_note, markdown_table, publish,
+    RESULTS, fmt, hardware, hardware_note, markdown_table, proc_status_gb, publish,
 )
 from accuracy import pipeline  # noqa: E402
 from independent import SUITES, as_case, cached_head, head_specs  # noqa: E402
@@ -57,6 +57,11 @@ from independent import SUITES, as_case, cached_head, head_specs  # noqa: E402
 PHASE_MAX = 4096
 #: the magnitude's integer scale (its largest value)
 MAGNITUDE_MAX = 4000
+
+
+def gre_file(anat, subject, echo, part):
+    """The NIfTI of one echo and part (``mag``, ``phase``) of the run in ``anat``."""
+    return Path(anat) / f"sub-{subject}_echo-{echo}_part-{part}_MEGRE.nii.gz"
 
 
 def write_bids(head, root, subject):
@@ -80,12 +85,13 @@ def write_bids(head, root, subject):
                 "ImagingFrequency": round(GAMMA_BAR_MHZ_PER_T * head.field_strength_t, 6),
                 "Manufacturer": "Siemens"}
         for part, data in (("mag", magnitude), ("phase", phase)):
-            stem = anat / f"sub-{subject}_echo-{e}_part-{part}_MEGRE"
+            path = gre_file(anat, subject, e, part)
             img = nb.Nifti1Image(data[..., e - 1].astype(np.int16), head.affine)
             img.set_qform(head.affine, code=1)
             img.set_sform(head.affine, code=1)
-            nb.save(img, f"{stem}.nii.gz")
-            (stem.parent / f"{stem.name}.json").write_text(json.dumps(meta, indent=1))
+            nb.save(img, path)
+            path.with_name(path.name.replace(".nii.gz", ".json")).write_text(
+                json.dumps(meta, indent=1))
     return anat
 
 
@@ -99,17 +105,12 @@ def tree_rss_gb(pid):
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [pid]
+    total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 2**20
+        total += proc_status_gb("VmRSS", p) or 0.0
+    return total
 
 
 def run_app(bids, out, work, subject, sample_s=0.25):
@@ -146,8 +147,8 @@ def read_as_app(anat, subject, echoes):
     from qsmprep.qsm.units import b0_dir_from_affine, voxel_size_from_affine
     from qsmprep.utils.images import load_echoes
 
-    files = {part: [str(anat / f"sub-{subject}_echo-{e}_part-{part}_MEGRE.nii.gz")
-                    for e in range(1, echoes + 1)] for part in ("mag", "phase")}
+    files = {part: [str(gre_file(anat, subject, e, part)) for e in range(1, echoes + 1)]
+             for part in ("mag", "phase")}
     tes = [json.loads(Path(f.replace(".nii.gz", ".json")).read_text())["EchoTime"]
            for f in files["phase"]]
     mag, phase, _, _, ref, _ = load_echoes(files["phase"], tes, files["mag"], tes)
