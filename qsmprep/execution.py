@@ -56,6 +56,8 @@ CONTEXT_KEYWORDS = {
     "magnitude": "magnitude (root-sum-of-squares over echoes where a 3-D one is needed)",
     "magnitude_echoes": "the magnitude of every echo (X, Y, Z, E), echoes last",
     NOISE_STD: "N_std, the noise map of the field (ppm): data weights 1/N_std",
+    "noise_std_absolute": "whether N_std has an absolute level (False: one echo, relative "
+                          "values only)",
     "echo_times_s": "echo times of the magnitude's echoes (s)",
     "source": "the run's input file, named in the method's warnings",
 }

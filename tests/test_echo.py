@@ -72,6 +72,7 @@ def test_b0_from_simulated_multi_echo_matches_field():
 
 from qsmprep.qsm import registry  # noqa: E402
 from qsmprep.qsm.echo import (  # noqa: E402
+    noise_level_known,
     nonlinear_complex_fit,
     romeo_b0_noise_std,
 )
@@ -194,3 +195,19 @@ def test_romeo_noise_std_refuses_milliseconds():
 
     with pytest.raises(ValueError, match="look like milliseconds"):
         romeo_b0_noise_std(np.ones((2, 2, 2, 3)), [4, 8, 12])
+
+
+@pytest.mark.parametrize("name", ["romeo", "linear", "nonlinear"])
+def test_noise_level_known_says_when_n_std_follows_the_noise(name):
+    # TFI scales its lambda to N_std's level where noise_level_known says it is
+    # absolute: there four times the noise must give four times the level, and
+    # where it is not (no residual degrees of freedom) the level must not move
+    for n_echoes in ((2, 3) if name == "nonlinear" else (1, 2, 3)):
+        te = TE4[:n_echoes]
+        level = []
+        for sigma in (0.01, 0.04):
+            phase, mag = _voxels(30.0, np.ones(4000), te, sigma=sigma, seed=3)
+            level.append(np.median(registry.run("echo_combination", name, phase, mag, te)[1]))
+        ratio = level[1] / level[0]
+        assert (ratio == pytest.approx(4, rel=0.15) if noise_level_known(name, n_echoes)
+                else ratio == pytest.approx(1, abs=0.1)), (n_echoes, ratio)

@@ -299,3 +299,46 @@ def test_inversion_step_gives_tfi_every_echo_and_the_echo_times(tmp_path, caplog
     assert "sub-07_part-mag_MEGRE.nii.gz: total field inversion ran without" in caplog.text
     rss = np.sqrt(np.sum(magnitude**2, axis=-1))
     assert csf_mask(rss, brain, (2.0, 2.0, 2.0))[1] is None   # RSS alone: "found"
+
+
+def test_lambda_follows_the_noise_level_of_the_field(caplog):
+    """``noise_scaled_lam``: lam (ref / sigma)^2 with sigma the harmonic mean of
+    N_std in the mask (the level the data weights are divided by), clipped to
+    its range with a warning that names the run and says which way the map may
+    be off; unchanged without an absolute noise level."""
+    from qsmprep.qsm.tfi import noise_scaled_lam
+
+    mask = np.zeros((4, 4, 4), bool)
+    mask[:2] = True
+    noise = np.where(np.arange(4)[None, :, None] < 2, 1e-3, 3e-3) * np.ones((4, 4, 4))
+    noise[~mask] = 1.0                                   # outside the mask: not counted
+    sigma = 1 / np.mean(1 / noise[mask])                 # 1.5e-3
+    assert noise_scaled_lam(8000, noise, mask, 1.2e-3) == pytest.approx(
+        8000 * (1.2e-3 / sigma) ** 2)
+    assert noise_scaled_lam(8000, 2 * noise, mask, 1.2e-3) == pytest.approx(
+        noise_scaled_lam(8000, noise, mask, 1.2e-3) / 4)
+    assert noise_scaled_lam(8000, None, mask, 1.2e-3) == 8000
+    assert noise_scaled_lam(8000, noise, mask, 0) == 8000
+    with caplog.at_level("WARNING", logger="qsmprep"):
+        assert noise_scaled_lam(8000, 20 * noise, mask, 1.2e-3, source="sub-3.nii") == 1000
+    assert "sub-3.nii: the field's noise" in caplog.text and "noisier" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qsmprep"):
+        assert noise_scaled_lam(8000, noise / 20, mask, 1.2e-3) == 64000
+    assert "smoother" in caplog.text
+
+
+def test_noisy_field_gets_the_lower_lambda_and_a_better_map(head):
+    """A field as noisy as its own local field (N_std 8e-3 ppm): with lambda
+    fixed (``noise_ref_ppm=0``) TFI fits the noise (78 % NRMSE on this phantom);
+    scaled to the noise level it regularises more (43 %). At the reference
+    noise level both give the same map."""
+    chi, brain, _, total, b0 = head
+    rng = np.random.default_rng(0)
+    for sigma, better in ((8e-3, 0.7), (1.2e-3, 1.0)):
+        noisy = total + sigma * rng.standard_normal(total.shape)
+        n_std = np.full(total.shape, sigma, np.float32)
+        fixed, scaled = (metrics.nrmse(tfi(noisy, brain, VOX, b0_dir=b0, noise_std_ppm=n_std,
+                                           noise_ref_ppm=ref)[0], chi, brain)
+                         for ref in (0.0, 1.2e-3))
+        assert scaled <= better * fixed + 1e-6, (sigma, fixed, scaled)

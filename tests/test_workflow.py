@@ -50,6 +50,10 @@ def test_one_subject_workflow_per_subject_and_one_qsm_workflow_per_run(tmp_path)
     assert "qsmprep_wf.sub_01_wf.qsm_run_1_wf.phase_offset" in names
     assert "qsmprep_wf.sub_02_wf.qsm_MEGRE_wf.phase_offset" not in names
     assert not any("ds_unwrapped" in n for n in names)
+    # TFI scales its lambda to N_std's level only where the echo fit could estimate it
+    for sub, run, absolute in (("01", "qsm_run_1_wf", True), ("02", "qsm_MEGRE_wf", False)):
+        node = wf.get_node(f"sub_{sub}_wf").get_node(run).get_node("inversion")
+        assert node.inputs.noise_std_absolute is absolute
     # crash files of each subject go to its own log folder of this run
     for sub in ("01", "02"):
         node = wf.get_node(f"sub_{sub}_wf").get_node("qsm_MEGRE_wf" if sub == "02"

@@ -29,8 +29,6 @@ from ..execution import DL_BYTES_PER_VOXEL, Execution, Lazy, max_voxels_for  # n
 from ..utils.images import load_echoes, save_like
 from ..utils.runinfo import logged_warnings
 
-# DL_BYTES_PER_VOXEL and max_voxels_for are re-exported from qsmprep.execution
-
 
 class _MethodInputSpec(BaseInterfaceInputSpec):
     method = traits.Str(mandatory=True, desc="method name in the registry")
@@ -418,6 +416,7 @@ class _InversionInputSpec(_MethodInputSpec):
                      "its edges (MEDI)")
     noise_std = File(exists=True, desc="N_std of the field (ppm), data weights 1/N_std for "
                      "methods that take them (MEDI, LSQR)")
+    noise_std_absolute = traits.Bool(False, usedefault=True, desc="N_std's level is known")
     echo_times_s = traits.List(traits.Float, desc="echo times (s) of the magnitude's echoes, "
                                "for methods that find the CSF in it (TFI)")
     source = traits.Str("this run", usedefault=True,
@@ -452,6 +451,7 @@ class Inversion(SimpleInterface):
                      "echo_times_s": (list(self.inputs.echo_times_s)
                                       if isdefined(self.inputs.echo_times_s) else None),
                      "noise_std_ppm": _lazy_file(self.inputs.noise_std),
+                     "noise_std_absolute": self.inputs.noise_std_absolute,
                      "source": self.inputs.source},
         )
         if registry.gives_local_field(self.inputs.method):

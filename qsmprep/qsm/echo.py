@@ -139,6 +139,19 @@ def estimate_noise_sigma(rss, dof, magnitude_mean):
     return sigma if sigma > 0 else None  # noise-free (simulated) data: relative map
 
 
+#: parameters of each echo_combination method's per-voxel fit (the rest of the
+#: echoes are the residual degrees of freedom its noise level is estimated from)
+FIT_PARAMETERS = {"romeo": 1, "linear": 1, "nonlinear": 2}
+
+
+def noise_level_known(method, n_echoes):
+    """Whether the N_std of echo-combination ``method`` on ``n_echoes`` echoes has an
+    absolute level: its fit leaves residual degrees of freedom for
+    :func:`estimate_noise_sigma` (``E - 1`` for romeo and linear, ``E - 2`` for
+    nonlinear). Otherwise (one echo) only its relative values are known."""
+    return n_echoes - FIT_PARAMETERS.get(method, n_echoes) >= 1
+
+
 def _field_std_hz(var_omega_per_sigma2, sigma):
     """``sigma * sqrt(var)/(2 pi)`` in Hz; 0 where undefined (no signal)."""
     var = np.asarray(var_omega_per_sigma2, dtype=np.float64)

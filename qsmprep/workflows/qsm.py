@@ -31,6 +31,7 @@ from ..interfaces.qsm import (
     Unwrap,
 )
 from ..qsm import registry
+from ..qsm.echo import noise_level_known
 from .outputs import init_qsm_derivatives_wf
 from .regions import init_regions_wf, needs_registration
 from .reports import init_qsm_reports_wf
@@ -264,6 +265,8 @@ def init_qsm_wf(config, run, *, name=None):
     bfr.inputs.b0_dir = b0_dir
     invert = stage_node(Inversion, "inversion", "inversion")
     invert.inputs.b0_dir = b0_dir
+    invert.inputs.noise_std_absolute = noise_level_known(methods["echo_combination"],
+                                                         len(run.echo_times_s))
     reference = stage_node(Reference, "referencing", "referencing", heavy=False)
     reference.inputs.source = str(run.magnitude[0] if run.magnitude else run.phase[0])
     invert.inputs.source = reference.inputs.source
