@@ -291,12 +291,19 @@ def test_inversion_step_gives_tfi_every_echo_and_the_echo_times(tmp_path, caplog
         nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), affine), files[name])
     quick = {"max_outer": 1, "cg_iter": 2, "misfit_step": 0.0}
     with caplog.at_level("WARNING", logger="qsmprep"):
-        Inversion(method="tfi", params=quick, local_field=files["field"], mask=files["mask"],
-                  magnitude=files["mag"], echo_times_s=list(te), b0_dir=[0.0, 0.0, 1.0],
-                  source="sub-07_part-mag_MEGRE.nii.gz").run(cwd=str(tmp_path))
+        result = Inversion(method="tfi", params=quick, local_field=files["field"],
+                           mask=files["mask"], magnitude=files["mag"], echo_times_s=list(te),
+                           b0_dir=[0.0, 0.0, 1.0],
+                           source="sub-07_part-mag_MEGRE.nii.gz").run(cwd=str(tmp_path))
     assert "without MEDI+0's CSF term" in caplog.text and "R2*" in caplog.text
-    # it names the run's file, which puts it in that subject's report
+    # it names the run's file, which puts it in that subject's report, and the
+    # step hands it on to the Chimap's sidecar
     assert "sub-07_part-mag_MEGRE.nii.gz: total field inversion ran without" in caplog.text
+    from qsmprep.workflows.outputs import _merge_meta
+
+    warnings = result.outputs.warnings
+    assert len(warnings) == 1 and "without MEDI+0's CSF term" in warnings[0]
+    assert _merge_meta({}, {}, [], warnings) == {"InversionWarnings": warnings}
     rss = np.sqrt(np.sum(magnitude**2, axis=-1))
     assert csf_mask(rss, brain, (2.0, 2.0, 2.0))[1] is None   # RSS alone: "found"
 

@@ -425,6 +425,8 @@ class _InversionInputSpec(_MethodInputSpec):
 
 class _ChiOutputSpec(TraitedSpec):
     chi = File(exists=True, desc="susceptibility, ppm")
+    warnings = traits.List(traits.Str, desc="the warnings the method logged (e.g. a fall-back "
+                           "to another reference region), for the Chimap's sidecar")
 
 
 class _InversionOutputSpec(_ChiOutputSpec):
@@ -442,18 +444,19 @@ class Inversion(SimpleInterface):
         local, ref = _load(self.inputs.local_field)
         mask, _ = _load(self.inputs.mask, bool)
         echoes = _lazy_file(self.inputs.magnitude)   # read once, for both keywords
-        out = _execution(self.inputs).run(
+        with logged_warnings() as warnings:
+            out = _execution(self.inputs).run(
             "inversion", self.inputs.method, local, mask, _voxel_size(ref),
-            b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
-            context={"magnitude": (None if echoes is None
-                                   else Lazy(lambda: _rss(echoes.get()))),
-                     "magnitude_echoes": echoes,
-                     "echo_times_s": (list(self.inputs.echo_times_s)
-                                      if isdefined(self.inputs.echo_times_s) else None),
-                     "noise_std_ppm": _lazy_file(self.inputs.noise_std),
-                     "noise_std_absolute": self.inputs.noise_std_absolute,
-                     "source": self.inputs.source},
-        )
+                b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
+                context={"magnitude": (None if echoes is None
+                                       else Lazy(lambda: _rss(echoes.get()))),
+                         "magnitude_echoes": echoes,
+                         "echo_times_s": (list(self.inputs.echo_times_s)
+                                          if isdefined(self.inputs.echo_times_s) else None),
+                         "noise_std_ppm": _lazy_file(self.inputs.noise_std),
+                         "noise_std_absolute": self.inputs.noise_std_absolute,
+                         "source": self.inputs.source})
+        self._results["warnings"] = warnings
         if registry.gives_local_field(self.inputs.method):
             out, local = out
             self._results["local_field"] = save_like(
@@ -472,16 +475,11 @@ class _ReferenceInputSpec(_MethodInputSpec):
                         desc="the run's file, named in the method's warnings")
 
 
-class _ReferenceOutputSpec(_ChiOutputSpec):
-    warnings = traits.List(traits.Str, desc="the warnings the method logged (e.g. its "
-                           "fall-back to another reference region), for the sidecar")
-
-
 class Reference(SimpleInterface):
     """Susceptibility referencing with registry stage ``referencing``."""
 
     input_spec = _ReferenceInputSpec
-    output_spec = _ReferenceOutputSpec
+    output_spec = _ChiOutputSpec
 
     def _run_interface(self, runtime):
         chi, ref = _load(self.inputs.chi)

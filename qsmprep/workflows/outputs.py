@@ -35,15 +35,16 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
     Inputs (``inputnode``): ``chi`` (ppm), ``mask``, ``fieldmap`` (Hz),
     ``local_field`` (ppm), ``interpretation`` (how the input was read, from
     :func:`qsmprep.workflows.qsm.merge_interpretation`: added to the sidecars
-    of the Chimap and the field maps), ``chi_warnings`` (what the referencing
-    step warned about, e.g. a fall-back to another reference region: the
-    Chimap sidecar's ``ReferencingWarnings`` when there are any) and, when
-    connected, ``unwrapped`` (rad).
+    of the Chimap and the field maps), ``inversion_warnings`` and ``chi_warnings``
+    (what the inversion and the referencing step warned about, e.g. TFI's lambda
+    outside its range or a fall-back to another reference region: the Chimap
+    sidecar's ``InversionWarnings`` and ``ReferencingWarnings`` when there are
+    any) and, when connected, ``unwrapped`` (rad).
     """
     wf = Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(["chi", "mask", "fieldmap", "local_field", "unwrapped",
-                               "interpretation", "chi_warnings"]),
+                               "interpretation", "inversion_warnings", "chi_warnings"]),
         name="inputnode",
     )
     bids_dir = Path(config.execution.bids_dir)
@@ -101,14 +102,16 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
         wf.connect(inputnode, field, sink, "in_file")
         if key != "mask":  # the maps derived from the phase carry its interpretation
             merge = pe.Node(niu.Function(function=_merge_meta,
-                                         input_names=["meta", "extra", "warnings"],
+                                         input_names=["meta", "extra", "warnings",
+                                                      "inversion_warnings"],
                                          output_names=["meta"]), name=f"meta_{key}",
                             run_without_submitting=True)
             merge.inputs.meta = meta
             wf.connect([(inputnode, merge, [("interpretation", "extra")]),
                         (merge, sink, [("meta", "meta_dict")])])
             if key == "chimap":
-                wf.connect(inputnode, "chi_warnings", merge, "warnings")
+                wf.connect([(inputnode, merge, [("chi_warnings", "warnings"),
+                                                ("inversion_warnings", "inversion_warnings")])])
     return wf
 
 
@@ -126,10 +129,13 @@ def _local_field_description(workflow):
     return "Local field after background field removal"
 
 
-def _merge_meta(meta, extra, warnings=None):
+def _merge_meta(meta, extra, warnings=None, inversion_warnings=None):
     """``meta`` updated with ``extra`` (the input interpretation) and, when
-    there are any, the referencing step's ``warnings`` (``ReferencingWarnings``)."""
+    there are any, the inversion's and the referencing step's warnings
+    (``InversionWarnings``, ``ReferencingWarnings``)."""
     out = {**meta, **(extra or {})}
+    if inversion_warnings:
+        out["InversionWarnings"] = list(inversion_warnings)
     if warnings:
         out["ReferencingWarnings"] = list(warnings)
     return out

@@ -318,6 +318,7 @@ def init_qsm_wf(config, run, *, name=None):
         (load, invert, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
         (load, reference, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
         (reference, outputs, [("warnings", "inputnode.chi_warnings")]),
+        (invert, outputs, [("warnings", "inputnode.inversion_warnings")]),
         (bfr, reference, [("mask", "mask")]),
         (reference, outputs, [("chi", "inputnode.chi")]),
         (bfr, outputs, [("mask", "inputnode.mask")]),
