@@ -446,7 +446,7 @@ class Inversion(SimpleInterface):
         echoes = _lazy_file(self.inputs.magnitude)   # read once, for both keywords
         with logged_warnings() as warnings:
             out = _execution(self.inputs).run(
-            "inversion", self.inputs.method, local, mask, _voxel_size(ref),
+                "inversion", self.inputs.method, local, mask, _voxel_size(ref),
                 b0_dir=tuple(self.inputs.b0_dir), params=self.inputs.params,
                 context={"magnitude": (None if echoes is None
                                        else Lazy(lambda: _rss(echoes.get()))),
