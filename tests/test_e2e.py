@@ -84,6 +84,9 @@ def test_every_output_written_with_units_and_provenance(baseline, qsm_forward_bi
     assert meta["QSMMethods"]["bf_removal"]["Name"] == "none"
     assert meta["QSMMethods"]["inversion"]["Parameters"]["device"] == "cpu"
     assert "bids:raw:sub-1/anat/sub-1_echo-1_part-phase_MEGRE.nii" in meta["Sources"]
+    # the cylinder phantom has no ventricles: TFI says so, and the sidecar carries it
+    assert any("without MEDI+0's CSF term" in w for w in meta["InversionWarnings"])
+    assert "ReferencingWarnings" not in meta
     assert json.loads((anat / "sub-1_fieldmap.json").read_text())["Units"] == "Hz"
     local_meta = json.loads((anat / "sub-1_desc-local_fieldmap.json").read_text())
     assert local_meta["Units"] == "ppm" and "fitted" in local_meta["Description"]
