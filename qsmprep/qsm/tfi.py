@@ -178,17 +178,17 @@ def noise_scaled_lam(lam, noise_std_ppm, mask, noise_ref_ppm, factor_range=(0.12
     if n.size == 0:
         return float(lam)
     sigma = 1.0 / float(np.mean(1.0 / n))
-    factor = (float(noise_ref_ppm) / sigma) ** 2
+    wanted = (float(noise_ref_ppm) / sigma) ** 2
     low, high = factor_range
-    if not low <= factor <= high:
+    factor = min(max(wanted, low), high)
+    if factor != wanted:
         LOGGER.warning(
             "%s: the field's noise (N_std %.2g ppm) is outside the range TFI's lambda is "
             "scaled over (%.2g to %.2g ppm): lambda %g times %g, not %.3g, so the map may be "
             "%s than TFI would make it at this noise (docs/methods.md, \"Total field "
             "inversion\")", source, sigma, noise_ref_ppm / high ** 0.5,
-            noise_ref_ppm / low ** 0.5, lam, min(max(factor, low), high), factor,
-            "noisier" if factor < low else "smoother")
-    factor = min(max(factor, low), high)
+            noise_ref_ppm / low ** 0.5, lam, factor, wanted,
+            "noisier" if wanted < low else "smoother")
     LOGGER.info("%s: TFI's lambda %.0f (%.3g times %g: the field's noise %.3g ppm against "
                 "%.3g ppm)", source, lam * factor, factor, lam, sigma, noise_ref_ppm)
     return float(lam) * factor
