@@ -271,6 +271,47 @@ def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
     assert "weighted the data term" in classical.visit_desc()  # PDF and iLSQR take N_std
 
 
+def test_only_a_quality_mask_waits_for_the_unwrapping(tmp_path, synthetic_bids):
+    from qsmprep.qsm import registry
+
+    def qsm_graph(**workflow):
+        wf = init_qsmprep_wf(_config(tmp_path, synthetic_bids, **workflow),
+                             collect_data(synthetic_bids, validate=False))
+        return wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+
+    def upstream(qsm, node):
+        import networkx as nx
+
+        return {n.name for n in nx.ancestors(qsm._graph, qsm.get_node(node))}
+
+    # BET (the default) and the magnitude mask depend on the loaded images only, so
+    # Nipype can run them beside MCPC-3D-S and the unwrapping
+    for masking in ("bet", "magnitude"):
+        assert not registry.masks_from_quality(masking)
+        assert {"unwrap", "phase_offset"}.isdisjoint(upstream(qsm_graph(masking=masking),
+                                                              "mask"))
+    # the two quality masks get the unwrapping's quality map, and run for real
+    qsm = qsm_graph(masking="quality")
+    edges = {(u.name, v.name): d["connect"] for u, v, d in qsm._graph.edges(data=True)}
+    assert edges[("unwrap", "mask")] == [("quality", "quality")]
+    config = _config(tmp_path, synthetic_bids, masking="magnitude+quality", bf_removal="pdf",
+                     inversion="tkd")
+    nodes = _run_graph(init_qsmprep_wf(config, collect_data(synthetic_bids, validate=False)))
+    quality_file = nodes["unwrap"].result.outputs.quality
+    assert nodes["mask"].result.inputs["quality"] == quality_file
+    load = nodes["load"].result.outputs
+    magnitude = nb.load(load.magnitude)
+    expected = registry.run(
+        "masking", "magnitude+quality",
+        np.sqrt((magnitude.get_fdata(dtype=np.float32) ** 2).sum(-1)),
+        quality=nb.load(quality_file).get_fdata(dtype=np.float32),
+        voxel_size_mm=magnitude.header.get_zooms()[:3])
+    expected = np.asarray(expected, bool) & (nb.load(load.valid).get_fdata() > 0)
+    written = nb.load(nodes["mask"].result.outputs.mask).get_fdata() > 0
+    assert expected.any()
+    np.testing.assert_array_equal(written, expected)
+
+
 def test_user_mask_replaces_the_masking_stage_in_a_real_run(tmp_path, synthetic_bids):
     from qsmprep.cli.run import main
 

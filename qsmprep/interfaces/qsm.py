@@ -319,7 +319,7 @@ class _MaskOutputSpec(TraitedSpec):
 
 class Mask(SimpleInterface):
     """Brain mask with registry stage ``masking`` from the root-sum-of-squares
-    magnitude (and the unwrapping quality when there is one), or the
+    magnitude (and the unwrapping quality for a method that takes it), or the
     user-supplied ``mask_file``; voxels with non-finite input are always left out."""
 
     input_spec = _MaskInputSpec

@@ -27,7 +27,10 @@ Each stage has one call signature:
 ``inversion``
     ``f(local_field_ppm, mask, voxel_size_mm, *, b0_dir, **params) -> chi_ppm``
 ``masking``
-    ``f(magnitude[X,Y,Z], *, quality=None, **params) -> bool mask``
+    ``f(magnitude[X,Y,Z], *, quality=None, **params) -> bool mask``; ``quality``
+    (the unwrapping's quality map) only for a method that ``takes`` it
+    (:func:`masks_from_quality`), so that the others need not wait for the
+    unwrapping
 ``referencing``
     ``f(chi_ppm, mask, **params) -> chi_ppm``
 
@@ -312,6 +315,12 @@ def fits_background(inversion):
     """Whether the inversion ``inversion`` fits the background sources itself,
     so takes a total field (``takes`` "total_field")."""
     return "total_field" in get("inversion", inversion).takes
+
+
+def masks_from_quality(masking):
+    """Whether the masking method ``masking`` uses the unwrapping's quality map
+    (``takes`` "quality"); the workflow passes it only then."""
+    return "quality" in get("masking", masking).takes
 
 
 def gives_local_field(inversion):

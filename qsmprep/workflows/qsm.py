@@ -146,7 +146,7 @@ def init_qsm_wf(config, run, *, name=None):
     ::
 
         inputnode ─► load ─► [phase_offset (MCPC-3D-S)] ─► unwrap ─► echo_combine
-                      │                                       │ quality  │ B0, N_std (Hz)
+                      │                                       │ quality* │ B0, N_std (Hz)
                       └─ magnitude, valid ──────────────────► mask ─► phase_sign ─► total_field
                                                                │                         │
                                                                ▼                         │ ppm
@@ -156,6 +156,10 @@ def init_qsm_wf(config, run, *, name=None):
                                    ds_qsm_wf ◄─ referencing ◄─ inversion ◄─ N_std ───────┘
                             qsm_reports_wf ◄─ every map above (SVG reportlets)
                                 outputnode ◄─ chi, mask, fields, N_std, magnitude, ...
+
+    ``quality*``: only for a masking method that takes the unwrapping's quality
+    map (:func:`~qsmprep.qsm.registry.masks_from_quality`); any other mask runs
+    beside the phase steps.
 
     ``echo_combination`` is a registry stage (romeo | linear | nonlinear); every
     method gives the B0 map and its noise map N_std, which background removal
@@ -309,7 +313,6 @@ def init_qsm_wf(config, run, *, name=None):
         (sign, interpretation, [("record", "phase_sign")]),
         (interpretation, outputs, [("interpretation", "inputnode.interpretation")]),
         (load, mask, [("magnitude", "magnitude"), ("valid", "valid")]),
-        (unwrap, mask, [("quality", "quality")]),
         (total, bfr, [("total_field", "total_field"), ("noise_std", "noise_std")]),
         (total, invert, [("noise_std", "noise_std")]),
         (mask, bfr, [("mask", "mask")]),
@@ -333,6 +336,9 @@ def init_qsm_wf(config, run, *, name=None):
         (unwrap, outputnode, [("unwrapped", "unwrapped"), ("quality", "quality")]),
         (interpretation, outputnode, [("interpretation", "interpretation")]),
     ])  # fmt: skip
+    if registry.masks_from_quality(methods["masking"]) and not run.mask:
+        # only then does the mask wait for the unwrapping (BET runs beside it)
+        wf.connect(unwrap, "quality", mask, "quality")
     if config.execution.output_intermediates:
         wf.connect(unwrap, "unwrapped", outputs, "inputnode.unwrapped")
 
