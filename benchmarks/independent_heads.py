@@ -42,6 +42,8 @@ tests/test_benchmarks.py), computed with a real FFT in float32 so that a
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 from scipy import fft as sfft
@@ -240,13 +242,29 @@ def tissue_texture(t1, wm, gm, brain, model_voxel_mm, rng):
 
 
 def build_head(name, description, *, voxel_size_mm, field_strength_t, echo_times_s,
-               b0_tilt_deg, seed, peak_snr=80.0, chi_texture=True):
+               b0_tilt_deg, seed, peak_snr=80.0, chi_texture=True, anatomy="mni"):
     """Build one :class:`Head` (see the module docstring); everything is drawn
-    from ``seed``."""
-    import qsm_forward
-
+    from ``seed``. ``anatomy``: ``"mni"`` (the MNI152 model above) or
+    ``"challenge"`` (:func:`challenge_model`: the QSM Challenge 2.0 head's
+    segmentation, whose 0.64 mm grid fixes ``voxel_size_mm`` at 1.28)."""
     rng = np.random.default_rng(seed)
     h = voxel_size_mm / 2.0                  # model grid: twice as fine
+    if anatomy == "mni":
+        labels, chi, brain, brain_chi = mni_model(h, rng, chi_texture)
+    elif anatomy == "challenge":
+        labels, chi, brain, brain_chi = challenge_model(h, rng, chi_texture)
+    else:
+        raise ValueError(f"Unknown anatomy {anatomy!r}; expected 'mni' or 'challenge'")
+    return acquire(name, description, labels, chi, brain, brain_chi,
+                   voxel_size_mm=voxel_size_mm, field_strength_t=field_strength_t,
+                   echo_times_s=echo_times_s, b0_tilt_deg=b0_tilt_deg, seed=seed,
+                   peak_snr=peak_snr)
+
+
+def mni_model(h, rng, chi_texture=True):
+    """The MNI152 head on a model grid of ``h`` mm: ``(labels, chi, brain,
+    brain_chi)``, χ (ppm) of the whole head (the outside smoothed by a
+    1-voxel partial volume) and of the brain alone."""
     gm, wm, brain, t1, mni_of = _anatomy(h, rng)
     shape = brain.shape
     vox3 = (h, h, h)
@@ -314,14 +332,68 @@ def build_head(name, description, *, voxel_size_mm, field_strength_t, echo_times
     chi[labels == AIR] = 9.2
     # smooth the χ outside the brain by partial volume (a 1-voxel Gaussian) so
     # that its field is not dominated by staircase edges
-    smooth = ndimage.gaussian_filter(chi, 1.0)
-    chi = np.where(brain, chi, smooth).astype(np.float32)
+    return labels, _partial_volume_outside(chi, brain), brain, brain_chi
 
+
+def _partial_volume_outside(chi, brain):
+    """χ outside ``brain`` smoothed by a 1-voxel Gaussian (partial volume), so
+    that its field is not dominated by staircase edges."""
+    smooth = ndimage.gaussian_filter(chi, 1.0)
+    return np.where(brain, chi, smooth).astype(np.float32)
+
+
+#: the QSM Challenge 2.0 head (README of ../shared/data, or $QSMPREP_SHARED_DATA as for
+#: the tests): segmentation, brain mask and reference χ per label, on a 0.64 mm grid
+CHALLENGE_DIR = Path(os.environ.get("QSMPREP_SHARED_DATA", Path(__file__).resolve().parents[2]
+                                    / "shared" / "data")) / "challenge2-head"
+CHALLENGE_VOXEL_MM = 0.64
+
+
+def challenge_model(h, rng, chi_texture=True, source=CHALLENGE_DIR):
+    """The QSM Challenge 2.0 head (real head geometry: brain, vessels, skull,
+    sinuses, ear canals, muscle, as segmented) as a model grid of ``h`` =
+    0.64 mm: ``(labels, chi, brain, brain_chi)`` as :func:`mni_model`. χ is
+    the Challenge's reference value of each label less CSF's (0.019 ppm), so
+    CSF is the suite's zero, plus (``chi_texture``) smooth noise of 0.006 ppm
+    (2 mm) in the tissue (every brain label but CSF, blood and calcification).
+    Its labels are the suite's (the same numbering)."""
+    import nibabel as nb
+    from scipy.io import loadmat
+
+    if abs(h - CHALLENGE_VOXEL_MM) > 1e-6:
+        raise ValueError(f"The Challenge head's model grid is {CHALLENGE_VOXEL_MM} mm, so its "
+                         f"acquired voxel is {2 * CHALLENGE_VOXEL_MM} mm, not {2 * h} mm")
+    labels = np.asarray(nb.load(source / "SegmentedModel.nii.gz").dataobj).astype(np.uint8)
+    brain = np.asarray(nb.load(source / "BrainMask.nii.gz").dataobj) > 0
+    table = loadmat(source / "SusceptibilityValues.mat", squeeze_me=True)["label"]
+    ref = {i + 1: float(entry["chiref"]) for i, entry in enumerate(table)}  # label = row + 1
+    lut = np.zeros(256, np.float32)
+    for label, value in ref.items():
+        lut[label] = value - ref[CSF]
+    chi = lut[labels]
+    if chi_texture:
+        tissue = brain & ~np.isin(labels, (CSF, VEIN, CALCIFICATION))
+        chi += np.where(tissue, 0.006 * _smooth_noise(labels.shape, 2 / h, rng), 0)
+    brain_chi = np.where(brain, chi, 0).astype(np.float32)
+    return labels, _partial_volume_outside(chi, brain), brain, brain_chi
+
+
+def acquire(name, description, labels, chi, brain, brain_chi, *, voxel_size_mm,
+            field_strength_t, echo_times_s, b0_tilt_deg, seed, peak_snr=80.0):
+    """The :class:`Head` of a model (``labels``, whole-head ``chi``, ``brain``,
+    ``brain_chi`` on a grid twice as fine as ``voxel_size_mm``): qsm-forward's
+    signal with oblique B0, k-space cropped, with noise; truth on the acquired
+    grid (the module docstring)."""
+    import qsm_forward
+
+    h = voxel_size_mm / 2.0
+    shape = brain.shape
+    vox3 = (h, h, h)
     b0_dir = tilted_b0(b0_tilt_deg)
     field = dipole_field(chi, vox3, b0_dir)
     field = harmonic_shim(field, brain)
     local = dipole_field(brain_chi, vox3, b0_dir)
-    del chi, smooth
+    del chi
 
     m0 = np.zeros(shape, np.float32)
     r2s = np.zeros(shape, np.float32)

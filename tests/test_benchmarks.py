@@ -281,6 +281,33 @@ def test_harmonic_shim_removes_only_harmonic_fields():
     assert np.abs(lap[2:-2, 2:-2, 2:-2]).max() < 1e-4 * np.abs(removed).max()
 
 
+def test_challenge_head_model_has_the_challenges_values_with_csf_at_zero():
+    """The held-out head of real geometry (R28-3): the Challenge 2.0 labels with
+    their reference χ less CSF's (the suite's zero), the brain's χ zero outside
+    the brain, the air's kept where the 1-voxel partial volume does not reach,
+    and a clear error for a model grid the segmentation is not on."""
+    from _data import shared_data_dir
+    from scipy import ndimage
+
+    source = shared_data_dir() / "challenge2-head"
+    rng = np.random.default_rng(0)
+    labels, chi, brain, brain_chi = independent_heads.challenge_model(
+        0.64, rng, chi_texture=False, source=source)
+    assert labels.shape == brain.shape == chi.shape == (256, 320, 320)
+    h = independent_heads
+    assert np.all(brain_chi[brain & (labels == h.CSF)] == 0)
+    np.testing.assert_allclose(brain_chi[brain & (labels == h.WM)], -0.03 - 0.019, atol=1e-6)
+    np.testing.assert_allclose(brain_chi[brain & (labels == h.PALLIDUM)], 0.1305 - 0.019,
+                               atol=1e-6)
+    assert not brain_chi[~brain].any()
+    np.testing.assert_array_equal(chi[brain], brain_chi[brain])
+    # beyond the blur's support (a 1-voxel Gaussian truncated at 4 voxels per axis)
+    deep_air = ndimage.binary_erosion(labels == h.AIR, np.ones((3, 3, 3)), iterations=4)
+    np.testing.assert_allclose(chi[deep_air], 9.2 - 0.019, atol=1e-5)
+    with pytest.raises(ValueError, match="1.28 mm"):
+        independent_heads.challenge_model(0.5, rng, source=source)
+
+
 @pytest.mark.slow
 def test_independent_phantom_texture_spares_csf():
     """The truth's zero is CSF (water): the χ texture goes only into the
@@ -388,12 +415,12 @@ def test_independent_memory_table_reads_old_and_repeated_rows():
 
 
 def test_independent_held_out_heads_share_nothing_with_the_decision_heads():
-    """R26-0: the held-out heads are other heads (seed, voxel, field, echoes, tilt all
+    """R26-0 and R28-3: the held-out heads are other heads (seed, voxel, field, echoes, tilt all
     differ from every full-mode head's), inside #22's ranges, and run the rows the rule
     names in their own section."""
     full = [kw for _, _, kw in independent.head_specs("full")]
     held = [kw for _, _, kw in independent.head_specs("held-out")]
-    assert len(held) == 2
+    assert len(held) == 3
     for kw in held:
         assert 1.0 <= kw["voxel_size_mm"] <= 1.5 and 0 <= kw["b0_tilt_deg"] <= 25
         assert 3 <= len(kw["echo_times_s"]) <= 6
