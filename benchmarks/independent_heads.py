@@ -5,7 +5,9 @@ that ship with nilearn (no download; no network of ours was trained on them),
 deformed per head by a seeded affine, with deep-grey-matter nuclei, veins,
 bleeds and calcifications added here, and a CSF rim, skull, scalp, neck and
 air cavities (frontal and sphenoid sinuses, nasal cavity, ear canals and
-mastoid air) of seeded thickness and size around the brain.
+mastoid air) of seeded thickness and size around the brain. One held-out head
+(:func:`challenge_model`) has a real head's geometry instead: the QSM Challenge
+2.0 segmentation on its own 0.64 mm grid, with the Challenge's χ values.
 
 Acquisition: qsm-forward's head route (Jaffray et al., QSM-CI) on a model grid
 twice as fine as the acquired voxel: the field of the whole head in air, a
@@ -330,8 +332,6 @@ def mni_model(h, rng, chi_texture=True):
             sel = _ellipsoid(shape, c, [s * rng.uniform(0.8, 1.2) / h for s in semi]) & outside
             labels[sel] = AIR
     chi[labels == AIR] = 9.2
-    # smooth the χ outside the brain by partial volume (a 1-voxel Gaussian) so
-    # that its field is not dominated by staircase edges
     return labels, _partial_volume_outside(chi, brain), brain, brain_chi
 
 
