@@ -87,6 +87,14 @@ def test_every_output_written_with_units_and_provenance(baseline, qsm_forward_bi
     # the cylinder phantom has no ventricles: TFI says so, and the sidecar carries it
     assert any("without MEDI+0's CSF term" in w for w in meta["InversionWarnings"])
     assert "ReferencingWarnings" not in meta
+    # the map's values over the reference regions: mean referencing, so its whole-brain
+    # mean is 0 as written; no ventricles, so no CSF value, and the note says why
+    chi_file = nb.load(anat / "sub-1_Chimap.nii.gz").get_fdata()
+    brain = nb.load(anat / "sub-1_desc-brain_mask.nii.gz").get_fdata() > 0
+    values = meta["ReferenceValues"]
+    assert values["WholeBrainMean"] == pytest.approx(chi_file[brain].mean(), abs=1e-5)
+    assert abs(values["WholeBrainMean"]) < 1e-5 and values["Units"] == "ppm"
+    assert values["VentricularCSFMedian"] is None and values["VentricularCSFNote"]
     assert json.loads((anat / "sub-1_fieldmap.json").read_text())["Units"] == "Hz"
     local_meta = json.loads((anat / "sub-1_desc-local_fieldmap.json").read_text())
     assert local_meta["Units"] == "ppm" and "fitted" in local_meta["Description"]

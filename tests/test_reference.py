@@ -123,3 +123,49 @@ def test_reference_step_hands_its_fallback_warning_to_the_chimap_sidecar(tmp_pat
     meta = _merge_meta({"Units": "ppm"}, {"PhaseSign": 1}, warnings)
     assert meta["ReferencingWarnings"] == warnings and meta["Units"] == "ppm"
     assert "ReferencingWarnings" not in _merge_meta({"Units": "ppm"}, {}, [])
+
+
+def test_reference_values_let_a_map_move_to_the_other_reference(tmp_path):
+    """The Chimap sidecar's ``ReferenceValues``: subtracting its ventricular CSF
+    median from the whole-brain-referenced map gives ``--referencing csf``'s
+    map, and its whole-brain mean does the reverse; the real interface returns
+    them and the sidecar gets them."""
+    import nibabel as nb
+
+    from qsmprep.interfaces.qsm import Reference
+    from qsmprep.qsm.reference import reference_values
+    from qsmprep.workflows.outputs import _merge_meta
+
+    brain, ventricles, magnitude, te = csf_head(3.0)
+    rng = np.random.default_rng(1)
+    raw = (np.where(ventricles, 0.05, -0.02) + 0.3 + rng.normal(0, 0.01, brain.shape)) * brain
+    raw = raw.astype(np.float32)
+    by_mean = registry.run("referencing", "mean", raw, brain)
+    vox = (2.0, 2.0, 2.0)  # the phantom's ventricles at the size the defaults look for
+    by_csf = registry.run("referencing", "csf", raw, brain, magnitude=magnitude, echo_times_s=te,
+                          voxel_size_mm=vox)
+    values = reference_values(by_mean, brain, magnitude=magnitude, echo_times_s=te,
+                              voxel_size_mm=vox)
+    assert values["WholeBrainMean"] == pytest.approx(0.0, abs=1e-6)
+    assert values["VentricularCSFVoxels"] > 0 and values["Units"] == "ppm"
+    # the ventricles are 0.07 ppm above the rest: the CSF median sits near there
+    assert 0.04 < values["VentricularCSFMedian"] < 0.08
+    np.testing.assert_allclose((by_mean - values["VentricularCSFMedian"]) * brain, by_csf,
+                               atol=2e-6)
+    back = reference_values(by_csf, brain, magnitude=magnitude, echo_times_s=te,
+                            voxel_size_mm=vox)
+    assert back["VentricularCSFMedian"] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose((by_csf - back["WholeBrainMean"]) * brain, by_mean, atol=2e-6)
+    # without a magnitude (phase-only data) there is no CSF value, and the note says why
+    alone = reference_values(by_mean, brain)
+    assert alone["VentricularCSFMedian"] is None and "no magnitude" in alone["VentricularCSFNote"]
+
+    files = {}
+    for name, arr in (("chi", raw), ("mask", brain), ("mag", magnitude)):
+        files[name] = str(tmp_path / f"{name}.nii.gz")
+        nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), np.diag([*vox, 1.0])), files[name])
+    result = Reference(method="mean", chi=files["chi"], mask=files["mask"],
+                       magnitude=files["mag"], echo_times_s=list(te)).run(cwd=str(tmp_path))
+    assert result.outputs.reference_values == pytest.approx(values, abs=1e-6)
+    meta = _merge_meta({"Units": "ppm"}, {}, [], None, result.outputs.reference_values)
+    assert meta["ReferenceValues"] == result.outputs.reference_values

@@ -15,14 +15,8 @@ import os
 
 import nibabel as nb
 import numpy as np
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    isdefined,
-    traits,
-)
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    isdefined, traits)
 
 from ..qsm import registry
 from ..execution import DL_BYTES_PER_VOXEL, Execution, Lazy, max_voxels_for  # noqa: F401
@@ -475,24 +469,32 @@ class _ReferenceInputSpec(_MethodInputSpec):
                         desc="the run's file, named in the method's warnings")
 
 
+class _ReferenceOutputSpec(_ChiOutputSpec):
+    reference_values = traits.Dict(desc="chi's means over reference regions, for the sidecar")
+
+
 class Reference(SimpleInterface):
-    """Susceptibility referencing with registry stage ``referencing``."""
+    """Referencing with registry stage ``referencing``, and the written map's values over
+    the common reference regions (:func:`qsmprep.qsm.reference.reference_values`)."""
 
     input_spec = _ReferenceInputSpec
-    output_spec = _ChiOutputSpec
+    output_spec = _ReferenceOutputSpec
 
     def _run_interface(self, runtime):
+        from ..qsm.reference import reference_values
         chi, ref = _load(self.inputs.chi)
         mask, _ = _load(self.inputs.mask, bool)
+        magnitude, vox = _lazy_file(self.inputs.magnitude), _voxel_size(ref)
+        te = list(self.inputs.echo_times_s) if isdefined(self.inputs.echo_times_s) else None
         with logged_warnings() as warnings:
             out = _execution(self.inputs, limit_threads=False).run(
                 "referencing", self.inputs.method, chi, mask, params=self.inputs.params,
-                context={"voxel_size_mm": _voxel_size(ref),
-                         "magnitude": _lazy_file(self.inputs.magnitude),
-                         "echo_times_s": (list(self.inputs.echo_times_s)
-                                          if isdefined(self.inputs.echo_times_s) else None),
+                context={"voxel_size_mm": vox, "magnitude": magnitude, "echo_times_s": te,
                          "source": self.inputs.source})
         out = np.where(mask, out, 0)
+        self._results["reference_values"] = reference_values(
+            out, mask, magnitude=None if magnitude is None else magnitude.get(),
+            voxel_size_mm=vox, echo_times_s=te)
         self._results["warnings"] = warnings
         self._results["chi"] = save_like(out, ref, _out("chi_ref_ppm", runtime))
         return runtime

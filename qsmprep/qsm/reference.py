@@ -39,6 +39,29 @@ def reference_mean(chi_ppm, mask):
     return (chi - np.mean(chi[mask], dtype=np.float64)).astype(np.float32) * mask
 
 
+def reference_values(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0),
+                     echo_times_s=None):
+    """What ``chi_ppm`` averages to over the two regions a map is commonly
+    referenced to: the whole brain's mean (``mask``) and the median of the
+    ventricular CSF core that :func:`csf_mask` finds in ``magnitude`` with its
+    defaults (``--referencing csf``'s region; None, with the reason, where none
+    is found or no magnitude is given). Subtracting one of them from the map
+    gives it that reference, so maps referenced differently can be compared
+    (they differ by 0.005-0.016 ppm on the independent benchmark's heads,
+    docs/methods.md). Returns a dict for the Chimap sidecar (ppm)."""
+    chi, mask = _check(chi_ppm, mask)
+    out = {"WholeBrainMean": round(float(np.mean(chi[mask], dtype=np.float64)), 6),
+           "VentricularCSFMedian": None, "VentricularCSFVoxels": 0, "Units": "ppm"}
+    if magnitude is None:
+        return {**out, "VentricularCSFNote": "no magnitude image to find CSF in"}
+    csf, problem = csf_mask(magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s)
+    csf &= mask
+    if problem or not csf.any():
+        return {**out, "VentricularCSFNote": problem or "no CSF inside the brain mask"}
+    return {**out, "VentricularCSFMedian": round(float(np.median(chi[csf])), 6),
+            "VentricularCSFVoxels": int(csf.sum())}
+
+
 def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, echo_times_s=None,
              depth_mm=15.0, fraction=0.05, min_size_mm3=200.0, max_r2star_hz=10.0,
              core_voxels=2, min_core_voxels=100):

@@ -39,12 +39,14 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
     (what the inversion and the referencing step warned about, e.g. TFI's lambda
     outside its range or a fall-back to another reference region: the Chimap
     sidecar's ``InversionWarnings`` and ``ReferencingWarnings`` when there are
-    any) and, when connected, ``unwrapped`` (rad).
+    any), ``reference_values`` (the Chimap's whole-brain mean and ventricular CSF
+    median: its ``ReferenceValues``) and, when connected, ``unwrapped`` (rad).
     """
     wf = Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(["chi", "mask", "fieldmap", "local_field", "unwrapped",
-                               "interpretation", "inversion_warnings", "chi_warnings"]),
+                               "interpretation", "inversion_warnings", "chi_warnings",
+                               "reference_values"]),
         name="inputnode",
     )
     bids_dir = Path(config.execution.bids_dir)
@@ -103,7 +105,8 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
         if key != "mask":  # the maps derived from the phase carry its interpretation
             merge = pe.Node(niu.Function(function=_merge_meta,
                                          input_names=["meta", "extra", "warnings",
-                                                      "inversion_warnings"],
+                                                      "inversion_warnings",
+                                                      "reference_values"],
                                          output_names=["meta"]), name=f"meta_{key}",
                             run_without_submitting=True)
             merge.inputs.meta = meta
@@ -111,7 +114,8 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
                         (merge, sink, [("meta", "meta_dict")])])
             if key == "chimap":
                 wf.connect([(inputnode, merge, [("chi_warnings", "warnings"),
-                                                ("inversion_warnings", "inversion_warnings")])])
+                                                ("inversion_warnings", "inversion_warnings"),
+                                                ("reference_values", "reference_values")])])
     return wf
 
 
@@ -129,11 +133,14 @@ def _local_field_description(workflow):
     return "Local field after background field removal"
 
 
-def _merge_meta(meta, extra, warnings=None, inversion_warnings=None):
+def _merge_meta(meta, extra, warnings=None, inversion_warnings=None, reference_values=None):
     """``meta`` updated with ``extra`` (the input interpretation) and, when
     there are any, the inversion's and the referencing step's warnings
-    (``InversionWarnings``, ``ReferencingWarnings``)."""
+    (``InversionWarnings``, ``ReferencingWarnings``) and the map's values over
+    the reference regions (``ReferenceValues``)."""
     out = {**meta, **(extra or {})}
+    if reference_values:
+        out["ReferenceValues"] = dict(reference_values)
     if inversion_warnings:
         out["InversionWarnings"] = list(inversion_warnings)
     if warnings:
