@@ -49,8 +49,11 @@ def reference_values(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 
     gives it that reference, so maps referenced differently can be compared
     (they differ by 0.005-0.016 ppm on the independent benchmark's heads,
     docs/methods.md). Returns a dict for the Chimap sidecar (ppm)."""
+    def ppm(value):   # 6 decimals; + 0.0 writes a rounded -0.0 as 0.0
+        return round(float(value), 6) + 0.0
+
     chi, mask = _check(chi_ppm, mask)
-    out = {"WholeBrainMean": round(float(np.mean(chi[mask], dtype=np.float64)), 6),
+    out = {"WholeBrainMean": ppm(np.mean(chi[mask], dtype=np.float64)),
            "VentricularCSFMedian": None, "VentricularCSFVoxels": 0, "Units": "ppm"}
     if magnitude is None:
         return {**out, "VentricularCSFNote": "no magnitude image to find CSF in"}
@@ -58,7 +61,7 @@ def reference_values(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 
     csf &= mask
     if problem or not csf.any():
         return {**out, "VentricularCSFNote": problem or "no CSF inside the brain mask"}
-    return {**out, "VentricularCSFMedian": round(float(np.median(chi[csf])), 6),
+    return {**out, "VentricularCSFMedian": ppm(np.median(chi[csf])),
             "VentricularCSFVoxels": int(csf.sum())}
 
 
