@@ -58,9 +58,8 @@ def reference_values(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 
     if magnitude is None:
         return {**out, "VentricularCSFNote": "no magnitude image to find CSF in"}
     csf, problem = csf_mask(magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s)
-    csf &= mask
-    if problem or not csf.any():
-        return {**out, "VentricularCSFNote": problem or "no CSF inside the brain mask"}
+    if problem:   # else csf is a non-empty part of the mask (its deep voxels)
+        return {**out, "VentricularCSFNote": problem}
     return {**out, "VentricularCSFMedian": ppm(np.median(chi[csf])),
             "VentricularCSFVoxels": int(csf.sum())}
 
