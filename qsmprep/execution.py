@@ -17,7 +17,7 @@ threads
 context keywords
     values a method may take besides its stage signature
     (:data:`CONTEXT_KEYWORDS`: voxel size, device, max_voxels, magnitude,
-    N_std, echo times, the run's file). A method receives one only when its
+    N_std, echo times, the run's CSF core, the run's file). A method receives one only when its
     signature has a keyword of that name and the user did not set it as a parameter
     (:func:`passed_keywords`); a value read from a file is wrapped in
     :class:`Lazy` and only read when it is passed.
@@ -59,6 +59,8 @@ CONTEXT_KEYWORDS = {
     "noise_std_absolute": "whether N_std has an absolute level (False: one echo, relative "
                           "values only)",
     "echo_times_s": "echo times of the magnitude's echoes (s)",
+    "csf": "the run's ventricular CSF core (found once for the run: the csf_core node)",
+    "csf_region": "the same as (core, problem), qsmprep.qsm.reference.csf_mask's return",
     "source": "the run's input file, named in the method's warnings",
 }
 

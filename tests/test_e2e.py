@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 RUN_FILES = ("sub-1_Chimap.nii.gz", "sub-1_Chimap.json", "sub-1_desc-brain_mask.nii.gz",
              "sub-1_fieldmap.nii.gz", "sub-1_fieldmap.json", "sub-1_desc-local_fieldmap.nii.gz",
-             "sub-1_desc-local_fieldmap.json", "sub-1_part-phase_desc-unwrapped_MEGRE.nii.gz")
+             "sub-1_desc-local_fieldmap.json", "sub-1_label-CSF_desc-ventricles_mask.nii.gz",
+             "sub-1_part-phase_desc-unwrapped_MEGRE.nii.gz")
 QSM_WF = Path("qsmprep_wf") / "sub_1_wf" / "qsm_MEGRE_wf"
 
 
@@ -68,7 +69,8 @@ def linear_plugin(tmp_path_factory):
 def test_every_output_written_with_units_and_provenance(baseline, qsm_forward_bids):
     anat = baseline / "sub-1" / "anat"
     assert sorted(p.name for p in anat.iterdir()) == sorted(
-        RUN_FILES + ("sub-1_desc-brain_mask.json", "sub-1_part-phase_desc-unwrapped_MEGRE.json"))
+        RUN_FILES + ("sub-1_desc-brain_mask.json", "sub-1_label-CSF_desc-ventricles_mask.json",
+                     "sub-1_part-phase_desc-unwrapped_MEGRE.json"))
     desc = json.loads((baseline / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Version"]
     assert desc["SourceDatasets"][0]["URL"] == qsm_forward_bids.absolute().as_uri()
@@ -95,6 +97,10 @@ def test_every_output_written_with_units_and_provenance(baseline, qsm_forward_bi
     assert values["WholeBrainMean"] == pytest.approx(chi_file[brain].mean(), abs=1e-5)
     assert abs(values["WholeBrainMean"]) < 1e-5 and values["Units"] == "ppm"
     assert values["VentricularCSFMedian"] is None and values["VentricularCSFNote"]
+    # the CSF core written beside it (the voxels TFI's term and the CSF value take) is empty
+    assert not nb.load(anat / "sub-1_label-CSF_desc-ventricles_mask.nii.gz").get_fdata().any()
+    csf_meta = json.loads((anat / "sub-1_label-CSF_desc-ventricles_mask.json").read_text())
+    assert csf_meta["Type"] == "CSF" and "VentricularCSFNote" in csf_meta["Description"]
     assert json.loads((anat / "sub-1_fieldmap.json").read_text())["Units"] == "Hz"
     local_meta = json.loads((anat / "sub-1_desc-local_fieldmap.json").read_text())
     assert local_meta["Units"] == "ppm" and "fitted" in local_meta["Description"]

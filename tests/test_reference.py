@@ -104,7 +104,7 @@ def test_reference_step_hands_its_fallback_warning_to_the_chimap_sidecar(tmp_pat
     the method warned about, and the Chimap sidecar gets it."""
     import nibabel as nb
 
-    from qsmprep.interfaces.qsm import Reference
+    from qsmprep.interfaces.reference import Reference
     from qsmprep.workflows.outputs import _merge_meta
 
     brain, ventricles, magnitude, te = csf_head(20.0)
@@ -128,13 +128,15 @@ def test_reference_step_hands_its_fallback_warning_to_the_chimap_sidecar(tmp_pat
 def test_reference_values_let_a_map_move_to_the_other_reference(tmp_path):
     """The Chimap sidecar's ``ReferenceValues``: subtracting its ventricular CSF
     median from the whole-brain-referenced map gives ``--referencing csf``'s
-    map, and its whole-brain mean does the reverse; the real interface returns
-    them and the sidecar gets them."""
+    map, and its whole-brain mean does the reverse; the real interfaces (the
+    run's one CSF search, CSFCore, handed to Reference) give the same values,
+    with ``--referencing csf``'s own settings, and the sidecar gets them."""
     import nibabel as nb
 
-    from qsmprep.interfaces.qsm import Reference
-    from qsmprep.qsm.reference import reference_values
+    from qsmprep.interfaces.reference import CSFCore, Reference
+    from qsmprep.qsm.reference import csf_mask, reference_values
     from qsmprep.workflows.outputs import _merge_meta
+    from qsmprep.workflows.qsm import csf_search_params
 
     brain, ventricles, magnitude, te = csf_head(3.0)
     rng = np.random.default_rng(1)
@@ -144,29 +146,50 @@ def test_reference_values_let_a_map_move_to_the_other_reference(tmp_path):
     vox = (2.0, 2.0, 2.0)  # the phantom's ventricles at the size the defaults look for
     by_csf = registry.run("referencing", "csf", raw, brain, magnitude=magnitude, echo_times_s=te,
                           voxel_size_mm=vox)
-    values = reference_values(by_mean, brain, magnitude=magnitude, echo_times_s=te,
-                              voxel_size_mm=vox)
+    region = csf_mask(magnitude, brain, vox, echo_times_s=te)
+    values = reference_values(by_mean, brain, region)
     assert values["WholeBrainMean"] == pytest.approx(0.0, abs=1e-6)
     assert str(values["WholeBrainMean"]) != "-0.0"    # a rounded -1e-9 is written as 0.0
-    assert values["VentricularCSFVoxels"] > 0 and values["Units"] == "ppm"
+    assert values["VentricularCSFVoxels"] == region[0].sum() > 0 and values["Units"] == "ppm"
     # the ventricles are 0.07 ppm above the rest: the CSF median sits near there
     assert 0.04 < values["VentricularCSFMedian"] < 0.08
     np.testing.assert_allclose((by_mean - values["VentricularCSFMedian"]) * brain, by_csf,
                                atol=2e-6)
-    back = reference_values(by_csf, brain, magnitude=magnitude, echo_times_s=te,
-                            voxel_size_mm=vox)
+    back = reference_values(by_csf, brain, region)
     assert back["VentricularCSFMedian"] == pytest.approx(0.0, abs=1e-6)
     np.testing.assert_allclose((by_csf - back["WholeBrainMean"]) * brain, by_mean, atol=2e-6)
     # without a magnitude (phase-only data) there is no CSF value, and the note says why
     alone = reference_values(by_mean, brain)
     assert alone["VentricularCSFMedian"] is None and "no magnitude" in alone["VentricularCSFNote"]
+    flat = reference_values(by_mean, brain, csf_mask(np.ones_like(magnitude), brain, vox))
+    assert flat["VentricularCSFMedian"] is None and "no contrast" in flat["VentricularCSFNote"]
 
     files = {}
     for name, arr in (("chi", raw), ("mask", brain), ("mag", magnitude)):
         files[name] = str(tmp_path / f"{name}.nii.gz")
         nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), np.diag([*vox, 1.0])), files[name])
+    core = CSFCore(magnitude=files["mag"], mask=files["mask"],
+                   echo_times_s=list(te)).run(cwd=str(tmp_path)).outputs
+    assert core.csf_note == ""
+    np.testing.assert_array_equal(np.asanyarray(nb.load(core.csf).dataobj) > 0, region[0])
     result = Reference(method="mean", chi=files["chi"], mask=files["mask"],
-                       magnitude=files["mag"], echo_times_s=list(te)).run(cwd=str(tmp_path))
+                       magnitude=files["mag"], echo_times_s=list(te), csf=core.csf,
+                       csf_note=core.csf_note).run(cwd=str(tmp_path))
     assert result.outputs.reference_values == pytest.approx(values, abs=1e-6)
     meta = _merge_meta({"Units": "ppm"}, {}, [], None, result.outputs.reference_values)
     assert meta["ReferenceValues"] == result.outputs.reference_values
+    # a --referencing csf run with its own settings: the one search uses them, so the
+    # written map's CSF median is 0 and the sidecar says so
+    settings = {"depth_mm": 6.0, "core_voxels": 1}
+    params = csf_search_params("csf", {**settings, "source": "x"})
+    assert params == settings
+    core = CSFCore(magnitude=files["mag"], mask=files["mask"], echo_times_s=list(te),
+                   params=params).run(cwd=str(tmp_path)).outputs
+    result = Reference(method="csf", params=settings, chi=files["chi"], mask=files["mask"],
+                       magnitude=files["mag"], echo_times_s=list(te), csf=core.csf,
+                       csf_note=core.csf_note).run(cwd=str(tmp_path))
+    own = result.outputs.reference_values
+    assert own["VentricularCSFMedian"] == pytest.approx(0.0, abs=1e-6)
+    assert own["VentricularCSFVoxels"] == csf_mask(magnitude, brain, vox, echo_times_s=te,
+                                                   **settings)[0].sum() != region[0].sum()
+    assert csf_search_params("mean", settings) == {}

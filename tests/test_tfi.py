@@ -308,6 +308,54 @@ def test_inversion_step_gives_tfi_every_echo_and_the_echo_times(tmp_path, caplog
     assert csf_mask(rss, brain, (2.0, 2.0, 2.0))[1] is None   # RSS alone: "found"
 
 
+def test_tfi_takes_the_runs_csf_core_found_once(tmp_path, caplog):
+    """The workflow finds the run's CSF core once (CSFCore) and hands it to TFI:
+    the map is bit-identical to TFI finding it itself, through the real
+    Inversion interface too; a core that was not found (with its reason) gives
+    the map without the CSF term and a warning that says why."""
+    import nibabel as nb
+
+    from qsmprep.interfaces.qsm import Inversion
+    from qsmprep.interfaces.reference import CSFCore
+    from qsmprep.qsm.reference import csf_mask
+
+    from _qsm_phantom import csf_head
+
+    brain, ventricles, magnitude, te = csf_head(3.0)
+    vox = (2.0, 2.0, 2.0)
+    chi = np.where(ventricles, 0.0, np.where(brain, 0.05, 0.0)).astype(np.float32)
+    field = dipole_convolve(chi, vox, (0.0, 0.0, 1.0)) * brain
+    quick = {"max_outer": 2, "cg_iter": 5, "misfit_step": 0.0, "coarse_steps": 0}
+    rss = np.sqrt(np.sum(magnitude**2, axis=-1))   # what the Inversion step gives for edges
+    own, _ = tfi(field, brain, vox, b0_dir=(0, 0, 1), magnitude=rss,
+                 magnitude_echoes=magnitude, echo_times_s=te, **quick)
+    region = csf_mask(magnitude, brain, vox, echo_times_s=te)
+    assert region[1] is None and region[0].any()
+    given, _ = tfi(field, brain, vox, b0_dir=(0, 0, 1), magnitude=rss,
+                   csf_region=region, **quick)
+    np.testing.assert_array_equal(given, own)
+    without, _ = tfi(field, brain, vox, b0_dir=(0, 0, 1), magnitude=rss,
+                     csf_lam=0.0, **quick)
+    assert np.abs(without - own).max() > 1e-4          # the term changes the map
+    with caplog.at_level("WARNING", logger="qsmprep"):
+        none, _ = tfi(field, brain, vox, b0_dir=(0, 0, 1), magnitude=rss,
+                      csf_region=(np.zeros_like(brain), "no ventricles in view"), **quick)
+    np.testing.assert_array_equal(none, without)
+    assert "without MEDI+0's CSF term: no ventricles in view" in caplog.text
+
+    files = {}
+    for name, arr in (("field", field), ("mask", brain), ("mag", magnitude)):
+        files[name] = str(tmp_path / f"{name}.nii.gz")
+        nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), np.diag([*vox, 1.0])), files[name])
+    core = CSFCore(magnitude=files["mag"], mask=files["mask"],
+                   echo_times_s=list(te)).run(cwd=str(tmp_path)).outputs
+    step = Inversion(method="tfi", params=quick, num_threads=torch.get_num_threads(),
+                     local_field=files["field"], mask=files["mask"],
+                     magnitude=files["mag"], echo_times_s=list(te), b0_dir=[0.0, 0.0, 1.0],
+                     csf=core.csf, csf_note=core.csf_note).run(cwd=str(tmp_path))
+    np.testing.assert_array_equal(np.asanyarray(nb.load(step.outputs.chi).dataobj), own)
+
+
 def test_lambda_follows_the_noise_level_of_the_field(caplog):
     """``noise_scaled_lam``: lam (ref / sigma)^2 with sigma the harmonic mean of
     N_std in the mask (the level the data weights are divided by), clipped to

@@ -271,6 +271,33 @@ def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
     assert "weighted the data term" in classical.visit_desc()  # PDF and iLSQR take N_std
 
 
+def test_the_csf_core_is_found_once_per_run(tmp_path, synthetic_bids):
+    """One node finds the run's ventricular CSF core, in bf_removal's mask (the
+    mask TFI and the referencing get), and hands it to both: TFI's CSF term,
+    ``--referencing csf`` and the Chimap's ReferenceValues use the same voxels,
+    searched for once. It searches with ``--referencing csf``'s settings when
+    that is the method, so the CSF median of such a map is 0."""
+    from qsmprep.interfaces.reference import CSFCore
+
+    def qsm_graph(config):
+        wf = init_qsmprep_wf(config, collect_data(synthetic_bids, validate=False))
+        return wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+
+    qsm = qsm_graph(_config(tmp_path, synthetic_bids))
+    searches = [n for n in qsm._graph.nodes
+                if isinstance(getattr(n, "interface", None), CSFCore)]
+    assert [n.name for n in searches] == ["csf_core"]
+    edges = {(u.name, v.name): d["connect"] for u, v, d in qsm._graph.edges(data=True)}
+    for step in ("inversion", "referencing"):
+        assert edges[("csf_core", step)] == [("csf", "csf"), ("csf_note", "csf_note")]
+    assert edges[("bf_removal", "csf_core")] == [("mask", "mask")]
+    assert qsm.get_node("csf_core").inputs.params == {}
+    config = _config(tmp_path, synthetic_bids, referencing="csf")
+    config.workflow.params["referencing"] = {"depth_mm": 8.0, "core_voxels": 1}
+    assert qsm_graph(config).get_node("csf_core").inputs.params == {"depth_mm": 8.0,
+                                                                    "core_voxels": 1}
+
+
 def test_only_a_quality_mask_waits_for_the_unwrapping(tmp_path, synthetic_bids):
     from qsmprep.qsm import registry
 

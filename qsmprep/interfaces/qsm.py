@@ -413,6 +413,9 @@ class _InversionInputSpec(_MethodInputSpec):
     noise_std_absolute = traits.Bool(False, usedefault=True, desc="N_std's level is known")
     echo_times_s = traits.List(traits.Float, desc="echo times (s) of the magnitude's echoes, "
                                "for methods that find the CSF in it (TFI)")
+    csf = File(exists=True, desc="the run's ventricular CSF core (CSFCore), for methods "
+               "that take it (TFI's CSF term)")
+    csf_note = traits.Str(desc="why ``csf`` is empty (CSFCore); '' when CSF was found")
     source = traits.Str("this run", usedefault=True,
                         desc="the run's file, named in the method's warnings")
 
@@ -449,6 +452,7 @@ class Inversion(SimpleInterface):
                                           if isdefined(self.inputs.echo_times_s) else None),
                          "noise_std_ppm": _lazy_file(self.inputs.noise_std),
                          "noise_std_absolute": self.inputs.noise_std_absolute,
+                         "csf_region": _csf_region(self.inputs),
                          "source": self.inputs.source})
         self._results["warnings"] = warnings
         if registry.gives_local_field(self.inputs.method):
@@ -459,42 +463,11 @@ class Inversion(SimpleInterface):
         return runtime
 
 
-class _ReferenceInputSpec(_MethodInputSpec):
-    chi = File(exists=True, mandatory=True, desc="ppm")
-    mask = File(exists=True, mandatory=True)
-    magnitude = File(exists=True, desc="(X, Y, Z, E) magnitude, for methods that find "
-                     "the CSF in it")
-    echo_times_s = traits.List(traits.Float, desc="echo times (s) of the magnitude's echoes")
-    source = traits.Str("this run", usedefault=True,
-                        desc="the run's file, named in the method's warnings")
-
-
-class _ReferenceOutputSpec(_ChiOutputSpec):
-    reference_values = traits.Dict(desc="chi's means over reference regions, for the sidecar")
-
-
-class Reference(SimpleInterface):
-    """Referencing with registry stage ``referencing``, and the written map's values over
-    the common reference regions (:func:`qsmprep.qsm.reference.reference_values`)."""
-
-    input_spec = _ReferenceInputSpec
-    output_spec = _ReferenceOutputSpec
-
-    def _run_interface(self, runtime):
-        from ..qsm.reference import reference_values
-        chi, ref = _load(self.inputs.chi)
-        mask, _ = _load(self.inputs.mask, bool)
-        magnitude, vox = _lazy_file(self.inputs.magnitude), _voxel_size(ref)
-        te = list(self.inputs.echo_times_s) if isdefined(self.inputs.echo_times_s) else None
-        with logged_warnings() as warnings:
-            out = _execution(self.inputs, limit_threads=False).run(
-                "referencing", self.inputs.method, chi, mask, params=self.inputs.params,
-                context={"voxel_size_mm": vox, "magnitude": magnitude, "echo_times_s": te,
-                         "source": self.inputs.source})
-        out = np.where(mask, out, 0)
-        self._results["reference_values"] = reference_values(
-            out, mask, magnitude=None if magnitude is None else magnitude.get(),
-            voxel_size_mm=vox, echo_times_s=te)
-        self._results["warnings"] = warnings
-        self._results["chi"] = save_like(out, ref, _out("chi_ref_ppm", runtime))
-        return runtime
+def _csf_region(inputs):
+    """A :class:`~qsmprep.execution.Lazy` of the CSFCore node's ``(core, problem)``
+    (the return of :func:`qsmprep.qsm.reference.csf_mask`), or None when the
+    interface was not given one."""
+    if not isdefined(inputs.csf):
+        return None
+    note = inputs.csf_note if isdefined(inputs.csf_note) else ""
+    return Lazy(lambda: (_load(inputs.csf, bool)[0], note or None))

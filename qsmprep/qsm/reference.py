@@ -39,29 +39,27 @@ def reference_mean(chi_ppm, mask):
     return (chi - np.mean(chi[mask], dtype=np.float64)).astype(np.float32) * mask
 
 
-def reference_values(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0),
-                     echo_times_s=None):
+def reference_values(chi_ppm, mask, csf_region=None):
     """What ``chi_ppm`` averages to over the two regions a map is commonly
-    referenced to: the whole brain's mean (``mask``) and the median of the
-    ventricular CSF core that :func:`csf_mask` finds in ``magnitude`` with its
-    defaults (``--referencing csf``'s region; None, with the reason, where none
-    is found or no magnitude is given). Subtracting one of them from the map
-    gives it that reference, so maps referenced differently can be compared
-    (they differ by 0.005-0.016 ppm on the independent benchmark's heads,
-    docs/methods.md). Returns a dict for the Chimap sidecar (ppm)."""
+    referenced to: the whole brain's mean (``mask``) and the median over the
+    ventricular CSF core, ``csf_region`` = :func:`csf_mask`'s ``(core,
+    problem)`` (the region ``--referencing csf`` takes; None where there was no
+    magnitude to find it in). Subtracting one of them from the map gives it
+    that reference, so maps referenced differently can be compared (they differ
+    by 0.005-0.016 ppm on the independent benchmark's heads, docs/methods.md).
+    Returns a dict for the Chimap sidecar (ppm; ``VentricularCSFNote`` says why
+    there is no CSF value)."""
     def ppm(value):   # 6 decimals; + 0.0 writes a rounded -0.0 as 0.0
         return round(float(value), 6) + 0.0
 
     chi, mask = _check(chi_ppm, mask)
     out = {"WholeBrainMean": ppm(np.mean(chi[mask], dtype=np.float64)),
            "VentricularCSFMedian": None, "VentricularCSFVoxels": 0, "Units": "ppm"}
-    if magnitude is None:
-        return {**out, "VentricularCSFNote": "no magnitude image to find CSF in"}
-    csf, problem = csf_mask(magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s)
+    csf, problem = csf_region or (None, "no magnitude image to find CSF in")
     if problem:   # else csf is a non-empty part of the mask (its deep voxels)
         return {**out, "VentricularCSFNote": problem}
     return {**out, "VentricularCSFMedian": ppm(np.median(chi[csf])),
-            "VentricularCSFVoxels": int(csf.sum())}
+            "VentricularCSFVoxels": int(np.count_nonzero(csf))}
 
 
 def csf_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), *, echo_times_s=None,

@@ -66,7 +66,7 @@ STAGE_INPUTS = {
     "echo_combination": ("unwrapped_rad", "magnitude", "echo_times_s"),
     "bf_removal": ("total_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std_ppm"),
     "inversion": ("local_field_ppm", "mask", "voxel_size_mm", "b0_dir", "noise_std_ppm",
-                  "magnitude", "magnitude_echoes", "echo_times_s", "source"),
+                  "magnitude", "magnitude_echoes", "echo_times_s", "csf_region", "source"),
     "masking": ("magnitude", "quality", "voxel_size_mm"),
     "referencing": ("chi_ppm", "mask", "magnitude", "voxel_size_mm", "echo_times_s", "csf",
                     "source"),

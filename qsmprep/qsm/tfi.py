@@ -90,7 +90,7 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
         coarse_cg_iter=200, coarse_max_mm=2.5,
         steps_after_coarse=3, tol=1e-2, pad_factor=1.1, misfit_step=0.5, misfit_lam=1e-2,
         csf_lam=10000.0, noise_ref_ppm=1.2e-3, lam_factor_range=(0.125, 8.0),
-        noise_std_absolute=True, source="this run", device="cpu"):
+        noise_std_absolute=True, csf_region=None, source="this run", device="cpu"):
     """Preconditioned total field inversion (Liu et al. 2017), see the module
     docstring. ``total_field_ppm`` is the total (or a local) field in ppm,
     ``noise_std_ppm`` its N_std (ppm), ``magnitude`` the (multi-echo) magnitude for
@@ -108,10 +108,13 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     coarse CG iteration costs a ninth of an acquired one, and on the independent
     heads this was as accurate in half the time (docs/methods.md, "Total field
     inversion").
-    ``csf_lam`` (0: off) weighs MEDI+0's CSF term over the CSF found in
-    ``magnitude_echoes`` (X, Y, Z, E; with ``echo_times_s`` its R2* is checked),
-    else in ``magnitude`` (:func:`zero_reference_region`); ``source`` (the run's
-    file) is named in the warning when none is found.
+    ``csf_lam`` (0: off) weighs MEDI+0's CSF term over ``csf_region``, the
+    ventricular CSF core as :func:`qsmprep.qsm.reference.csf_mask` returns it,
+    ``(core, problem)``, when the caller found it (the workflow finds it once
+    for a run), else over the CSF found in ``magnitude_echoes`` (X, Y, Z, E;
+    with ``echo_times_s`` its R2* is checked), else in ``magnitude``
+    (:func:`zero_reference_region`); ``source`` (the run's file) is named in
+    the warning when there is none.
     ``lam`` is for a field whose noise is ``noise_ref_ppm`` (ppm; 0: ``lam`` as
     given) and is scaled to this field's noise by :func:`noise_scaled_lam`
     (``lam_factor_range``) when ``noise_std_absolute`` (N_std has an absolute
@@ -134,7 +137,8 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     else:
         edges = gradient_mask(magnitude, mask, edge_fraction)
     csf = zero_reference_region(magnitude if magnitude_echoes is None else magnitude_echoes,
-                                mask, voxel_size_mm, echo_times_s, source) if csf_lam else None
+                                mask, voxel_size_mm, echo_times_s, source,
+                                csf_region) if csf_lam else None
     zero_ref = None if csf is None else box.pad(csf)
     fine = _Problem(box.pad(mask), box.pad(np.where(mask, field, 0)), box.pad(w) ** 2,
                     np.stack([box.pad(e) for e in edges]), voxel_size_mm, b0_dir, lam,
@@ -195,12 +199,15 @@ def noise_scaled_lam(lam, noise_std_ppm, mask, noise_ref_ppm, factor_range=(0.12
 
 
 def zero_reference_region(magnitude, mask, voxel_size_mm, echo_times_s=None,
-                          source="this run"):
+                          source="this run", csf_region=None):
     """The ventricular CSF core of :func:`qsmprep.qsm.reference.csf_mask` (the voxels
-    ``--referencing csf`` takes its median over) for MEDI+0's CSF term, or None,
-    with a warning naming ``source`` and saying why, when there is no magnitude
-    or no CSF in it."""
-    if magnitude is None:
+    ``--referencing csf`` takes its median over) for MEDI+0's term: from
+    ``csf_region`` (``csf_mask``'s ``(core, problem)``) when given, else found
+    in ``magnitude``; None, with a warning naming ``source`` and saying why,
+    when there is no magnitude or no CSF in it."""
+    if csf_region is not None:
+        csf, problem = csf_region
+    elif magnitude is None:
         problem = "no magnitude image was given"
     else:
         csf, problem = csf_mask(magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s)

@@ -4,6 +4,7 @@ Per run (see docs/outputs.md)::
 
     sub-<s>[_ses-<s>][_acq-<a>][_rec-<r>][_run-<n>]_Chimap.nii.gz          chi, ppm
     ..._desc-brain_mask.nii.gz                                           mask of the Chimap
+    ..._label-CSF_desc-ventricles_mask.nii.gz                            the CSF core found
     ..._fieldmap.nii.gz                                                  B0, Hz
     ..._desc-local_fieldmap.nii.gz                                       local field, ppm
     ..._part-phase_desc-unwrapped_MEGRE.nii.gz  (--output-intermediates) rad
@@ -40,13 +41,14 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
     outside its range or a fall-back to another reference region: the Chimap
     sidecar's ``InversionWarnings`` and ``ReferencingWarnings`` when there are
     any), ``reference_values`` (the Chimap's whole-brain mean and ventricular CSF
-    median: its ``ReferenceValues``) and, when connected, ``unwrapped`` (rad).
+    median: its ``ReferenceValues``), ``csf`` (the run's ventricular CSF core,
+    empty where none was found) and, when connected, ``unwrapped`` (rad).
     """
     wf = Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(["chi", "mask", "fieldmap", "local_field", "unwrapped",
                                "interpretation", "inversion_warnings", "chi_warnings",
-                               "reference_values"]),
+                               "reference_values", "csf"]),
         name="inputnode",
     )
     bids_dir = Path(config.execution.bids_dir)
@@ -72,6 +74,14 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
         "mask": ("mask", {"suffix": "mask", "desc": "brain"},
                  {"Type": "Brain", "Description": "Voxels where the local field and the "
                   "Chimap are defined", "Sources": common["Sources"]}),
+        "csf": ("csf", {"suffix": "mask", "label": "CSF", "desc": "ventricles"},
+                {"Type": "CSF", "Description": "The ventricular CSF core found in the "
+                 "magnitude (the brightest deep voxels of the last echo, with CSF's R2*, two "
+                 "voxels in from their edge): the voxels of the Chimap sidecar's "
+                 "ReferenceValues.VentricularCSFMedian, of --referencing csf and of total "
+                 "field inversion's CSF term. Empty where none was found "
+                 "(ReferenceValues.VentricularCSFNote says why)",
+                 "Sources": common["Sources"]}),
         "fieldmap": ("fieldmap", {"suffix": "fieldmap"},
                      {**common, "Units": "Hz", "Description": "B0 field map (echo "
                       "combination of the unwrapped phase)"}),
@@ -102,7 +112,7 @@ def init_qsm_derivatives_wf(config, run, *, methods, name="ds_qsm_wf"):
             run_without_submitting=True,
         )
         wf.connect(inputnode, field, sink, "in_file")
-        if key != "mask":  # the maps derived from the phase carry its interpretation
+        if key not in ("mask", "csf"):  # the maps from the phase carry its interpretation
             merge = pe.Node(niu.Function(function=_merge_meta,
                                          input_names=["meta", "extra", "warnings",
                                                       "inversion_warnings",

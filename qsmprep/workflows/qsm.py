@@ -26,10 +26,10 @@ from ..interfaces.qsm import (
     Mask,
     PhaseOffset,
     PhaseSign,
-    Reference,
     TotalField,
     Unwrap,
 )
+from ..interfaces.reference import CSFCore, Reference
 from ..qsm import registry
 from ..qsm.echo import noise_level_known
 from .outputs import init_qsm_derivatives_wf
@@ -157,6 +157,10 @@ def init_qsm_wf(config, run, *, name=None):
                             qsm_reports_wf ◄─ every map above (SVG reportlets)
                                 outputnode ◄─ chi, mask, fields, N_std, magnitude, ...
 
+    ``csf_core`` (not drawn) finds the run's ventricular CSF core once, in the
+    magnitude within bf_removal's mask: inversion (TFI's CSF term) and
+    referencing (``--referencing csf``, the Chimap's ``ReferenceValues``) take it.
+
     ``quality*``: only for a masking method that takes the unwrapping's quality
     map (:func:`~qsmprep.qsm.registry.masks_from_quality`); any other mask runs
     beside the phase steps.
@@ -272,6 +276,9 @@ def init_qsm_wf(config, run, *, name=None):
     invert.inputs.noise_std_absolute = noise_level_known(methods["echo_combination"],
                                                          len(run.echo_times_s))
     reference = stage_node(Reference, "referencing", "referencing", heavy=False)
+    csf_core = pe.Node(CSFCore(params=csf_search_params(methods["referencing"],
+                                                        params["referencing"])),
+                       name="csf_core")
     reference.inputs.source = str(run.magnitude[0] if run.magnitude else run.phase[0])
     invert.inputs.source = reference.inputs.source
     # the local field written and shown: the background removal's, or, when that
@@ -320,6 +327,11 @@ def init_qsm_wf(config, run, *, name=None):
         (invert, reference, [("chi", "chi")]),
         (load, invert, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
         (load, reference, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
+        (load, csf_core, [("magnitude", "magnitude"), ("echo_times_s", "echo_times_s")]),
+        (bfr, csf_core, [("mask", "mask")]),
+        (csf_core, invert, [("csf", "csf"), ("csf_note", "csf_note")]),
+        (csf_core, reference, [("csf", "csf"), ("csf_note", "csf_note")]),
+        (csf_core, outputs, [("csf", "inputnode.csf")]),
         (reference, outputs, [("warnings", "inputnode.chi_warnings"),
                               ("reference_values", "inputnode.reference_values")]),
         (invert, outputs, [("warnings", "inputnode.inversion_warnings")]),
@@ -366,6 +378,20 @@ def init_qsm_wf(config, run, *, name=None):
         (reference, reports, [("chi", "inputnode.chi")]),
     ])  # fmt: skip
     return wf
+
+
+def csf_search_params(referencing, params):
+    """The keywords of :func:`qsmprep.qsm.reference.csf_mask` for the run's one
+    CSF search (the ``csf_core`` node, whose core TFI's CSF term, ``--referencing
+    csf`` and the Chimap's ``ReferenceValues`` all take): ``--referencing csf``'s
+    settings (``params``) when that is the ``referencing`` method, else its
+    defaults."""
+    from ..qsm.reference import csf_mask
+
+    if referencing != "csf":
+        return {}
+    names = inspect.signature(csf_mask).parameters
+    return {k: v for k, v in params.items() if k in names and k != "echo_times_s"}
 
 
 def noise_weighting_sentence(methods, params):
