@@ -335,6 +335,8 @@ def test_derivatives_masks_found_with_pybids_per_run(tmp_path):
     _write_mask(anat / "sub-01_ses-a_run-1_desc-csf_mask.nii.gz")  # not a brain mask
     _write_mask(anat / "sub-01_ses-a_mask.nii.gz")  # no run-: not run 1's nor run 2's
     run2 = _write_mask(anat / "sub-01_ses-a_run-2_mask.nii.gz")  # no desc: accepted
+    _write_mask(anat / "sub-01_ses-a_run-2_label-CSF_mask.nii.gz")  # a tissue label: not one
+    _write_mask(anat / "sub-01_ses-a_run-2_label-CSF_desc-ventricles_mask.nii.gz")  # qsmprep's
     _write_mask(anat / "sub-01_ses-a_run-2_space-MNI_desc-brain_mask.nii.gz")  # not native
     fast = _write_mask(deriv / "sub-01" / "ses-b" / "anat" / "sub-01_ses-b_acq-fast_desc-"
                        "brain_mask.nii.gz")

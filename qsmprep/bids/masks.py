@@ -106,9 +106,10 @@ def find_derivative_mask(layout, run, name="derivatives"):
     layout, or None. Candidates: ``anat`` files with suffix ``mask`` and
     exactly the run's session/acquisition/reconstruction/run entities, and
     ``desc-brain`` or no ``desc`` (other ``desc`` values, e.g. a CSF mask, are
-    not brain masks). One without ``space`` (native) is preferred to one in a
-    named space, then ``desc-brain`` to no ``desc``. Two equally good
-    candidates are an error."""
+    not brain masks, nor is one with a ``label`` other than ``brain``, e.g.
+    qsmprep's own ``label-CSF_desc-ventricles_mask``). One without ``space``
+    (native) is preferred to one in a named space, then ``desc-brain`` to no
+    ``desc``. Two equally good candidates are an error."""
     found = layout.get(subject=run.subject, datatype="anat", suffix="mask",
                        extension=list(_NIFTI))
     wanted = run.entity_dict
@@ -118,7 +119,7 @@ def find_derivative_mask(layout, run, name="derivatives"):
         if any(_entity_str(ents.get(k)) != wanted.get(k) for k in RUN_ENTITIES):
             continue
         desc = ents.get("desc")
-        if desc not in (None, "brain"):
+        if desc not in (None, "brain") or _entity_str(ents.get("label")) not in (None, "brain"):
             continue
         ranked.append((("space" in ents, desc != "brain"), f.path))
     if not ranked:
