@@ -28,6 +28,18 @@ def shared_data_dir():
     )
 
 
+def save_volumes(folder, affine, **volumes):
+    """Write each array of ``volumes`` as ``folder/<name>.nii.gz`` (float32, with
+    ``affine``); returns ``{name: path}`` (str), for the Nipype interfaces."""
+    import nibabel as nb
+
+    files = {}
+    for name, data in volumes.items():
+        files[name] = str(Path(folder) / f"{name}.nii.gz")
+        nb.save(nb.Nifti1Image(np.asarray(data, np.float32), affine), files[name])
+    return files
+
+
 def smooth_field_hz(shape, *, amplitude_hz=150.0, seed=0):
     """A smooth B0 field (Hz): a quadratic plus Gaussian blobs, median 0."""
     rng = np.random.default_rng(seed)

@@ -3,6 +3,7 @@ import pytest
 
 from qsmprep.qsm import registry
 
+from _data import save_volumes
 from _qsm_phantom import csf_head
 
 
@@ -108,10 +109,8 @@ def test_reference_step_hands_its_fallback_warning_to_the_chimap_sidecar(tmp_pat
     from qsmprep.workflows.outputs import _merge_meta
 
     brain, ventricles, magnitude, te = csf_head(20.0)
-    files = {}
-    for name, arr in (("chi", np.where(brain, 0.3, 0.0)), ("mask", brain), ("mag", magnitude)):
-        files[name] = str(tmp_path / f"{name}.nii.gz")
-        nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), np.eye(4)), files[name])
+    files = save_volumes(tmp_path, np.eye(4), chi=np.where(brain, 0.3, 0.0), mask=brain,
+                         mag=magnitude)
     source = "/data/sub-07/anat/sub-07_echo-1_part-mag_MEGRE.nii.gz"
     result = Reference(method="csf", params={"depth_mm": 6.0}, chi=files["chi"],
                        mask=files["mask"], magnitude=files["mag"], echo_times_s=list(te),
@@ -164,10 +163,7 @@ def test_reference_values_let_a_map_move_to_the_other_reference(tmp_path):
     flat = reference_values(by_mean, brain, csf_mask(np.ones_like(magnitude), brain, vox))
     assert flat["VentricularCSFMedian"] is None and "no contrast" in flat["VentricularCSFNote"]
 
-    files = {}
-    for name, arr in (("chi", raw), ("mask", brain), ("mag", magnitude)):
-        files[name] = str(tmp_path / f"{name}.nii.gz")
-        nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), np.diag([*vox, 1.0])), files[name])
+    files = save_volumes(tmp_path, np.diag([*vox, 1.0]), chi=raw, mask=brain, mag=magnitude)
     core = CSFCore(magnitude=files["mag"], mask=files["mask"],
                    echo_times_s=list(te)).run(cwd=str(tmp_path)).outputs
     assert core.csf_note == ""

@@ -72,6 +72,29 @@ def test_mosaic_keeps_physical_aspect_of_anisotropic_voxels():
     assert sum(pixels > 1.5 * shown for shown, pixels in ratios) == 2 * 2 * 4
 
 
+def test_chi_reportlet_outlines_the_ventricular_csf_core(tmp_path):
+    """The run's CSF core (the voxels of ReferenceValues' CSF median) is outlined
+    in cyan on the first χ mosaic, from the arrays and from the derivatives as
+    written (``--reports-only``); without it, or when it is empty (no ventricles
+    found), nothing cyan is drawn."""
+    head = _head()
+    x, y, z = _grid()
+    csf = head["mask"] & (np.hypot(x, y) < 4)
+    colour = reportlets.CSF_COLOUR
+    with_csf = reportlets.chi_svg(head["chi"], VOX, mask=head["mask"], csf=csf, n_slices=4)
+    assert colour in with_csf and "cyan: the ventricular CSF core" in with_csf
+    for none in (None, np.zeros_like(csf)):
+        assert colour not in reportlets.chi_svg(head["chi"], VOX, mask=head["mask"], csf=none,
+                                                n_slices=4)
+    anat = tmp_path / "out" / "sub-01" / "anat"
+    _save(head["chi"], anat / "sub-01_Chimap.nii.gz")
+    _save(head["mask"], anat / "sub-01_desc-brain_mask.nii.gz")
+    _save(csf, anat / "sub-01_label-CSF_desc-ventricles_mask.nii.gz")
+    written = core.render_figures_from_derivatives(tmp_path / "out", "01")
+    chi_svg = [p for p in written if "desc-chi" in p.name]
+    assert len(chi_svg) == 1 and colour in chi_svg[0].read_text()
+
+
 def test_robust_window_and_slice_positions():
     vol = np.arange(1000, dtype=float).reshape(10, 10, 10)
     lo, hi = reportlets.robust_window(vol, percentiles=(1, 99))

@@ -296,7 +296,8 @@ def test_phase_sign_check_sees_the_sign_on_a_real_head_geometry():
     the magnitude cannot tell from bone: over the brain alone the air model
     shows no sign. With the tissue outside the brain (the head's outer air
     surface) the check finds the right sign at 0 and 30 degrees of B0, and the
-    inverted one on the negated field."""
+    inverted one on the negated field, also with the face removed as defacing
+    tools do (magnitude and field zeroed in front of and below the brain)."""
     from _data import shared_data_dir
     from scipy.io import loadmat
 
@@ -330,6 +331,11 @@ def test_phase_sign_check_sees_the_sign_on_a_real_head_geometry():
                                  ps.remove_polynomial(ps.air_model_field(tissue, vox, b0),
                                                       mask, vox))[0, 1]
         assert abs(brain_only) < ps.CLEAR_CORRELATION, (tilt, brain_only)
+        y, z = np.ogrid[:shape[1], :shape[2]]
+        face = ((y > 58) & (z < 45))[None] & ~mask     # the challenge grid is RAS
+        defaced = ps.phase_sign_evidence(np.where(face, 0, field), np.where(face, 0, magnitude),
+                                         mask, vox, b0)
+        assert defaced["correlation"] >= ps.CLEAR_CORRELATION, (tilt, defaced)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from qsmprep.qsm.inversion import medi, tkd
 from qsmprep.qsm.kernels import dipole_convolve, sphere_field
 from qsmprep.qsm.tfi import edge_weights, tfi
 
+from _data import save_volumes
 from _qsm_phantom import brain_phantom
 
 B0 = (0.0, 0.2, 0.98)
@@ -276,8 +277,6 @@ def test_inversion_step_gives_tfi_every_echo_and_the_echo_times(tmp_path, caplog
     and TFI says it ran without the term. From the root-sum-of-squares alone
     (what the other methods get) that region would pass as CSF, silently. The
     warning names the run's file, as the report's list of warnings needs."""
-    import nibabel as nb
-
     from qsmprep.interfaces.qsm import Inversion
     from qsmprep.qsm.reference import csf_mask
 
@@ -285,10 +284,8 @@ def test_inversion_step_gives_tfi_every_echo_and_the_echo_times(tmp_path, caplog
 
     brain, _, magnitude, te = csf_head(20.0)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])     # 2 mm: the ventricles are 15 mm deep
-    files = {}
-    for name, arr in (("field", np.zeros(brain.shape)), ("mask", brain), ("mag", magnitude)):
-        files[name] = str(tmp_path / f"{name}.nii.gz")
-        nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), affine), files[name])
+    files = save_volumes(tmp_path, affine, field=np.zeros(brain.shape), mask=brain,
+                         mag=magnitude)
     quick = {"max_outer": 1, "cg_iter": 2, "misfit_step": 0.0}
     with caplog.at_level("WARNING", logger="qsmprep"):
         result = Inversion(method="tfi", params=quick, local_field=files["field"],
@@ -343,10 +340,7 @@ def test_tfi_takes_the_runs_csf_core_found_once(tmp_path, caplog):
     np.testing.assert_array_equal(none, without)
     assert "without MEDI+0's CSF term: no ventricles in view" in caplog.text
 
-    files = {}
-    for name, arr in (("field", field), ("mask", brain), ("mag", magnitude)):
-        files[name] = str(tmp_path / f"{name}.nii.gz")
-        nb.save(nb.Nifti1Image(np.asarray(arr, np.float32), np.diag([*vox, 1.0])), files[name])
+    files = save_volumes(tmp_path, np.diag([*vox, 1.0]), field=field, mask=brain, mag=magnitude)
     core = CSFCore(magnitude=files["mag"], mask=files["mask"],
                    echo_times_s=list(te)).run(cwd=str(tmp_path)).outputs
     step = Inversion(method="tfi", params=quick, num_threads=torch.get_num_threads(),

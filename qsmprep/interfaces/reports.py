@@ -31,6 +31,7 @@ class _QSMReportletInputSpec(BaseInterfaceInputSpec):
                         "multi-echo), ROMEO quality, B0 (Hz), local field (ppm) or chi (ppm)")
     mask_file = File(exists=True, desc="brain mask (required for kind='magnitude')")
     wrapped_file = File(exists=True, desc="wrapped phase in rad (required for kind='phase')")
+    csf_file = File(exists=True, desc="the ventricular CSF core, outlined on kind='chi'")
     echo_index = traits.Int(0, usedefault=True,
                             desc="0-based echo drawn from 4D magnitude/phase inputs")
     out_report = File("report.svg", usedefault=True, desc="output SVG file name")
@@ -52,6 +53,7 @@ class QSMReportlet(SimpleInterface):
             self.inputs.kind, out, self.inputs.in_file,
             mask_file=self.inputs.mask_file if isdefined(self.inputs.mask_file) else None,
             wrapped_file=self.inputs.wrapped_file if isdefined(self.inputs.wrapped_file) else None,
+            csf_file=self.inputs.csf_file if isdefined(self.inputs.csf_file) else None,
             echo_index=self.inputs.echo_index,
         )
         self._results["out_report"] = out

@@ -93,12 +93,14 @@ def load_canonical(path, volume=None):
     return data.astype(np.float32), tuple(float(v) for v in img.header.get_zooms()[:3])
 
 
-def render_reportlet(kind, out_file, in_file, *, mask_file=None, wrapped_file=None, echo_index=0):
+def render_reportlet(kind, out_file, in_file, *, mask_file=None, wrapped_file=None, echo_index=0,
+                     csf_file=None):
     """Draw reportlet ``kind`` (a key of :data:`KINDS`) from NIfTI files into ``out_file``.
 
     ``in_file`` is the map to show (for ``magnitude`` and ``phase``: the
     multi-echo magnitude or unwrapped phase, of which echo ``echo_index`` is
-    drawn); ``wrapped_file`` is the wrapped phase in rad (``phase`` only).
+    drawn); ``wrapped_file`` is the wrapped phase in rad (``phase`` only);
+    ``csf_file`` the ventricular CSF core outlined on ``chi``.
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown reportlet kind {kind!r}; choose one of {sorted(KINDS)}")
@@ -114,6 +116,8 @@ def render_reportlet(kind, out_file, in_file, *, mask_file=None, wrapped_file=No
             raise ValueError("The phase reportlet needs wrapped_file (wrapped phase, rad)")
         svg = draw(load_canonical(wrapped_file, echo_index)[0], data, vox, mask=mask,
                    echo=echo_index + 1)
+    elif kind == "chi" and csf_file:
+        svg = draw(data, vox, mask=mask, csf=load_canonical(csf_file)[0] > 0.5)
     else:
         svg = draw(data, vox, mask=mask)
     out_file = Path(out_file)
@@ -125,8 +129,8 @@ def render_figures_from_derivatives(output_dir, subject_label, *, overwrite=Fals
     """Draw the reportlets that the saved derivatives allow, for ``--reports-only``.
 
     Looks in ``out/sub-<label>/[ses-*/]anat/`` for ``*_Chimap``,
-    ``*_desc-local_fieldmap``, ``*_fieldmap`` (B0, Hz) and ``*_desc-brain_mask``
-    and writes the chi, local-field and B0 reportlets of each run into
+    ``*_desc-local_fieldmap``, ``*_fieldmap`` (B0, Hz), ``*_desc-brain_mask`` and
+    ``*_label-CSF_desc-ventricles_mask`` and writes the chi, local-field and B0 reportlets of each run into
     ``out/sub-<label>/figures/`` (existing files are kept unless ``overwrite``).
     Returns the list of files written.
     """
@@ -140,13 +144,16 @@ def render_figures_from_derivatives(output_dir, subject_label, *, overwrite=Fals
         ext = "".join(chi_file.suffixes)
         mask = chi_file.parent / f"{stem}_desc-brain_mask{ext}"
         mask = mask if mask.exists() else None
+        csf = chi_file.parent / f"{stem}_label-CSF_desc-ventricles_mask{ext}"
         todo = [("chi", chi_file),
                 ("localfield", chi_file.parent / f"{stem}_desc-local_fieldmap{ext}"),
                 ("fieldmap", chi_file.parent / f"{stem}_fieldmap{ext}")]
         for kind, src in todo:
             out = figures / figure_name({**ents, "suffix": "MEGRE"}, KINDS[kind][1])
             if src.exists() and (overwrite or not out.exists()):
-                written.append(render_reportlet(kind, out, src, mask_file=mask))
+                written.append(render_reportlet(
+                    kind, out, src, mask_file=mask,
+                    csf_file=csf if kind == "chi" and csf.exists() else None))
     return written
 
 

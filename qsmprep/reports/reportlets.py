@@ -264,18 +264,28 @@ def local_field_svg(local_ppm, voxel_size_mm, *, mask=None, n_slices=6):
     return mosaic_svg([block], voxel_size_mm, mask=mask, n_slices=n_slices)
 
 
-def chi_svg(chi_ppm, voxel_size_mm, *, mask=None, n_slices=6,
+def chi_svg(chi_ppm, voxel_size_mm, *, mask=None, csf=None, n_slices=6,
             window=CHI_WINDOW_PPM, wide_window=CHI_WIDE_WINDOW_PPM):
-    """Susceptibility χ (ppm) in the fixed window and in a wider one."""
+    """Susceptibility χ (ppm) in the fixed window and in a wider one; the
+    outline of ``csf`` (the run's ventricular CSF core), when it has voxels, in
+    cyan on the first."""
+    first = {"volume": chi_ppm, "label": "χ (ppm)", "window": tuple(window),
+             "mask_outside": True, "title": f"χ map, window {window[0]:+g}..{window[1]:+g} ppm"}
+    if csf is not None and np.any(csf):
+        first["overlays"] = [{"volume": np.asarray(csf, np.float32), "levels": [0.5],
+                              "colors": [CSF_COLOUR]}]
+        first["title"] += " (cyan: the ventricular CSF core)"
     blocks = [
-        {"volume": chi_ppm, "label": "χ (ppm)", "window": tuple(window), "mask_outside": True,
-         "title": f"χ map, window {window[0]:+g}..{window[1]:+g} ppm"},
+        first,
         {"volume": chi_ppm, "label": "χ (ppm)", "window": tuple(wide_window),
          "mask_outside": True,
          "title": f"χ map, wide window {wide_window[0]:+g}..{wide_window[1]:+g} ppm"},
     ]
     return mosaic_svg(blocks, voxel_size_mm, mask=mask, n_slices=n_slices)
 
+
+#: outline colour of the ventricular CSF core on the χ reportlet
+CSF_COLOUR = "#00e5ff"
 
 #: one colour per deep grey matter label (1..7) of the regions reportlet
 LABEL_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#e377c2", "#17becf")

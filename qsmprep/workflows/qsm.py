@@ -376,6 +376,7 @@ def init_qsm_wf(config, run, *, name=None):
         (bfr, reports, [("mask", "inputnode.mask")]),
         (local_source, reports, [("local_field", "inputnode.local_field")]),
         (reference, reports, [("chi", "inputnode.chi")]),
+        (csf_core, reports, [("csf", "inputnode.csf")]),
     ])  # fmt: skip
     return wf
 

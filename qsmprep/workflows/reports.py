@@ -22,7 +22,7 @@ REPORTLETS = {
     "quality": ("quality", {"mask_file": "mask"}),
     "fieldmap": ("fieldmap", {"mask_file": "mask"}),
     "localfield": ("local_field", {"mask_file": "mask"}),
-    "chi": ("chi", {"mask_file": "mask"}),
+    "chi": ("chi", {"mask_file": "mask", "csf_file": "csf"}),
 }
 
 
@@ -35,6 +35,7 @@ def init_qsm_reports_wf(config, run, *, methods, name="qsm_reports_wf"):
                    ├─ phase, unwrapped ────────► QSMReportlet(phase) ─────► ds_report_phase
                    ├─ quality (ROMEO only) ────► QSMReportlet(quality) ───► ds_report_quality
                    ├─ fieldmap / local_field / chi ► QSMReportlet(...) ───► ds_report_...
+                   ├─ csf (the ventricular CSF core, outlined on chi)
                    └─ mask (contours, windows, slice range of every reportlet)
         RunSummary(info) ─► ds_report_summary
 
@@ -48,7 +49,7 @@ def init_qsm_reports_wf(config, run, *, methods, name="qsm_reports_wf"):
     wf = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         ["magnitude", "phase", "unwrapped", "quality", "mask", "fieldmap", "local_field",
-         "chi", "interpretation"]), name="inputnode")
+         "chi", "csf", "interpretation"]), name="inputnode")
     kinds = dict(REPORTLETS)
     if "quality" not in registry.get("unwrapping", methods["unwrapping"]).provides:
         kinds.pop("quality")
