@@ -130,8 +130,9 @@ def render_figures_from_derivatives(output_dir, subject_label, *, overwrite=Fals
 
     Looks in ``out/sub-<label>/[ses-*/]anat/`` for ``*_Chimap``,
     ``*_desc-local_fieldmap``, ``*_fieldmap`` (B0, Hz), ``*_desc-brain_mask`` and
-    ``*_label-CSF_desc-ventricles_mask`` and writes the chi, local-field and B0 reportlets of each run into
-    ``out/sub-<label>/figures/`` (existing files are kept unless ``overwrite``).
+    ``*_label-CSF_desc-ventricles_mask`` and writes the chi, local-field and B0
+    reportlets of each run into ``out/sub-<label>/figures/`` (existing files are
+    kept unless ``overwrite``).
     Returns the list of files written.
     """
     subject_label = subject_label.removeprefix("sub-")
