@@ -378,6 +378,32 @@ def challenge_model(h, rng, chi_texture=True, source=CHALLENGE_DIR):
     return labels, _partial_volume_outside(chi, brain), brain, brain_chi
 
 
+def challenge_geometry(block=4, source=CHALLENGE_DIR):
+    """The Challenge head's geometry on a grid ``block`` times as coarse as its
+    0.64 mm model (block means, for quick checks of the head's background
+    field): ``(chi, brain, magnitude, voxel_size_mm)`` with χ the labels'
+    reference values (ppm, relative to water: air +9.2, bone -2.1), ``brain``
+    the block means of the brain mask above 0.5 and ``magnitude`` the fraction
+    of a block that is neither air nor bone (signal). The grid is RAS."""
+    import nibabel as nb
+    from scipy.io import loadmat
+
+    labels = np.asarray(nb.load(source / "SegmentedModel.nii.gz").dataobj).astype(np.uint8)
+    brain = np.asarray(nb.load(source / "BrainMask.nii.gz").dataobj) > 0
+    table = loadmat(source / "SusceptibilityValues.mat", squeeze_me=True)["label"]
+    lut = np.zeros(256, np.float32)
+    lut[1:len(table) + 1] = [float(row["chiref"]) for row in table]   # label = row + 1
+    shape = tuple(n // block for n in labels.shape)
+
+    def block_mean(volume):
+        v = volume.astype(np.float32)[tuple(slice(0, block * n) for n in shape)]
+        return v.reshape(shape[0], block, shape[1], block, shape[2], block).mean(axis=(1, 3, 5))
+
+    magnitude = 1 - block_mean(labels == AIR) - block_mean(labels == BONE)
+    return (block_mean(lut[labels]), block_mean(brain) > 0.5, magnitude,
+            (CHALLENGE_VOXEL_MM * block,) * 3)
+
+
 def acquire(name, description, labels, chi, brain, brain_chi, *, voxel_size_mm,
             field_strength_t, echo_times_s, b0_tilt_deg, seed, peak_snr=80.0):
     """The :class:`Head` of a model (``labels``, whole-head ``chi``, ``brain``,

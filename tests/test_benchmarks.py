@@ -553,3 +553,34 @@ def test_gpu_check_times_every_stage_and_publishes_each_device(tmp_path):
     assert "| cpu | " in text and "| cuda (a GPU) | " in text
     assert "| cpu-gpuhost | " in text and "Note: the CPU of the GPU's machine." in text
     assert text.count("Note:") == 1
+
+
+def test_phase_sign_benchmark_tables_the_check_on_the_challenge_geometry(tmp_path):
+    """benchmarks/phase_sign.py: on the Challenge head's geometry its rows are the
+    check as it runs (a real call gives the same r) beside the brain-only check of
+    before, the face removed changes the field and magnitude it sees, and the
+    section is rendered with one row per tilt and one column per variant."""
+    from _data import shared_data_dir
+
+    import phase_sign
+
+    source = shared_data_dir() / "challenge2-head"
+    variants = phase_sign.VARIANTS[:2]                      # as it is, defaced
+    rows = phase_sign.geometry_rows(tilts=(30.0,), variants=variants, source=source)
+    assert [(r["axis"], r["variant"]) for r in rows] == [
+        (1, "as it is"), (1, "defaced"), (2, "as it is"), (2, "defaced")]
+    intact = {r["axis"]: r for r in rows if r["variant"] == "as it is"}
+    for r in intact.values():   # the right sign; the brain alone shows none
+        assert r["r"] >= 0.3 and abs(r["r_brain_only"]) < 0.3, r
+    assert all(r["r"] != intact[r["axis"]]["r"] for r in rows if r["variant"] == "defaced")
+    from qsmprep.qsm.kernels import dipole_convolve
+    from qsmprep.qsm.phase_sign import phase_sign_evidence
+
+    chi, mask, magnitude, vox = independent_heads.challenge_geometry(4, source=source)
+    b0 = phase_sign.tilted(1, 30.0)
+    direct = phase_sign_evidence(dipole_convolve(chi, vox, b0), magnitude, mask, vox, b0)
+    assert direct["correlation"] == intact[2]["r"]
+    text = phase_sign.render({"geometry": rows, "heads": []})
+    assert "| B0 tilt | as it is | defaced |" in text
+    assert f"| 30° towards axis 2 | {intact[2]['r']:.2f} / {intact[2]['r_brain_only']:.2f} |" \
+        in text

@@ -124,7 +124,8 @@ def remove_polynomial(field, mask, voxel_size_mm, order=2):
     return values - basis @ coef
 
 
-def phase_sign_evidence(field, magnitude, mask, voxel_size_mm, b0_dir):
+def phase_sign_evidence(field, magnitude, mask, voxel_size_mm, b0_dir,
+                        outside_mm=OUTSIDE_DEPTH_MM):
     """Correlation of the measured field with the field of the air around and
     inside the head (see the module docstring).
 
@@ -134,6 +135,9 @@ def phase_sign_evidence(field, magnitude, mask, voxel_size_mm, b0_dir):
     magnitude : ndarray (X, Y, Z) or (X, Y, Z, echo)
     mask : ndarray of bool (X, Y, Z), brain mask
     voxel_size_mm, b0_dir : geometry (B0 in voxel axes)
+    outside_mm : the voxels with signal outside the mask deeper than this (mm;
+        at least one voxel) count too; None: the mask only (the check before
+        rule R29-6, for comparisons)
 
     Returns
     -------
@@ -147,7 +151,8 @@ def phase_sign_evidence(field, magnitude, mask, voxel_size_mm, b0_dir):
     mag = _as_3d_magnitude(magnitude)
     signal = mag > magnitude_threshold(mag)
     tissue = close_bone(signal | mask, voxel_size_mm)
-    outside = erode(signal, max(OUTSIDE_DEPTH_MM, min(voxel_size_mm)), voxel_size_mm) & ~mask
+    outside = (np.zeros_like(mask) if outside_mm is None else
+               erode(signal, max(outside_mm, min(voxel_size_mm)), voxel_size_mm) & ~mask)
     out = {"statistic": "correlation of the field with the air-tissue model field",
            "correlation": None, "air_fraction": round(float(1 - tissue.mean()), 4),
            "voxels": int(mask.sum()), "voxels_outside_brain": int(outside.sum())}

@@ -17,7 +17,9 @@ import numpy as np
 
 from qsmprep.config import Config
 from qsmprep.interfaces import qsm as ifaces
+from qsmprep.interfaces import reference as reference_ifaces
 from qsmprep.qsm.units import GAMMA_BAR_MHZ_PER_T
+from qsmprep.workflows.qsm import csf_search_params
 
 #: chi (ppm) of the sphere at the world origin; brain radius and sphere radius (mm)
 CHI, BRAIN_MM, SPHERE_MM = 0.2, 20.0, 6.0
@@ -142,11 +144,15 @@ def run_chain(run, workdir, config=None):
     out["bf_removal"] = method("bf_removal", ifaces.BackgroundRemoval,
                                total_field=out["total_field"].total_field,
                                mask=out["masking"].mask, b0_dir=b0)
+    out["csf_core"] = call("csf_core", reference_ifaces.CSFCore(
+        magnitude=load.magnitude, mask=out["bf_removal"].mask, echo_times_s=load.echo_times_s,
+        params=csf_search_params(wf.method("referencing"), wf.stage_params("referencing"))))
+    csf = {"csf": out["csf_core"].csf, "csf_note": out["csf_core"].csf_note}
     out["inversion"] = method("inversion", ifaces.Inversion,
                               local_field=out["bf_removal"].local_field,
-                              mask=out["bf_removal"].mask, b0_dir=b0)
-    out["referencing"] = method("referencing", ifaces.Reference, chi=out["inversion"].chi,
-                                mask=out["bf_removal"].mask)
+                              mask=out["bf_removal"].mask, b0_dir=b0, **csf)
+    out["referencing"] = method("referencing", reference_ifaces.Reference,
+                                chi=out["inversion"].chi, mask=out["bf_removal"].mask, **csf)
     return out
 
 
