@@ -14,10 +14,12 @@ outlines; r >= 0.3 confirms the sign, r <= -0.3 negates the phase. Two parts:
   zeroed in front of and below the brain, as defacing tools do), and with a
   layer of fat under the skin (its field offset by fat's chemical shift,
   -3.4 ppm, times the fat fraction; none of our simulators has fat).
-- ``--heads CACHE``: the six heads of the independent benchmark (its cache
-  folder, ``benchmarks/independent.py``; the three decision heads and the three
-  held-out ones), each through the app's front end (MCPC-3D-S, ROMEO, echo
-  combination, BET mask); the field as it is and negated.
+- ``--heads CACHE``: the six heads of the independent benchmark, read from a
+  folder holding their ``<name>.pkl`` (what ``benchmarks/independent.py
+  --head-cache`` writes for the full and the ``--held-out`` suite; a head not
+  there is skipped with a message), each through the app's front end
+  (MCPC-3D-S, ROMEO, echo combination, BET mask); the field as it is and
+  negated.
 
 Each row gives r of the check as it is (the brain and the tissue with signal
 outside it) and of the brain alone (the check before rule R29-6; docs/usage.md,
