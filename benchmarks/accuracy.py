@@ -187,50 +187,69 @@ def magnitude_inputs(case):
             "echo_times_s": case.echo_times_s}
 
 
+def _timed_into(times, stage, func, *args, **kwargs):
+    """``func(*args, **kwargs)``, its wall time (s) stored in ``times[stage]``."""
+    out, times[stage] = timed(func, *args, **kwargs)
+    return out
+
+
+def front_end(case, methods, *, device=None, times=None):
+    """The app's steps before the background removal on the case's phase and
+    magnitude: MCPC-3D-S phase-offset removal → unwrapping → echo combination
+    (B0 and its noise map N_std, Hz) → mask (root-sum-of-squares magnitude and
+    unwrapping quality; the true mask for :data:`TRUE_MASK`), with
+    ``methods[stage]``. Returns ``(b0_hz, noise_hz, mask)``; ``device`` and
+    ``times`` as for :func:`pipeline`."""
+    from qsmprep.qsm import registry
+    from qsmprep.qsm.unwrap import mcpc3ds
+
+    times = {} if times is None else times
+    on = {} if device is None else {"device": device}
+    vox, te = case.voxel_size_mm, case.echo_times_s
+    phase, _ = _timed_into(times, "mcpc3ds", mcpc3ds, case.phase, case.magnitude, te,
+                           voxel_size_mm=vox)
+    unwrapped, quality = _timed_into(times, "unwrapping", call, "unwrapping",
+                                     methods["unwrapping"], phase, magnitude=case.magnitude,
+                                     echo_times_s=te, voxel_size_mm=vox, **on)
+    b0_hz, noise_hz = _timed_into(times, "echo_combination", call, "echo_combination",
+                                  methods["echo_combination"], unwrapped, case.magnitude, te,
+                                  **on)
+    if methods["masking"] == TRUE_MASK:
+        mask = case.mask
+    else:
+        rss = np.sqrt(np.sum(case.magnitude**2, axis=-1))
+        mask = _timed_into(times, "masking", call, "masking", methods["masking"], rss,
+                           quality=quality, voxel_size_mm=vox, **on,
+                           **registry.masking_params(methods["masking"], methods["inversion"]))
+    return b0_hz, noise_hz, np.asarray(mask, bool)
+
+
 def pipeline(case, methods, *, device=None, times=None, intermediates=None):
     """χ (ppm) from the case's phase and magnitude, as the app computes it:
-    MCPC-3D-S phase-offset removal → unwrapping → echo combination (B0 and its
-    noise map N_std) → total field → mask (root-sum-of-squares magnitude and
-    unwrapping quality) → background removal → inversion → referencing, with
+    :func:`front_end` (MCPC-3D-S → unwrapping → echo combination → mask) →
+    total field → background removal → inversion → referencing, with
     ``methods[stage]``; N_std and the magnitude go to the methods that take them.
     ``device`` (e.g. ``"cuda"``) goes to the methods that take one (the app's
     ``--device``); ``times`` (a dict), when given, receives each stage's wall
     time (s), and ``intermediates`` (a dict) the brain ``mask`` of the masking
     stage."""
-    from qsmprep.qsm import registry
     from qsmprep.qsm.units import hz_to_ppm
-    from qsmprep.qsm.unwrap import mcpc3ds
 
     times = {} if times is None else times
     on = {} if device is None else {"device": device}
-
-    def run(stage, func, *args, **kwargs):
-        out, times[stage] = timed(func, *args, **kwargs)
-        return out
-
     vox, te, fs = case.voxel_size_mm, case.echo_times_s, case.field_strength_t
-    phase, _ = run("mcpc3ds", mcpc3ds, case.phase, case.magnitude, te, voxel_size_mm=vox)
-    unwrapped, quality = run("unwrapping", call, "unwrapping", methods["unwrapping"], phase,
-                             magnitude=case.magnitude, echo_times_s=te, voxel_size_mm=vox, **on)
-    b0_hz, noise_hz = run("echo_combination", call, "echo_combination",
-                          methods["echo_combination"], unwrapped, case.magnitude, te, **on)
+    b0_hz, noise_hz, mask = front_end(case, methods, device=device, times=times)
     total, noise_std_ppm = hz_to_ppm(b0_hz, fs), hz_to_ppm(noise_hz, fs)
-    if methods["masking"] == TRUE_MASK:
-        mask = case.mask
-    else:
-        rss = np.sqrt(np.sum(case.magnitude**2, axis=-1))
-        mask = run("masking", call, "masking", methods["masking"], rss, quality=quality,
-                   voxel_size_mm=vox, **on,
-                   **registry.masking_params(methods["masking"], methods["inversion"]))
     if intermediates is not None:
-        intermediates["mask"] = np.asarray(mask, bool)
-    local, mask = run("bf_removal", call, "bf_removal", methods["bf_removal"], total,
-                      np.asarray(mask, bool), vox, b0_dir=case.b0_dir,
-                      noise_std_ppm=noise_std_ppm, **on)
-    chi = run("inversion", call, "inversion", methods["inversion"], local, mask, vox,
-              b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm, **magnitude_inputs(case), **on)
-    return run("referencing", call, "referencing", methods["referencing"], chi, mask,
-               magnitude=case.magnitude, voxel_size_mm=vox, echo_times_s=te)
+        intermediates["mask"] = mask
+    local, mask = _timed_into(times, "bf_removal", call, "bf_removal", methods["bf_removal"],
+                              total, mask, vox, b0_dir=case.b0_dir,
+                              noise_std_ppm=noise_std_ppm, **on)
+    chi = _timed_into(times, "inversion", call, "inversion", methods["inversion"], local, mask,
+                      vox, b0_dir=case.b0_dir, noise_std_ppm=noise_std_ppm,
+                      **magnitude_inputs(case), **on)
+    return _timed_into(times, "referencing", call, "referencing", methods["referencing"], chi,
+                       mask, magnitude=case.magnitude, voxel_size_mm=vox, echo_times_s=te)
 
 
 #: pipelines compared with the default in every mode (the choice of the

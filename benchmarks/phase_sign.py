@@ -107,12 +107,10 @@ def head_rows(cache):
     """The rows of the heads part (see the module docstring)."""
     import pickle
 
-    from accuracy import call
+    from accuracy import front_end
     from independent import as_case
 
     from qsmprep.config import DEFAULT_METHODS
-    from qsmprep.qsm import registry
-    from qsmprep.qsm.unwrap import mcpc3ds
 
     rows = []
     for name in HEADS:
@@ -122,17 +120,8 @@ def head_rows(cache):
                   flush=True)
             continue
         case = as_case(pickle.loads(path.read_bytes()))
-        vox, te = case.voxel_size_mm, case.echo_times_s
-        phase, _ = mcpc3ds(case.phase, case.magnitude, te, voxel_size_mm=vox)
-        unwrapped, quality = call("unwrapping", DEFAULT_METHODS["unwrapping"], phase,
-                                  magnitude=case.magnitude, echo_times_s=te, voxel_size_mm=vox)
-        b0_hz, _ = call("echo_combination", DEFAULT_METHODS["echo_combination"], unwrapped,
-                        case.magnitude, te)
-        rss = np.sqrt(np.sum(case.magnitude**2, axis=-1))
-        mask = np.asarray(call("masking", DEFAULT_METHODS["masking"], rss, quality=quality,
-                               voxel_size_mm=vox, **registry.masking_params(
-                                   DEFAULT_METHODS["masking"], DEFAULT_METHODS["inversion"])),
-                          bool)
+        b0_hz, _, mask = front_end(case, dict(DEFAULT_METHODS))
+        vox = case.voxel_size_mm
         now, brain = both_checks(b0_hz, case.magnitude, mask, vox, case.b0_dir)
         negated, _ = both_checks(-b0_hz, case.magnitude, mask, vox, case.b0_dir)
         rows.append({"head": name, "held_out": HEADS.index(name) >= 3, "r": now,
