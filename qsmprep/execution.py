@@ -59,8 +59,8 @@ CONTEXT_KEYWORDS = {
     "noise_std_absolute": "whether N_std has an absolute level (False: one echo, relative "
                           "values only)",
     "echo_times_s": "echo times of the magnitude's echoes (s)",
-    "csf": "the run's ventricular CSF core (found once for the run: the csf_core node)",
-    "csf_region": "the same as (core, problem), qsmprep.qsm.reference.csf_mask's return",
+    "csf_region": "the run's ventricular CSF core, found once for the run (the csf_core "
+                  "node), as (core, problem): qsmprep.qsm.reference.csf_mask's return",
     "source": "the run's input file, named in the method's warnings",
 }
 

@@ -90,6 +90,13 @@ def test_csf_reference_without_ventricles_falls_back_to_the_mean_and_says_so(cap
                            echo_times_s=te, depth_mm=6.0, source="sub-01_part-mag_MEGRE.nii.gz")
     assert abs(out[brain].mean()) < 1e-6
     assert "sub-01_part-mag_MEGRE.nii.gz" in caplog.text and "whole-brain mean" in caplog.text
+    # the run's search result (the csf_core node's) is used as it is, without searching
+    # again (there is no magnitude to search in here): the same fall-back and its reason
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qsmprep"):
+        given = registry.run("referencing", "csf", chi, brain, csf_region=(found, problem))
+    np.testing.assert_array_equal(given, out)
+    assert problem in caplog.text and "whole-brain mean" in caplog.text
     # a mask with no deep voxels (a thin slab) cannot hold ventricles either
     slab = np.zeros(brain.shape, bool)
     slab[:, :, 20:23] = brain[:, :, 20:23]

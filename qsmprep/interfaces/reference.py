@@ -80,17 +80,16 @@ class Reference(SimpleInterface):
         mask, _ = _load(self.inputs.mask, bool)
         magnitude, vox = _lazy_file(self.inputs.magnitude), _voxel_size(ref)
         te = list(self.inputs.echo_times_s) if isdefined(self.inputs.echo_times_s) else None
-        region = _csf_region(self.inputs)   # (core, problem), or None: not given
-        if region is not None:
-            region = region.get()
-        elif magnitude is not None:
-            region = csf_mask(magnitude.get(), mask, vox, echo_times_s=te)
-        found = None if region is None or region[1] else region[0]
+        given = _csf_region(self.inputs)   # the run's (core, problem), or None
+        given = None if given is None else given.get()
+        region = given if given is not None or magnitude is None else csf_mask(
+            magnitude.get(), mask, vox, echo_times_s=te)
         with logged_warnings() as warnings:
             out = _execution(self.inputs, limit_threads=False).run(
                 "referencing", self.inputs.method, chi, mask, params=self.inputs.params,
                 context={"voxel_size_mm": vox, "magnitude": magnitude, "echo_times_s": te,
-                         "csf": found, "source": self.inputs.source})
+                         "csf_region": given,
+                         "source": self.inputs.source})
         out = np.where(mask, out, 0)
         self._results["reference_values"] = reference_values(out, mask, region)
         self._results["warnings"] = warnings

@@ -136,21 +136,22 @@ def csf_core(csf, core_voxels, min_voxels):
 
 
 def reference_csf(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0),
-                  echo_times_s=None, csf=None, depth_mm=15.0, fraction=0.05,
-                  max_r2star_hz=10.0, core_voxels=2, source="this run"):
+                  echo_times_s=None, csf=None, csf_region=None, depth_mm=15.0,
+                  fraction=0.05, max_r2star_hz=10.0, core_voxels=2, source="this run"):
     """Subtract the median chi of CSF: the given ``csf`` mask (a segmentation,
     used as given) or :func:`csf_mask` from the magnitude (its core, ``core_voxels``
-    inside its edge). When no CSF is found there, chi
+    inside its edge), whose result ``(core, problem)`` may be given as
+    ``csf_region`` (the workflow finds it once for a run). When no CSF is found there, chi
     is referenced to the mask's mean instead, with a warning naming
     ``source`` (the run's file): the map stays usable, and the log, the
     report and the Chimap sidecar say which reference it has."""
     chi, mask = _check(chi_ppm, mask)
     if csf is None:
-        if magnitude is None:
+        if csf_region is None and magnitude is None:
             raise ValueError("CSF referencing needs a magnitude image or a CSF mask")
-        csf, problem = csf_mask(magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s,
-                                depth_mm=depth_mm, fraction=fraction,
-                                max_r2star_hz=max_r2star_hz, core_voxels=core_voxels)
+        csf, problem = csf_region or csf_mask(
+            magnitude, mask, voxel_size_mm, echo_times_s=echo_times_s, depth_mm=depth_mm,
+            fraction=fraction, max_r2star_hz=max_r2star_hz, core_voxels=core_voxels)
         if problem:
             LOGGER.warning(
                 "%s: CSF referencing found no ventricular CSF (%s); chi was referenced to "

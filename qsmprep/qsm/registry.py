@@ -69,7 +69,7 @@ STAGE_INPUTS = {
                   "magnitude", "magnitude_echoes", "echo_times_s", "csf_region", "source"),
     "masking": ("magnitude", "quality", "voxel_size_mm"),
     "referencing": ("chi_ppm", "mask", "magnitude", "voxel_size_mm", "echo_times_s", "csf",
-                    "source"),
+                    "csf_region", "source"),
 }
 
 TABLE = "methods.toml"
