@@ -349,6 +349,19 @@ CHALLENGE_DIR = Path(os.environ.get("QSMPREP_SHARED_DATA", Path(__file__).resolv
 CHALLENGE_VOXEL_MM = 0.64
 
 
+def challenge_segmentation(source=CHALLENGE_DIR):
+    """The Challenge head on its 0.64 mm grid: ``(labels, brain, chi_ref)``, the
+    segmentation (uint8, the suite's label numbers), its brain mask and the
+    reference χ of each label (ppm, a dict; label = row of the table + 1)."""
+    import nibabel as nb
+    from scipy.io import loadmat
+
+    labels = np.asarray(nb.load(source / "SegmentedModel.nii.gz").dataobj).astype(np.uint8)
+    brain = np.asarray(nb.load(source / "BrainMask.nii.gz").dataobj) > 0
+    table = loadmat(source / "SusceptibilityValues.mat", squeeze_me=True)["label"]
+    return labels, brain, {i + 1: float(entry["chiref"]) for i, entry in enumerate(table)}
+
+
 def challenge_model(h, rng, chi_texture=True, source=CHALLENGE_DIR):
     """The QSM Challenge 2.0 head (real head geometry: brain, vessels, skull,
     sinuses, ear canals, muscle, as segmented) as a model grid of ``h`` =
@@ -357,16 +370,10 @@ def challenge_model(h, rng, chi_texture=True, source=CHALLENGE_DIR):
     CSF is the suite's zero, plus (``chi_texture``) smooth noise of 0.006 ppm
     (2 mm) in the tissue (every brain label but CSF, blood and calcification).
     Its labels are the suite's (the same numbering)."""
-    import nibabel as nb
-    from scipy.io import loadmat
-
     if abs(h - CHALLENGE_VOXEL_MM) > 1e-6:
         raise ValueError(f"The Challenge head's model grid is {CHALLENGE_VOXEL_MM} mm, so its "
                          f"acquired voxel is {2 * CHALLENGE_VOXEL_MM} mm, not {2 * h} mm")
-    labels = np.asarray(nb.load(source / "SegmentedModel.nii.gz").dataobj).astype(np.uint8)
-    brain = np.asarray(nb.load(source / "BrainMask.nii.gz").dataobj) > 0
-    table = loadmat(source / "SusceptibilityValues.mat", squeeze_me=True)["label"]
-    ref = {i + 1: float(entry["chiref"]) for i, entry in enumerate(table)}  # label = row + 1
+    labels, brain, ref = challenge_segmentation(source)
     lut = np.zeros(256, np.float32)
     for label, value in ref.items():
         lut[label] = value - ref[CSF]
@@ -385,14 +392,10 @@ def challenge_geometry(block=4, source=CHALLENGE_DIR):
     reference values (ppm, relative to water: air +9.2, bone -2.1), ``brain``
     the block means of the brain mask above 0.5 and ``magnitude`` the fraction
     of a block that is neither air nor bone (signal). The grid is RAS."""
-    import nibabel as nb
-    from scipy.io import loadmat
-
-    labels = np.asarray(nb.load(source / "SegmentedModel.nii.gz").dataobj).astype(np.uint8)
-    brain = np.asarray(nb.load(source / "BrainMask.nii.gz").dataobj) > 0
-    table = loadmat(source / "SusceptibilityValues.mat", squeeze_me=True)["label"]
+    labels, brain, ref = challenge_segmentation(source)
     lut = np.zeros(256, np.float32)
-    lut[1:len(table) + 1] = [float(row["chiref"]) for row in table]   # label = row + 1
+    for label, value in ref.items():
+        lut[label] = value
     shape = tuple(n // block for n in labels.shape)
 
     def block_mean(volume):
