@@ -29,6 +29,12 @@ def _config(tmp_path, bids, **workflow):
     return config
 
 
+def _qsm_wf(config, bids):
+    """The QSM workflow of the one run of subject 01 in ``bids`` (built, not run)."""
+    wf = init_qsmprep_wf(config, collect_data(bids, validate=False))
+    return wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+
+
 def _node_names(wf):
     return {f"qsmprep_wf.{name}" for name in wf.list_node_names()}
 
@@ -279,11 +285,7 @@ def test_the_csf_core_is_found_once_per_run(tmp_path, synthetic_bids):
     that is the method, so the CSF median of such a map is 0."""
     from qsmprep.interfaces.reference import CSFCore
 
-    def qsm_graph(config):
-        wf = init_qsmprep_wf(config, collect_data(synthetic_bids, validate=False))
-        return wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
-
-    qsm = qsm_graph(_config(tmp_path, synthetic_bids))
+    qsm = _qsm_wf(_config(tmp_path, synthetic_bids), synthetic_bids)
     searches = [n for n in qsm._graph.nodes
                 if isinstance(getattr(n, "interface", None), CSFCore)]
     assert [n.name for n in searches] == ["csf_core"]
@@ -294,17 +296,15 @@ def test_the_csf_core_is_found_once_per_run(tmp_path, synthetic_bids):
     assert qsm.get_node("csf_core").inputs.params == {}
     config = _config(tmp_path, synthetic_bids, referencing="csf")
     config.workflow.params["referencing"] = {"depth_mm": 8.0, "core_voxels": 1}
-    assert qsm_graph(config).get_node("csf_core").inputs.params == {"depth_mm": 8.0,
-                                                                    "core_voxels": 1}
+    assert _qsm_wf(config, synthetic_bids).get_node("csf_core").inputs.params == {
+        "depth_mm": 8.0, "core_voxels": 1}
 
 
 def test_only_a_quality_mask_waits_for_the_unwrapping(tmp_path, synthetic_bids):
     from qsmprep.qsm import registry
 
     def qsm_graph(**workflow):
-        wf = init_qsmprep_wf(_config(tmp_path, synthetic_bids, **workflow),
-                             collect_data(synthetic_bids, validate=False))
-        return wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+        return _qsm_wf(_config(tmp_path, synthetic_bids, **workflow), synthetic_bids)
 
     def upstream(qsm, node):
         import networkx as nx
