@@ -76,15 +76,14 @@ def test_options_change_the_graph(tmp_path, synthetic_bids):
     names = _node_names(wf)
     assert not any(n.endswith("phase_offset") for n in names)
     assert any(n.endswith("ds_qsm_wf.ds_unwrapped") for n in names)
-    inversion = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf").get_node("inversion")
+    qsm = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+    inversion = qsm.get_node("inversion")
     assert inversion.inputs.method == "tkd" and inversion.inputs.params == {"threshold": 0.2}
     assert "threshold 0.2" in wf.visit_desc()
     # a two-step chain gets BET's mask unclosed; the default (TFI) gets it closed
-    qsm = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
     assert qsm.get_node("mask").inputs.params == {}
-    default = init_qsmprep_wf(_config(tmp_path, synthetic_bids),
-                              collect_data(synthetic_bids, validate=False))
-    mask = default.get_node("sub_01_wf").get_node("qsm_MEGRE_wf").get_node("mask")
+    default = _qsm_wf(_config(tmp_path, synthetic_bids), synthetic_bids)
+    mask = default.get_node("mask")
     assert mask.inputs.method == "bet" and mask.inputs.params == {"close_mm": 4.0}
     assert "radius 4.0 mm" in default.visit_desc()
 
@@ -92,14 +91,13 @@ def test_options_change_the_graph(tmp_path, synthetic_bids):
 def test_dl_sidecar_and_methods_text_record_the_device_the_run_used(tmp_path, synthetic_bids):
     config = _config(tmp_path, synthetic_bids, bf_removal="nextqsm", inversion="nextqsm")
     config.workflow.params = {"inversion": {"precision": "bf16"}}
-    wf = init_qsmprep_wf(config, collect_data(synthetic_bids, validate=False))
-    qsm = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+    qsm = _qsm_wf(config, synthetic_bids)
     methods = qsm.get_node("ds_qsm_wf").get_node("ds_chimap").inputs.meta_dict["QSMMethods"]
     assert methods["bf_removal"]["Parameters"]["device"] == "cpu"  # not the default "auto"
     assert methods["inversion"]["Parameters"] == {"device": "cpu", "max_voxels": None,
                                                   "precision": "bf16"}
     assert "device" not in methods["referencing"]["Parameters"]  # takes no device
-    assert "(device: cpu, precision: bf16)" in wf.visit_desc()
+    assert "(device: cpu, precision: bf16)" in qsm.visit_desc()
     # the nodes get the device as context (so a CUDA out-of-memory can fall back to the CPU)
     assert qsm.get_node("inversion").inputs.params == {"precision": "bf16"}
 
@@ -249,9 +247,7 @@ def test_echo_combination_noise_map_reaches_pdf_and_medi(tmp_path, synthetic_bid
 
 
 def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
-    wf = init_qsmprep_wf(_config(tmp_path, synthetic_bids),
-                         collect_data(synthetic_bids, validate=False))
-    qsm = wf.get_node("sub_01_wf").get_node("qsm_MEGRE_wf")
+    qsm = _qsm_wf(_config(tmp_path, synthetic_bids), synthetic_bids)
     assert qsm.get_node("echo_combine").inputs.method == "romeo"
     edges = {(u.name, v.name): d["connect"] for u, v, d in qsm._graph.edges(data=True)}
     assert ("noise_std", "noise_std") in edges[("echo_combine", "total_field")]
@@ -263,18 +259,14 @@ def test_default_graph_passes_romeo_noise_map(tmp_path, synthetic_bids):
         local = [(u, c) for (u, v), cs in edges.items() if v == sink for c in cs
                  if c[1].endswith("local_field")]
         assert local == [("inversion", ("local_field", local[0][1][1]))], (sink, local)
-    desc = wf.visit_desc()
+    desc = qsm.visit_desc()
     assert "magnitude- and echo-time-weighted average" in desc and "N_std" in desc
     assert "weighted the data term" in desc  # the default TFI takes N_std
     # NeXtQSM takes no N_std: its methods text must not claim a weighting
-    learned = init_qsmprep_wf(_config(tmp_path, synthetic_bids, bf_removal="nextqsm",
-                                      inversion="nextqsm"),
-                              collect_data(synthetic_bids, validate=False))
-    assert "weighted the data term" not in learned.visit_desc()
-    classical = init_qsmprep_wf(_config(tmp_path, synthetic_bids, bf_removal="pdf",
-                                        inversion="ilsqr"),
-                                collect_data(synthetic_bids, validate=False))
-    assert "weighted the data term" in classical.visit_desc()  # PDF and iLSQR take N_std
+    for chain, weighted in ((dict(bf_removal="nextqsm", inversion="nextqsm"), False),
+                            (dict(bf_removal="pdf", inversion="ilsqr"), True)):  # both take N_std
+        other = _qsm_wf(_config(tmp_path, synthetic_bids, **chain), synthetic_bids)
+        assert ("weighted the data term" in other.visit_desc()) is weighted, chain
 
 
 def test_the_csf_core_is_found_once_per_run(tmp_path, synthetic_bids):
