@@ -623,3 +623,23 @@ def test_air_model_field_is_the_dipole_field_of_the_air():
     pole = centre + np.round(9.0 * np.array(b0) / np.array(vox)).astype(int)
     equator = centre + np.array([9, 0, 0])
     assert model[tuple(pole)] > 0.05 > -0.02 > model[tuple(equator)]
+
+
+def test_remove_polynomial_removes_a_shim_and_fits_several_maps_at_once():
+    """A second-order polynomial in mm (what a shim removes) leaves only the
+    rest; maps stacked on a last axis get each its own fit, as one by one."""
+    from qsmprep.qsm.phase_sign import remove_polynomial
+
+    rng = np.random.default_rng(3)
+    shape, vox = (20, 24, 18), (1.0, 1.2, 1.5)
+    x, y, z = (np.indices(shape) * np.reshape(vox, (3, 1, 1, 1))).astype(float)
+    mask = ((x - 10) ** 2 + (y - 14) ** 2 + (z - 13) ** 2) < 81
+    rest = rng.normal(size=shape)
+    shim = 0.3 + 0.02 * x - 0.01 * y * z + 0.004 * x * x
+    alone = remove_polynomial(rest + shim, mask, vox)
+    np.testing.assert_allclose(alone, remove_polynomial(rest, mask, vox), atol=1e-9)
+    assert abs(np.corrcoef(alone, rest[mask])[0, 1]) > 0.9   # the rest is kept
+    both = remove_polynomial(np.stack([rest + shim, -2 * shim], axis=-1), mask, vox)
+    assert both.shape == (mask.sum(), 2)
+    np.testing.assert_allclose(both[:, 0], alone, atol=1e-9)
+    np.testing.assert_allclose(both[:, 1], 0.0, atol=1e-9)

@@ -109,7 +109,9 @@ def air_model_field(tissue, voxel_size_mm, b0_dir):
 
 def remove_polynomial(field, mask, voxel_size_mm, order=2):
     """``field`` in ``mask`` less its least-squares polynomial of ``order``
-    in the voxel coordinates (mm): what a scanner shim of that order removes."""
+    in the voxel coordinates (mm): what a scanner shim of that order removes.
+    ``field`` may hold several maps along a last axis (one fit for all: the
+    basis is built and factorised once); the result is then (voxels, maps)."""
     idx = np.argwhere(mask).astype(np.float64) * np.asarray(voxel_size_mm, float)
     idx = (idx - idx.mean(axis=0)) / max(float(np.abs(idx).max()), 1e-9)
     x, y, z = idx.T
@@ -160,8 +162,7 @@ def phase_sign_evidence(field, magnitude, mask, voxel_size_mm, b0_dir,
         return out
     region = mask | outside
     model = air_model_field(tissue, voxel_size_mm, b0_dir)
-    a = remove_polynomial(field, region, voxel_size_mm)
-    b = remove_polynomial(model, region, voxel_size_mm)
+    a, b = remove_polynomial(np.stack([field, model], axis=-1), region, voxel_size_mm).T
     denom = float(np.linalg.norm(a - a.mean()) * np.linalg.norm(b - b.mean()))
     if denom > 0:
         out["correlation"] = round(float(np.dot(a - a.mean(), b - b.mean()) / denom), 4)
