@@ -86,7 +86,7 @@ def edge_weights(weights, mask, voxel_size_mm, edge_mm):
 
 def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, magnitude=None,
         magnitude_echoes=None, echo_times_s=None, lam=8000.0, p_outside=30.0, edge_mm=3.0,
-        edge_fraction=0.8, max_outer=10, cg_iter=100, last_cg_factor=2.0, coarse_steps=15,
+        edge_fraction=0.8, max_outer=10, cg_iter=100, last_cg_factor=2.0, coarse_steps=10,
         coarse_cg_iter=200, coarse_max_mm=2.5,
         steps_after_coarse=3, tol=1e-2, pad_factor=1.1, misfit_step=0.5, misfit_lam=1e-2,
         csf_lam=10000.0, noise_ref_ppm=1.2e-3, lam_factor_range=(0.125, 8.0),
