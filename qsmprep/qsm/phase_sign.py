@@ -121,7 +121,7 @@ def remove_polynomial(field, mask, voxel_size_mm, order=2):
     if order >= 2:
         terms += [x * x, y * y, z * z, x * y, x * z, y * z]
     basis = np.stack(terms, axis=1)
-    values = np.asarray(field, dtype=np.float64)[mask]
+    values = np.asarray(field)[mask].astype(np.float64)   # only the voxels fitted
     coef, *_ = np.linalg.lstsq(basis, values, rcond=None)
     return values - basis @ coef
 
