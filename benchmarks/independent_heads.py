@@ -352,14 +352,18 @@ CHALLENGE_VOXEL_MM = 0.64
 def challenge_segmentation(source=CHALLENGE_DIR):
     """The Challenge head on its 0.64 mm grid: ``(labels, brain, chi_ref)``, the
     segmentation (uint8, the suite's label numbers), its brain mask and the
-    reference χ of each label (ppm, a dict; label = row of the table + 1)."""
+    reference χ of each label (ppm, relative to water) as a lookup array indexed
+    by label (label = row of the table + 1; 0 for labels not in the table)."""
     import nibabel as nb
     from scipy.io import loadmat
 
     labels = np.asarray(nb.load(source / "SegmentedModel.nii.gz").dataobj).astype(np.uint8)
     brain = np.asarray(nb.load(source / "BrainMask.nii.gz").dataobj) > 0
     table = loadmat(source / "SusceptibilityValues.mat", squeeze_me=True)["label"]
-    return labels, brain, {i + 1: float(entry["chiref"]) for i, entry in enumerate(table)}
+    chi_ref = np.zeros(256)
+    for i, entry in enumerate(table):
+        chi_ref[i + 1] = float(entry["chiref"])
+    return labels, brain, chi_ref
 
 
 def challenge_model(h, rng, chi_texture=True, source=CHALLENGE_DIR):
@@ -373,11 +377,8 @@ def challenge_model(h, rng, chi_texture=True, source=CHALLENGE_DIR):
     if abs(h - CHALLENGE_VOXEL_MM) > 1e-6:
         raise ValueError(f"The Challenge head's model grid is {CHALLENGE_VOXEL_MM} mm, so its "
                          f"acquired voxel is {2 * CHALLENGE_VOXEL_MM} mm, not {2 * h} mm")
-    labels, brain, ref = challenge_segmentation(source)
-    lut = np.zeros(256, np.float32)
-    for label, value in ref.items():
-        lut[label] = value - ref[CSF]
-    chi = lut[labels]
+    labels, brain, chi_ref = challenge_segmentation(source)
+    chi = (chi_ref - chi_ref[CSF]).astype(np.float32)[labels]
     if chi_texture:
         tissue = brain & ~np.isin(labels, (CSF, VEIN, CALCIFICATION))
         chi += np.where(tissue, 0.006 * _smooth_noise(labels.shape, 2 / h, rng), 0)
@@ -392,10 +393,7 @@ def challenge_geometry(block=4, source=CHALLENGE_DIR):
     reference values (ppm, relative to water: air +9.2, bone -2.1), ``brain``
     the block means of the brain mask above 0.5 and ``magnitude`` the fraction
     of a block that is neither air nor bone (signal). The grid is RAS."""
-    labels, brain, ref = challenge_segmentation(source)
-    lut = np.zeros(256, np.float32)
-    for label, value in ref.items():
-        lut[label] = value
+    labels, brain, chi_ref = challenge_segmentation(source)
     shape = tuple(n // block for n in labels.shape)
 
     def block_mean(volume):
@@ -403,7 +401,7 @@ def challenge_geometry(block=4, source=CHALLENGE_DIR):
         return v.reshape(shape[0], block, shape[1], block, shape[2], block).mean(axis=(1, 3, 5))
 
     magnitude = 1 - block_mean(labels == AIR) - block_mean(labels == BONE)
-    return (block_mean(lut[labels]), block_mean(brain) > 0.5, magnitude,
+    return (block_mean(chi_ref.astype(np.float32)[labels]), block_mean(brain) > 0.5, magnitude,
             (CHALLENGE_VOXEL_MM * block,) * 3)
 
 
