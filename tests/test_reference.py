@@ -142,7 +142,7 @@ def test_reference_values_let_a_map_move_to_the_other_reference(tmp_path):
     from qsmprep.interfaces.reference import CSFCore, Reference
     from qsmprep.qsm.reference import csf_mask, reference_values
     from qsmprep.workflows.outputs import _merge_meta
-    from qsmprep.workflows.qsm import csf_search_params
+    from qsmprep.qsm.reference import csf_search_params
 
     brain, ventricles, magnitude, te = csf_head(3.0)
     rng = np.random.default_rng(1)
@@ -196,3 +196,10 @@ def test_reference_values_let_a_map_move_to_the_other_reference(tmp_path):
     assert own["VentricularCSFVoxels"] == csf_mask(magnitude, brain, vox, echo_times_s=te,
                                                    **settings)[0].sum() != region[0].sum()
     assert csf_search_params("mean", settings) == {}
+    # used directly, without the run's core, the interface searches once with the
+    # method's own settings, for the map and the values alike
+    direct = Reference(method="csf", params=settings, chi=files["chi"], mask=files["mask"],
+                       magnitude=files["mag"], echo_times_s=list(te)).run(cwd=str(tmp_path))
+    assert direct.outputs.reference_values == pytest.approx(own, abs=1e-6)
+    np.testing.assert_allclose(np.asanyarray(nb.load(direct.outputs.chi).dataobj),
+                               np.asanyarray(nb.load(result.outputs.chi).dataobj), atol=1e-7)

@@ -68,27 +68,31 @@ class _ReferenceOutputSpec(_ChiOutputSpec):
 class Reference(SimpleInterface):
     """Referencing with registry stage ``referencing``, and the written map's values over
     the common reference regions (:func:`qsmprep.qsm.reference.reference_values`):
-    the CSF core is ``csf`` when given (found once for the run), else found here."""
+    the CSF core is ``csf`` when given (found once for the run), else found here
+    once, with the method's settings (:func:`~qsmprep.qsm.reference.csf_search_params`),
+    for both the method and the values."""
 
     input_spec = _ReferenceInputSpec
     output_spec = _ReferenceOutputSpec
 
     def _run_interface(self, runtime):
-        from ..qsm.reference import csf_mask, reference_values
+        from ..qsm.reference import csf_mask, csf_search_params, reference_values
 
         chi, ref = _load(self.inputs.chi)
         mask, _ = _load(self.inputs.mask, bool)
         magnitude, vox = _lazy_file(self.inputs.magnitude), _voxel_size(ref)
         te = list(self.inputs.echo_times_s) if isdefined(self.inputs.echo_times_s) else None
-        given = _csf_region(self.inputs)   # the run's (core, problem), or None
-        given = None if given is None else given.get()
-        region = given if given is not None or magnitude is None else csf_mask(
-            magnitude.get(), mask, vox, echo_times_s=te)
+        region = _csf_region(self.inputs)   # the run's (core, problem), or None
+        if region is not None:
+            region = region.get()
+        elif magnitude is not None:         # not given: one search, with the method's settings
+            region = csf_mask(magnitude.get(), mask, vox, echo_times_s=te,
+                              **csf_search_params(self.inputs.method, self.inputs.params))
         with logged_warnings() as warnings:
             out = _execution(self.inputs, limit_threads=False).run(
                 "referencing", self.inputs.method, chi, mask, params=self.inputs.params,
                 context={"voxel_size_mm": vox, "magnitude": magnitude, "echo_times_s": te,
-                         "csf_region": given,
+                         "csf_region": region,
                          "source": self.inputs.source})
         out = np.where(mask, out, 0)
         self._results["reference_values"] = reference_values(out, mask, region)

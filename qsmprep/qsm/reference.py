@@ -7,6 +7,7 @@ Every method has the referencing stage signature of :mod:`qsmprep.qsm.registry`:
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import numpy as np
@@ -162,3 +163,15 @@ def reference_csf(chi_ppm, mask, *, magnitude=None, voxel_size_mm=(1.0, 1.0, 1.0
     if not csf.any():
         raise ValueError("The CSF mask has no voxel inside the brain mask")
     return (chi - np.median(chi[csf])).astype(np.float32) * mask
+
+
+def csf_search_params(referencing, params):
+    """The keywords of :func:`qsmprep.qsm.reference.csf_mask` for the run's one
+    CSF search (the ``csf_core`` node, whose core TFI's CSF term, ``--referencing
+    csf`` and the Chimap's ``ReferenceValues`` all take): ``--referencing csf``'s
+    settings (``params``) when that is the ``referencing`` method, else its
+    defaults."""
+    if referencing != "csf":
+        return {}
+    names = inspect.signature(csf_mask).parameters
+    return {k: v for k, v in params.items() if k in names and k != "echo_times_s"}

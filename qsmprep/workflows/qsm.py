@@ -32,6 +32,7 @@ from ..interfaces.qsm import (
 from ..interfaces.reference import CSFCore, Reference
 from ..qsm import registry
 from ..qsm.echo import noise_level_known
+from ..qsm.reference import csf_search_params
 from .outputs import init_qsm_derivatives_wf
 from .regions import init_regions_wf, needs_registration
 from .reports import init_qsm_reports_wf
@@ -379,20 +380,6 @@ def init_qsm_wf(config, run, *, name=None):
         (csf_core, reports, [("csf", "inputnode.csf")]),
     ])  # fmt: skip
     return wf
-
-
-def csf_search_params(referencing, params):
-    """The keywords of :func:`qsmprep.qsm.reference.csf_mask` for the run's one
-    CSF search (the ``csf_core`` node, whose core TFI's CSF term, ``--referencing
-    csf`` and the Chimap's ``ReferenceValues`` all take): ``--referencing csf``'s
-    settings (``params``) when that is the ``referencing`` method, else its
-    defaults."""
-    from ..qsm.reference import csf_mask
-
-    if referencing != "csf":
-        return {}
-    names = inspect.signature(csf_mask).parameters
-    return {k: v for k, v in params.items() if k in names and k != "echo_times_s"}
 
 
 def noise_weighting_sentence(methods, params):

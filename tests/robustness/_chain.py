@@ -19,7 +19,7 @@ from qsmprep.config import Config
 from qsmprep.interfaces import qsm as ifaces
 from qsmprep.interfaces import reference as reference_ifaces
 from qsmprep.qsm.units import GAMMA_BAR_MHZ_PER_T
-from qsmprep.workflows.qsm import csf_search_params
+from qsmprep.qsm.reference import csf_search_params
 
 #: chi (ppm) of the sphere at the world origin; brain radius and sphere radius (mm)
 CHI, BRAIN_MM, SPHERE_MM = 0.2, 20.0, 6.0
