@@ -97,7 +97,7 @@ def _cone(shape, voxel_size_mm, b0_dir, threshold, device):
     from the symmetrised half spectrum (:func:`qsmprep.qsm.kernels.half_spectrum`:
     the even part ``(D(k) + D(-k)) / 2``), so that ``F^-1 M_ic F`` is an exact
     (real, symmetric) projection also with an oblique B0 on even grids."""
-    d = half_spectrum(dipole_kernel(shape, voxel_size_mm, b0_dir))
+    d = dipole_kernel(shape, voxel_size_mm, b0_dir, half=True)
     return T.as_tensor(np.abs(d) < threshold, device)
 
 

@@ -25,7 +25,7 @@ def kspace_grid(shape, voxel_size_mm):
     return np.meshgrid(*axes, indexing="ij", sparse=True)
 
 
-def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
+def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), *, half=False):
     """Unit dipole kernel in k-space, ``D(k) = 1/3 - (k.b)^2 / |k|^2``.
 
     Parameters
@@ -36,10 +36,15 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
         Voxel size along each array axis.
     b0_dir : tuple of 3 floats
         B0 direction in voxel axes (normalised here).
+    half : bool
+        Return only the ``rfftn`` half of the kernel's even part (last axis
+        ``N // 2 + 1``), the values of ``half_spectrum(dipole_kernel(...))``,
+        computed on that half alone: half the time and a fraction of the
+        memory, which matters on the phase-sign check's doubled grid.
 
     Returns
     -------
-    ndarray, float32, ``shape``; ``D(0) = 0``.
+    ndarray, float32, ``shape`` (or its half); ``D(0) = 0``.
 
     Notes
     -----
@@ -50,18 +55,49 @@ def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
     """
     b = np.asarray(b0_dir, dtype=np.float64)
     b = b / np.linalg.norm(b)
-    kx, ky, kz = kspace_grid(shape, voxel_size_mm)
-    # k.b in float64 (on the magic-angle cone of an axis-aligned B0, D is then
-    # a tiny non-zero number whose sign TKD-type filters use), in place: the
-    # values of the plain expression in about half its time
-    kb = kx * b[0] + ky * b[1] + kz * b[2]
-    k2 = kx**2 + ky**2 + kz**2
-    k2[0, 0, 0] = 1.0  # D(0) is set below
-    d = np.square(kb, out=kb)
-    d /= k2
-    np.subtract(1.0 / 3.0, d, out=d)
-    d = d.astype(np.float32)
-    d[0, 0, 0] = 0.0
+    k = list(kspace_grid(shape, voxel_size_mm))
+    if not half:
+        return _dipole_values(k, b)
+    k[2] = k[2][..., : shape[2] // 2 + 1]
+    d = _dipole_values(k, b)
+    # The even part (even_part) differs from D only where a component of k sits on
+    # the Nyquist bin of an even axis, its own mirror: there it is the mean of D(k)
+    # and D of k with those components negated (D is even in k otherwise).
+    flipped = [a.copy() for a in k]
+    for axis, n in enumerate(shape):
+        if n % 2 == 0:
+            flipped[axis].reshape(-1)[n // 2] *= -1
+    for axis, n in enumerate(shape):
+        if n % 2 == 0:
+            plane = tuple(slice(n // 2, n // 2 + 1) if a == axis else slice(None)
+                          for a in range(3))
+            on = [g[plane] if g.shape[axis] > 1 else g for g in k]
+            on_flipped = [g[plane] if g.shape[axis] > 1 else g for g in flipped]
+            d[plane] = 0.5 * (_dipole_values(on, b) + _dipole_values(on_flipped, b))
+    return d
+
+
+def _dipole_values(k, b, rows=16):
+    """``1/3 - (k.b)^2 / |k|^2`` (float32; 0 where ``k = 0``) on the sparse grid
+    ``k`` (three broadcastable float32 axes), ``rows`` of the first axis at a time.
+    k.b is taken in float64 (on the magic-angle cone of an axis-aligned B0, D is
+    then a tiny non-zero number whose sign TKD-type filters use)."""
+    kx, ky, kz = k
+    shape = np.broadcast_shapes(kx.shape, ky.shape, kz.shape)
+    d = np.empty(shape, np.float32)
+    for start in range(0, shape[0], rows):
+        x = kx[start:start + rows] if kx.shape[0] > 1 else kx
+        y = ky[start:start + rows] if ky.shape[0] > 1 else ky
+        z = kz[start:start + rows] if kz.shape[0] > 1 else kz
+        kb = x * b[0] + y * b[1] + z * b[2]
+        k2 = x**2 + y**2 + z**2
+        zero = k2 == 0
+        k2 = np.where(zero, np.float32(1.0), k2)   # D(0) is set below
+        v = np.square(kb, out=kb)
+        v /= k2
+        np.subtract(1.0 / 3.0, v, out=v)
+        v = np.where(zero, 0.0, v)
+        d[start:start + rows] = v
     return d
 
 
@@ -98,7 +134,9 @@ def half_spectrum(kspace):
 
     The one helper of every half-spectrum k-space filter in qsmprep (the
     torch solvers of :mod:`qsmprep.qsm.torch_ops` and
-    :mod:`qsmprep.qsm.inversion`, and :class:`qsmprep.dl.dipole.DipoleOperator`).
+    :mod:`qsmprep.qsm.inversion`, and :class:`qsmprep.dl.dipole.DipoleOperator`);
+    the dipole kernel's own half is computed directly by
+    ``dipole_kernel(..., half=True)``, with the same values.
     """
     return even_part(kspace)[..., : np.shape(kspace)[-1] // 2 + 1]
 

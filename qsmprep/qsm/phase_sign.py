@@ -59,7 +59,7 @@ from __future__ import annotations
 import numpy as np
 
 from .fft import fast_shape, irfftn, rfftn
-from .kernels import dipole_kernel, half_spectrum
+from .kernels import dipole_kernel
 from .mask import _as_3d_magnitude, close, erode, magnitude_threshold
 
 #: |correlation| from which the sign is taken as shown (see the module docstring)
@@ -96,14 +96,15 @@ def air_model_field(tissue, voxel_size_mm, b0_dir):
     that the faces where a slab cuts the head do not act as air boundaries.
     """
     tissue = np.asarray(tissue, dtype=np.float32)
-    widths = [(n // 2 + 1, n // 2 + 1) for n in tissue.shape]
-    padded = np.pad(tissue, widths, mode="edge")
-    shape = fast_shape(padded.shape, factor=1.0)
-    extra = [(0, s - n) for s, n in zip(shape, padded.shape)]
-    padded = np.pad(padded, extra, mode="edge")
-    d = half_spectrum(dipole_kernel(shape, voxel_size_mm, b0_dir))
-    field = -irfftn(d * rfftn(padded), shape)
-    crop = tuple(slice(w[0], w[0] + n) for w, n in zip(widths, tissue.shape))
+    widths = [n // 2 + 1 for n in tissue.shape]
+    shape = fast_shape([n + 2 * w for n, w in zip(tissue.shape, widths)], factor=1.0)
+    padded = np.pad(tissue, [(w, s - n - w) for w, s, n in zip(widths, shape, tissue.shape)],
+                    mode="edge")
+    spectrum = rfftn(padded)
+    del padded
+    spectrum *= dipole_kernel(shape, voxel_size_mm, b0_dir, half=True)
+    field = -irfftn(spectrum, shape)
+    crop = tuple(slice(w, w + n) for w, n in zip(widths, tissue.shape))
     return np.ascontiguousarray(field[crop], dtype=np.float32)
 
 

@@ -40,9 +40,10 @@ def irfft3(xk, shape):
 
 def dipole_kernel_t(shape, voxel_size_mm, b0_dir, device="cpu"):
     """Dipole kernel (:func:`qsmprep.qsm.kernels.dipole_kernel`) as a half-spectrum
-    tensor (:func:`qsmprep.qsm.kernels.half_spectrum`: symmetrised, so that it is the
-    real part of the full product for an oblique B0 on even grids too, issue 24)."""
-    return as_tensor(half_spectrum(dipole_kernel(shape, voxel_size_mm, b0_dir)), device)
+    tensor (``half=True``: the values of :func:`qsmprep.qsm.kernels.half_spectrum`,
+    symmetrised, so that it is the real part of the full product for an oblique B0
+    on even grids too, issue 24)."""
+    return as_tensor(dipole_kernel(shape, voxel_size_mm, b0_dir, half=True), device)
 
 
 def smv_kernel_t(shape, voxel_size_mm, radius_mm, device="cpu"):
