@@ -9,7 +9,7 @@ from qsmprep.qsm import metrics
 from qsmprep.qsm.bgremove import pdf
 from qsmprep.qsm.inversion import medi, tkd
 from qsmprep.qsm.kernels import dipole_convolve, sphere_field
-from qsmprep.qsm.tfi import edge_weights, tfi
+from qsmprep.qsm.tfi import band_edges, edge_band, edge_weights, tfi, vessel_like
 
 from _data import save_volumes
 from _qsm_phantom import brain_phantom
@@ -96,6 +96,40 @@ def test_edge_weights_refuse_a_mask_thinner_than_the_edge():
     mask[5:15, 5:15, 9:11] = True
     with pytest.raises(ValueError, match="edge_mm=3.0"):
         edge_weights(mask.astype(np.float32), mask, (1.0, 1.0, 1.0), 3.0)
+
+
+def test_vessel_like_voxels_and_the_prior_in_the_edge_band():
+    """Rule R31-5: in the edge band (no data weight) the prior covers every
+    gradient between two mask voxels, except at vessel-like voxels (R2* above
+    twice the mask's median); gradients deeper in, or crossing the mask's
+    boundary, keep MEDI's edge mask. A vein of R2* 80/s in tissue of 20/s is
+    found, at three echoes; one echo gives no R2*, so no vessels."""
+    shape = (20, 20, 20)
+    mask = np.zeros(shape, bool)
+    mask[4:16, 4:16, 4:16] = True
+    vein = np.zeros(shape, bool)
+    vein[5, 8:12, 4:16] = True                        # along z, one voxel under the surface
+    te = np.array([0.005, 0.015, 0.025])
+    r2 = np.where(vein, 80.0, 20.0)
+    rng = np.random.default_rng(0)
+    echoes = (np.exp(-r2[..., None] * te) * mask[..., None]
+              + rng.normal(0, 0.002, (*shape, 3))).astype(np.float32)
+    vessels = vessel_like(echoes, te, mask)
+    assert vessels[vein].mean() > 0.9 and vessels[mask & ~vein].mean() < 0.01
+    assert vessel_like(echoes[..., :1], te[:1], mask) is None
+    assert vessel_like(echoes, None, mask) is None
+
+    band = edge_band(mask, (1.0, 1.0, 1.0), 2.0)      # the outer two voxel layers
+    assert band[4, 10, 10] and band[5, 10, 10] and not band[6, 10, 10]
+    out = band_edges(np.zeros((3, *shape), np.float32), mask, band, vessels)
+    assert out[0, 4, 6, 10] == 1          # both in the mask, in the band: the prior
+    assert out[0, 5, 6, 10] == 1          # from the band's inner layer inwards too
+    assert out[0, 6, 6, 10] == 0          # between two voxels deeper than the band
+    assert out[0, 10, 10, 10] == 0        # deep: MEDI's edge mask as it was
+    assert out[0, 3, 10, 10] == 0         # crossing the boundary: as it was
+    assert out[0, 4, 10, 10] == 0 and out[0, 5, 10, 10] == 0   # touching the vein
+    assert np.array_equal(band_edges(np.ones((3, *shape), np.float32), mask, band, vessels),
+                          np.ones((3, *shape), np.float32))    # never takes the prior away
 
 
 def test_normal_operator_is_the_formula_it_documents():
@@ -328,15 +362,17 @@ def test_tfi_takes_the_runs_csf_core_found_once(tmp_path, caplog):
                  magnitude_echoes=magnitude, echo_times_s=te, **quick)
     region = csf_mask(magnitude, brain, vox, echo_times_s=te)
     assert region[1] is None and region[0].any()
+    echoes = {"magnitude_echoes": magnitude, "echo_times_s": te}   # R2*: the band prior
     given, _ = tfi(field, brain, vox, b0_dir=(0, 0, 1), magnitude=rss,
-                   csf_region=region, **quick)
+                   csf_region=region, **echoes, **quick)
     np.testing.assert_array_equal(given, own)
     without, _ = tfi(field, brain, vox, b0_dir=(0, 0, 1), magnitude=rss,
-                     csf_lam=0.0, **quick)
+                     csf_lam=0.0, **echoes, **quick)
     assert np.abs(without - own).max() > 1e-4          # the term changes the map
     with caplog.at_level("WARNING", logger="qsmprep"):
         none, _ = tfi(field, brain, vox, b0_dir=(0, 0, 1), magnitude=rss,
-                      csf_region=(np.zeros_like(brain), "no ventricles in view"), **quick)
+                      csf_region=(np.zeros_like(brain), "no ventricles in view"), **echoes,
+                      **quick)
     np.testing.assert_array_equal(none, without)
     assert "without MEDI+0's CSF term: no ventricles in view" in caplog.text
 

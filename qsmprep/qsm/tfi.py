@@ -23,6 +23,12 @@ inversion"):
   those voxels get no data weight, while their chi is still estimated from the
   deeper data through the dipole coupling and the edge-preserving prior.
   Dropping them from the mask instead scores them as 0 and costs more.
+* **The prior covers the edge band** (rule R31-5): ``M_G`` exempts the
+  strongest magnitude gradients from the prior, most of them at the brain's
+  edge, where the field has no weight either, so χ there was held by
+  neither. In the band the prior covers every gradient between two mask
+  voxels except those touching a vessel-like voxel (R2* above twice the
+  mask's median: pial veins are χ edges whose field the deeper data need).
 * **Linear data term and PDF start.** The field is in ppm (no complex
   exponential); the outside sources start from PDF's fit, and each lagged
   diffusivity step solves for the update by CG, so the CG tolerance is relative
@@ -68,16 +74,23 @@ from .reference import csf_mask
 LOGGER = logging.getLogger("qsmprep")
 
 
-def edge_weights(weights, mask, voxel_size_mm, edge_mm):
-    """``weights`` set to 0 within ``edge_mm`` (mm) of the mask's boundary.
+def edge_band(mask, voxel_size_mm, edge_mm):
+    """The mask's voxels within ``edge_mm`` (mm) of its boundary, whose field
+    TFI does not trust. The depth of a voxel is its distance to the nearest
+    voxel outside the mask (the outer layer is one voxel deep)."""
+    mask = np.asarray(mask, dtype=bool)
+    if edge_mm <= 0:
+        return np.zeros_like(mask)
+    return mask & (depth_mm(mask, voxel_size_mm, border_outside=False) <= edge_mm)
 
-    The depth of a voxel is its distance to the nearest voxel outside the mask
-    (the outer layer is one voxel deep). Raises a ValueError when no weighted
-    voxel would be left."""
+
+def edge_weights(weights, mask, voxel_size_mm, edge_mm, band=None):
+    """``weights`` set to 0 in the edge band (:func:`edge_band`, or ``band``
+    when given). Raises a ValueError when no weighted voxel would be left."""
     if edge_mm <= 0:
         return weights
-    depth = depth_mm(mask, voxel_size_mm, border_outside=False)
-    out = np.where(depth > edge_mm, weights, 0.0).astype(np.float32)
+    band = edge_band(mask, voxel_size_mm, edge_mm) if band is None else band
+    out = np.where(np.asarray(mask, bool) & ~band, weights, 0.0).astype(np.float32)
     if not np.any(out > 0):
         raise ValueError(f"No voxel of the mask is deeper than edge_mm={edge_mm} mm; "
                          "use a smaller edge_mm for a mask this thin")
@@ -86,7 +99,7 @@ def edge_weights(weights, mask, voxel_size_mm, edge_mm):
 
 def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, magnitude=None,
         magnitude_echoes=None, echo_times_s=None, lam=8000.0, p_outside=30.0, edge_mm=3.0,
-        edge_fraction=0.8, max_outer=10, cg_iter=100, last_cg_factor=2.0, coarse_steps=10,
+        edge_fraction=0.8, band_prior=True, vessel_r2star_factor=2.0, max_outer=10, cg_iter=100, last_cg_factor=2.0, coarse_steps=10,
         coarse_cg_iter=200, coarse_max_mm=2.5,
         steps_after_coarse=3, tol=1e-2, pad_factor=1.1, misfit_step=0.5, misfit_lam=1e-2,
         csf_lam=10000.0, noise_ref_ppm=1.2e-3, lam_factor_range=(0.125, 8.0),
@@ -95,7 +108,11 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     docstring. ``total_field_ppm`` is the total (or a local) field in ppm,
     ``noise_std_ppm`` its N_std (ppm), ``magnitude`` the (multi-echo) magnitude for
     the edge mask. ``lam`` weights the data term of fields in ppm (as MEDI's),
-    ``edge_mm`` is the outer band of the mask (mm) whose field gets no weight.
+    ``edge_mm`` is the outer band of the mask (mm) whose field gets no weight;
+    with ``band_prior`` the prior covers the band's gradients (:func:`band_edges`),
+    except at vessel-like voxels (:func:`vessel_like`, R2* above
+    ``vessel_r2star_factor`` times the mask's median), where ``magnitude_echoes``
+    and ``echo_times_s`` give R2* (two echoes or more; else ``M_G`` as MEDI's).
 
     The problem is solved from PDF's fit of the outside sources by ``max_outer``
     lagged-diffusivity steps of at most ``cg_iter`` CG iterations each, the
@@ -131,11 +148,15 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
     box = MaskBox(mask, pad_factor=pad_factor, even_last=True)  # faster real FFTs
     lam = noise_scaled_lam(lam, noise_std_ppm if noise_std_absolute else None, mask,
                            noise_ref_ppm, lam_factor_range, source)
-    w = edge_weights(_data_weights(mask, noise_std_ppm), mask, voxel_size_mm, edge_mm)
+    band = edge_band(mask, voxel_size_mm, edge_mm)
+    w = edge_weights(_data_weights(mask, noise_std_ppm), mask, voxel_size_mm, edge_mm, band)
     if magnitude is None:
         edges = [mask] * 3
     else:
         edges = gradient_mask(magnitude, mask, edge_fraction)
+        vessels = vessel_like(magnitude_echoes, echo_times_s, mask, vessel_r2star_factor)
+        if band_prior and vessels is not None:
+            edges = band_edges(edges, mask, band, vessels)
     csf = zero_reference_region(magnitude if magnitude_echoes is None else magnitude_echoes,
                                 mask, voxel_size_mm, echo_times_s, source,
                                 csf_region) if csf_lam else None
@@ -162,6 +183,39 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
         denom = torch.where(denom == 0, torch.ones_like(denom), denom)
         chi = chi + float(misfit_step) * T.irfft3(T.rfft3(misfit) * d / denom, shape)
     return box.unpad(T.to_numpy(m * chi)), box.unpad(T.to_numpy(local))
+
+
+def vessel_like(magnitude_echoes, echo_times_s, mask, factor=2.0):
+    """Voxels of ``mask`` whose R2* (1/s, from the first and the last echo of
+    ``magnitude_echoes``, (X, Y, Z, E), at ``echo_times_s``) is above ``factor``
+    times its median over the mask: veins (deoxygenated blood) and other strong
+    local field gradients, at 3 T and 7 T alike. None without two echoes."""
+    if magnitude_echoes is None or echo_times_s is None or len(echo_times_s) < 2:
+        return None
+    mag = np.asarray(magnitude_echoes, dtype=np.float64)
+    if mag.ndim != 4 or mag.shape[-1] != len(echo_times_s):
+        return None
+    mask = np.asarray(mask, dtype=bool)
+    te = np.asarray(echo_times_s, dtype=np.float64)
+    r2star = (np.log(np.maximum(mag[..., 0], 1e-9) / np.maximum(mag[..., -1], 1e-9))
+              / (te[-1] - te[0]))
+    return mask & (r2star > factor * np.median(r2star[mask]))
+
+
+def band_edges(edges, mask, band, vessels):
+    """MEDI's edge mask ``edges`` (3, X, Y, Z; 1 where the prior applies) with
+    the prior on every gradient (forward difference along each axis, as
+    :func:`qsmprep.qsm.inversion.gradient_mask` takes it) between two voxels of
+    ``mask`` of which one lies in ``band`` and neither in ``vessels``."""
+    out = np.array(edges, dtype=np.float32, copy=True)
+    mask, band, vessels = (np.asarray(a, dtype=bool) for a in (mask, band, vessels))
+    for axis in range(3):
+        def nxt(a):
+            return np.roll(a, -1, axis=axis)
+
+        prior = mask & nxt(mask) & (band | nxt(band)) & ~(vessels | nxt(vessels))
+        out[axis][prior] = 1.0
+    return out
 
 
 def noise_scaled_lam(lam, noise_std_ppm, mask, noise_ref_ppm, factor_range=(0.125, 8.0),
