@@ -150,7 +150,7 @@ def as_case(head):
 
 #: the pipeline rows of the held-out heads (R26-0), beside the default and V-SHARP + TV
 HELD_OUT_VARIANTS = ("default, true mask", "classical (pdf + ilsqr)", "--pipeline ir2qsm",
-                     "referencing=csf")
+                     "referencing=mean")
 
 
 def pipeline_variants(suite):

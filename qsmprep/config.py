@@ -38,13 +38,15 @@ from .__about__ import __version__
 #: made, docs/benchmarks.md) it had the lowest whole-pipeline NRMSE on every
 #: head, below NeXtQSM (the default before it) and V-SHARP + TV; the reasons and
 #: numbers are in docs/methods.md ("Default pipeline"), the history in CHANGELOG.md.
+#: The reference is the ventricular CSF core since rule R31-6 (raw XSIM >= 0.70 on
+#: every decision head; the brain mean without ventricles in view, with a warning).
 DEFAULT_METHODS = {
     "unwrapping": "romeo",
     "echo_combination": "romeo",
     "masking": "bet",
     "bf_removal": "none",
     "inversion": "tfi",
-    "referencing": "mean",
+    "referencing": "csf",
 }
 
 #: Named pipelines (``--pipeline``): stage -> method for the stages a preset

@@ -187,7 +187,8 @@ def test_pipeline_variants_selected_by_the_methods_they_change():
     assert list(pdf) == [v for v in labels if "bf_removal=pdf" in v]
     assert classical in pdf and f"{classical}, masking={accuracy.TRUE_MASK}" in pdf
     # the default is selected by its own methods, not by those it shares
-    default_only = accuracy.selected_variants(variants, accuracy.selection(["mean"]))
+    default_only = accuracy.selected_variants(
+        variants, accuracy.selection([DEFAULT_METHODS["referencing"]]))
     assert list(default_only) == [labels[0]]
     assert accuracy.selected_variants(variants, lambda m: True) == variants
     no_tv = accuracy.selected_variants(variants, accuracy.selection(skip=["tv"]))
@@ -430,7 +431,7 @@ def test_independent_held_out_heads_share_nothing_with_the_decision_heads():
                 other["voxel_size_mm"], other["field_strength_t"], other["b0_tilt_deg"])
     variants = independent.pipeline_variants("held-out")
     assert list(variants) == ["default", "vsharp + tv", *independent.HELD_OUT_VARIANTS]
-    assert variants["referencing=csf"]["referencing"] == "csf"
+    assert variants["referencing=mean"]["referencing"] == "mean"   # the default is csf
     assert variants["default, true mask"]["masking"] == independent.TRUE_MASK
     assert sorted(independent.stage_methods("inversion", "held-out")) == ["tfi", "tv"]
     assert independent.stage_methods("bf_removal", "held-out") == []

@@ -88,9 +88,10 @@ def test_every_output_written_with_units_and_provenance(baseline, qsm_forward_bi
     assert "bids:raw:sub-1/anat/sub-1_echo-1_part-phase_MEGRE.nii" in meta["Sources"]
     # the cylinder phantom has no ventricles: TFI says so, and the sidecar carries it
     assert any("without MEDI+0's CSF term" in w for w in meta["InversionWarnings"])
-    assert "ReferencingWarnings" not in meta
-    # the map's values over the reference regions: mean referencing, so its whole-brain
-    # mean is 0 as written; no ventricles, so no CSF value, and the note says why
+    # and the default CSF reference falls back to the whole-brain mean, saying so
+    assert any("whole-brain mean" in w for w in meta["ReferencingWarnings"])
+    # the map's values over the reference regions: mean referencing (the fallback), so its
+    # whole-brain mean is 0 as written; no ventricles, so no CSF value, and the note says why
     chi_file = nb.load(anat / "sub-1_Chimap.nii.gz").get_fdata()
     brain = nb.load(anat / "sub-1_desc-brain_mask.nii.gz").get_fdata() > 0
     values = meta["ReferenceValues"]
