@@ -154,8 +154,9 @@ def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, mag
         edges = [mask] * 3
     else:
         edges = gradient_mask(magnitude, mask, edge_fraction)
-        vessels = vessel_like(magnitude_echoes, echo_times_s, mask, vessel_r2star_factor)
-        if band_prior and vessels is not None:
+        vessels = (vessel_like(magnitude_echoes, echo_times_s, mask, vessel_r2star_factor)
+                   if band_prior else None)
+        if vessels is not None:
             edges = band_edges(edges, mask, band, vessels)
     csf = zero_reference_region(magnitude if magnitude_echoes is None else magnitude_echoes,
                                 mask, voxel_size_mm, echo_times_s, source,
