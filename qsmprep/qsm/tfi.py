@@ -99,8 +99,8 @@ def edge_weights(weights, mask, voxel_size_mm, edge_mm, band=None):
 
 def tfi(total_field_ppm, mask, voxel_size_mm, *, b0_dir, noise_std_ppm=None, magnitude=None,
         magnitude_echoes=None, echo_times_s=None, lam=8000.0, p_outside=30.0, edge_mm=3.0,
-        edge_fraction=0.8, band_prior=True, vessel_r2star_factor=2.0, max_outer=10, cg_iter=100, last_cg_factor=2.0, coarse_steps=10,
-        coarse_cg_iter=200, coarse_max_mm=2.5,
+        edge_fraction=0.8, band_prior=True, vessel_r2star_factor=2.0, max_outer=10, cg_iter=100,
+        last_cg_factor=2.0, coarse_steps=10, coarse_cg_iter=200, coarse_max_mm=2.5,
         steps_after_coarse=3, tol=1e-2, pad_factor=1.1, misfit_step=0.5, misfit_lam=1e-2,
         csf_lam=10000.0, noise_ref_ppm=1.2e-3, lam_factor_range=(0.125, 8.0),
         noise_std_absolute=True, csf_region=None, source="this run", device="cpu"):
@@ -193,13 +193,13 @@ def vessel_like(magnitude_echoes, echo_times_s, mask, factor=2.0):
     local field gradients, at 3 T and 7 T alike. None without two echoes."""
     if magnitude_echoes is None or echo_times_s is None or len(echo_times_s) < 2:
         return None
-    mag = np.asarray(magnitude_echoes, dtype=np.float64)
+    mag = np.asarray(magnitude_echoes)
     if mag.ndim != 4 or mag.shape[-1] != len(echo_times_s):
         return None
     mask = np.asarray(mask, dtype=bool)
     te = np.asarray(echo_times_s, dtype=np.float64)
-    r2star = (np.log(np.maximum(mag[..., 0], 1e-9) / np.maximum(mag[..., -1], 1e-9))
-              / (te[-1] - te[0]))
+    first, last = (np.maximum(mag[..., i].astype(np.float64), 1e-9) for i in (0, -1))
+    r2star = np.log(first / last) / (te[-1] - te[0])
     return mask & (r2star > factor * np.median(r2star[mask]))
 
 
