@@ -8,11 +8,14 @@ References
 ----------
 Dymerska B, Eckstein K, et al. Phase unwrapping with a rapid opensource
 minimum spanning tree algorithm (ROMEO). Magn Reson Med 2021;85:2294-2308.
+Felzenszwalb PF, Huttenlocher DP. Distance transforms of sampled functions.
+Theory of Computing 2012;8:415-428.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange
 from scipy import ndimage
 
 from .fft import fast_shape, pad
@@ -104,6 +107,97 @@ def fill_mask_holes(mask):
     return filled
 
 
+@njit(cache=True, inline="always")
+def _lower_envelope(g, s2, dist2, nearest, v, z):
+    """For each ``p``, the minimum over ``q`` of ``s2 (p - q)^2 + g[q]``
+    (``dist2[p]``) and its ``q`` (``nearest[p]``; -1 where every ``g`` is
+    inf): the lower envelope of those parabolas (Felzenszwalb and Huttenlocher
+    2012). ``v`` (int) and ``z`` (float, one longer) are work arrays."""
+    n, k = g.shape[0], -1
+    for q in range(n):
+        if g[q] == np.inf:
+            continue
+        fq = g[q] + s2 * q * q
+        cross = -np.inf
+        while k >= 0:
+            r = v[k]
+            cross = (fq - (g[r] + s2 * r * r)) / (2.0 * s2 * (q - r))
+            if cross > z[k]:
+                break
+            k -= 1
+        k += 1
+        v[k], z[k] = q, (-np.inf if k == 0 else cross)
+    j = 0
+    for p in range(n):
+        if k < 0:
+            dist2[p], nearest[p] = np.inf, -1
+            continue
+        while j < k and z[j + 1] < p:
+            j += 1
+        q = v[j]
+        dist2[p], nearest[p] = s2 * (p - q) * (p - q) + g[q], q
+
+
+@njit(cache=True, parallel=True)
+def _distance_to_outside(inside, s0, s1, s2):
+    """Euclidean distance transform of ``inside`` (3-D bool) with voxel sizes
+    ``s0, s1, s2``: lower envelopes along axis 2, then 1, then 0, each voxel's
+    nearest outside voxel carried along, and the distance computed from it."""
+    nx, ny, nz = inside.shape
+    n = max(nx, ny, nz)
+    dist2 = np.empty((nx, ny, nz))
+    near_y = np.empty((nx, ny, nz), np.int32)
+    near_z = np.empty((nx, ny, nz), np.int32)
+    for i in prange(nx):
+        g, d, q = np.empty(n), np.empty(n), np.empty(n, np.int64)
+        v, z, line = np.empty(n, np.int64), np.empty(n + 1), np.empty(n, np.int32)
+        for j in range(ny):
+            for k in range(nz):
+                g[k] = np.inf if inside[i, j, k] else 0.0
+            _lower_envelope(g[:nz], s2 * s2, d[:nz], q[:nz], v, z)
+            for k in range(nz):
+                dist2[i, j, k], near_z[i, j, k] = d[k], q[k]
+        for k in range(nz):
+            for j in range(ny):
+                g[j], line[j] = dist2[i, j, k], near_z[i, j, k]
+            _lower_envelope(g[:ny], s1 * s1, d[:ny], q[:ny], v, z)
+            for j in range(ny):
+                dist2[i, j, k], near_y[i, j, k] = d[j], q[j]
+                near_z[i, j, k] = line[q[j]] if q[j] >= 0 else -1
+    out = np.empty((nx, ny, nz))
+    for j in prange(ny):
+        g, d, q = np.empty(n), np.empty(n), np.empty(n, np.int64)
+        v, z = np.empty(n, np.int64), np.empty(n + 1)
+        line_y, line_z = np.empty(n, np.int32), np.empty(n, np.int32)
+        for k in range(nz):
+            for i in range(nx):
+                g[i], line_y[i], line_z[i] = dist2[i, j, k], near_y[i, j, k], near_z[i, j, k]
+            _lower_envelope(g[:nx], s0 * s0, d[:nx], q[:nx], v, z)
+            for i in range(nx):
+                if q[i] < 0:
+                    out[i, j, k] = np.inf
+                    continue
+                dx, dy, dz = (q[i] - i) * s0, (line_y[q[i]] - j) * s1, (line_z[q[i]] - k) * s2
+                out[i, j, k] = np.sqrt((dx * dx + dy * dy) + dz * dz)
+    return out
+
+
+def distance_to_outside_mm(inside, voxel_size_mm=(1.0, 1.0, 1.0)):
+    """Euclidean distance (mm) of each voxel of ``inside`` (3-D, bool) to the
+    nearest voxel of the array not in it: 0 outside, inf when no voxel is
+    outside. The values of ``scipy.ndimage.distance_transform_edt(inside,
+    sampling=voxel_size_mm)``, computed as it computes them from the nearest
+    outside voxel; where two are equally far, the one found may differ, and
+    with it the last bit of the distance (1.2 mm voxels: 2e-15 mm). Separable
+    lower envelopes (Felzenszwalb and Huttenlocher 2012), parallel over
+    slabs: about a sixth of scipy's time on a 1 mm head (benchmarks/distance_transform.py)."""
+    inside = np.ascontiguousarray(inside, dtype=np.bool_)
+    if inside.ndim != 3:
+        raise ValueError(f"Expected a 3-D mask, got shape {inside.shape}")
+    s0, s1, s2 = (float(v) for v in np.broadcast_to(np.asarray(voxel_size_mm, float), (3,)))
+    return _distance_to_outside(inside, s0, s1, s2)
+
+
 def depth_mm(mask, voxel_size_mm=(1.0, 1.0, 1.0), *, border_outside=True):
     """Distance (mm) of each mask voxel to the nearest voxel outside the mask
     (0 outside it; the outer layer is one voxel deep). With
@@ -119,10 +213,9 @@ def depth_mm(mask, voxel_size_mm=(1.0, 1.0, 1.0), *, border_outside=True):
     box = bbox_slices(mask, margin=1)
     sub = mask[box]
     if border_outside:
-        out[box] = ndimage.distance_transform_edt(np.pad(sub, 1), sampling=voxel_size_mm)[
-            1:-1, 1:-1, 1:-1]
+        out[box] = distance_to_outside_mm(np.pad(sub, 1), voxel_size_mm)[1:-1, 1:-1, 1:-1]
     else:
-        out[box] = ndimage.distance_transform_edt(sub, sampling=voxel_size_mm)
+        out[box] = distance_to_outside_mm(sub, voxel_size_mm)
     return out
 
 
@@ -151,8 +244,8 @@ def close(mask, radius_mm, voxel_size_mm=(1.0, 1.0, 1.0)):
     pad = int(np.ceil(float(radius_mm) / vox.min())) + 1
     box = bbox_slices(mask)
     padded = np.pad(mask[box], pad)
-    dilated = ndimage.distance_transform_edt(~padded, sampling=vox) <= float(radius_mm)
-    closed = ndimage.distance_transform_edt(dilated, sampling=vox) > float(radius_mm)
+    dilated = distance_to_outside_mm(~padded, vox) <= float(radius_mm)
+    closed = distance_to_outside_mm(dilated, vox) > float(radius_mm)
     out = mask.copy()
     out[box] |= closed[pad:-pad, pad:-pad, pad:-pad]
     return out
