@@ -72,6 +72,25 @@ def test_four_d_input_with_echo_time_list(tmp_path):
     np.testing.assert_array_equal(data[..., 0], truth[..., 1])  # volume of TE 4 ms first
 
 
+def test_load_stack_sorts_into_one_array_and_names_an_echo_on_another_grid(tmp_path):
+    """``load_stack`` reads each volume into its echo-time slot of one 4-D
+    array (3-D and 4-D files mixed); an echo on another grid (a caller that
+    skipped discovery's check) is an error naming that file."""
+    vols = [np.full((4, 5, 6), v, np.float32) for v in (1.0, 2.0, 3.0)]
+    one, two = tmp_path / "e1.nii.gz", tmp_path / "e23.nii.gz"
+    nb.save(nb.Nifti1Image(vols[0], np.eye(4)), one)
+    nb.save(nb.Nifti1Image(np.stack(vols[1:], axis=-1), np.eye(4)), two)
+    data, tes, _ = load_stack([one, two], [0.012, 0.004, 0.008])
+    assert tes == [0.004, 0.008, 0.012] and data.shape == (4, 5, 6, 3)
+    assert [float(data[0, 0, 0, e]) for e in range(3)] == [2.0, 3.0, 1.0]
+    other = tmp_path / "e4.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros((4, 5, 7), np.float32), np.eye(4)), other)
+    with pytest.raises(ValueError, match=r"e4\.nii\.gz has a grid of \(4, 5, 7\)"):
+        load_stack([one, other], [0.004, 0.008])
+    with pytest.raises(ValueError, match="2 echo times given for 3 volumes"):
+        load_stack([one, two], [0.004, 0.008])
+
+
 def test_b0_direction_from_affine_unless_sidecar_gives_it(tmp_path):
     angle = np.radians(20)
     rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],

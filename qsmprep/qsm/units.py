@@ -68,18 +68,25 @@ def rescale_phase(phase, *, lo=None, hi=None):
     The range ``lo..hi`` (default: the data's finite min..max) maps linearly
     onto ``-pi..pi``. Non-finite values are left as they are.
     """
-    phase = np.asarray(phase, dtype=np.float64)
-    finite = np.isfinite(phase)
-    if lo is None:
-        lo = float(phase[finite].min()) if finite.any() else 0.0
-    if hi is None:
-        hi = float(phase[finite].max()) if finite.any() else 0.0
+    phase = np.asarray(phase)
+    if lo is None or hi is None:
+        finite = np.isfinite(phase)
+        if lo is None:
+            lo = float(phase[finite].min()) if finite.any() else 0.0
+        if hi is None:
+            hi = float(phase[finite].max()) if finite.any() else 0.0
     if hi <= lo:
         raise ValueError(
             f"Cannot rescale phase: its range [{lo}, {hi}] is empty. "
             "Check that the phase image is not constant."
         )
-    return ((phase - lo) / (hi - lo) * 2 * np.pi - np.pi).astype(np.float32)
+    out = np.empty(phase.shape, dtype=np.float32)
+    flat, values = out.reshape(-1), np.ravel(phase)
+    chunk = 1 << 22  # in float64, a chunk at a time (a 4-D phase is hundreds of MB)
+    for i in range(0, values.size, chunk):
+        part = values[i:i + chunk].astype(np.float64)
+        flat[i:i + chunk] = (part - lo) / (hi - lo) * 2 * np.pi - np.pi
+    return out
 
 
 def b0_dir_from_affine(affine):

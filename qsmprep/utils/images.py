@@ -33,14 +33,28 @@ def load_stack(files, echo_times_s):
     (the reference for geometry).
     """
     imgs = [nb.load(f) for f in files]
-    vols = [_read(img, f) for img, f in zip(imgs, files)]
-    data = np.concatenate([v.reshape(v.shape[:3] + (-1,)) for v in vols], axis=3)
-    if data.shape[3] != len(echo_times_s):
+    counts = [int(np.prod(img.shape[3:], dtype=int)) for img in imgs]
+    if sum(counts) != len(echo_times_s):
         raise ValueError(
-            f"{len(echo_times_s)} echo times given for {data.shape[3]} volumes in {files}"
+            f"{len(echo_times_s)} echo times given for {sum(counts)} volumes in {files}"
         )
+    grid = tuple(imgs[0].shape[:3])
+    for img, f in zip(imgs, files):
+        if tuple(img.shape[:3]) != grid:
+            raise ValueError(f"{f} has a grid of {tuple(img.shape[:3])} voxels and {files[0]} "
+                             f"one of {grid}: the echoes of a run must share one grid; "
+                             "re-export them together")
     order = np.argsort(echo_times_s, kind="stable")
-    return data[..., order], [float(echo_times_s[i]) for i in order], imgs[0]
+    slot = np.empty(len(order), dtype=int)
+    slot[order] = np.arange(len(order))  # volume i (in file order) goes to slot[i]
+    data = np.empty(grid + (len(order),), dtype=np.float32)  # filled in place: no 4-D copies
+    first = 0
+    for img, f, n in zip(imgs, files, counts):
+        vol = _read(img, f).reshape(grid + (n,))
+        for i in range(n):
+            data[..., slot[first + i]] = vol[..., i]
+        first += n
+    return data, [float(echo_times_s[i]) for i in order], imgs[0]
 
 
 def _read(img, path):
@@ -91,11 +105,21 @@ def max_neighbour_jump(phase):
     """Largest absolute difference between neighbouring voxels along the
     three spatial axes (each echo of a 4-D array on its own)."""
     phase = np.asarray(phase)
+    if phase.ndim == 4:  # echo by echo: 3-D temporaries instead of 4-D ones
+        return max((max_neighbour_jump(phase[..., e]) for e in range(phase.shape[3])),
+                   default=0.0)
     jump = 0.0
     for axis in range(min(3, phase.ndim)):
         if phase.shape[axis] > 1:
             jump = max(jump, float(np.abs(np.diff(phase, axis=axis)).max()))
     return jump
+
+
+def _all_integers(values, chunk=1 << 22):
+    """Whether every value of the 1-D array ``values`` is a whole number
+    (compared in chunks: no temporary of the whole array)."""
+    return all(np.array_equal(values[i:i + chunk], np.round(values[i:i + chunk]))
+               for i in range(0, values.size, chunk))
 
 
 def _phase_candidates(lo, hi, integer, units, jump):
@@ -154,10 +178,13 @@ def interpret_phase(phase, units, source, *, header_scaling=None):
     phase jumps by more than a period of every convention.
     """
     phase = np.asarray(phase, dtype=np.float32)
-    finite = phase[np.isfinite(phase)]
+    is_finite = np.isfinite(phase)
+    all_finite = bool(is_finite.all())  # the loader has zeroed non-finite voxels
+    finite = np.ravel(phase) if all_finite else phase[is_finite]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    integer = bool(finite.size) and np.array_equal(finite, np.round(finite))
-    jump = max_neighbour_jump(np.where(np.isfinite(phase), phase, 0))
+    integer = bool(finite.size) and _all_integers(finite)
+    jump = max_neighbour_jump(phase if all_finite else np.where(is_finite, phase, 0))
+    del is_finite, finite
     span = hi - lo
     wrapped = span > 0 and jump >= WRAP_JUMP_RANGE[0] * span
     header = ""
