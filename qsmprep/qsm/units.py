@@ -80,13 +80,23 @@ def rescale_phase(phase, *, lo=None, hi=None):
             f"Cannot rescale phase: its range [{lo}, {hi}] is empty. "
             "Check that the phase image is not constant."
         )
-    out = np.empty(phase.shape, dtype=np.float32)
-    flat, values = out.reshape(-1), np.ravel(phase)
-    chunk = 1 << 22  # in float64, a chunk at a time (a 4-D phase is hundreds of MB)
-    for i in range(0, values.size, chunk):
-        part = values[i:i + chunk].astype(np.float64)
-        flat[i:i + chunk] = (part - lo) / (hi - lo) * 2 * np.pi - np.pi
+    out = np.empty_like(phase, dtype=np.float32)  # the input's memory layout
+    for part in outer_slices(phase):  # float64 a slice at a time (a 4-D phase is ~1 GB so)
+        out[part] = (phase[part].astype(np.float64) - lo) / (hi - lo) * 2 * np.pi - np.pi
     return out
+
+
+def outer_slices(values, chunk=1 << 22):
+    """Indices of parts of the array ``values`` that together cover it: blocks
+    of about ``chunk`` values of a 1-D array, else the slices along its
+    outermost axis in memory (each one contiguous in a C- or Fortran-ordered
+    array)."""
+    if values.ndim == 0:
+        return [()]
+    if values.ndim == 1:
+        return [slice(i, i + chunk) for i in range(0, values.size, chunk)]
+    axis = int(np.argmax(np.abs(values.strides)))
+    return [(slice(None),) * axis + (i,) for i in range(values.shape[axis])]
 
 
 def b0_dir_from_affine(affine):

@@ -12,7 +12,7 @@ import logging
 import nibabel as nb
 import numpy as np
 
-from ..qsm.units import rescale_phase
+from ..qsm.units import outer_slices, rescale_phase
 from .files import atomic_write
 
 LOGGER = logging.getLogger("qsmprep")
@@ -29,7 +29,7 @@ def load_stack(files, echo_times_s):
 
     ``files`` are 3-D images (one echo each) or one 4-D image; ``echo_times_s``
     (s) gives the time of each stacked volume in file order. Returns the
-    float32 array (X, Y, Z, E), the sorted echo times and the first image
+    float32 array (X, Y, Z, E) in Fortran order, the sorted echo times and the first image
     (the reference for geometry).
     """
     imgs = [nb.load(f) for f in files]
@@ -47,7 +47,9 @@ def load_stack(files, echo_times_s):
     order = np.argsort(echo_times_s, kind="stable")
     slot = np.empty(len(order), dtype=int)
     slot[order] = np.arange(len(order))  # volume i (in file order) goes to slot[i]
-    data = np.empty(grid + (len(order),), dtype=np.float32)  # filled in place: no 4-D copies
+    # Fortran order, as nibabel reads NIfTI files (and the app's nodes the work folder's):
+    # sums over the echoes round the same in the app and in an in-process chain
+    data = np.empty(grid + (len(order),), dtype=np.float32, order="F")  # filled in place
     first = 0
     for img, f, n in zip(imgs, files, counts):
         vol = _read(img, f).reshape(grid + (n,))
@@ -115,11 +117,12 @@ def max_neighbour_jump(phase):
     return jump
 
 
-def _all_integers(values, chunk=1 << 22):
-    """Whether every value of the 1-D array ``values`` is a whole number
-    (compared in chunks: no temporary of the whole array)."""
-    return all(np.array_equal(values[i:i + chunk], np.round(values[i:i + chunk]))
-               for i in range(0, values.size, chunk))
+def _all_integers(values):
+    """Whether every value of the array ``values`` is a whole number, compared
+    a slice at a time along its outermost axis in memory (no temporary of the
+    whole array)."""
+    return all(np.array_equal(values[part], np.round(values[part]))
+               for part in outer_slices(values))
 
 
 def _phase_candidates(lo, hi, integer, units, jump):
@@ -180,7 +183,7 @@ def interpret_phase(phase, units, source, *, header_scaling=None):
     phase = np.asarray(phase, dtype=np.float32)
     is_finite = np.isfinite(phase)
     all_finite = bool(is_finite.all())  # the loader has zeroed non-finite voxels
-    finite = np.ravel(phase) if all_finite else phase[is_finite]
+    finite = phase if all_finite else phase[is_finite]  # no copy in the common case
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     integer = bool(finite.size) and _all_integers(finite)
     jump = max_neighbour_jump(phase if all_finite else np.where(is_finite, phase, 0))
