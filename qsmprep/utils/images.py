@@ -70,24 +70,6 @@ def _read(img, path):
         ) from err
 
 
-def phase_range(phase):
-    """The stored range ``(lo, hi)`` that maps onto -pi..pi for phase in arbitrary units.
-
-    Integer-valued phase within one of :data:`SCANNER_PHASE_RANGES` uses the
-    smallest such nominal range (so e.g. -4096..4095 maps exactly, however
-    much of it the image fills); anything else its finite min..max.
-    """
-    finite = phase[np.isfinite(phase)]
-    if not finite.size:
-        return 0.0, 0.0
-    lo, hi = float(finite.min()), float(finite.max())
-    if np.array_equal(finite, np.round(finite)):
-        for a, b in SCANNER_PHASE_RANGES:
-            if a <= lo and hi < b and (lo < 0) == (a < 0):
-                return float(a), float(b)
-    return lo, hi
-
-
 _SCANNER_NAMES = {(-4096, 4096): " (Siemens, signed)", (0, 4096): " (Siemens 12-bit)"}
 
 #: a wrapped phase has its largest neighbour jumps at one period (2 pi in rad)
