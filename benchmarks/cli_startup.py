@@ -1,4 +1,5 @@
-"""Start-up time of the ``qsmprep`` command: ``--help`` and ``--version``.
+"""Start-up time of the ``qsmprep`` command: ``--help`` and ``--version``, and of the
+import of the outputs' sink (``qsmprep.interfaces.bids``), which every run pays.
 
 Each command runs as a fresh subprocess (what a user waits for), ``--repeats``
 times after one warm-up (file cache), the commands interleaved so that load
@@ -69,9 +70,15 @@ def commands(before=None):
         "qsmprep --help": ([*qsmprep, "--help"], env),
         "qsmprep --version": ([*qsmprep, "--version"], env),
     }
+    sink = [sys.executable, "-P", "-c", "import qsmprep.interfaces.bids"]  # -P: PYTHONPATH first
+    out["python -P -c 'import qsmprep.interfaces.bids' (the outputs' sink)"] = (sink, env)
     if before:
         out[f"qsmprep --help before (checkout at {_commit(before)})"] = (
             [*qsmprep, "--help"], _env(before))
+        out[f"python -P -c 'import qsmprep.interfaces.bids' before (checkout at "
+            f"{_commit(before)})"] = (sink, _env(before))
+    out["python -c 'import niworkflows.interfaces.bids' (for scale)"] = (
+        [sys.executable, "-c", "import niworkflows.interfaces.bids"], env)
     out["python -c 'import numba' (for scale)"] = ([sys.executable, "-c", "import numba"], env)
     out["python -c 'import torch' (for scale)"] = ([sys.executable, "-c", "import torch"], env)
     return out
@@ -132,8 +139,14 @@ def render(results):
         f"defaults shown by `--help` come from the static registry table "
         f"(`qsmprep/data/methods.toml`, defaults read from the functions' source), so no "
         f"method module is imported; before that table, `--help` imported every method "
-        f"module, torch and numba included (the `before` row: a checkout from before "
-        f"issue 27, where measured).",
+        f"module, torch and numba included (6.88 s for `--help` at e988b50, before issue 27, "
+        f"in this section's run of that time). The `before` rows time the checkout named in "
+        f"them. Every run that writes outputs imports the sink "
+        f"(`qsmprep.interfaces.bids`, niworkflows' `DerivativesDataSink`); niworkflows lists "
+        f"TemplateFlow's templates when it is imported, and templateflow indexes every file "
+        f"of its home for that; since 2026-12-06 qsmprep gives it the list from the home's "
+        f"`tpl-*` folders (the same list: tests/test_workflow.py); the `before` row of the "
+        f"sink is the commit before that change.",
         "",
         markdown_table(["command", "median (s)", "min (s)", "max (s)",
                         "median above `python -c pass` (s)"], rows),

@@ -11,7 +11,7 @@ import pytest
 from conftest import write_gre
 
 from qsmprep.config import Config
-from qsmprep.interfaces.bids import STAGING, DerivativesDataSink
+from qsmprep.interfaces.bids import STAGING, DerivativesDataSink, templateflow_templates
 from qsmprep.bids.discover import collect_data
 from qsmprep.workflows.base import init_qsmprep_wf
 from qsmprep.workflows.group import write_group_table
@@ -140,6 +140,28 @@ def test_sink_writes_bids_names_and_sidecar_atomically(tmp_path, synthetic_bids)
         written = nb.load(result.outputs.out_file)
         np.testing.assert_array_equal(written.affine, nb.load(source).affine)
     assert not any((out / STAGING).iterdir())
+
+
+def test_niworkflows_standard_spaces_are_templateflows_templates(tmp_path):
+    # the sink's import reads the template list from the home's folders instead of letting
+    # templateflow index every file of it (7 s a process): the list must be templateflow's own
+    import niworkflows.interfaces.bids as niworkflows_bids
+    import templateflow.api as tf_api
+
+    assert niworkflows_bids.STANDARD_SPACES == tf_api.templates()
+    assert "MNI152NLin2009cAsym" in niworkflows_bids.STANDARD_SPACES
+    assert "templates" not in vars(tf_api)  # templateflow's function is back
+    # what counts as a template: a tpl-<letters and digits> folder with a file not hidden
+    for folder, files in {"tpl-A1": ["tpl-A1_T1w.nii.gz"], "tpl-Empty": [],
+                          "tpl-B_x": ["a.json"], "tpl-Hid": [".git/config"], "other": ["b"],
+                          "tpl-C": ["sub/c.json"]}.items():
+        (tmp_path / folder).mkdir()
+        for name in files:
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / name).write_text("{}")
+    (tmp_path / "tpl-Link").mkdir()  # DataLad's links to files not fetched yet
+    (tmp_path / "tpl-Link" / "tpl-Link_T1w.nii.gz").symlink_to(tmp_path / "not-fetched")
+    assert templateflow_templates(tmp_path) == ["A1", "B", "C", "Link"]
 
 
 def test_group_table_lists_every_run(tmp_path):

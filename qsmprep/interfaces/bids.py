@@ -4,14 +4,57 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
 from uuid import uuid4
 
-from niworkflows.interfaces.bids import DerivativesDataSink as _NiworkflowsSink
-
 from ..utils.files import NO_SPACE, OutputSpaceError
+
+
+def templateflow_templates(home):
+    """The template identifiers in the TemplateFlow home ``home`` (sorted), as
+    ``templateflow.api.templates()`` lists them: the ``<id>`` of each
+    ``tpl-<id>`` folder (letters and digits, TemplateFlow's ``template``
+    entity) that holds a file (a DataLad link not yet fetched counts), hidden
+    ones left out."""
+    def shown(path):
+        return not path.is_dir() and not any(
+            part.startswith(".") for part in path.relative_to(home).parts)
+
+    names = set()
+    for folder in Path(home).glob("tpl-*"):
+        match = re.match(r"tpl-([a-zA-Z0-9]+)", folder.name)
+        if match and folder.is_dir() and any(map(shown, folder.rglob("*"))):
+            names.add(match.group(1))
+    return sorted(names)
+
+
+def _niworkflows_sink():
+    """niworkflows' ``DerivativesDataSink``, imported with TemplateFlow's
+    template list read from the folders of $TEMPLATEFLOW_HOME.
+
+    ``niworkflows.interfaces.bids`` calls ``templateflow.api.templates()`` when
+    it is imported (its standard spaces), and that indexes every file of the
+    TemplateFlow home with pybids: about 7 s of every qsmprep process on the
+    2540 files of TemplateFlow's stub, for a list that its folder names give
+    (:func:`templateflow_templates`; tests/test_workflow.py checks the two agree).
+    templateflow's own function is back in place once the import is done."""
+    import templateflow.api as tf_api
+    from templateflow import conf as tf_conf  # creates the home's stub when it is empty
+
+    library = tf_api.templates
+    tf_api.templates = lambda **kwargs: (library(**kwargs) if kwargs
+                                         else templateflow_templates(tf_conf.TF_HOME))
+    try:
+        from niworkflows.interfaces.bids import DerivativesDataSink
+    finally:
+        del tf_api.templates
+    return DerivativesDataSink
+
+
+_NiworkflowsSink = _niworkflows_sink()
 
 #: BIDS path patterns of qsmprep outputs (Chimap, fieldmap, mask, MEGRE, figures)
 PATH_PATTERNS = tuple(
