@@ -292,16 +292,33 @@ def test_registration_through_the_t1w_composes_into_one_transform(tmp_path):
 
 def test_no_code_path_can_call_the_templateflow_client():
     """templateflow.api.get downloads missing files: qsmprep must find templates on disk
-    only (qsmprep.regions.templates), so no module may import the client."""
+    only (qsmprep.regions.templates), so no module calls the client, and only the outputs'
+    sink imports it, to stand in for its template list while niworkflows is imported."""
+    import ast
     import re
     from pathlib import Path
 
     import qsmprep
 
+    def client_calls(text):
+        """Calls of ``<templateflow | tf | tf_api | api>.<function>(...)`` in the code
+        (not in strings: error messages tell the user how to fetch a template)."""
+        return [node.func.attr for node in ast.walk(ast.parse(text))
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("get", "ls", "templates", "get_metadata",
+                                       "get_citations")
+                and (isinstance(node.func.value, ast.Name)
+                     and node.func.value.id in ("templateflow", "tf", "tf_api", "api")
+                     or isinstance(node.func.value, ast.Attribute)
+                     and node.func.value.attr == "api")]
+
+    root = Path(qsmprep.__file__).parent
     uses = re.compile(r"^\s*(from\s+templateflow|import\s+templateflow)", re.M)
-    found = [p.name for p in Path(qsmprep.__file__).parent.rglob("*.py")
-             if uses.search(p.read_text())]
-    assert not found, found
+    sources = {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*.py")}
+    assert [name for name, text in sources.items() if uses.search(text)] == [
+        "interfaces/bids.py"]
+    assert not {name: found for name, text in sources.items() if (found := client_calls(text))}
+    assert client_calls("x = tf_api.get('MNI')\ny = tf.api.ls('MNI')") == ["get", "ls"]
 
 
 def test_templateflow_space_goes_through_the_t1w_to_the_t1w_template(tmp_path, monkeypatch):
@@ -349,3 +366,18 @@ def test_template_on_grid_copy_is_readable_whatever_the_extension(tmp_path, out_
     nb.save(nb.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), template)
     out = template_on_grid(template, 1.0, tmp_path / out_name)
     np.testing.assert_array_equal(ants.image_read(str(out)).numpy(), data)
+
+
+@pytest.mark.parametrize("env", [{"TEMPLATEFLOW_HOME": "tf-home"}, {"XDG_CACHE_HOME": "xdg"}, {}])
+def test_templateflow_home_is_where_templateflow_looks(tmp_path, monkeypatch, env):
+    from templateflow.conf.env import get_templateflow_home
+
+    from qsmprep.regions.templates import templateflow_home
+
+    monkeypatch.delenv("TEMPLATEFLOW_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / value))
+    assert templateflow_home() == get_templateflow_home()
+    if env:
+        assert str(templateflow_home()).startswith(str(tmp_path))

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from uuid import uuid4
 
+from ..regions.templates import templateflow_home
 from ..utils.files import NO_SPACE, OutputSpaceError
 
 
@@ -39,14 +40,13 @@ def _niworkflows_sink():
     it is imported (its standard spaces), and that indexes every file of the
     TemplateFlow home with pybids: about 7 s of every qsmprep process on the
     2540 files of TemplateFlow's stub, for a list that its folder names give
-    (:func:`templateflow_templates`; tests/test_workflow.py checks the two agree).
-    templateflow's own function is back in place once the import is done."""
+    (:func:`templateflow_templates`; tests/test_workflow.py checks the two
+    agree). Nothing of the client is called; its ``templates`` is back in place
+    once the import is done. Importing templateflow creates the home's stub
+    when the home is empty, before the list is read."""
     import templateflow.api as tf_api
-    from templateflow import conf as tf_conf  # creates the home's stub when it is empty
 
-    library = tf_api.templates
-    tf_api.templates = lambda **kwargs: (library(**kwargs) if kwargs
-                                         else templateflow_templates(tf_conf.TF_HOME))
+    tf_api.templates = lambda: templateflow_templates(templateflow_home())
     try:
         from niworkflows.interfaces.bids import DerivativesDataSink
     finally:

@@ -91,9 +91,10 @@ def is_image_file(path):
 
 
 def templateflow_home():
-    """``$TEMPLATEFLOW_HOME``, else TemplateFlow's default ``~/.cache/templateflow``."""
-    return Path(os.environ.get("TEMPLATEFLOW_HOME")
-                or Path.home() / ".cache" / "templateflow").expanduser()
+    """``$TEMPLATEFLOW_HOME``, else TemplateFlow's default: ``templateflow`` in the
+    user's cache folder (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(os.environ.get("TEMPLATEFLOW_HOME") or Path(cache) / "templateflow").expanduser()
 
 
 def find_template(space, suffixes=TEMPLATEFLOW_SUFFIXES):
