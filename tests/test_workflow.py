@@ -11,8 +11,9 @@ import pytest
 from conftest import write_gre
 
 from qsmprep.config import Config
-from qsmprep.interfaces.bids import STAGING, DerivativesDataSink, templateflow_templates
+from qsmprep.interfaces.bids import STAGING, DerivativesDataSink
 from qsmprep.bids.discover import collect_data
+from qsmprep.regions.templates import templateflow_templates
 from qsmprep.workflows.base import init_qsmprep_wf
 from qsmprep.workflows.group import write_group_table
 from qsmprep.workflows.qsm import method_description, method_record

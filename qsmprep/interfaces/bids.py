@@ -4,32 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from importlib import resources
 from pathlib import Path
 from uuid import uuid4
 
-from ..regions.templates import templateflow_home
+from ..regions.templates import templateflow_home, templateflow_templates
 from ..utils.files import NO_SPACE, OutputSpaceError
-
-
-def templateflow_templates(home):
-    """The template identifiers in the TemplateFlow home ``home`` (sorted), as
-    ``templateflow.api.templates()`` lists them: the ``<id>`` of each
-    ``tpl-<id>`` folder (letters and digits, TemplateFlow's ``template``
-    entity) that holds a file (a DataLad link not yet fetched counts), hidden
-    ones left out."""
-    def shown(path):
-        return not path.is_dir() and not any(
-            part.startswith(".") for part in path.relative_to(home).parts)
-
-    names = set()
-    for folder in Path(home).glob("tpl-*"):
-        match = re.match(r"tpl-([a-zA-Z0-9]+)", folder.name)
-        if match and folder.is_dir() and any(map(shown, folder.rglob("*"))):
-            names.add(match.group(1))
-    return sorted(names)
 
 
 def _niworkflows_sink():
@@ -40,7 +21,8 @@ def _niworkflows_sink():
     it is imported (its standard spaces), and that indexes every file of the
     TemplateFlow home with pybids: about 7 s of every qsmprep process on the
     2540 files of TemplateFlow's stub, for a list that its folder names give
-    (:func:`templateflow_templates`; tests/test_workflow.py checks the two
+    (:func:`~qsmprep.regions.templates.templateflow_templates`; tests/test_workflow.py
+    checks the two
     agree). Nothing of the client is called; its ``templates`` is back in place
     once the import is done. Importing templateflow creates the home's stub
     when the home is empty, before the list is read."""

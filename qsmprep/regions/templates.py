@@ -18,6 +18,7 @@ number; ``cohort-<label>`` is accepted as well).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -95,6 +96,24 @@ def templateflow_home():
     user's cache folder (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
     cache = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
     return Path(os.environ.get("TEMPLATEFLOW_HOME") or Path(cache) / "templateflow").expanduser()
+
+
+def templateflow_templates(home):
+    """The template identifiers in the TemplateFlow home ``home`` (sorted), as
+    ``templateflow.api.templates()`` lists them: the ``<id>`` of each
+    ``tpl-<id>`` folder (letters and digits, TemplateFlow's ``template``
+    entity) that holds a file (a DataLad link not yet fetched counts), hidden
+    ones left out."""
+    def shown(path):
+        return not path.is_dir() and not any(
+            part.startswith(".") for part in path.relative_to(home).parts)
+
+    names = set()
+    for folder in Path(home).glob("tpl-*"):
+        match = re.match(r"tpl-([a-zA-Z0-9]+)", folder.name)
+        if match and folder.is_dir() and any(map(shown, folder.rglob("*"))):
+            names.add(match.group(1))
+    return sorted(names)
 
 
 def find_template(space, suffixes=TEMPLATEFLOW_SUFFIXES):
